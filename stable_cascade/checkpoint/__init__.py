@@ -1,0 +1,27 @@
+"""Checkpoint files: resolution (local or Hub), safetensors I/O and the pretrained-model mixins.
+
+This layer knows no model architecture; models build on it.
+"""
+
+from stable_cascade.checkpoint.errors import CheckpointError
+from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
+from stable_cascade.checkpoint.pretrained import (
+    PretrainedConfigMixin,
+    PretrainedModel,
+    check_state_dict,
+    parse_dtype,
+)
+from stable_cascade.checkpoint.safetensors_io import read_state_dict, write_state_dict
+
+__all__ = [
+    "CheckpointError",
+    "HubOptions",
+    "PretrainedConfigMixin",
+    "PretrainedModel",
+    "check_state_dict",
+    "parse_dtype",
+    "read_state_dict",
+    "resolve_file",
+    "resolve_weights",
+    "write_state_dict",
+]

@@ -1,0 +1,147 @@
+"""Finding checkpoint files: in local directories, or on the Hugging Face Hub through its cache.
+
+Only the files a load needs are fetched (one ``hf_hub_download`` per file), so ``HF_HUB_OFFLINE=1``,
+the local cache, ``local_files_only``, ``revision`` and ``token`` behave as in every Hub client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from stable_cascade.checkpoint.errors import CheckpointError
+
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HubOptions:
+    """How to reach the Hub; ``local_files_only=None`` leaves the decision to ``HF_HUB_OFFLINE``."""
+
+    revision: str | None = None
+    cache_dir: str | Path | None = None
+    local_files_only: bool | None = None
+    token: str | bool | None = None
+
+
+def resolve_file(
+    path_or_repo_id: str | Path, filename: str, subfolder: str | None = None, hub: HubOptions | None = None
+) -> Path:
+    """The local path of ``filename`` in a directory or Hub repo, downloading it if needed.
+
+    Raises ``FileNotFoundError`` naming what was looked for and where.
+    """
+    hub = hub or HubOptions()
+    root = Path(path_or_repo_id)
+    if root.is_dir():
+        path = root / subfolder / filename if subfolder else root / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; {_listing(path.parent)}")
+        return path
+    repo_id = str(path_or_repo_id)
+    if not _REPO_ID.match(repo_id):
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither an existing directory nor a Hub repo id of the form 'owner/name'"
+        )
+    where = f"{repo_id}/{subfolder}/{filename}" if subfolder else f"{repo_id}/{filename}"
+    try:
+        local = huggingface_hub.hf_hub_download(
+            repo_id,
+            filename,
+            subfolder=subfolder or None,
+            revision=hub.revision,
+            cache_dir=hub.cache_dir,
+            local_files_only=bool(hub.local_files_only),
+            token=hub.token,
+        )
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"the Hub repo has no file {where}") from error
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{where} is not in the local Hugging Face cache and downloading is disabled or failed "
+            "(HF_HUB_OFFLINE / local_files_only, or no network); download it once with network access, "
+            "or pass a local directory"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"no Hub repo {repo_id!r} (or it is private: pass token=...); check the name"
+        ) from error
+    return Path(local)
+
+
+def weights_filenames(stem: str, variant: str | None) -> tuple[str, str]:
+    """The single-file and shard-index names diffusers uses for ``stem`` and ``variant``."""
+    if variant:
+        return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
+    return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def resolve_weights(
+    path_or_repo_id: str | Path,
+    stem: str,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    hub: HubOptions | None = None,
+) -> list[Path]:
+    """The safetensors file(s) holding a model's weights: one file, or every shard of an index."""
+    single, index = weights_filenames(stem, variant)
+    try:
+        return [resolve_file(path_or_repo_id, single, subfolder, hub)]
+    except FileNotFoundError as single_error:
+        try:
+            index_path = resolve_file(path_or_repo_id, index, subfolder, hub)
+        except FileNotFoundError:
+            raise _missing_weights(path_or_repo_id, stem, subfolder, variant, single_error) from None
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{index_path} is not a valid safetensors index (needs 'weight_map')"
+        ) from error
+    shards = sorted(set(weight_map.values()))
+    return [resolve_file(path_or_repo_id, shard, subfolder, hub) for shard in shards]
+
+
+def _missing_weights(
+    path_or_repo_id: str | Path, stem: str, subfolder: str | None, variant: str | None, cause: Exception
+) -> FileNotFoundError:
+    folder = Path(path_or_repo_id) / subfolder if subfolder else Path(path_or_repo_id)
+    single, index = weights_filenames(stem, variant)
+    if not folder.is_dir():
+        return FileNotFoundError(f"found neither {single} nor {index}: {cause}")
+    variants = _variants(folder, stem)
+    hint = ""
+    if variant and variants:
+        hint = f"; available variants: {', '.join(variants)}"
+    elif variant:
+        hint = "; this folder has no weight variants: leave variant=None"
+    elif variants:
+        hint = f"; only variants {', '.join(variants)} exist: pass variant='{variants[0]}'"
+    if any(folder.glob(f"{stem}*.bin")) or any(folder.glob("*.ckpt")):
+        hint += (
+            "; the folder holds pickle weights (.bin/.ckpt), which are never loaded: convert them to "
+            "safetensors with a tool you trust"
+        )
+    return FileNotFoundError(f"{folder} has neither {single} nor {index}{hint}")
+
+
+def _variants(folder: Path, stem: str) -> list[str]:
+    """Variant names present in ``folder``: ``stem.V.safetensors``, ``stem.V-00001-of-00002.safetensors``
+    or ``stem.safetensors.index.V.json``."""
+    pattern = re.compile(
+        rf"^{re.escape(stem)}\.(?:safetensors\.index\.(\w+)\.json|(\w+)(?:-\d+-of-\d+)?\.safetensors)$"
+    )
+    found = {m.group(1) or m.group(2) for p in folder.iterdir() if (m := pattern.match(p.name))}
+    return sorted(found - {None})
+
+
+def _listing(folder: Path) -> str:
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    names = sorted(p.name for p in folder.iterdir())
+    return f"{folder} holds: {', '.join(names[:20]) or 'nothing'}{' ...' if len(names) > 20 else ''}"

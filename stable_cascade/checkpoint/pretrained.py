@@ -1,0 +1,215 @@
+"""``from_pretrained`` / ``save_pretrained`` in the diffusers directory layout.
+
+A model directory holds ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` (or
+shards plus ``diffusion_pytorch_model.safetensors.index[.variant].json``); a scheduler directory
+holds ``scheduler_config.json``. Models are built on the ``meta`` device and the checkpoint's
+tensors are assigned after a strict check of every key and shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from stable_cascade.checkpoint.errors import CheckpointError
+from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
+from stable_cascade.checkpoint.safetensors_io import read_state_dict, write_state_dict
+from stable_cascade.specs import ConfigBase
+
+#: Written into config files so that diffusers can read our directories too.
+DIFFUSERS_VERSION = "0.35.2"
+
+M = TypeVar("M", bound="PretrainedModel")
+S = TypeVar("S", bound="PretrainedConfigMixin")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating ``torch.dtype`` from a dtype or one of its common names."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
+        return _DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def read_config(path: Path, expected_class: str, our_class: str) -> dict[str, Any]:
+    """A config file's dict, after checking it describes the expected class."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    found = data.get("_class_name")
+    if found is not None and found not in (expected_class, our_class):
+        raise CheckpointError(
+            f"{path} describes a {found}, not a {our_class}; load it with the class for {found} "
+            "or point to the right subfolder"
+        )
+    return data
+
+
+def write_config(config: ConfigBase, path: Path) -> None:
+    data = {
+        "_class_name": config.diffusers_class_name,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **config.to_dict(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class PretrainedConfigMixin:
+    """Loading and saving of objects fully described by a config (schedulers)."""
+
+    config_class: ClassVar[type[ConfigBase]]
+    config_name: ClassVar[str] = "config.json"
+    config: ConfigBase
+
+    @classmethod
+    def resolve_config(cls, config: ConfigBase | Mapping[str, Any] | None, changes: Mapping[str, Any]) -> Any:
+        """The config a constructor ``Cls(config=None, **changes)`` describes (diffusers-style kwargs)."""
+        if config is None:
+            config = cls.config_class()
+        elif isinstance(config, Mapping):
+            config = cls.config_class.from_dict(config)
+        elif not isinstance(config, cls.config_class):
+            raise TypeError(
+                f"{cls.__name__} takes a {cls.config_class.__name__}, got {type(config).__name__}"
+            )
+        return config.replace(**changes)
+
+    @classmethod
+    def from_config(cls: type[S], config: ConfigBase | Mapping[str, Any] | None = None, **changes: Any) -> S:
+        return cls(cls.resolve_config(config, changes))  # type: ignore[call-arg]
+
+    @classmethod
+    def _load_config(
+        cls, path_or_repo_id: str | Path, subfolder: str | None, hub: HubOptions
+    ) -> tuple[ConfigBase, Path]:
+        path = resolve_file(path_or_repo_id, cls.config_name, subfolder, hub)
+        data = read_config(path, cls.config_class.diffusers_class_name, cls.__name__)
+        return cls.config_class.from_dict(data, source=str(path)), path
+
+    @classmethod
+    def from_pretrained(
+        cls: type[S],
+        path_or_repo_id: str | Path,
+        subfolder: str | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> S:
+        hub = HubOptions(revision, cache_dir, local_files_only, token)
+        config, _ = cls._load_config(path_or_repo_id, subfolder, hub)
+        return cls(config)  # type: ignore[call-arg]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        write_config(self.config, Path(directory) / self.config_name)
+
+
+class PretrainedModel(nn.Module, PretrainedConfigMixin):
+    """An ``nn.Module`` whose constructor takes its config; adds weights to the config round trip."""
+
+    weights_stem: ClassVar[str] = "diffusion_pytorch_model"
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls: type[M],
+        path_or_repo_id: str | Path,
+        subfolder: str | None = None,
+        *,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> M:
+        """Load a diffusers-layout model directory or Hub repo (``subfolder`` e.g. ``"prior"``).
+
+        As in diffusers, weights are cast to ``torch_dtype`` (float32 when not given).
+        """
+        dtype = parse_dtype(torch_dtype) or torch.float32
+        hub = HubOptions(revision, cache_dir, local_files_only, token)
+        config, _ = cls._load_config(path_or_repo_id, subfolder, hub)
+        files = resolve_weights(path_or_repo_id, cls.weights_stem, subfolder, variant, hub)
+        state_dict = read_state_dict(files, device=device or "cpu")
+        source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+        return cls.from_state_dict(config, state_dict, source=source, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(
+        cls: type[M],
+        config: ConfigBase,
+        state_dict: Mapping[str, torch.Tensor],
+        source: str = "state dict",
+        dtype: torch.dtype | None = None,
+    ) -> M:
+        """Build on the meta device and take the tensors of ``state_dict`` after a strict check."""
+        with torch.device("meta"):
+            model = cls(config)  # type: ignore[call-arg]
+        check_state_dict(model, state_dict, source)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        return model.eval()
+
+    def save_pretrained(  # type: ignore[override]
+        self, directory: str | Path, variant: str | None = None, max_shard_size: int | str = "10GB"
+    ) -> None:
+        """Write ``config.json`` and the weights in the diffusers layout."""
+        write_config(self.config, Path(directory) / self.config_name)
+        write_state_dict(self.state_dict(), directory, self.weights_stem, variant, max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a ``CheckpointError`` listing missing, unexpected and wrongly shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{source} does not fit {type(model).__name__} with this config:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            shown = "\n    ".join(items[:10])
+            more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
+            parts.append(f"  {len(items)} {title}:\n    {shown}{more}")
+    parts.append("Is this a checkpoint of another model or variant? Check the path, subfolder and config.")
+    raise CheckpointError("\n".join(parts))

@@ -1,0 +1,71 @@
+"""Reading and writing state dicts as safetensors, with errors that name the file at fault."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from stable_cascade.checkpoint.errors import CheckpointError
+from stable_cascade.checkpoint.files import weights_filenames
+
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def read_state_dict(
+    files: Sequence[str | Path], device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of one or more safetensors files (the shards of one checkpoint)."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        path = Path(file)
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{path} is a pickle file, which can run arbitrary code and is never loaded; "
+                "use a .safetensors checkpoint instead"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file {path} does not exist")
+        try:
+            tensors = load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupted: "
+                "download it again"
+            ) from error
+        duplicated = state_dict.keys() & tensors.keys()
+        if duplicated:
+            raise CheckpointError(f"{path} repeats tensors of another shard: {sorted(duplicated)[:5]}")
+        state_dict.update(tensors)
+    return state_dict
+
+
+def write_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    directory: str | Path,
+    stem: str,
+    variant: str | None = None,
+    max_shard_size: int | str = "10GB",
+) -> list[Path]:
+    """Write ``state_dict`` in the diffusers layout: one file, or shards plus an index when it is large."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    single, index_name = weights_filenames(stem, variant)
+    pattern = single.replace(".safetensors", "{suffix}.safetensors")
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern=pattern, max_shard_size=max_shard_size
+    )
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: state_dict[name].detach().contiguous() for name in names}
+        save_file(shard, directory / filename, metadata={"format": "pt"})
+        written.append(directory / filename)
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return written
