@@ -1,3 +1,18 @@
 """stable-cascade: Stable Cascade (Würstchen v3) text-to-image, diffusers-compatible and fast."""
 
+from stable_cascade.checkpoint import CheckpointError
+from stable_cascade.nn.unet import StableCascadeUNet, StableCascadeUNetOutput
+from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, SchedulerConfig, UNetConfig, VQConfig
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "UNET_VARIANTS",
+    "VQ_VARIANTS",
+    "CheckpointError",
+    "SchedulerConfig",
+    "StableCascadeUNet",
+    "StableCascadeUNetOutput",
+    "UNetConfig",
+    "VQConfig",
+]

@@ -59,14 +59,14 @@ def resolve_file(
             local_files_only=bool(hub.local_files_only),
             token=hub.token,
         )
-    except EntryNotFoundError as error:
-        raise FileNotFoundError(f"the Hub repo has no file {where}") from error
-    except LocalEntryNotFoundError as error:
+    except LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: catch it first
         raise FileNotFoundError(
             f"{where} is not in the local Hugging Face cache and downloading is disabled or failed "
             "(HF_HUB_OFFLINE / local_files_only, or no network); download it once with network access, "
             "or pass a local directory"
         ) from error
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"the Hub repo has no file {where}") from error
     except RepositoryNotFoundError as error:
         raise FileNotFoundError(
             f"no Hub repo {repo_id!r} (or it is private: pass token=...); check the name"

@@ -158,21 +158,30 @@ class PretrainedModel(nn.Module, PretrainedConfigMixin):
         files = resolve_weights(path_or_repo_id, cls.weights_stem, subfolder, variant, hub)
         state_dict = read_state_dict(files, device=device or "cpu")
         source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
-        return cls.from_state_dict(config, state_dict, source=source, dtype=dtype)
+        return cls.from_state_dict(config, state_dict, source=source, dtype=dtype, copy=False)
 
     @classmethod
     def from_state_dict(
         cls: type[M],
-        config: ConfigBase,
+        config: ConfigBase | Mapping[str, Any],
         state_dict: Mapping[str, torch.Tensor],
         source: str = "state dict",
         dtype: torch.dtype | None = None,
+        copy: bool = True,
     ) -> M:
-        """Build on the meta device and take the tensors of ``state_dict`` after a strict check."""
+        """Build on the meta device and take the tensors of ``state_dict`` after a strict check.
+
+        With ``copy=False`` the model adopts the given tensors (no second copy in memory; used by
+        ``from_pretrained`` for tensors it just read), so later in-place updates would reach them.
+        """
         with torch.device("meta"):
-            model = cls(config)  # type: ignore[call-arg]
+            model = cls(cls.resolve_config(config, {}))  # type: ignore[call-arg]
         check_state_dict(model, state_dict, source)
+        if copy:
+            state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
         model.load_state_dict(state_dict, strict=True, assign=True)
+        # Every tensor must come from the checkpoint: a non-persistent buffer would still be on meta.
+        assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "unloaded meta tensor"
         if dtype is not None:
             model.to(dtype=dtype)
         return model.eval()

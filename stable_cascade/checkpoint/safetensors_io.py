@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def write_state_dict(
     split = split_torch_state_dict_into_shards(
         state_dict, filename_pattern=pattern, max_shard_size=max_shard_size
     )
+    _remove_stale_weights(directory, single, index_name, keep=split.filename_to_tensors.keys())
     written = []
     for filename, names in split.filename_to_tensors.items():
         shard = {name: state_dict[name].detach().contiguous() for name in names}
@@ -69,3 +71,15 @@ def write_state_dict(
         index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
         (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return written
+
+
+def _remove_stale_weights(directory: Path, single: str, index_name: str, keep: Collection[str]) -> None:
+    """Delete this stem and variant's weights from an earlier save, which a load could pick up instead.
+
+    Like diffusers' ``save_pretrained`` (which removes old shards), extended to the single file and index.
+    """
+    shard = re.compile(re.escape(single.removesuffix(".safetensors")) + r"-\d{5}-of-\d{5}\.safetensors")
+    for path in directory.iterdir():
+        stale = path.name in (single, index_name) or shard.fullmatch(path.name) is not None
+        if stale and path.name not in keep and path.is_file():
+            path.unlink()
