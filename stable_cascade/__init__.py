@@ -1,6 +1,8 @@
 """stable-cascade: Stable Cascade (Würstchen v3) text-to-image, diffusers-compatible and fast."""
 
 from stable_cascade.checkpoint import CheckpointError
+from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
+from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet, StableCascadeUNetOutput
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, SchedulerConfig, UNetConfig, VQConfig
 
@@ -10,6 +12,9 @@ __all__ = [
     "UNET_VARIANTS",
     "VQ_VARIANTS",
     "CheckpointError",
+    "DDPMWuerstchenScheduler",
+    "DDPMWuerstchenSchedulerOutput",
+    "PaellaVQModel",
     "SchedulerConfig",
     "StableCascadeUNet",
     "StableCascadeUNetOutput",

@@ -117,8 +117,9 @@ class UNetConfig(ConfigBase):
     effnet_in_channels: int | None = None
     pixel_mapper_in_channels: int | None = None
     kernel_size: int = 3
-    dropout: float | tuple[float, ...] = (0.1, 0.1)
-    self_attn: bool | tuple[bool, ...] = True
+    # A single value (as diffusers allows) is expanded to one per level in __post_init__.
+    dropout: tuple[float, ...] = (0.1, 0.1)
+    self_attn: tuple[bool, ...] = True  # type: ignore[assignment]
     timestep_conditioning_type: tuple[TimestepCondition, ...] = ("sca", "crp")
     switch_level: tuple[bool, ...] | None = None
 
@@ -135,7 +136,7 @@ class UNetConfig(ConfigBase):
             object.__setattr__(self, "dropout", (float(self.dropout),) * levels)
         if isinstance(self.self_attn, bool):
             object.__setattr__(self, "self_attn", (self.self_attn,) * levels)
-        per_level = {
+        per_level: dict[str, tuple[Any, ...] | None] = {
             "num_attention_heads": self.num_attention_heads,
             "down_num_layers_per_block": self.down_num_layers_per_block,
             "up_num_layers_per_block": self.up_num_layers_per_block,

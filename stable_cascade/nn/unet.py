@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -93,12 +93,12 @@ class StableCascadeUNet(PretrainedModel):
 
     def _block(self, kind: BlockType, i: int, c_skip: int) -> nn.Module:
         cfg = self.config
-        c, dropout = cfg.block_out_channels[i], cfg.dropout[i]  # type: ignore[index]
+        c, dropout = cfg.block_out_channels[i], cfg.dropout[i]
         if kind is BlockType.RES:
             return ResBlock(c, c_skip, cfg.kernel_size, dropout)
         if kind is BlockType.TIMESTEP:
             return TimestepBlock(c, cfg.timestep_ratio_embedding_dim, cfg.timestep_conditioning_type)
-        heads, self_attn = cfg.num_attention_heads[i], cfg.self_attn[i]  # type: ignore[index]
+        heads, self_attn = cfg.num_attention_heads[i], cfg.self_attn[i]
         return AttnBlock(c, cfg.conditioning_dim, heads, self_attn, dropout)
 
     def _resampler(self, i: int, direction: str) -> nn.Module:
@@ -149,8 +149,8 @@ class StableCascadeUNet(PretrainedModel):
         embeddings = [timestep_embedding(r, self.config.timestep_ratio_embedding_dim)]
         for name in self.config.timestep_conditioning_type:
             value = extra[name]
-            cond = torch.zeros_like(r) if value is None else _per_sample(value, batch, sample)
-            embeddings.append(timestep_embedding(cond, self.config.timestep_ratio_embedding_dim))
+            t_cond = torch.zeros_like(r) if value is None else _per_sample(value, batch, sample)
+            embeddings.append(timestep_embedding(t_cond, self.config.timestep_ratio_embedding_dim))
         cond = BlockConditioning(
             torch.cat(embeddings, dim=1), self.clip_tokens(clip_text_pooled, clip_text, clip_img)
         )
@@ -158,9 +158,9 @@ class StableCascadeUNet(PretrainedModel):
         x = self.embedding(sample)  # (B, c0, H/p, W/p)
         if effnet is not None:
             x = x + self.effnet_mapper(resize_like(effnet, x.shape[-2:]))
-        if hasattr(self, "pixels_mapper"):
+        if (pixel_channels := self.config.pixel_mapper_in_channels) is not None:
             if pixels is None:
-                pixels = sample.new_zeros(batch, self.config.pixel_mapper_in_channels, 8, 8)
+                pixels = sample.new_zeros(batch, pixel_channels, 8, 8)
             x = x + resize_like(self.pixels_mapper(pixels), x.shape[-2:])
         skips = self._down(x, cond)
         out = self.clf(self._up(skips, cond))
@@ -186,8 +186,9 @@ class StableCascadeUNet(PretrainedModel):
     def _run_level(
         self, level: int, direction: str, x: torch.Tensor, cond: BlockConditioning, skip: torch.Tensor | None
     ) -> torch.Tensor:
-        blocks = (self.down_blocks if direction == "down" else self.up_blocks)[level]
-        mappers = (self.down_repeat_mappers if direction == "down" else self.up_repeat_mappers)[level]
+        down = direction == "down"
+        blocks = cast(nn.ModuleList, (self.down_blocks if down else self.up_blocks)[level])
+        mappers = cast(nn.ModuleList, (self.down_repeat_mappers if down else self.up_repeat_mappers)[level])
         for repeat in range(len(mappers) + 1):
             for k, block in enumerate(blocks):
                 if k == 0 and skip is not None:
