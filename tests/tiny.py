@@ -1,0 +1,100 @@
+"""Tiny, offline stand-ins for every Stable Cascade component, built inside the tests.
+
+The tokenizer is a character-level CLIP BPE (no merges) written to a temporary folder; the CLIP
+text and vision towers, UNets and VQGAN are tiny random models. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
+
+TEXT_WIDTH = 24  # hidden and projection size of the tiny text encoder (the UNets' clip inputs)
+IMAGE_WIDTH = 16  # projection size of the tiny image encoder (clip_image_in_channels)
+
+TINY_PRIOR: UNetConfig = UNET_VARIANTS["tiny_prior"]
+TINY_DECODER: UNetConfig = UNET_VARIANTS["tiny_decoder"]
+TINY_VQGAN: VQConfig = VQ_VARIANTS["tiny_vqgan"]
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def tokenizer(folder: Path) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer with max length 77."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def text_encoder(seed: int = 0) -> CLIPTextModelWithProjection:
+    vocab_size = 2 * 256 + 2
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=37,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        projection_dim=TEXT_WIDTH,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+    config = CLIPVisionConfig(
+        hidden_size=24,
+        intermediate_size=37,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        projection_dim=IMAGE_WIDTH,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def feature_extractor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32})
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Random weights everywhere, zero-initialised gains included, so parity tests can fail."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval()
