@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -98,3 +99,34 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * scale)
     return model.eval()
+
+
+def diffusers_prior_pipeline(folder: Path, seed: int = 0, image_encoding: bool = True) -> Any:
+    """diffusers' StableCascadePriorPipeline with tiny random components (the numerical reference)."""
+    import diffusers
+
+    prior = randomize_(diffusers.StableCascadeUNet(**TINY_PRIOR.to_dict()), seed, scale=0.1)
+    return diffusers.StableCascadePriorPipeline(
+        tokenizer=tokenizer(folder / "tokenizer"),
+        text_encoder=text_encoder(seed),
+        prior=prior,
+        scheduler=diffusers.DDPMWuerstchenScheduler(),
+        feature_extractor=feature_extractor() if image_encoding else None,
+        image_encoder=image_encoder(seed) if image_encoding else None,
+    )
+
+
+def diffusers_decoder_pipeline(folder: Path, seed: int = 0) -> Any:
+    """diffusers' StableCascadeDecoderPipeline with tiny random components (the numerical reference)."""
+    import diffusers
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel
+
+    decoder = randomize_(diffusers.StableCascadeUNet(**TINY_DECODER.to_dict()), seed + 1, scale=0.1)
+    vqgan = randomize_(PaellaVQModel(**TINY_VQGAN.to_dict()), seed + 2, scale=0.1)
+    return diffusers.StableCascadeDecoderPipeline(
+        decoder=decoder,
+        tokenizer=tokenizer(folder / "tokenizer"),
+        text_encoder=text_encoder(seed),
+        scheduler=diffusers.DDPMWuerstchenScheduler(),
+        vqgan=vqgan,
+    )

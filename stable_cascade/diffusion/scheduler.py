@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from stable_cascade.checkpoint import PretrainedConfigMixin
-from stable_cascade.diffusion.noise import Generators, randn
+from stable_cascade.diffusion.noise import Generators
+from stable_cascade.diffusion.samplers import ddpm_posterior
+from stable_cascade.diffusion.sampling import diffusers_timesteps
 from stable_cascade.diffusion.schedule import alpha_cumprod
 from stable_cascade.specs import SchedulerConfig
 
@@ -60,21 +62,8 @@ class DDPMWuerstchenScheduler(PretrainedConfigMixin):
         [0, 1]; like diffusers' own, they are stored as float32. A denoising loop runs over all but
         the last timestep.
         """
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(
-                "set_timesteps takes exactly one of num_inference_steps and timesteps, got "
-                f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}"
-            )
-        if timesteps is None:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-                raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-            if num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-            values = torch.linspace(1.0, 0.0, num_inference_steps + 1, device=device)
-        else:
-            values = _checked_timesteps(timesteps).to(device)
-        self.timesteps = values
-        self._following = torch.cat([values[1:], values[-1:]])
+        self.timesteps = diffusers_timesteps(num_inference_steps, timesteps, device)
+        self._following = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
 
     def previous_timestep(self, timestep: Tensor | float) -> Tensor:
         """The timestep after ``timestep`` in ``self.timesteps`` (nearest match), shaped like it.
@@ -126,19 +115,11 @@ class DDPMWuerstchenScheduler(PretrainedConfigMixin):
         on the last step where it is then not added, so the generators end in diffusers' state.
         """
         device = model_output.device
-        view = (-1,) + (1,) * (sample.ndim - 1)  # per batch item → (B, 1, ..., 1)
-        t = _batch_timesteps(timestep, sample)
+        t = _batch_timesteps(timestep, sample).to(device)
         prev_t = self.previous_timestep(t).to(device)
         s, scaler = self.config.s, self.config.scaler
-        alpha_t = alpha_cumprod(t.to(device), s, scaler).view(view)
-        alpha_prev = alpha_cumprod(prev_t, s, scaler).view(view)
-        alpha = alpha_t / alpha_prev
-        # Operation order as in diffusers, so float32 results are bit-identical.
-        mean = (1.0 / alpha).sqrt() * (sample - (1 - alpha) * model_output / (1 - alpha_t).sqrt())
-        std = ((1 - alpha) * (1.0 - alpha_prev) / (1.0 - alpha_t)).sqrt()
-        std = std * (prev_t != 0).to(std.dtype).view(view)  # no noise into t = 0
-        noise = randn(mean.shape, generator, device=device, dtype=model_output.dtype)
-        prev_sample = (mean + std * noise).to(model_output.dtype)
+        alpha_t, alpha_prev = alpha_cumprod(t, s, scaler), alpha_cumprod(prev_t, s, scaler)
+        prev_sample = ddpm_posterior(sample, model_output, alpha_t, alpha_prev, prev_t, generator)
         if not return_dict:
             return (prev_sample,)
         return DDPMWuerstchenSchedulerOutput(prev_sample=prev_sample)
@@ -161,17 +142,3 @@ def _batch_timesteps(timestep: Tensor | float, sample: Tensor) -> Tensor:
             f"{tuple(torch.as_tensor(timestep).shape)}"
         )
     return t
-
-
-def _checked_timesteps(timesteps: Sequence[float] | Tensor) -> Tensor:
-    """Custom timesteps as a float32 tensor, after checking they form a valid schedule."""
-    values = torch.as_tensor(timesteps, dtype=torch.float32)
-    if values.ndim != 1 or values.shape[0] < 2:
-        shape = tuple(values.shape)
-        raise ValueError(f"timesteps must be a 1-D sequence of at least 2 values, got shape {shape}")
-    host = values.detach().cpu()
-    if not bool(((host >= 0) & (host <= 1)).all()):
-        raise ValueError(f"timesteps must lie in [0, 1], got {host.tolist()}")
-    if not bool((host[1:] < host[:-1]).all()):
-        raise ValueError(f"timesteps must be strictly decreasing (e.g. 1.0, 0.5, 0.0), got {host.tolist()}")
-    return values

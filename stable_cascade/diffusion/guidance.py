@@ -1,0 +1,36 @@
+"""Classifier-free guidance as a wrapper around a noise-predicting model (spec 7.1 and 7.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stable_cascade.diffusion.sampling import NoiseModel
+
+
+def classifier_free_guidance(eps_model: NoiseModel, scale: float, rescale: float = 0.0) -> NoiseModel:
+    """``eps_model`` guided with ``scale``, optionally with the reference's CFG rescale ``rescale`` (ρ).
+
+    ``scale <= 1`` returns ``eps_model`` itself: the caller then runs it on conditional inputs only
+    (diffusers turns CFG on when ``guidance_scale > 1``). Otherwise the guided model calls
+    ``eps_model`` once on the doubled batch ``cat([x, x])``; ``eps_model`` must hold the conditioning
+    for that batch in the order ``[cond; uncond]``, as diffusers and the reference do. The result is
+    ``p = lerp(ε_uncond, ε_cond, scale)`` (bit-identical to diffusers), then, for ρ > 0, the
+    reference's rescale ``p = ρ·p·std(ε_cond)/(std(p) + 1e-9) + (1 − ρ)·p`` with std over the whole
+    batch tensor (Stability's ``GDF.sample``; their Stage C uses ρ = 0.7).
+    """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"rescale must be in [0, 1] (0: off, reference Stage C: 0.7), got {rescale}")
+    if scale <= 1:
+        return eps_model
+
+    def guided(x: Tensor, ratio: Tensor) -> Tensor:
+        # (2B, ...) → two (B, ...) halves: [cond; uncond].
+        eps_cond, eps_uncond = eps_model(torch.cat([x, x]), torch.cat([ratio, ratio])).chunk(2)
+        pred = torch.lerp(eps_uncond, eps_cond, scale)
+        if rescale > 0:
+            # The reference's operation order: ρ·(p·std_c/(std_p + 1e-9)) + p·(1 − ρ).
+            pred = rescale * (pred * eps_cond.std() / (pred.std() + 1e-9)) + pred * (1 - rescale)
+        return pred
+
+    return guided

@@ -1,0 +1,233 @@
+"""Text → image through all three stages: the prior pipeline, then the decoder pipeline.
+
+A drop-in for diffusers' ``StableCascadeCombinedPipeline`` (whose defaults, 512², 60 + 12 steps,
+come from Würstchen v2); the requested size is passed on to the decoder, so it is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from stable_cascade.diffusion.noise import Generators
+from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.stage_a import PaellaVQModel
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.base import Pipeline
+from stable_cascade.pipelines.callbacks import PipelineCallback
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, StableCascadePriorPipelineOutput
+from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
+from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
+
+PRIOR_REPO = "stabilityai/stable-cascade-prior"
+
+
+class StableCascadeCombinedPipeline(Pipeline):
+    """The whole cascade; ``prior_pipe`` and ``decoder_pipe`` share this pipeline's components."""
+
+    diffusers_class_name = "StableCascadeCombinedPipeline"
+    optional_components = frozenset({"prior_feature_extractor", "prior_image_encoder"})
+    offload_order = (
+        "prior_image_encoder",
+        "prior_text_encoder",
+        "prior_prior",
+        "text_encoder",
+        "decoder",
+        "vqgan",
+    )
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,
+        decoder: StableCascadeUNet,
+        scheduler: DDPMWuerstchenScheduler,
+        vqgan: PaellaVQModel,
+        prior_prior: StableCascadeUNet,
+        prior_text_encoder: CLIPTextModelWithProjection,
+        prior_tokenizer: CLIPTokenizer,
+        prior_scheduler: DDPMWuerstchenScheduler,
+        prior_feature_extractor: CLIPImageProcessor | None = None,
+        prior_image_encoder: CLIPVisionModelWithProjection | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_components(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            decoder=decoder,
+            scheduler=scheduler,
+            vqgan=vqgan,
+            prior_prior=prior_prior,
+            prior_text_encoder=prior_text_encoder,
+            prior_tokenizer=prior_tokenizer,
+            prior_scheduler=prior_scheduler,
+            prior_feature_extractor=prior_feature_extractor,
+            prior_image_encoder=prior_image_encoder,
+        )
+        self.prior_pipe = StableCascadePriorPipeline(
+            tokenizer=prior_tokenizer,
+            text_encoder=prior_text_encoder,
+            prior=prior_prior,
+            scheduler=prior_scheduler,
+            feature_extractor=prior_feature_extractor,
+            image_encoder=prior_image_encoder,
+        )
+        self.decoder_pipe = StableCascadeDecoderPipeline(
+            decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler, vqgan=vqgan
+        )
+        self.sub_pipelines = (self.prior_pipe, self.decoder_pipe)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        path_or_repo_id: str | Path,
+        *,
+        prior_path_or_repo_id: str | Path | None = None,
+        subfolders: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> StableCascadeCombinedPipeline:
+        """A combined folder (saved by us or diffusers), or a decoder repo plus a prior repo.
+
+        ``from_pretrained("stabilityai/stable-cascade")`` takes the prior from
+        ``stabilityai/stable-cascade-prior``; ``subfolders={"prior": "prior_lite", "decoder":
+        "decoder_lite"}`` selects the lite UNets. Other options are those of :meth:`Pipeline.from_pretrained`.
+        """
+        if prior_path_or_repo_id is None and cls.describes_self(path_or_repo_id, options):
+            return super().from_pretrained(path_or_repo_id, subfolders=subfolders, **options)
+        subfolders = dict(subfolders or {})
+        components = {k: options.pop(k) for k in list(options) if k in cls.component_names()}
+        decoder = StableCascadeDecoderPipeline.from_pretrained(
+            path_or_repo_id, subfolders={k: v for k, v in subfolders.items() if k != "prior"}, **options
+        )
+        prior_components = {
+            k.removeprefix("prior_"): v for k, v in components.items() if k.startswith("prior_")
+        }
+        prior = StableCascadePriorPipeline.from_pretrained(
+            prior_path_or_repo_id or PRIOR_REPO,
+            subfolders={k: v for k, v in subfolders.items() if k == "prior"},
+            **prior_components,
+            **options,
+        )
+        parts = {**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()}}
+        parts.update({k: v for k, v in components.items() if not k.startswith("prior_")})
+        return cls(**parts)
+
+    def enable_model_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        for pipeline in (self, *self.sub_pipelines):
+            Pipeline.enable_model_cpu_offload(pipeline, gpu_id, device)
+
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        Pipeline.enable_sequential_cpu_offload(self, gpu_id, device)
+        for pipeline in self.sub_pipelines:
+            pipeline.use_execution_device(self.execution_device)
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        for pipeline in (self, *self.sub_pipelines):
+            Pipeline.set_progress_bar_config(pipeline, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        images: ImageInput | None = None,
+        height: int = 512,
+        width: int = 512,
+        prior_num_inference_steps: int | None = None,
+        prior_guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        decoder_guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: Generators | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        prior_callback_on_step_end: PipelineCallback | None = None,
+        prior_callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_step_end: PipelineCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        *,
+        image_embeds: Tensor | None = None,
+        preset: str = "diffusers",
+        prior_sampler: str | None = None,
+        sampler: str | None = None,
+        prior_shift: float | None = None,
+        shift: float | None = None,
+        prior_guidance_rescale: float | None = None,
+        guidance_rescale: float | None = None,
+    ) -> ImagePipelineOutput | tuple[Images]:
+        """Text (and optionally images) → images of exactly ``height`` × ``width``.
+
+        Arguments and defaults are diffusers'; ``preset="reference"`` runs Stability's sampler with its
+        settings (Stage C 20 steps, cfg 4, shift 2, rescale 0.7; Stage B 10 steps, cfg 1.1).
+        """
+        stages = get_preset(preset, COMBINED_PRESETS)
+        prior_out = self.prior_pipe(
+            prompt=prompt if prompt_embeds is None else None,
+            images=images,
+            height=height,
+            width=width,
+            num_inference_steps=prior_num_inference_steps or stages.prior.num_inference_steps,
+            guidance_scale=_first(prior_guidance_scale, stages.prior.guidance_scale),
+            negative_prompt=negative_prompt if negative_prompt_embeds is None else None,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_pooled=prompt_embeds_pooled,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
+            image_embeds=image_embeds,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type="pt",
+            callback_on_step_end=prior_callback_on_step_end,
+            callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
+            preset=preset,
+            sampler=prior_sampler,
+            shift=prior_shift,
+            guidance_rescale=prior_guidance_rescale,
+        )
+        assert isinstance(prior_out, StableCascadePriorPipelineOutput)
+        # As diffusers: Stage B takes the prior's text embeddings (both stages use the same CLIP model).
+        return self.decoder_pipe(
+            image_embeddings=prior_out.image_embeddings,  # type: ignore[arg-type]
+            prompt_embeds=prior_out.prompt_embeds,  # type: ignore[arg-type]
+            prompt_embeds_pooled=prior_out.prompt_embeds_pooled,  # type: ignore[arg-type]
+            negative_prompt_embeds=prior_out.negative_prompt_embeds,  # type: ignore[arg-type]
+            negative_prompt_embeds_pooled=prior_out.negative_prompt_embeds_pooled,  # type: ignore[arg-type]
+            num_inference_steps=num_inference_steps or stages.decoder.num_inference_steps,
+            guidance_scale=_first(decoder_guidance_scale, stages.decoder.guidance_scale),
+            generator=generator,
+            output_type=output_type,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            height=height,
+            width=width,
+            preset=preset,
+            sampler=sampler,
+            shift=shift,
+            guidance_rescale=guidance_rescale,
+        )
+
+
+def _first(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -1,0 +1,190 @@
+"""Stage B + Stage A: Stage C latents (+ text) → images.
+
+A drop-in for diffusers' ``StableCascadeDecoderPipeline``; additionally takes the output
+``height``/``width`` so that every multiple of 8 decodes to exactly that size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
+from stable_cascade.diffusion.noise import Generators
+from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.stage_a import PaellaVQModel
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.base import Pipeline
+from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
+from stable_cascade.pipelines.presets import get_preset
+from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
+from stable_cascade.pipelines.stage import initial_latents, run_stage
+
+
+class StableCascadeDecoderPipeline(Pipeline):
+    """Stage B latent diffusion followed by the Stage A decoder."""
+
+    diffusers_class_name = "StableCascadeDecoderPipeline"
+    offload_order = ("text_encoder", "decoder", "vqgan")
+    _callback_tensor_inputs = (
+        "latents",
+        "prompt_embeds_pooled",
+        "negative_prompt_embeds",
+        "image_embeddings",
+    )
+    decoder: StableCascadeUNet
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModelWithProjection
+    scheduler: DDPMWuerstchenScheduler
+    vqgan: PaellaVQModel
+
+    def __init__(
+        self,
+        decoder: StableCascadeUNet,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,
+        scheduler: DDPMWuerstchenScheduler,
+        vqgan: PaellaVQModel,
+        latent_dim_scale: float = 10.67,
+    ) -> None:
+        super().__init__()
+        self.register_components(
+            decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler, vqgan=vqgan
+        )
+        self.register_config(latent_dim_scale=latent_dim_scale)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image_embeddings: Tensor | list[Tensor],
+        prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: Generators | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: PipelineCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        preset: str = "diffusers",
+        sampler: str | None = None,
+        shift: float | None = None,
+        guidance_rescale: float | None = None,
+    ) -> ImagePipelineOutput | tuple[Images]:
+        """Decode Stage C latents into images; ``height``/``width`` (multiples of 8) fix the output size.
+
+        Arguments and defaults are diffusers' (10 steps, no guidance, PIL output); ``preset``,
+        ``sampler``, ``shift`` and ``guidance_rescale`` select the sampler as in the prior pipeline.
+        """
+        settings = get_preset(preset).decoder.override(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            timesteps=timesteps,
+            sampler=sampler,
+            shift=shift,
+            guidance_rescale=guidance_rescale,
+        )
+        check_output_type(output_type, ("pt", "np", "pil", "latent"))
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        image_size = self._image_size(height, width)
+        effnet = torch.cat(image_embeddings) if isinstance(image_embeddings, list) else image_embeddings
+        batch = _prompt_batch(prompt, prompt_embeds, prompt_embeds_pooled)
+        if effnet.ndim != 4 or effnet.shape[0] % batch:
+            raise ValueError(
+                f"image_embeddings must be Stage C latents (B, 16, h, w) with a batch that is a multiple of "
+                f"the {batch} prompt(s); got {tuple(effnet.shape)}"
+            )
+        # diffusers' rule: each prompt gets image_embeddings.shape[0] // batch rows per requested image.
+        per_prompt = num_images_per_prompt * (effnet.shape[0] // batch)
+        text = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_pooled=prompt_embeds_pooled,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
+            num_images_per_prompt=per_prompt,
+            guidance=settings.guidance_scale > 1,
+        )
+        decoder = self.activate("decoder")
+        device, dtype = self.execution_device, decoder.dtype
+        effnet = effnet.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        cond = {"clip_text_pooled": text.cond.pooled, "effnet": effnet}
+        uncond = None
+        if text.uncond is not None:
+            uncond = {"clip_text_pooled": text.uncond.pooled, "effnet": torch.zeros_like(effnet)}
+        prior_size = (effnet.shape[-2], effnet.shape[-1])
+        size = decoder_latent_size(prior_size, self.config.latent_dim_scale, image_size, self.vqgan.downscale)
+        x = initial_latents(
+            (effnet.shape[0], decoder.config.in_channels, *size), latents, generator, device, dtype
+        )
+        tensors = {
+            "prompt_embeds_pooled": text.cond.pooled,
+            "negative_prompt_embeds": text.uncond.hidden if text.uncond is not None else None,
+            "image_embeddings": effnet,
+        }
+        x = run_stage(
+            decoder,
+            cond,
+            uncond,
+            x,
+            settings,
+            self.scheduler.config,
+            generator,
+            step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
+            self.progress_bar,
+        )
+        images: Images = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)
+        self.offload_all()
+        return ImagePipelineOutput(images) if return_dict else (images,)
+
+    def encode_prompt(self, **arguments: Any) -> PromptConditioning:
+        """The text conditioning of both CFG branches (the shared path of :mod:`conditioning.text`)."""
+        text_encoder = self.activate("text_encoder")
+        return encode_prompts(self.tokenizer, text_encoder, device=self.execution_device, **arguments)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Stage B latents → images (B, 3, H, W) in [0, 1] through Stage A, scaled as diffusers does."""
+        vqgan = self.activate("vqgan")
+        scaled = (self.vqgan.config.scale_factor * latents).to(vqgan.dtype)
+        return vqgan.decode(scaled).sample.clamp(0, 1)
+
+    def _image_size(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        if (height is None) != (width is None):
+            raise ValueError("pass both height and width, or neither (then diffusers' size rule applies)")
+        if height is None or width is None:
+            return None
+        check_image_size(height, width, minimum=self.minimum_size)
+        return height, width
+
+    @property
+    def minimum_size(self) -> int:
+        """The smallest image side Stage B can produce: its deepest level needs one latent pixel."""
+        config = self.decoder.config
+        return self.vqgan.downscale * config.patch_size * 2 ** (len(config.block_out_channels) - 1)
+
+
+def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None) -> int:
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    for tensor in (embeds, pooled):
+        if tensor is not None:
+            return tensor.shape[0]
+    raise ValueError("pass a prompt, or prompt_embeds_pooled (with prompt_embeds) from the prior pipeline")

@@ -1,0 +1,80 @@
+"""Sampling settings of one stage, and the named presets, as data.
+
+``"diffusers"`` reproduces diffusers' Stable Cascade pipelines (DDPM on the clamped cosine schedule,
+plain CFG, the final sample handed on). ``"reference"`` is the sampler of Stability's notebooks
+(spec 7.2): logSNR shift, CFG rescale, and the last x0 prediction handed on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+ScheduleKind = Literal["diffusers", "reference"]
+HandOn = Literal["sample", "x0"]
+PresetName = Literal["diffusers", "reference"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """How one stage samples."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    sampler: str = "ddpm"
+    schedule: ScheduleKind = "diffusers"
+    shift: float = 1.0
+    guidance_rescale: float = 0.0
+    hand_on: HandOn = "sample"
+    timesteps: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.timesteps is None and self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be positive (1 = no shift), got {self.shift}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.timesteps is not None and self.schedule != "diffusers":
+            raise ValueError(
+                "custom timesteps are defined on the 'diffusers' schedule; use preset='diffusers'"
+            )
+
+    def override(self, **values: object) -> StageSettings:
+        """These settings with every value that is not None replaced."""
+        changes = {k: v for k, v in values.items() if v is not None}
+        if "timesteps" in changes:
+            changes["timesteps"] = tuple(float(t) for t in changes["timesteps"])  # type: ignore[attr-defined]
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    prior: StageSettings
+    decoder: StageSettings
+
+
+_DIFFUSERS = Preset(prior=StageSettings(20, 4.0), decoder=StageSettings(10, 0.0))
+_REFERENCE = Preset(
+    prior=StageSettings(20, 4.0, schedule="reference", shift=2.0, guidance_rescale=0.7, hand_on="x0"),
+    decoder=StageSettings(10, 1.1, schedule="reference", shift=1.0, hand_on="x0"),
+)
+
+#: Presets of the prior and decoder pipelines.
+PRESETS: dict[str, Preset] = {"diffusers": _DIFFUSERS, "reference": _REFERENCE}
+
+#: Presets of the combined pipeline: diffusers' combined defaults are Würstchen v2's 60 + 12 steps.
+COMBINED_PRESETS: dict[str, Preset] = {
+    "diffusers": Preset(
+        prior=dataclasses.replace(_DIFFUSERS.prior, num_inference_steps=60),
+        decoder=dataclasses.replace(_DIFFUSERS.decoder, num_inference_steps=12),
+    ),
+    "reference": _REFERENCE,
+}
+
+
+def get_preset(name: str, table: dict[str, Preset] = PRESETS) -> Preset:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(table)}") from None

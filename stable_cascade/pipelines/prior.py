@@ -1,0 +1,220 @@
+"""Stage C: text (and optionally images) → the 16-channel Stage C latent ("image embeddings").
+
+A drop-in for diffusers' ``StableCascadePriorPipeline``: same components, arguments, defaults and,
+for the same seed and settings, the same results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import PIL.Image
+import torch
+from torch import Tensor
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from stable_cascade.conditioning.image import check_images, encode_images
+from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
+from stable_cascade.diffusion.noise import Generators
+from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.base import Pipeline
+from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
+from stable_cascade.pipelines.presets import get_preset
+from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
+from stable_cascade.pipelines.stage import initial_latents, run_stage
+
+ImageInput = PIL.Image.Image | Tensor | Sequence[PIL.Image.Image | Tensor]
+
+
+class StableCascadePriorPipeline(Pipeline):
+    """Stage C text-to-latent (and image variation) pipeline."""
+
+    diffusers_class_name = "StableCascadePriorPipeline"
+    optional_components = frozenset({"feature_extractor", "image_encoder"})
+    offload_order = ("image_encoder", "text_encoder", "prior")
+    _callback_tensor_inputs = ("latents", "text_encoder_hidden_states", "negative_prompt_embeds")
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModelWithProjection
+    prior: StableCascadeUNet
+    scheduler: DDPMWuerstchenScheduler
+    feature_extractor: CLIPImageProcessor | None
+    image_encoder: CLIPVisionModelWithProjection | None
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,
+        prior: StableCascadeUNet,
+        scheduler: DDPMWuerstchenScheduler,
+        resolution_multiple: float = 42.67,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_components(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            prior=prior,
+            scheduler=scheduler,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_config(resolution_multiple=resolution_multiple)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        images: ImageInput | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int | None = None,
+        timesteps: Sequence[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: Generators | None = None,
+        latents: Tensor | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+        callback_on_step_end: PipelineCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        *,
+        preset: str = "diffusers",
+        sampler: str | None = None,
+        shift: float | None = None,
+        guidance_rescale: float | None = None,
+    ) -> StableCascadePriorPipelineOutput | tuple[Any, ...]:
+        """Generate Stage C latents (B·num_images_per_prompt, 16, ⌈H/42.67⌉, ⌈W/42.67⌉).
+
+        Arguments and defaults are diffusers'; ``None`` step counts and guidance come from ``preset``
+        (``"diffusers"``: 20 steps, guidance 4; ``"reference"``: Stability's sampler). ``sampler``,
+        ``shift`` and ``guidance_rescale`` override the preset.
+        """
+        settings = get_preset(preset).prior.override(
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            timesteps=timesteps,
+            sampler=sampler,
+            shift=shift,
+            guidance_rescale=guidance_rescale,
+        )
+        check_image_size(height, width)
+        check_output_type(output_type, ("pt", "np"))
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        text = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_pooled=prompt_embeds_pooled,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
+            num_images_per_prompt=num_images_per_prompt,
+            guidance=settings.guidance_scale > 1,
+        )
+        image = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
+        prior = self.activate("prior")
+        device, dtype = self.execution_device, prior.dtype
+        cond = {"clip_text": text.cond.hidden, "clip_text_pooled": text.cond.pooled, "clip_img": image}
+        uncond = None
+        if text.uncond is not None:
+            uncond = {
+                "clip_text": text.uncond.hidden,
+                "clip_text_pooled": text.uncond.pooled,
+                "clip_img": torch.zeros_like(image),
+            }
+        size = prior_latent_size(height, width, self.config.resolution_multiple)
+        shape = (text.cond.batch_size, prior.config.in_channels, *size)
+        x = initial_latents(shape, latents, generator, device, dtype)
+        hidden = (
+            torch.cat([text.cond.hidden, text.uncond.hidden]) if text.uncond is not None else text.cond.hidden
+        )
+        tensors = {"text_encoder_hidden_states": hidden, "negative_prompt_embeds": _hidden(text.uncond)}
+        x = run_stage(
+            prior,
+            cond,
+            uncond,
+            x,
+            settings,
+            self.scheduler.config,
+            generator,
+            step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
+            self.progress_bar,
+        )
+        self.offload_all()
+        numpy = output_type == "np"
+        outputs = (
+            as_numpy_if(x, numpy),
+            as_numpy_if(text.cond.hidden, numpy),
+            text.cond.pooled,
+            as_numpy_if(_hidden(text.uncond), numpy),
+            text.uncond.pooled if text.uncond is not None else None,
+        )
+        return StableCascadePriorPipelineOutput(*outputs) if return_dict else outputs  # type: ignore[arg-type]
+
+    def encode_prompt(self, **arguments: Any) -> PromptConditioning:
+        """The text conditioning of both CFG branches (the shared path of :mod:`conditioning.text`)."""
+        text_encoder = self.activate("text_encoder")
+        return encode_prompts(self.tokenizer, text_encoder, device=self.execution_device, **arguments)
+
+    def _image_conditioning(
+        self, images: ImageInput | None, image_embeds: Tensor | None, batch_size: int, per_prompt: int
+    ) -> Tensor:
+        """CLIP image embeddings (B·n, N, C) for every generated image; one zero token without images."""
+        rows = batch_size * per_prompt
+        width = self.prior.config.clip_image_in_channels
+        if width is None:
+            raise ValueError("this prior takes no CLIP image embeddings (clip_image_in_channels is None)")
+        if images is not None and image_embeds is not None:
+            raise ValueError("pass either images or image_embeds, not both")
+        if images is not None:
+            if self.image_encoder is None or self.feature_extractor is None:
+                raise ValueError(
+                    "images need the CLIP image encoder and feature extractor; load the pipeline with "
+                    "image_encoder= and feature_extractor= (e.g. from stabilityai/stable-cascade-prior)"
+                )
+            encoder = self.activate("image_encoder")
+            image_embeds = encode_images(
+                self.feature_extractor, encoder, check_images(images), self.execution_device, encoder.dtype
+            )
+        if image_embeds is None:
+            return torch.zeros(rows, 1, width, device=self.execution_device, dtype=self.prior.dtype)
+        return _expand_image_embeds(image_embeds, batch_size, per_prompt, width).to(self.execution_device)
+
+
+def _expand_image_embeds(embeds: Tensor, batch_size: int, per_prompt: int, width: int | None) -> Tensor:
+    """(1|B|B·n, N, C) or (C,)/(N, C) embeddings → one row per generated image."""
+    while embeds.ndim < 3:
+        embeds = embeds.unsqueeze(0)
+    if embeds.shape[-1] != width:
+        raise ValueError(
+            f"image_embeds must have {width} channels (B, N, {width}); got {tuple(embeds.shape)}"
+        )
+    rows = batch_size * per_prompt
+    if embeds.shape[0] == 1:
+        return embeds.repeat(rows, 1, 1)
+    if embeds.shape[0] == batch_size:
+        return embeds.repeat_interleave(per_prompt, dim=0)
+    if embeds.shape[0] == rows:
+        return embeds
+    raise ValueError(
+        f"image_embeds has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
+        f"or prompts × num_images_per_prompt ({rows})"
+    )
+
+
+def _hidden(embeddings: Any) -> Tensor | None:
+    return embeddings.hidden if embeddings is not None else None

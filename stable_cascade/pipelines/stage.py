@@ -1,0 +1,101 @@
+"""The one sampling loop of both stages: a UNet, its conditioning, and the stage's settings.
+
+Stage C and Stage B differ only in the conditioning dict they pass (``clip_text``/``clip_img`` for
+C, ``effnet`` for B) and in their latent shape; everything else runs through :func:`run_stage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from stable_cascade.diffusion.guidance import classifier_free_guidance
+from stable_cascade.diffusion.noise import Generators, randn
+from stable_cascade.diffusion.samplers import get_sampler
+from stable_cascade.diffusion.sampling import (
+    NoiseModel,
+    Progress,
+    Schedule,
+    StepCallback,
+    diffusers_schedule,
+    reference_schedule,
+)
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.presets import StageSettings
+from stable_cascade.specs import SchedulerConfig
+
+Conditioning = Mapping[str, Tensor]
+
+
+def build_schedule(settings: StageSettings, scheduler: SchedulerConfig, device: torch.device) -> Schedule:
+    if settings.schedule == "reference":
+        return reference_schedule(
+            settings.num_inference_steps, shift=settings.shift, s=scheduler.s, device=device
+        )
+    steps = None if settings.timesteps is not None else settings.num_inference_steps
+    return diffusers_schedule(
+        steps, settings.timesteps, s=scheduler.s, scaler=scheduler.scaler, device=device
+    )
+
+
+def unet_noise_model(unet: StableCascadeUNet, conditioning: Conditioning) -> NoiseModel:
+    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``)."""
+
+    def eps(x: Tensor, ratio: Tensor) -> Tensor:
+        return unet(x, ratio, **conditioning, return_dict=False)[0]
+
+    return eps
+
+
+def guided_conditioning(cond: Conditioning, uncond: Conditioning | None, dtype: torch.dtype) -> Conditioning:
+    """``[cond; uncond]`` batched as diffusers does (conditional first), cast to the UNet's dtype."""
+    if uncond is None:
+        return {k: v.to(dtype) for k, v in cond.items()}
+    return {k: torch.cat([v, uncond[k]]).to(dtype) for k, v in cond.items()}
+
+
+def initial_latents(
+    shape: tuple[int, ...],
+    latents: Tensor | None,
+    generator: Generators | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Fresh noise (drawn as diffusers draws it) or the caller's latents after a shape check."""
+    if latents is None:
+        return randn(shape, generator, device=device, dtype=dtype)
+    if tuple(latents.shape) != shape:
+        raise ValueError(
+            f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}; "
+            "omit latents to draw them from the generator"
+        )
+    return latents.to(device=device, dtype=dtype)
+
+
+def run_stage(
+    unet: StableCascadeUNet,
+    cond: Conditioning,
+    uncond: Conditioning | None,
+    latents: Tensor,
+    settings: StageSettings,
+    scheduler: SchedulerConfig,
+    generator: Generators | None = None,
+    callback: StepCallback | None = None,
+    progress: Progress | None = None,
+) -> Tensor:
+    """Sample one stage from ``latents`` and return what it hands on (final sample or last x0).
+
+    ``uncond`` is the unconditional branch, required when ``settings.guidance_scale > 1``.
+    """
+    guided = settings.guidance_scale > 1
+    if guided and uncond is None:
+        raise ValueError("classifier-free guidance needs the unconditional conditioning")
+    conditioning = guided_conditioning(cond, uncond if guided else None, unet.dtype)
+    eps = unet_noise_model(unet, conditioning)
+    eps = classifier_free_guidance(eps, settings.guidance_scale, settings.guidance_rescale)
+    schedule = build_schedule(settings, scheduler, latents.device)
+    sampler = get_sampler(settings.sampler)
+    result = sampler(eps, latents, schedule, generator=generator, callback=callback, progress=progress)
+    return result.x0 if settings.hand_on == "x0" else result.sample
