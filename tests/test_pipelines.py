@@ -3,6 +3,7 @@ by ours, run with the same seeds; then what ours does beyond diffusers."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,3 +306,79 @@ def test_images_without_an_image_encoder_are_refused(tmp_path: Path) -> None:
     assert ours.image_encoder is None
     with pytest.raises(ValueError, match="image encoder"):
         ours("x", images=[torch.rand(3, 32, 32)], **STEPS)
+
+
+def test_reference_preset_matches_a_transcription_of_the_reference_sampler(
+    prior_pair: tuple[Any, Any],
+) -> None:
+    """Spec 7.2 written out with plain float math: shifted logSNR, noise_cond, CFG with rescale,
+    DDPM as DDIM(η=1), the last x0 handed on."""
+    ours = prior_pair[1]
+    steps, shift, cfg, rho = 5, 2.0, 4.0, 0.7
+    got = ours(
+        "a cat", height=128, width=128, preset="reference", num_inference_steps=steps, generator=seeded()
+    )
+
+    s = 0.008
+    alpha_min = math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+    def logsnr(t: float) -> float:  # the cosine ᾱ clamped to [1e-4, 0.9999], shifted, clamped
+        alpha = min(max(math.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / alpha_min, 1e-4), 0.9999)
+        return min(max(math.log(alpha / (1 - alpha)) + 2 * math.log(1 / shift), -9.21024), 9.21007)
+
+    def noise_cond(logsnr: float) -> float:
+        v = 1 / (1 + math.exp(-logsnr))
+        return min(max(math.acos(math.sqrt(v * alpha_min)) / (math.pi / 2) * (1 + s) - s, 0.0), 1.0)
+
+    text = ours.encode_prompt(prompt="a cat", guidance=True)
+    image = torch.zeros(1, 1, tiny.IMAGE_WIDTH)
+    generator = seeded()
+    x = torch.randn(1, 16, 3, 3, generator=generator)
+    times = [1 - i / steps for i in range(steps + 1)]
+    x0 = x
+    for i in range(steps):
+        l_now, l_next = logsnr(times[i]), logsnr(times[i + 1])
+        r = torch.full((1,), noise_cond(l_now))
+        e_c = ours.prior(x, r, text.cond.pooled, text.cond.hidden, image).sample
+        e_u = ours.prior(x, r, text.uncond.pooled, text.uncond.hidden, image).sample
+        p = e_u + cfg * (e_c - e_u)
+        p = rho * p * e_c.std() / (p.std() + 1e-9) + (1 - rho) * p
+        a, b = math.sqrt(1 / (1 + math.exp(-l_now))), math.sqrt(1 / (1 + math.exp(l_now)))
+        a_prev, b_prev = math.sqrt(1 / (1 + math.exp(-l_next))), math.sqrt(1 / (1 + math.exp(l_next)))
+        x0 = (x - b * p) / a
+        sigma = math.sqrt(b_prev**2 / b**2) * math.sqrt(1 - a**2 / a_prev**2)
+        z = torch.randn(x.shape, generator=generator)
+        x = a_prev * x0 + math.sqrt(b_prev**2 - sigma**2) * p + sigma * z
+    # Relative to the magnitude: x0 = (x − b·ε)/a divides by a = 0.01 at t = 1, and one float32 ulp
+    # of r moves the timestep embedding (r·10000) visibly; a wrong formula is off by O(1).
+    torch.testing.assert_close(got.image_embeddings, x0, atol=2e-4 * x0.abs().max().item(), rtol=0)
+
+
+def test_combined_loads_from_a_decoder_folder_and_a_prior_folder(
+    tmp_path: Path, prior_pair: tuple[Any, Any], decoder_pair: tuple[Any, Any]
+) -> None:
+    prior_pair[1].save_pretrained(tmp_path / "prior")
+    decoder_pair[1].save_pretrained(tmp_path / "decoder")
+    combined = StableCascadeCombinedPipeline.from_pretrained(
+        tmp_path / "decoder", prior_path_or_repo_id=tmp_path / "prior"
+    )
+    combined.set_progress_bar_config(disable=True)
+    seen: list[str] = []
+    images = combined(
+        "x",
+        height=128,
+        width=128,
+        prior_num_inference_steps=2,
+        num_inference_steps=2,
+        output_type="pt",
+        prior_callback_on_step_end=lambda *a: seen.append("prior") or {},
+        callback_on_step_end=lambda *a: seen.append("decoder") or {},
+        generator=seeded(),
+    ).images
+    embeddings = prior_pair[1]("x", height=128, width=128, num_inference_steps=2, generator=seeded())
+    assert seen == ["prior"] * 2 + ["decoder"] * 2
+    assert images.shape == (1, 3, 128, 128)
+    combined.save_pretrained(tmp_path / "combined")
+    again = StableCascadeCombinedPipeline.from_pretrained(tmp_path / "combined")
+    assert again.prior_pipe.config.resolution_multiple == 42.67
+    torch.testing.assert_close(embeddings.image_embeddings.shape, torch.Size([1, 16, 3, 3]))
