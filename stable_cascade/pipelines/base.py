@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stable_cascade.checkpoint import CheckpointError, HubOptions, parse_dtype
+from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines import offload
 from stable_cascade.pipelines.components import (
@@ -358,6 +359,15 @@ class Pipeline:
                 model = getattr(self, name, None)
                 if isinstance(model, nn.Module):
                     offload.place(model, offload.CPU)
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    def encode_prompt(self, **arguments: Any) -> PromptConditioning:
+        """Text conditioning of both CFG branches through the pipeline's ``tokenizer`` and
+        ``text_encoder`` (the one text path, :func:`conditioning.text.encode_prompts`)."""
+        text_encoder = self.activate("text_encoder")
+        tokenizer = getattr(self, "tokenizer", None)
+        return encode_prompts(tokenizer, text_encoder, device=self.execution_device, **arguments)
 
     # -- progress bars -----------------------------------------------------------------------------
 

@@ -7,13 +7,11 @@ A drop-in for diffusers' ``StableCascadeDecoderPipeline``; additionally takes th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -152,11 +150,6 @@ class StableCascadeDecoderPipeline(Pipeline):
         images: Images = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
-
-    def encode_prompt(self, **arguments: Any) -> PromptConditioning:
-        """The text conditioning of both CFG branches (the shared path of :mod:`conditioning.text`)."""
-        text_encoder = self.activate("text_encoder")
-        return encode_prompts(self.tokenizer, text_encoder, device=self.execution_device, **arguments)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Stage B latents → images (B, 3, H, W) in [0, 1] through Stage A, scaled as diffusers does."""

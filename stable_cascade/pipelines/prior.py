@@ -20,7 +20,6 @@ from transformers import (
 )
 
 from stable_cascade.conditioning.image import check_images, encode_images
-from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.unet import StableCascadeUNet
@@ -164,11 +163,6 @@ class StableCascadePriorPipeline(Pipeline):
             text.uncond.pooled if text.uncond is not None else None,
         )
         return StableCascadePriorPipelineOutput(*outputs) if return_dict else outputs  # type: ignore[arg-type]
-
-    def encode_prompt(self, **arguments: Any) -> PromptConditioning:
-        """The text conditioning of both CFG branches (the shared path of :mod:`conditioning.text`)."""
-        text_encoder = self.activate("text_encoder")
-        return encode_prompts(self.tokenizer, text_encoder, device=self.execution_device, **arguments)
 
     def _image_conditioning(
         self, images: ImageInput | None, image_embeds: Tensor | None, batch_size: int, per_prompt: int
