@@ -18,7 +18,7 @@ from torch import nn
 
 from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
-from stable_cascade.checkpoint.safetensors_io import read_state_dict, write_state_dict
+from stable_cascade.checkpoint.safetensors_io import read_single_file, read_state_dict, write_state_dict
 from stable_cascade.specs import ConfigBase
 
 #: Written into config files so that diffusers can read our directories too.
@@ -159,6 +159,37 @@ class PretrainedModel(nn.Module, PretrainedConfigMixin):
         state_dict = read_state_dict(files, device=device or "cpu")
         source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
         return cls.from_state_dict(config, state_dict, source=source, dtype=dtype, copy=False)
+
+    @classmethod
+    def from_single_file(
+        cls: type[M],
+        path: str | Path,
+        *,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        allow_pickle: bool = False,
+    ) -> M:
+        """Load an original (Stability / ComfyUI-style) single checkpoint file.
+
+        The architecture comes from the tensors alone (:meth:`config_from_single_file`), the keys are
+        mapped to ours (:meth:`convert_single_file`); pickle files need ``allow_pickle=True``.
+        """
+        dtype = parse_dtype(torch_dtype) or torch.float32
+        state_dict = read_single_file(path, allow_pickle)
+        config = cls.config_from_single_file(state_dict, source=str(path))
+        converted = cls.convert_single_file(state_dict)
+        model = cls.from_state_dict(config, converted, source=str(path), dtype=dtype, copy=False)
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def config_from_single_file(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> ConfigBase:
+        """The config that fits an original checkpoint (default: the class's default config)."""
+        return cls.config_class()
+
+    @classmethod
+    def convert_single_file(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Original keys → ours (default: unchanged)."""
+        return state_dict
 
     @classmethod
     def from_state_dict(

@@ -46,6 +46,32 @@ def read_state_dict(
     return state_dict
 
 
+def read_single_file(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint file: safetensors, or a pickle file only with ``allow_pickle``.
+
+    Pickle files are read with ``torch.load(weights_only=True)``, which refuses arbitrary objects;
+    still, only allow them for files you trust.
+    """
+    path = Path(path)
+    if path.suffix not in _PICKLE_SUFFIXES:
+        return read_state_dict([path])
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path} is a pickle file, which can run arbitrary code and is not loaded by default; "
+            "use a .safetensors file, or pass allow_pickle=True if you trust its source"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint: {error}") from error
+    loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return dict(loaded)
+
+
 def write_state_dict(
     state_dict: dict[str, torch.Tensor],
     directory: str | Path,
