@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stable_cascade"
 ALLOWED: dict[str, set[str]] = {
     "specs": set(),
     "checkpoint": {"specs"},
-    "nn": {"specs", "checkpoint"},
+    "convert": {"specs", "checkpoint"},
+    "nn": {"specs", "checkpoint", "convert"},
     "diffusion": {"specs", "checkpoint"},
     "conditioning": {"specs", "checkpoint"},
-    "convert": {"specs", "checkpoint", "nn"},
     "pipelines": {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert"},
     "cli": {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert", "pipelines"},
 }
