@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import pytest
-import tiny
 import torch
 from diffusers import DDPMWuerstchenScheduler, StableCascadePriorPipeline, StableCascadeUNet
 from transformers import CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer
 
+import tiny
 from stable_cascade.conditioning import (
     PromptConditioning,
     TextEmbeddings,

@@ -15,7 +15,6 @@ from typing import Any
 import diffusers
 import huggingface_hub
 import pytest
-import tiny
 import torch
 from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel as DiffusersVQ
 from huggingface_hub.errors import EntryNotFoundError
@@ -27,6 +26,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+import tiny
 from stable_cascade import DDPMWuerstchenScheduler, PaellaVQModel, StableCascadeUNet
 from stable_cascade.pipelines import offload
 from stable_cascade.pipelines.base import Pipeline

@@ -135,7 +135,7 @@ def test_callback_progress_and_no_mutation() -> None:
     seen: list[tuple[int, float]] = []
     wrapped: list[list[int]] = []
 
-    def callback(i: int, t: Tensor, sample: Tensor) -> Tensor | None:
+    def callback(i: int, t: Tensor, sample: Tensor, x0: Tensor) -> Tensor | None:
         seen.append((i, t.item()))
         return torch.zeros_like(sample) if i == 3 else None
 
@@ -204,7 +204,7 @@ def test_ddim_eta_one_is_ddpm(schedule: Schedule) -> None:
             start(),
             schedule,
             generator=gen(2),
-            callback=lambda i, t, x, n=name: states[n].append(x),
+            callback=lambda i, t, x, x0, n=name: states[n].append(x),
         )
         for name, sampler in (("ddpm", ddpm), ("ddim", functools.partial(ddim, eta=1.0)))
     }

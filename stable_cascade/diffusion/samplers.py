@@ -70,7 +70,7 @@ def ddpm(
         a_t = alpha_t.reshape((-1,) + (1,) * (x.ndim - 1))
         x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).to(x.dtype)
         x = ddpm_posterior(x, eps, alpha_t, alpha_prev, schedule.t[i + 1], generator)
-        x = _after_step(callback, i, schedule, x)
+        x = _after_step(callback, i, schedule, x, x0)
     return SamplerResult(sample=x, x0=x0)
 
 
@@ -104,7 +104,7 @@ def ddim(
         if eta > 0:
             step = step + sigma * randn(x.shape, generator, device=x.device, dtype=eps.dtype).to(work)
         x0 = pred.to(x.dtype)
-        x = _after_step(callback, i, schedule, step.to(x.dtype))
+        x = _after_step(callback, i, schedule, step.to(x.dtype), x0)
     return SamplerResult(sample=x, x0=x0)
 
 
@@ -143,7 +143,7 @@ def euler_ancestral(
                 tilde = tilde + up * randn(x.shape, generator, device=x.device, dtype=eps.dtype).to(work)
             step = a_next * tilde
         x0 = pred.to(x.dtype)
-        x = _after_step(callback, i, schedule, step.to(x.dtype))
+        x = _after_step(callback, i, schedule, step.to(x.dtype), x0)
     return SamplerResult(sample=x, x0=x0)
 
 
@@ -185,7 +185,7 @@ def dpmpp_2m(
             step = (b_next / b) * xw - a_next * math.expm1(-h) * denoised
             previous = (pred, h)
         x0 = pred.to(x.dtype)
-        x = _after_step(callback, i, schedule, step.to(x.dtype))
+        x = _after_step(callback, i, schedule, step.to(x.dtype), x0)
     return SamplerResult(sample=x, x0=x0)
 
 
@@ -214,10 +214,10 @@ def _ratio(schedule: Schedule, i: int, x: Tensor) -> Tensor:
     return schedule.ratio[i].expand(x.shape[0]).to(x.dtype)
 
 
-def _after_step(callback: StepCallback | None, i: int, schedule: Schedule, x: Tensor) -> Tensor:
+def _after_step(callback: StepCallback | None, i: int, schedule: Schedule, x: Tensor, x0: Tensor) -> Tensor:
     if callback is None:
         return x
-    replaced = callback(i, schedule.t[i], x)
+    replaced = callback(i, schedule.t[i], x, x0)
     return x if replaced is None else replaced
 
 

@@ -20,8 +20,9 @@ from stable_cascade.diffusion.schedule import alpha_cumprod, noise_cond, referen
 
 #: ``eps_model(x (B, ...), ratio (B,)) -> ε (B, ...)``: a network predicting the noise.
 NoiseModel = Callable[[Tensor, Tensor], Tensor]
-#: ``callback(i, schedule.t[i], x after step i)``: a replacement for x, or None to keep it.
-StepCallback = Callable[[int, Tensor, Tensor], Tensor | None]
+#: ``callback(i, schedule.t[i], x after step i, x0 predicted at step i)``: a replacement for x, or
+#: None to keep it.
+StepCallback = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
 #: Wraps the step indices, e.g. ``tqdm``; the identity by default.
 Progress = Callable[[Iterable[int]], Iterable[int]]
 
@@ -54,6 +55,13 @@ class Schedule:
     def steps(self) -> int:
         """The number of sampling steps (one fewer than the times)."""
         return self.t.shape[0] - 1
+
+    def tail(self, start: int) -> Schedule:
+        """The schedule from index ``start`` on (image-to-image starts part-way, e.g. at t = 0.8)."""
+        if not 0 <= start < self.steps:
+            raise ValueError(f"start must be in [0, {self.steps - 1}] for {self.steps} steps, got {start}")
+        kept = {name: getattr(self, name)[start:] for name in ("t", "alpha_cumprod", "ratio")}
+        return dataclasses.replace(self, **kept)
 
     def to(self, device: torch.device | str | None) -> Schedule:
         """This schedule with its tensors on ``device``."""

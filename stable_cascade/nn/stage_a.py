@@ -15,6 +15,12 @@ import torch
 from torch import nn
 
 from stable_cascade.checkpoint.pretrained import PretrainedModel
+from stable_cascade.convert import (
+    Kind,
+    to_original_state_dict,
+    vq_config_from_single_file,
+    vq_state_dict_from_single_file,
+)
 from stable_cascade.nn.layers import layer_norm_2d
 from stable_cascade.specs import VQConfig
 
@@ -110,6 +116,19 @@ class PaellaVQModel(PretrainedModel):
             nn.Conv2d(widths[0], cfg.out_channels * pixels, kernel_size=1),
             nn.PixelShuffle(cfg.up_down_scale_factor),
         )
+
+    @classmethod
+    def config_from_single_file(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> VQConfig:
+        """Inferred from the shapes; ``scale_factor`` 0.43, the original Stage A file's latent scale."""
+        return vq_config_from_single_file(state_dict, source)
+
+    @classmethod
+    def convert_single_file(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return vq_state_dict_from_single_file(state_dict)
+
+    def to_single_file_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the original ``stage_a.safetensors`` keys."""
+        return to_original_state_dict(self.state_dict(), Kind.STAGE_A)
 
     @property
     def downscale(self) -> int:

@@ -15,6 +15,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stable_cascade.checkpoint import PretrainedModel
+from stable_cascade.convert import (
+    Kind,
+    to_original_state_dict,
+    unet_config_from_single_file,
+    unet_state_dict_from_single_file,
+)
 from stable_cascade.nn.layers import (
     AttnBlock,
     BlockConditioning,
@@ -218,6 +224,20 @@ class StableCascadeUNet(PretrainedModel):
         for level, upscaler in enumerate(self.up_upscalers):
             x = upscaler(self._run_level(level, "up", x, cond, skips[level] if level > 0 else None))
         return x
+
+    @classmethod
+    def config_from_single_file(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> UNetConfig:
+        """Inferred from the shapes of an original, diffusers-layout or ComfyUI-bundle file."""
+        return unet_config_from_single_file(state_dict, source)
+
+    @classmethod
+    def convert_single_file(cls, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return unet_state_dict_from_single_file(state_dict)
+
+    def to_single_file_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the original single-file keys (``stage_b.safetensors`` / ``stage_c…``)."""
+        kind = Kind.STAGE_B if self.config.is_stage_b else Kind.STAGE_C
+        return to_original_state_dict(self.state_dict(), kind)
 
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True

@@ -27,13 +27,14 @@ def step_callback(
     names: Sequence[str] | None,
     tensors: Mapping[str, Any],
 ) -> StepCallback | None:
-    """Adapt a diffusers callback: it receives the requested tensors ("latents" is the current x) and
-    may return new "latents"."""
+    """Adapt a diffusers callback: it receives the requested tensors ("latents" is the current x,
+    "denoised" the step's x0 prediction) and may return new "latents"."""
     if callback is None:
         return None
 
-    def on_step(i: int, t: Tensor, x: Tensor) -> Tensor | None:
-        kwargs = {name: x if name == "latents" else tensors[name] for name in names or ()}
+    def on_step(i: int, t: Tensor, x: Tensor, x0: Tensor) -> Tensor | None:
+        current = {"latents": x, "denoised": x0}
+        kwargs = {name: current[name] if name in current else tensors[name] for name in names or ()}
         returned = callback(pipeline, i, t, kwargs) or {}
         return returned.get("latents")
 

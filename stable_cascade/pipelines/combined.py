@@ -21,6 +21,8 @@ from transformers import (
 
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
@@ -37,11 +39,15 @@ class StableCascadeCombinedPipeline(Pipeline):
     """The whole cascade; ``prior_pipe`` and ``decoder_pipe`` share this pipeline's components."""
 
     diffusers_class_name = "StableCascadeCombinedPipeline"
-    optional_components = frozenset({"prior_feature_extractor", "prior_image_encoder"})
+    optional_components = frozenset(
+        {"prior_feature_extractor", "prior_image_encoder", "prior_effnet", "prior_previewer"}
+    )
     offload_order = (
+        "prior_effnet",
         "prior_image_encoder",
         "prior_text_encoder",
         "prior_prior",
+        "prior_previewer",
         "text_encoder",
         "decoder",
         "vqgan",
@@ -60,6 +66,8 @@ class StableCascadeCombinedPipeline(Pipeline):
         prior_scheduler: DDPMWuerstchenScheduler,
         prior_feature_extractor: CLIPImageProcessor | None = None,
         prior_image_encoder: CLIPVisionModelWithProjection | None = None,
+        prior_effnet: EfficientNetEncoder | None = None,
+        prior_previewer: Previewer | None = None,
     ) -> None:
         super().__init__()
         self.register_components(
@@ -74,6 +82,8 @@ class StableCascadeCombinedPipeline(Pipeline):
             prior_scheduler=prior_scheduler,
             prior_feature_extractor=prior_feature_extractor,
             prior_image_encoder=prior_image_encoder,
+            prior_effnet=prior_effnet,
+            prior_previewer=prior_previewer,
         )
         self.prior_pipe = StableCascadePriorPipeline(
             tokenizer=prior_tokenizer,
@@ -82,9 +92,16 @@ class StableCascadeCombinedPipeline(Pipeline):
             scheduler=prior_scheduler,
             feature_extractor=prior_feature_extractor,
             image_encoder=prior_image_encoder,
+            effnet=prior_effnet,
+            previewer=prior_previewer,
         )
         self.decoder_pipe = StableCascadeDecoderPipeline(
-            decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler, vqgan=vqgan
+            decoder=decoder,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            scheduler=scheduler,
+            vqgan=vqgan,
+            effnet=prior_effnet,
         )
         self.sub_pipelines = (self.prior_pipe, self.decoder_pipe)
 
@@ -119,7 +136,8 @@ class StableCascadeCombinedPipeline(Pipeline):
             **prior_components,
             **options,
         )
-        parts = {**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()}}
+        decoder_parts = {k: v for k, v in decoder.components.items() if k != "effnet"}  # shared: prior_effnet
+        parts = {**decoder_parts, **{f"prior_{k}": v for k, v in prior.components.items()}}
         parts.update({k: v for k, v in components.items() if not k.startswith("prior_")})
         return cls(**parts)
 
@@ -167,6 +185,8 @@ class StableCascadeCombinedPipeline(Pipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         *,
         image_embeds: Tensor | None = None,
+        image: ImageInput | None = None,
+        strength: float = 1.0,
         preset: str = "diffusers",
         prior_sampler: str | None = None,
         sampler: str | None = None,
@@ -179,6 +199,8 @@ class StableCascadeCombinedPipeline(Pipeline):
 
         Arguments and defaults are diffusers'; ``preset="reference"`` runs Stability's sampler with its
         settings (Stage C 20 steps, cfg 4, shift 2, rescale 0.7; Stage B 10 steps, cfg 1.1).
+        ``image`` + ``strength`` is image-to-image (needs ``prior_effnet``), ``images`` / ``image_embeds``
+        are CLIP image prompts, as in :class:`StableCascadePriorPipeline`.
         """
         stages = get_preset(preset, COMBINED_PRESETS)
         prior_out = self.prior_pipe(
@@ -194,6 +216,8 @@ class StableCascadeCombinedPipeline(Pipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
             image_embeds=image_embeds,
+            image=image,
+            strength=strength,
             num_images_per_prompt=num_images_per_prompt,
             generator=generator,
             latents=latents,

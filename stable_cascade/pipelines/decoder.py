@@ -7,19 +7,24 @@ A drop-in for diffusers' ``StableCascadeDecoderPipeline``; additionally takes th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import PIL.Image
 import torch
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
 from stable_cascade.pipelines.presets import get_preset
+from stable_cascade.pipelines.prior import ImageInput
 from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
 
@@ -28,7 +33,8 @@ class StableCascadeDecoderPipeline(Pipeline):
     """Stage B latent diffusion followed by the Stage A decoder."""
 
     diffusers_class_name = "StableCascadeDecoderPipeline"
-    offload_order = ("text_encoder", "decoder", "vqgan")
+    optional_components = frozenset({"effnet"})
+    offload_order = ("effnet", "text_encoder", "decoder", "vqgan")
     _callback_tensor_inputs = (
         "latents",
         "prompt_embeds_pooled",
@@ -40,6 +46,7 @@ class StableCascadeDecoderPipeline(Pipeline):
     text_encoder: CLIPTextModelWithProjection
     scheduler: DDPMWuerstchenScheduler
     vqgan: PaellaVQModel
+    effnet: EfficientNetEncoder | None
 
     def __init__(
         self,
@@ -49,10 +56,16 @@ class StableCascadeDecoderPipeline(Pipeline):
         scheduler: DDPMWuerstchenScheduler,
         vqgan: PaellaVQModel,
         latent_dim_scale: float = 10.67,
+        effnet: EfficientNetEncoder | None = None,
     ) -> None:
         super().__init__()
         self.register_components(
-            decoder=decoder, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler, vqgan=vqgan
+            decoder=decoder,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            scheduler=scheduler,
+            vqgan=vqgan,
+            effnet=effnet,
         )
         self.register_config(latent_dim_scale=latent_dim_scale)
 
@@ -151,6 +164,45 @@ class StableCascadeDecoderPipeline(Pipeline):
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
 
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        image: ImageInput,
+        prompt: str | list[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        **call_arguments: Any,
+    ) -> ImagePipelineOutput | tuple[Images]:
+        """Image → EfficientNet (Stage C) latent → Stage B → Stage A: how much the cascade keeps.
+
+        ``height``/``width`` default to the (first) image's size rounded down to multiples of 8; other
+        arguments are those of :meth:`__call__` (prompt, steps, generator, output_type, …).
+        """
+        if self.effnet is None:
+            raise ValueError(
+                "reconstruct needs the EfficientNet encoder: pass effnet=EfficientNetEncoder."
+                "from_single_file('effnet_encoder.safetensors') to the pipeline"
+            )
+        size = _output_size(image, height, width)
+        effnet = self.activate("effnet")
+        pixels = prepare_images(image, *effnet_input_size(*size)).to(self.execution_device, effnet.dtype)
+        embeddings = effnet.encode(pixels)
+        return self(embeddings, prompt, height=size[0], width=size[1], **call_arguments)
+
+    @torch.no_grad()
+    def autoencode(
+        self, image: ImageInput, output_type: str = "pil", return_dict: bool = True
+    ) -> ImagePipelineOutput | tuple[Images]:
+        """The Stage A round trip ``decode(encode(image))`` at the image's size (multiples of 4)."""
+        check_output_type(output_type, ("pt", "np", "pil"))
+        multiple = self.vqgan.downscale
+        size = _output_size(image, None, None, multiple)
+        vqgan = self.activate("vqgan")
+        pixels = prepare_images(image, *size).to(self.execution_device, vqgan.dtype)
+        images = postprocess(vqgan.decode(vqgan.encode(pixels).latents).sample.clamp(0, 1), output_type)
+        self.offload_all()
+        return ImagePipelineOutput(images) if return_dict else (images,)
+
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Stage B latents → images (B, 3, H, W) in [0, 1] through Stage A, scaled as diffusers does."""
         vqgan = self.activate("vqgan")
@@ -170,6 +222,24 @@ class StableCascadeDecoderPipeline(Pipeline):
         """The smallest image side Stage B can produce: its deepest level needs one latent pixel."""
         config = self.decoder.config
         return self.vqgan.downscale * config.patch_size * 2 ** (len(config.block_out_channels) - 1)
+
+
+def _output_size(
+    image: ImageInput, height: int | None, width: int | None, multiple: int = 8
+) -> tuple[int, int]:
+    """The requested size, or the first image's size rounded down to ``multiple``."""
+    if height is not None and width is not None:
+        return height, width
+    first = image[0] if isinstance(image, (list, tuple)) else image
+    if isinstance(first, PIL.Image.Image):
+        h, w = first.height, first.width
+    elif isinstance(first, Tensor):
+        h, w = first.shape[-2], first.shape[-1]
+    else:
+        raise TypeError(f"expected a PIL image or a (3, H, W) tensor, got {type(first).__name__}")
+    if h < multiple or w < multiple:
+        raise ValueError(f"the image is {h}×{w}; it must be at least {multiple} pixels on each side")
+    return height or h // multiple * multiple, width or w // multiple * multiple
 
 
 def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled: Tensor | None) -> int:

@@ -20,8 +20,12 @@ from transformers import (
 )
 
 from stable_cascade.conditioning.image import check_images, encode_images
+from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.layers import resize_like
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
@@ -37,15 +41,17 @@ class StableCascadePriorPipeline(Pipeline):
     """Stage C text-to-latent (and image variation) pipeline."""
 
     diffusers_class_name = "StableCascadePriorPipeline"
-    optional_components = frozenset({"feature_extractor", "image_encoder"})
-    offload_order = ("image_encoder", "text_encoder", "prior")
-    _callback_tensor_inputs = ("latents", "text_encoder_hidden_states", "negative_prompt_embeds")
+    optional_components = frozenset({"feature_extractor", "image_encoder", "effnet", "previewer"})
+    offload_order = ("effnet", "image_encoder", "text_encoder", "prior", "previewer")
+    _callback_tensor_inputs = ("latents", "denoised", "text_encoder_hidden_states", "negative_prompt_embeds")
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModelWithProjection
     prior: StableCascadeUNet
     scheduler: DDPMWuerstchenScheduler
     feature_extractor: CLIPImageProcessor | None
     image_encoder: CLIPVisionModelWithProjection | None
+    effnet: EfficientNetEncoder | None
+    previewer: Previewer | None
 
     def __init__(
         self,
@@ -56,6 +62,8 @@ class StableCascadePriorPipeline(Pipeline):
         resolution_multiple: float = 42.67,
         feature_extractor: CLIPImageProcessor | None = None,
         image_encoder: CLIPVisionModelWithProjection | None = None,
+        effnet: EfficientNetEncoder | None = None,
+        previewer: Previewer | None = None,
     ) -> None:
         super().__init__()
         self.register_components(
@@ -65,6 +73,8 @@ class StableCascadePriorPipeline(Pipeline):
             scheduler=scheduler,
             feature_extractor=feature_extractor,
             image_encoder=image_encoder,
+            effnet=effnet,
+            previewer=previewer,
         )
         self.register_config(resolution_multiple=resolution_multiple)
 
@@ -92,6 +102,8 @@ class StableCascadePriorPipeline(Pipeline):
         callback_on_step_end: PipelineCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         *,
+        image: ImageInput | None = None,
+        strength: float = 1.0,
         preset: str = "diffusers",
         sampler: str | None = None,
         shift: float | None = None,
@@ -102,6 +114,11 @@ class StableCascadePriorPipeline(Pipeline):
         Arguments and defaults are diffusers'; ``None`` step counts and guidance come from ``preset``
         (``"diffusers"``: 20 steps, guidance 4; ``"reference"``: Stability's sampler). ``sampler``,
         ``shift`` and ``guidance_rescale`` override the preset.
+
+        Image-to-image: ``image`` is encoded by the EfficientNet encoder (``effnet``) at 3/4 of the
+        output size, noised to the time of ``strength`` and sampled for the last
+        ``round(steps · strength)`` steps (the reference: strength 0.8, 16 of 20 steps). ``images``
+        are CLIP image prompts (variation), as in diffusers.
         """
         settings = get_preset(preset).prior.override(
             num_inference_steps=num_inference_steps,
@@ -124,20 +141,25 @@ class StableCascadePriorPipeline(Pipeline):
             num_images_per_prompt=num_images_per_prompt,
             guidance=settings.guidance_scale > 1,
         )
-        image = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
+        clip_img = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
         prior = self.activate("prior")
         device, dtype = self.execution_device, prior.dtype
-        cond = {"clip_text": text.cond.hidden, "clip_text_pooled": text.cond.pooled, "clip_img": image}
+        cond = {"clip_text": text.cond.hidden, "clip_text_pooled": text.cond.pooled, "clip_img": clip_img}
         uncond = None
         if text.uncond is not None:
             uncond = {
                 "clip_text": text.uncond.hidden,
                 "clip_text_pooled": text.uncond.pooled,
-                "clip_img": torch.zeros_like(image),
+                "clip_img": torch.zeros_like(clip_img),
             }
         size = prior_latent_size(height, width, self.config.resolution_multiple)
         shape = (text.cond.batch_size, prior.config.in_channels, *size)
         x = initial_latents(shape, latents, generator, device, dtype)
+        init = None
+        if image is not None:
+            init = self._init_latents(
+                image, strength, (height, width), shape, text.batch_size, num_images_per_prompt
+            )
         hidden = (
             torch.cat([text.cond.hidden, text.uncond.hidden]) if text.uncond is not None else text.cond.hidden
         )
@@ -152,6 +174,8 @@ class StableCascadePriorPipeline(Pipeline):
             generator,
             step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
             self.progress_bar,
+            init=init,
+            strength=strength,
         )
         self.offload_all()
         numpy = output_type == "np"
@@ -186,26 +210,49 @@ class StableCascadePriorPipeline(Pipeline):
             )
         if image_embeds is None:
             return torch.zeros(rows, 1, width, device=self.execution_device, dtype=self.prior.dtype)
-        return _expand_image_embeds(image_embeds, batch_size, per_prompt, width).to(self.execution_device)
+        while image_embeds.ndim < 3:
+            image_embeds = image_embeds.unsqueeze(0)  # (C,) / (N, C) → (1, N, C)
+        if image_embeds.shape[-1] != width:
+            raise ValueError(
+                f"image_embeds must have {width} channels (B, N, {width}); got {tuple(image_embeds.shape)}"
+            )
+        return per_image(image_embeds, batch_size, per_prompt, "image_embeds").to(self.execution_device)
+
+    def _init_latents(
+        self,
+        image: ImageInput,
+        strength: float,
+        size: tuple[int, int],
+        shape: tuple[int, ...],
+        batch_size: int,
+        per_prompt: int,
+    ) -> Tensor:
+        """The clean Stage C latent of ``image`` (one row per generated image) for image-to-image."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1] (1: ignore the image, 0: keep it), got {strength}")
+        if self.effnet is None:
+            raise ValueError(
+                "image-to-image needs the EfficientNet encoder: pass effnet=EfficientNetEncoder."
+                "from_single_file('effnet_encoder.safetensors') to the pipeline"
+            )
+        effnet = self.activate("effnet")
+        pixels = prepare_images(image, *effnet_input_size(*size))
+        latent = effnet.encode(pixels.to(self.execution_device, effnet.dtype))  # (N, 16, h', w')
+        latent = resize_like(latent, (shape[-2], shape[-1])).to(self.prior.dtype)
+        return per_image(latent, batch_size, per_prompt, "image")
 
 
-def _expand_image_embeds(embeds: Tensor, batch_size: int, per_prompt: int, width: int | None) -> Tensor:
-    """(1|B|B·n, N, C) or (C,)/(N, C) embeddings → one row per generated image."""
-    while embeds.ndim < 3:
-        embeds = embeds.unsqueeze(0)
-    if embeds.shape[-1] != width:
-        raise ValueError(
-            f"image_embeds must have {width} channels (B, N, {width}); got {tuple(embeds.shape)}"
-        )
+def per_image(embeds: Tensor, batch_size: int, per_prompt: int, name: str) -> Tensor:
+    """A (1 | B | B·n, ...) tensor with one row per generated image (B prompts, n images each)."""
     rows = batch_size * per_prompt
     if embeds.shape[0] == 1:
-        return embeds.repeat(rows, 1, 1)
+        return embeds.repeat(rows, *(1,) * (embeds.ndim - 1))
     if embeds.shape[0] == batch_size:
         return embeds.repeat_interleave(per_prompt, dim=0)
     if embeds.shape[0] == rows:
         return embeds
     raise ValueError(
-        f"image_embeds has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
+        f"{name} has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
         f"or prompts × num_images_per_prompt ({rows})"
     )
 

@@ -84,10 +84,15 @@ def run_stage(
     generator: Generators | None = None,
     callback: StepCallback | None = None,
     progress: Progress | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
 ) -> Tensor:
     """Sample one stage from ``latents`` and return what it hands on (final sample or last x0).
 
-    ``uncond`` is the unconditional branch, required when ``settings.guidance_scale > 1``.
+    ``uncond`` is the unconditional branch, required when ``settings.guidance_scale > 1``. With a
+    clean ``init`` latent and ``strength`` < 1 (image-to-image), ``init`` is noised with ``latents``
+    to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
+    left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
     """
     guided = settings.guidance_scale > 1
     if guided and uncond is None:
@@ -96,6 +101,13 @@ def run_stage(
     eps = unet_noise_model(unet, conditioning)
     eps = classifier_free_guidance(eps, settings.guidance_scale, settings.guidance_rescale)
     schedule = build_schedule(settings, scheduler, latents.device)
+    if init is not None and strength < 1:
+        start = schedule.steps - round(schedule.steps * strength)
+        if start == schedule.steps:
+            return init.to(latents.dtype)
+        alpha = schedule.alpha_cumprod[start].to(latents.dtype)
+        latents = alpha.sqrt() * init.to(latents.dtype) + (1 - alpha).sqrt() * latents
+        schedule = schedule.tail(start)
     sampler = get_sampler(settings.sampler)
     result = sampler(eps, latents, schedule, generator=generator, callback=callback, progress=progress)
     return result.x0 if settings.hand_on == "x0" else result.sample
