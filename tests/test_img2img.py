@@ -169,3 +169,14 @@ def test_reconstruction_and_stage_a_round_trip(decoder: StableCascadeDecoderPipe
     torch.testing.assert_close(round_trip, expected)
     with pytest.raises(ValueError, match="output_type"):
         decoder.autoencode(image, output_type="latent")
+
+
+def test_pipelines_with_effnet_and_previewer_save_and_load(
+    prior: StableCascadePriorPipeline, tmp_path: Path
+) -> None:
+    prior.save_pretrained(tmp_path / "prior")
+    again = StableCascadePriorPipeline.from_pretrained(tmp_path / "prior")
+    assert isinstance(again.effnet, EfficientNetEncoder) and isinstance(again.previewer, Previewer)
+    torch.testing.assert_close(
+        embeddings(again, image=picture(), strength=0.6), embeddings(prior, image=picture(), strength=0.6)
+    )

@@ -31,6 +31,7 @@ from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, StableCascadePriorPipelineOutput
 from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
+from stable_cascade.pipelines.single_file import LoadOptions, combined_components
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 
@@ -104,6 +105,53 @@ class StableCascadeCombinedPipeline(Pipeline):
             effnet=prior_effnet,
         )
         self.sub_pipelines = (self.prior_pipe, self.decoder_pipe)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        stage_c: str | Path,
+        stage_b: str | Path,
+        stage_a: str | Path | PaellaVQModel | None = None,
+        *,
+        effnet: str | Path | EfficientNetEncoder | None = None,
+        previewer: str | Path | Previewer | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        text_encoder: CLIPTextModelWithProjection | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        decoder_tokenizer: CLIPTokenizer | None = None,
+        decoder_text_encoder: CLIPTextModelWithProjection | None = None,
+        components_repo: str | Path | None = PRIOR_REPO,
+        torch_dtype: torch.dtype | str | None = None,
+        allow_pickle: bool = False,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> StableCascadeCombinedPipeline:
+        """The cascade from Stage C and Stage B files or ComfyUI bundles (and Stage A unless the Stage B
+        bundle has it); the decoder shares the prior's tokenizer and text encoder unless
+        ``decoder_tokenizer`` / ``decoder_text_encoder`` are given (:mod:`.single_file`)."""
+        options = LoadOptions.create(torch_dtype, allow_pickle, revision, cache_dir, local_files_only, token)
+        prior_options = {
+            "effnet": effnet,
+            "previewer": previewer,
+            "tokenizer": tokenizer,
+            "text_encoder": text_encoder,
+            "image_encoder": image_encoder,
+            "feature_extractor": feature_extractor,
+        }
+        components = combined_components(
+            stage_c,
+            stage_b,
+            stage_a,
+            prior_options=prior_options,
+            decoder_tokenizer=decoder_tokenizer,
+            decoder_text_encoder=decoder_text_encoder,
+            components_repo=components_repo,
+            options=options,
+        )
+        return cls(**components)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

@@ -29,6 +29,8 @@ from stable_cascade.checkpoint import (
 )
 from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 
@@ -40,6 +42,10 @@ MODEL_INDEX = "model_index.json"
 OUR_CLASSES: dict[str, type[PretrainedConfigMixin]] = {
     cls.config_class.diffusers_class_name: cls
     for cls in (StableCascadeUNet, PaellaVQModel, DDPMWuerstchenScheduler)
+}
+#: Components diffusers never had (written as ``["stable_cascade", class]``).
+EXTRA_CLASSES: dict[str, type[PretrainedConfigMixin]] = {
+    cls.config_class.diffusers_class_name: cls for cls in (EfficientNetEncoder, Previewer)
 }
 #: Libraries an index may name for them; "wuerstchen" is how older diffusers wrote PaellaVQModel while it
 #: was a class of the Würstchen pipeline module, so indexes written then may still say so.
@@ -118,8 +124,9 @@ def load_component(
     subfolder = subfolder or name
     _check_local_subfolder(path_or_repo_id, name, subfolder)
     logger.debug("loading %s (%s/%s) from %s/%s", name, library, class_name, path_or_repo_id, subfolder)
-    if library in OUR_LIBRARIES and class_name in OUR_CLASSES:
-        cls = OUR_CLASSES[class_name]
+    ours = {**OUR_CLASSES, **EXTRA_CLASSES}
+    if library in OUR_LIBRARIES and class_name in ours:
+        cls = ours[class_name]
         options: dict[str, Any] = dataclasses.asdict(hub)  # revision, cache_dir, local_files_only, token
         if issubclass(cls, PretrainedModel):
             return cls.from_pretrained(
@@ -195,12 +202,16 @@ def component_entry(component: Any) -> tuple[str, str]:
     for cls in OUR_CLASSES.values():
         if isinstance(component, cls):
             return "diffusers", cls.config_class.diffusers_class_name
+    for cls in EXTRA_CLASSES.values():
+        if isinstance(component, cls):
+            return "stable_cascade", cls.config_class.diffusers_class_name
     cls = type(component)
     if cls.__module__.split(".")[0] == "transformers" and hasattr(component, "save_pretrained"):
         return "transformers", cls.__name__
     raise TypeError(
         f"cannot save a component of type {cls.__module__}.{cls.__qualname__}: only "
-        f"{', '.join(c.__name__ for c in OUR_CLASSES.values())} and transformers models, tokenizers and "
+        f"{', '.join(c.__name__ for c in (*OUR_CLASSES.values(), *EXTRA_CLASSES.values()))} and "
+        "transformers models, tokenizers and "
         "processors can be saved in a pipeline directory"
     )
 

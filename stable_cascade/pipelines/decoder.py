@@ -7,6 +7,7 @@ A drop-in for diffusers' ``StableCascadeDecoderPipeline``; additionally takes th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
@@ -25,6 +26,7 @@ from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
 from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.prior import ImageInput
+from stable_cascade.pipelines.single_file import DECODER_REPO, LoadOptions, decoder_components
 from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
 
@@ -68,6 +70,37 @@ class StableCascadeDecoderPipeline(Pipeline):
             effnet=effnet,
         )
         self.register_config(latent_dim_scale=latent_dim_scale)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        stage_b: str | Path,
+        stage_a: str | Path | PaellaVQModel | None = None,
+        *,
+        effnet: str | Path | EfficientNetEncoder | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        text_encoder: CLIPTextModelWithProjection | None = None,
+        components_repo: str | Path | None = DECODER_REPO,
+        torch_dtype: torch.dtype | str | None = None,
+        allow_pickle: bool = False,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> StableCascadeDecoderPipeline:
+        """A decoder from a Stage B file or a ComfyUI Stage B bundle and Stage A (required unless the bundle
+        has it); what the files lack comes from ``components_repo`` (:mod:`.single_file`)."""
+        options = LoadOptions.create(torch_dtype, allow_pickle, revision, cache_dir, local_files_only, token)
+        components = decoder_components(
+            stage_b,
+            stage_a,
+            effnet=effnet,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            components_repo=components_repo,
+            options=options,
+        )
+        return cls(**components)
 
     @torch.no_grad()
     def __call__(

@@ -7,6 +7,7 @@ for the same seed and settings, the same results.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
@@ -31,6 +32,7 @@ from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.presets import get_preset
+from stable_cascade.pipelines.single_file import PRIOR_REPO, LoadOptions, prior_components
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
 
@@ -77,6 +79,41 @@ class StableCascadePriorPipeline(Pipeline):
             previewer=previewer,
         )
         self.register_config(resolution_multiple=resolution_multiple)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        stage_c: str | Path,
+        *,
+        effnet: str | Path | EfficientNetEncoder | None = None,
+        previewer: str | Path | Previewer | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        text_encoder: CLIPTextModelWithProjection | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        components_repo: str | Path | None = PRIOR_REPO,
+        torch_dtype: torch.dtype | str | None = None,
+        allow_pickle: bool = False,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> StableCascadePriorPipeline:
+        """A prior from a Stage C file (full, lite, bf16, fine-tune) or a ComfyUI Stage C bundle; what the
+        file lacks comes from ``components_repo`` (see :mod:`stable_cascade.pipelines.single_file`)."""
+        options = LoadOptions.create(torch_dtype, allow_pickle, revision, cache_dir, local_files_only, token)
+        components = prior_components(
+            stage_c,
+            effnet=effnet,
+            previewer=previewer,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            components_repo=components_repo,
+            options=options,
+        )
+        return cls(**components)
 
     @torch.no_grad()
     def __call__(
