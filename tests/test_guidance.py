@@ -60,12 +60,24 @@ def test_rescale_matches_reference_transcription(rho: float) -> None:
     got = classifier_free_guidance(CondModel(), 4.0, rescale=rho)(x, ratio)
     both = CondModel()(torch.cat([x, x]), torch.cat([ratio, ratio])).double().numpy()
     eps_cond, eps_uncond = both[:2], both[2:]
-    # Stability's GDF: p = lerp; p = ρ·(p·std(ε_c)/(std(p)+1e-9)) + p·(1−ρ), unbiased std over all.
+    # Stability's GDF: p = lerp; p = ρ·(p·std(ε_c)/(std(p)+1e-9)) + p·(1−ρ), unbiased std, here per
+    # sample (GDF takes it over the whole batch, identical for its batch of one).
     p = eps_uncond + 4.0 * (eps_cond - eps_uncond)
-    expected = rho * (p * np.std(eps_cond, ddof=1) / (np.std(p, ddof=1) + 1e-9)) + p * (1 - rho)
-    torch.testing.assert_close(got.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
-    if rho == 1.0:  # full rescale restores the conditional prediction's spread
-        assert got.std().item() == pytest.approx(np.std(eps_cond, ddof=1), rel=1e-5)
+    for i in range(len(p)):
+        expected = rho * (p[i] * np.std(eps_cond[i], ddof=1) / (np.std(p[i], ddof=1) + 1e-9)) + p[i] * (
+            1 - rho
+        )
+        torch.testing.assert_close(got[i].double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
+        if rho == 1.0:  # full rescale restores the conditional prediction's spread
+            assert got[i].std().item() == pytest.approx(np.std(eps_cond[i], ddof=1), rel=1e-5)
+
+
+def test_rescale_keeps_the_images_of_a_batch_independent() -> None:
+    x, ratio = inputs()
+    guided = classifier_free_guidance(CondModel(), 4.0, rescale=0.7)
+    together = guided(x, ratio)
+    for i in range(len(x)):
+        torch.testing.assert_close(together[i : i + 1], guided(x[i : i + 1], ratio[i : i + 1]))
 
 
 def test_rejects_bad_rescale() -> None:

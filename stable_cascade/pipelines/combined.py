@@ -8,16 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
@@ -32,6 +27,9 @@ from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, Stable
 from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
 from stable_cascade.pipelines.single_file import LoadOptions, combined_components
+
+if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
+    from transformers import CLIPImageProcessor
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 

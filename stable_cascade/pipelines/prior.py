@@ -8,17 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import torch
 from torch import Tensor
-from transformers import (
-    CLIPImageProcessor,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionModelWithProjection,
-)
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
@@ -35,6 +30,9 @@ from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.single_file import PRIOR_REPO, LoadOptions, prior_components
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
+
+if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
+    from transformers import CLIPImageProcessor
 
 ImageInput = PIL.Image.Image | Tensor | Sequence[PIL.Image.Image | Tensor]
 

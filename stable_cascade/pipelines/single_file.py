@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import transformers
 from torch import nn
-from transformers import CLIPImageProcessor
 
 from stable_cascade.checkpoint import CheckpointError, HubOptions, PretrainedModel, parse_dtype, resolve_file
 from stable_cascade.checkpoint.safetensors_io import read_single_file
@@ -327,9 +327,11 @@ def prior_components(
     }
 
 
-def _clip_processor(size: int) -> CLIPImageProcessor:
+def _clip_processor(size: int) -> transformers.CLIPImageProcessor:
     """OpenAI CLIP's preprocessing (bicubic resize, centre crop, CLIP mean/std) at ``size``."""
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return transformers.CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
 
 
 def decoder_components(

@@ -1,0 +1,87 @@
+"""``stable-cascade``: the console script. Parses arguments, calls the library, reports errors.
+
+User mistakes (a ``ValueError``, ``TypeError`` or ``OSError`` from the library or the parser) end
+with exit code 2 and one ``error: ...`` line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import NoReturn
+
+import torch
+
+from stable_cascade.cli import generate, models
+
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``error: ...``) with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = Parser(
+        prog="stable-cascade",
+        description="Stable Cascade (Würstchen v3) text-to-image: generate, convert and inspect models.",
+        epilog="Run 'stable-cascade COMMAND --help' for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    generate.add_commands(commands, common)
+    models.add_commands(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except torch.cuda.OutOfMemoryError as error:
+        return _fail(error, args.debug, "out of GPU memory; try --offload model, a smaller size or batch")
+    except (ValueError, TypeError, OSError) as error:
+        return _fail(error, args.debug)
+
+
+def _fail(error: BaseException, debug: bool, message: str | None = None) -> int:
+    if debug:
+        traceback.print_exc()
+    text = message or str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.strerror and error.filename:  # raised by the OS
+        text = f"{error.filename}: {error.strerror}"
+    print(f"error: {' '.join(text.split())}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerCaseLevel("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    if debug:
+        logging.getLogger("stable_cascade").setLevel(logging.DEBUG)
+        return
+    # Their retry and fallback notices would repeat what our one-line error says.
+    for library in ("huggingface_hub", "transformers"):
+        logging.getLogger(library).setLevel(logging.ERROR)
+
+
+class _LowerCaseLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace(record.levelname, record.levelname.lower(), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

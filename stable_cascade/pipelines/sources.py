@@ -1,0 +1,393 @@
+"""Where the models come from: named model bundles (data) and prior / decoder specs, loaded into pipelines.
+
+A spec is a Hub repo id (``stabilityai/stable-cascade-prior``), a local pipeline folder (with
+``model_index.json``), a local model folder (``config.json``: the UNet alone, the other components
+come from the components repo), or a single file: an original Stability checkpoint or a ComfyUI
+bundle, local or on the Hub as ``owner/repo/file.safetensors``. What no spec names comes from the
+bundle (default ``full``); the EfficientNet encoder, the previewer and Stage A are fetched from the
+bundle's files only when a task needs them and the loaded models lack them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from stable_cascade.checkpoint import parse_dtype
+from stable_cascade.convert import Kind, identify, split_bundle
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
+from stable_cascade.pipelines.components import MODEL_INDEX
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+from stable_cascade.pipelines.inspection import PICKLE_SUFFIXES, read_header
+from stable_cascade.pipelines.prior import StableCascadePriorPipeline
+from stable_cascade.pipelines.single_file import (
+    DECODER_REPO,
+    PRIOR_REPO,
+    LoadOptions,
+    SingleFile,
+    auxiliary,
+)
+
+logger = logging.getLogger(__name__)
+
+Offload = Literal["none", "model", "sequential"]
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """A named set of models: the prior and decoder repos (and subfolders), and the original files of
+    the parts diffusers repos lack (``owner/repo/file``)."""
+
+    name: str
+    description: str
+    prior_repo: str = PRIOR_REPO
+    decoder_repo: str = DECODER_REPO
+    prior_subfolder: str = "prior"
+    decoder_subfolder: str = "decoder"
+    stage_a: str = f"{DECODER_REPO}/stage_a.safetensors"
+    effnet: str = f"{DECODER_REPO}/effnet_encoder.safetensors"
+    previewer: str = f"{DECODER_REPO}/previewer.safetensors"
+
+
+_FULL = ModelBundle("full", "Stable Cascade: Stage C 3.6B + Stage B 1.5B (Hub)")
+BUNDLES: dict[str, ModelBundle] = {
+    bundle.name: bundle
+    for bundle in (
+        _FULL,
+        dataclasses.replace(
+            _FULL,
+            name="lite",
+            description="Stable Cascade lite: Stage C 1B + Stage B 700M (Hub)",
+            prior_subfolder="prior_lite",
+            decoder_subfolder="decoder_lite",
+        ),
+    )
+}
+DEFAULT_BUNDLE = "full"
+OFFLINE_HINT = (
+    "connect to the network once to download it, or pass --prior/--decoder (and --stage-a, --effnet) "
+    "pointing to local files; a small offline model (--model demo) is planned but not available yet"
+)
+
+
+def get_bundle(name: str) -> ModelBundle:
+    if name not in BUNDLES:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(BUNDLES)}")
+    return BUNDLES[name]
+
+
+class SourceKind(enum.Enum):
+    HUB = "Hub repo"
+    PIPELINE = "pipeline folder"
+    MODEL = "model folder"
+    FILE = "single file"
+
+
+def classify(spec: str, argument: str) -> SourceKind:
+    """What a spec names; a ``FileNotFoundError`` / ``ValueError`` naming ``argument`` when nothing fits."""
+    path = Path(spec)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{argument} {spec} is a pickle file, which can run arbitrary code; only .safetensors files are "
+            "read: convert it with a tool you trust"
+        )
+    if path.is_file():
+        return SourceKind.FILE
+    if path.is_dir():
+        if (path / MODEL_INDEX).is_file():
+            return SourceKind.PIPELINE
+        if (path / "config.json").is_file():
+            return SourceKind.MODEL
+        raise ValueError(
+            f"{argument} {spec} is a folder without {MODEL_INDEX} or config.json: pass a diffusers "
+            "pipeline or model folder, or a checkpoint file"
+        )
+    if _REPO_ID.match(spec) and not spec.startswith("."):
+        return SourceKind.HUB
+    if spec.endswith(".safetensors") and spec.count("/") >= 2 and not path.is_absolute():
+        return SourceKind.FILE  # owner/repo/[folder/]file.safetensors on the Hub
+    raise FileNotFoundError(f"{argument} {spec} does not exist (neither a file, a folder nor a Hub repo id)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSources:
+    """The model options of a run; None: from the bundle ``model`` (default ``full``)."""
+
+    model: str | None = None
+    prior: str | None = None
+    decoder: str | None = None
+    stage_a: str | None = None
+    effnet: str | None = None
+    previewer: str | None = None
+    components: str | None = None
+
+    @property
+    def bundle(self) -> ModelBundle:
+        return get_bundle(self.model or DEFAULT_BUNDLE)
+
+    def record(self) -> dict[str, str]:
+        """What images record: the bundle name and every spec given, local paths made absolute."""
+        record = {"model": self.bundle.name}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and field.name != "model":
+                record[field.name] = str(Path(value).resolve()) if Path(value).exists() else value
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str]) -> ModelSources:
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
+
+
+@dataclasses.dataclass
+class LoadedModels:
+    """The loaded pipeline (combined, or the decoder alone) and the local files it came from."""
+
+    pipeline: StableCascadeCombinedPipeline | StableCascadeDecoderPipeline
+    models: dict[str, str]
+    local_files: dict[str, Path]
+
+    @property
+    def prior_pipe(self) -> StableCascadePriorPipeline | None:
+        pipeline = self.pipeline
+        return pipeline.prior_pipe if isinstance(pipeline, StableCascadeCombinedPipeline) else None
+
+    @property
+    def decoder_pipe(self) -> StableCascadeDecoderPipeline:
+        pipeline = self.pipeline
+        return pipeline.decoder_pipe if isinstance(pipeline, StableCascadeCombinedPipeline) else pipeline
+
+
+def load_models(
+    sources: ModelSources,
+    *,
+    torch_dtype: torch.dtype,
+    prior: bool = True,
+    effnet: bool = False,
+    previewer: bool = False,
+) -> LoadedModels:
+    """Load the combined pipeline (or, with ``prior=False``, the decoder alone) that ``sources`` name.
+
+    ``effnet`` / ``previewer``: the task needs the EfficientNet encoder / wants the previewer; when the
+    loaded models lack them they come from the bundle's files (a missing previewer is only a warning).
+    """
+    loader = _Loader(sources, LoadOptions(dtype=torch_dtype))
+    prior_pipe = loader.prior() if prior else None
+    decoder_pipe = loader.decoder(prior_pipe)
+    holder: StableCascadePriorPipeline | StableCascadeDecoderPipeline = prior_pipe or decoder_pipe
+    if effnet and holder.effnet is None:
+        holder.register_components(effnet=loader.part(sources.bundle.effnet, Kind.EFFNET, "effnet", True))
+    if previewer and prior_pipe is not None and prior_pipe.previewer is None:
+        try:
+            prior_pipe.register_components(previewer=loader.part(sources.bundle.previewer, Kind.PREVIEWER))
+        except OSError:
+            logger.warning(
+                "previews project the latent channels: %s is not available offline (pass --previewer FILE)",
+                sources.bundle.previewer,
+            )
+    pipeline = decoder_pipe if prior_pipe is None else combine(prior_pipe, decoder_pipe)
+    if sources.components is not None and not loader.used_components:
+        logger.warning(
+            "--components %s was not needed: every model came with its components", sources.components
+        )
+    return LoadedModels(pipeline, sources.record(), loader.local_files)
+
+
+def combine(
+    prior: StableCascadePriorPipeline, decoder: StableCascadeDecoderPipeline
+) -> StableCascadeCombinedPipeline:
+    """One combined pipeline of the two; the EfficientNet encoder of either serves both."""
+    parts = {k: v for k, v in decoder.components.items() if k != "effnet"}
+    parts.update({f"prior_{k}": v for k, v in prior.components.items()})
+    if parts["prior_effnet"] is None:
+        parts["prior_effnet"] = decoder.effnet
+    return StableCascadeCombinedPipeline(**parts)
+
+
+class _Loader:
+    def __init__(self, sources: ModelSources, options: LoadOptions) -> None:
+        self.sources = sources
+        self.options = options
+        self.local_files: dict[str, Path] = {}
+        self.used_components = False
+
+    def part(self, spec: str, kind: Kind, role: str = "", from_bundle: bool = False) -> nn.Module:
+        """Stage A, the EfficientNet encoder or the previewer from a single file."""
+        argument = f"--{role.replace('_', '-')}" if role else kind.value
+        if classify(spec, argument) is not SourceKind.FILE:
+            raise ValueError(f"{argument} takes a single checkpoint file; {spec} is a folder or repo")
+        self._note(role, spec)
+        try:
+            return auxiliary(spec, kind, argument, SingleFile(spec, {}, {}), self.options)
+        except OSError as error:
+            if from_bundle:
+                raise FileNotFoundError(
+                    f"cannot load {spec}: it is not in the local Hugging Face cache and could not be "
+                    f"downloaded; {OFFLINE_HINT}"
+                ) from error
+            raise
+
+    def prior(self) -> StableCascadePriorPipeline:
+        sources, bundle = self.sources, self.sources.bundle
+        spec = sources.prior or bundle.prior_repo
+        extras: dict[str, Any] = {
+            name: self.part(value, kind, name)
+            for name, value, kind in (
+                ("effnet", sources.effnet, Kind.EFFNET),
+                ("previewer", sources.previewer, Kind.PREVIEWER),
+            )
+            if value is not None
+        }
+        kind = classify(spec, "--prior")
+        self._note("prior", spec)
+        if kind is SourceKind.FILE:
+            return StableCascadePriorPipeline.from_single_file(
+                spec, components_repo=self._components(PRIOR_REPO), torch_dtype=self.options.dtype, **extras
+            )
+        if kind is SourceKind.MODEL:
+            unet = self._unet(spec, stage_b=False)
+            return self._pretrained(
+                StableCascadePriorPipeline, self._components(PRIOR_REPO), prior=unet, **extras
+            )
+        subfolders = {} if sources.prior else {"prior": bundle.prior_subfolder}
+        if kind is SourceKind.PIPELINE:
+            self.local_files["prior"] = Path(spec) / subfolders.get("prior", "prior")
+        return self._pretrained(
+            StableCascadePriorPipeline, spec, subfolders=subfolders, from_bundle=not sources.prior, **extras
+        )
+
+    def decoder(self, prior: StableCascadePriorPipeline | None) -> StableCascadeDecoderPipeline:
+        sources, bundle = self.sources, self.sources.bundle
+        spec = sources.decoder or bundle.decoder_repo
+        kind = classify(spec, "--decoder")
+        self._note("decoder", spec)
+        # The prior's text encoder serves Stage B too (one CLIP model; the combined pipeline hands on
+        # the prior's embeddings), so it is not loaded twice.
+        extras: dict[str, Any] = {}
+        if prior is not None:
+            extras = {"tokenizer": prior.tokenizer, "text_encoder": prior.text_encoder}
+        elif sources.effnet is not None:  # with a prior, the prior holds it
+            extras["effnet"] = self.part(sources.effnet, Kind.EFFNET, "effnet")
+        stage_a: Any = self.part(sources.stage_a, Kind.STAGE_A, "stage_a") if sources.stage_a else None
+        if kind is SourceKind.FILE:
+            if stage_a is None and not _bundles_stage_a(spec):
+                stage_a = self.part(bundle.stage_a, Kind.STAGE_A, from_bundle=True)
+            return StableCascadeDecoderPipeline.from_single_file(
+                spec,
+                stage_a,
+                components_repo=self._components(DECODER_REPO),
+                torch_dtype=self.options.dtype,
+                **extras,
+            )
+        if stage_a is not None:
+            extras["vqgan"] = stage_a
+        if kind is SourceKind.MODEL:
+            unet = self._unet(spec, stage_b=True)
+            repo = self._components(DECODER_REPO)
+            return self._pretrained(StableCascadeDecoderPipeline, repo, decoder=unet, **extras)
+        subfolders = {} if sources.decoder else {"decoder": bundle.decoder_subfolder}
+        if kind is SourceKind.PIPELINE:
+            self.local_files["decoder"] = Path(spec) / subfolders.get("decoder", "decoder")
+        return self._pretrained(
+            StableCascadeDecoderPipeline,
+            spec,
+            subfolders=subfolders,
+            from_bundle=not sources.decoder,
+            **extras,
+        )
+
+    def _pretrained(
+        self,
+        cls: type[Any],
+        spec: str,
+        *,
+        subfolders: Mapping[str, str] | None = None,
+        from_bundle: bool = False,
+        **components: Any,
+    ) -> Any:
+        try:
+            return cls.from_pretrained(
+                spec, torch_dtype=self.options.dtype, subfolders=subfolders, **components
+            )
+        except OSError as error:
+            if not from_bundle:
+                raise
+            bundle = self.sources.bundle
+            raise FileNotFoundError(
+                f"cannot load the {bundle.name!r} model ({bundle.prior_repo} + {bundle.decoder_repo}): it is "
+                f"not in the local Hugging Face cache and could not be downloaded; {OFFLINE_HINT}"
+            ) from error
+
+    def _unet(self, folder: str, stage_b: bool) -> StableCascadeUNet:
+        unet = StableCascadeUNet.from_pretrained(folder, torch_dtype=self.options.dtype)
+        if unet.config.is_stage_b != stage_b:
+            found, option = ("Stage B", "--decoder") if unet.config.is_stage_b else ("Stage C", "--prior")
+            raise ValueError(f"{folder} holds a {found} UNet; pass it as {option}")
+        return unet
+
+    def _components(self, default: str) -> str:
+        if self.sources.components is None:
+            return default
+        self.used_components = True
+        return self.sources.components
+
+    def _note(self, role: str, spec: str) -> None:
+        if role and Path(spec).exists():
+            self.local_files[role] = Path(spec)
+
+
+def _bundles_stage_a(spec: str) -> bool:
+    """Whether a local Stage B file is a ComfyUI bundle with a Stage A part (read from its header)."""
+    if not Path(spec).is_file():
+        return False
+    shapes = read_header(spec).shapes
+    return identify(shapes).kind is Kind.COMFY_BUNDLE and "stage_a" in split_bundle(shapes)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r} ({error}); use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available; use the CPU")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 on a CUDA device that supports it, else float32."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtype = parse_dtype(name)
+    assert dtype is not None
+    return dtype
+
+
+def place(
+    pipeline: StableCascadeCombinedPipeline | StableCascadeDecoderPipeline,
+    device: torch.device,
+    offload: Offload,
+) -> None:
+    """Move the models to ``device``, or keep them on the CPU and offload per model or per module."""
+    if offload == "none":
+        pipeline.to(device)
+    elif offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    else:
+        raise ValueError(f"unknown offload {offload!r}; use none, model or sequential")
