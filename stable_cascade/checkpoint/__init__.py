@@ -10,6 +10,7 @@ from stable_cascade.checkpoint.pretrained import (
     PretrainedModel,
     check_state_dict,
     parse_dtype,
+    read_json_object,
 )
 from stable_cascade.checkpoint.safetensors_io import read_state_dict, write_state_dict
 
@@ -20,6 +21,7 @@ __all__ = [
     "PretrainedModel",
     "check_state_dict",
     "parse_dtype",
+    "read_json_object",
     "read_state_dict",
     "resolve_file",
     "resolve_weights",

@@ -51,14 +51,20 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def read_config(path: Path, expected_class: str, our_class: str) -> dict[str, Any]:
-    """A config file's dict, after checking it describes the expected class."""
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a config or index file), or a ``CheckpointError`` naming the file."""
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(path: Path, expected_class: str, our_class: str) -> dict[str, Any]:
+    """A config file's dict, after checking it describes the expected class."""
+    data = read_json_object(path)
     found = data.get("_class_name")
     if found is not None and found not in (expected_class, our_class):
         raise CheckpointError(

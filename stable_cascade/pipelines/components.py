@@ -20,11 +20,11 @@ import torch
 import transformers
 
 from stable_cascade.checkpoint import (
-    CheckpointError,
     HubOptions,
     PretrainedConfigMixin,
     PretrainedModel,
     parse_dtype,
+    read_json_object,
     resolve_file,
 )
 from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
@@ -86,13 +86,7 @@ def read_model_index(path_or_repo_id: str | Path, hub: HubOptions | None = None)
             f"{MODEL_INDEX} and a subfolder per component) or a Hub pipeline repo such as "
             "'stabilityai/stable-cascade-prior', not a single model's folder"
         ) from error
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(index).__name__}")
-    return index
+    return read_json_object(path)
 
 
 def is_component_entry(value: Any) -> bool:

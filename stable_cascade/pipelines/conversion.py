@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stable_cascade.checkpoint import CheckpointError, PretrainedModel, parse_dtype
+from stable_cascade.checkpoint import CheckpointError, PretrainedModel, parse_dtype, read_json_object
 from stable_cascade.checkpoint.safetensors_io import read_single_file
 from stable_cascade.convert import (
     Kind,
@@ -34,7 +34,7 @@ from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines.inspection import read_header, read_json, weight_files
+from stable_cascade.pipelines.inspection import read_header, weight_files
 from stable_cascade.pipelines.single_file import effnet_config, previewer_config
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def model_from_single_file(path: Path, dtype: torch.dtype | None) -> tuple[Pretr
 
 def model_from_folder(folder: Path, dtype: torch.dtype | None) -> tuple[PretrainedModel, Kind]:
     """The model of a diffusers model folder, in ``dtype`` (default: its weights' dtype)."""
-    data = read_json(folder / "config.json")
+    data = read_json_object(folder / "config.json")
     class_name = str(data.get("_class_name"))
     if class_name not in _FOLDER_CLASSES:
         raise ValueError(

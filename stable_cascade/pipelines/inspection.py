@@ -10,7 +10,6 @@ and Stage A, built on the ``meta`` device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections import Counter
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from stable_cascade.checkpoint import CheckpointError
+from stable_cascade.checkpoint import CheckpointError, read_json_object
 from stable_cascade.convert import Identity, Kind, identify, split_bundle
 from stable_cascade.convert.keys import is_original_unet_layout
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -171,7 +170,7 @@ def weight_files(folder: Path) -> dict[str | None, list[Path]]:
 
 
 def _model_folder_report(folder: Path, name: str, declared: str | None = None) -> Report:
-    config = read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     class_name = declared or str(config.get("_class_name") or _first(config.get("architectures")) or "model")
     groups = weight_files(folder)
     if not groups:
@@ -193,7 +192,7 @@ def _model_folder_report(folder: Path, name: str, declared: str | None = None) -
 
 
 def _pipeline_report(folder: Path) -> Report:
-    index = read_json(folder / MODEL_INDEX)
+    index = read_json_object(folder / MODEL_INDEX)
     class_name = str(index.get("_class_name", "pipeline"))
     report = Report(str(folder), class_name, {"layout": "diffusers pipeline folder"})
     config = {k: v for k, v in index.items() if not k.startswith("_") and not is_component_entry(v)}
@@ -217,16 +216,6 @@ def _pipeline_report(folder: Path) -> Report:
             sub.what += " (not in the index; loadable with subfolders=...)"
             report.parts.append(sub)
     return report
-
-
-def read_json(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 def _first(value: object) -> object:
