@@ -1,8 +1,12 @@
 """The building blocks of the Stage B / Stage C UNet (spec section 2).
 
 Module and parameter names follow the diffusers layout so that its state dicts load unchanged.
-Every level block has the signature ``block(x, cond)`` where ``cond`` is the per-call
-:class:`BlockConditioning`; the first ResBlock of an up level also takes the skip tensor.
+Blocks split their work in two: ``prepare`` computes, once per generation, what depends only on the
+conditioning (the CLIP keys and values of an attention block, the ``sca``/``crp`` part of a timestep
+block's modulation); ``forward`` is the per-step part. Activations are kept channels-last (NCHW
+tensors with NHWC strides), so that the channel layer norms and channel MLPs, which work on the
+last dimension, need no permute copies. Without autograd, elementwise steps write into buffers of
+their own making instead of allocating (same operations in the same order: bit-identical results).
 """
 
 from __future__ import annotations
@@ -14,16 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stable_cascade.specs import UNetConfig
 
-class BlockConditioning(NamedTuple):
-    """What every level block may read besides ``x``."""
 
-    timestep: torch.Tensor  # (B, 64 * (1 + n_conds)) timestep-ratio embeddings
-    clip: torch.Tensor  # (B, L, c_cond) normalised CLIP tokens
+class KeyValue(NamedTuple):
+    """Projected attention keys and values of the CLIP tokens, each (B, L, C)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+TensorLike = torch.Tensor | float
+
+#: A block's step-invariant input: an attention block's CLIP ``KeyValue``, a timestep block's
+#: ``sca``/``crp`` modulation terms (B, 2C) each, nothing for a ResBlock.
+BlockState = KeyValue | tuple[torch.Tensor, ...] | None
 
 
 def layer_norm_2d(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Non-affine layer norm over the channels of an NCHW tensor."""
+    """Non-affine layer norm over the channels of an NCHW tensor; the result is channels-last."""
     return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=eps).permute(0, 3, 1, 2)
 
 
@@ -55,17 +68,32 @@ def timestep_embedding(r: torch.Tensor, dim: int, max_positions: float = 10000.0
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 GRN over an NHWC tensor: ``gamma * (x * n) + beta + x``."""
+    """ConvNeXt-V2 GRN over an NHWC tensor: ``gamma * (x * n) + beta + x``, in diffusers' op order.
+
+    With ``fast`` (see :func:`set_fast_math`) it is one pass, ``x * (gamma * n + 1) + beta``, and in
+    float32 the spatial L2 norm is a square root of a sum of squares, several times faster on CPUs
+    than ``vector_norm`` over non-innermost dims; only the rounding differs.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.fast = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        if self.fast and x.dtype == torch.float32:
+            # Clamped so that an all-zero channel gets vector_norm's zero gradient, not NaN.
+            g = x.square().sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+        else:
+            g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * n) + self.beta + x
+        if self.fast:
+            out = None if torch.is_grad_enabled() else x  # in place: x is this block's own GELU output
+            return torch.addcmul(self.beta, x, self.gamma * n + 1, out=out)
+        if torch.is_grad_enabled():
+            return self.gamma * (x * n) + self.beta + x
+        return (x * n).mul_(self.gamma).add_(self.beta).add_(x)  # the same steps, one buffer
 
 
 class ResBlock(nn.Module):
@@ -82,14 +110,12 @@ class ResBlock(nn.Module):
             nn.Linear(c * 4, c),
         )
 
-    def forward(
-        self, x: torch.Tensor, cond: BlockConditioning | None = None, skip: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        h = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C), a view for channels-last x
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6)
         if skip is not None:
             h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)  # (B, H, W, C + C_skip)
-        return x + self.channelwise(h).permute(0, 3, 1, 2)
+        return _add_residual(x, self.channelwise(h))
 
 
 class TimestepBlock(nn.Module):
@@ -101,14 +127,25 @@ class TimestepBlock(nn.Module):
         self.mapper = nn.Linear(c_timestep, c * 2)
         for name in conds:
             self.add_module(f"mapper_{name}", nn.Linear(c_timestep, c * 2))
+        self.fast = False  # see set_fast_math
 
-    def forward(self, x: torch.Tensor, cond: BlockConditioning) -> torch.Tensor:
-        chunks = cond.timestep.chunk(len(self.conds) + 1, dim=1)
-        ab = self.mapper(chunks[0])
-        for name, chunk in zip(self.conds, chunks[1:], strict=True):
-            ab = ab + getattr(self, f"mapper_{name}")(chunk)
+    def prepare(self, cond_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step-invariant terms of ``(a, b)``: ``mapper_<cond>(emb(cond))`` (B, 2C) per condition
+        (with ``fast``: their sum). ``cond_embeddings`` is (B, c_timestep · len(conds)), in order."""
+        chunks = cond_embeddings.chunk(len(self.conds), dim=1) if self.conds else ()
+        terms = tuple(getattr(self, f"mapper_{name}")(c) for name, c in zip(self.conds, chunks, strict=True))
+        return (torch.stack(terms).sum(dim=0),) if self.fast and len(terms) > 1 else terms
+
+    def forward(
+        self, x: torch.Tensor, r_embed: torch.Tensor, prepared: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        ab = self.mapper(r_embed)  # (B, 2C)
+        for term in prepared:  # added one by one, in the reference's order
+            ab = ab + term
         a, b = ab[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        return x * (1 + a) + b
+        if self.fast:
+            return torch.addcmul(b, x, 1 + a)
+        return x * (1 + a) + b if torch.is_grad_enabled() else (x * (1 + a)).add_(b)
 
 
 class Attention(nn.Module):
@@ -122,11 +159,12 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(c, c)
         self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Tokens x (B, N, C) attend to already projected keys and values (B, M, C)."""
         b, n, c = x.shape
         q = self.to_q(x).view(b, n, self.nhead, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = self.to_k(context).view(b, context.shape[1], self.nhead, -1).transpose(1, 2)
-        v = self.to_v(context).view(b, context.shape[1], self.nhead, -1).transpose(1, 2)
+        k = key.view(b, key.shape[1], self.nhead, -1).transpose(1, 2)  # (B, heads, M, d)
+        v = value.view(b, value.shape[1], self.nhead, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         for layer in self.to_out:
             out = layer(out)
@@ -142,14 +180,28 @@ class AttnBlock(nn.Module):
         self.attention = Attention(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def forward(self, x: torch.Tensor, cond: BlockConditioning) -> torch.Tensor:
+    def prepare(self, clip: torch.Tensor) -> KeyValue:
+        """The step-invariant keys and values of the CLIP tokens ``clip`` (B, L, c_cond)."""
+        context = self.kv_mapper(clip)  # (B, L, C)
+        return KeyValue(self.attention.to_k(context), self.attention.to_v(context))
+
+    def forward(self, x: torch.Tensor, clip: KeyValue) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = layer_norm_2d(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        context = self.kv_mapper(cond.clip)  # (B, L, C)
-        if self.self_attn:
-            context = torch.cat([tokens, context], dim=1)
-        out = self.attention(tokens, context)  # (B, H*W, C)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        # (B, H*W, C): the norm's output is contiguous NHWC whatever x's layout, so this is a view.
+        tokens = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).reshape(b, h * w, c)
+        key, value = clip
+        if self.self_attn:  # keys/values = cat([pixel tokens, clip tokens]) projected
+            key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, C)
+            value = torch.cat([self.attention.to_v(tokens), value], dim=1)
+        out = self.attention(tokens, key, value)  # (B, H*W, C)
+        return _add_residual(x, out.view(b, h, w, c))
+
+
+def _add_residual(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + update`` for x (B, C, H, W) and a fresh NHWC ``update`` (B, H, W, C); channels-last."""
+    if torch.is_grad_enabled():
+        return x + update.permute(0, 3, 1, 2)
+    return update.add_(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class UpDownBlock2d(nn.Module):
@@ -169,3 +221,107 @@ class UpDownBlock2d(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+def set_fast_math(model: nn.Module, enabled: bool = True) -> None:
+    """Let every GRN and timestep block of ``model`` fuse its elementwise work (one pass instead of
+    four, sums precomputed): faster, as accurate, but no longer bit-identical to diffusers."""
+    for module in model.modules():
+        if isinstance(module, (GlobalResponseNorm, TimestepBlock)):
+            module.fast = enabled
+
+
+# -- the UNet's input conventions ------------------------------------------------------------------
+
+
+def conditioning_mapper(c_in: int, c: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c * 4, kernel_size=1), nn.GELU(), nn.Conv2d(c * 4, c, kernel_size=1), LayerNorm2d()
+    )
+
+
+def per_sample(value: TensorLike, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar or (B,) value as a float (B,) tensor on ``device``."""
+    tensor = torch.as_tensor(value, device=device)
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    if tensor.ndim == 0:
+        return tensor.expand(batch)
+    if tensor.shape != (batch,):
+        raise ValueError(
+            f"expected a scalar or one value per sample, shape ({batch},); got shape {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def stage_name(cfg: UNetConfig) -> str:
+    return "Stage B (decoder)" if cfg.is_stage_b else "Stage C (prior)"
+
+
+def condition_embeddings(
+    cfg: UNetConfig, values: dict[str, TensorLike | None], batch: int, device: torch.device
+) -> torch.Tensor:
+    """(B, c_r · len(conds)): the embeddings of ``sca``/``crp`` in config order; a missing one is
+    embedded as 0, as in the original."""
+    embeddings = []
+    for name in cfg.timestep_conditioning_type:
+        value = values[name]
+        t = torch.zeros(batch, device=device) if value is None else per_sample(value, batch, device)
+        embeddings.append(timestep_embedding(t, cfg.timestep_ratio_embedding_dim))
+    return torch.cat(embeddings, dim=1) if embeddings else torch.zeros(batch, 0, device=device)
+
+
+def check_sample(cfg: UNetConfig, sample: torch.Tensor) -> None:
+    """The UNet's sample: (B, in_channels, H, W) with H, W fitting the patch size and the levels."""
+    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+        shape = tuple(sample.shape)
+        raise ValueError(
+            f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W); got {shape}"
+        )
+    min_size = cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1) if cfg.switch_level is None else 1
+    h, w = sample.shape[-2:]
+    if h % cfg.patch_size or w % cfg.patch_size or h < min_size or w < min_size:
+        raise ValueError(
+            f"{stage_name(cfg)} needs latent height and width that are multiples of {cfg.patch_size} and at "
+            f"least {min_size}; got {h}x{w}"
+        )
+
+
+def check_conditioning(
+    cfg: UNetConfig,
+    pooled: torch.Tensor,
+    text: torch.Tensor | None,
+    image: torch.Tensor | None,
+    effnet: torch.Tensor | None,
+) -> None:
+    """The UNet's conditioning, one row per sample; each error says what was expected."""
+    stage = stage_name(cfg)
+    if pooled.ndim not in (2, 3) or pooled.shape[-1] != cfg.clip_text_pooled_in_channels:
+        raise ValueError(
+            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}); got {tuple(pooled.shape)}"
+        )
+    if cfg.clip_text_in_channels is None:
+        if text is not None or image is not None:
+            raise ValueError(f"{stage} is conditioned on pooled text only; do not pass clip_text or clip_img")
+    elif text is None:
+        raise ValueError(
+            f"{stage} requires clip_text, the CLIP text hidden states of shape "
+            f"(B, 77, {cfg.clip_text_in_channels})"
+        )
+    if cfg.effnet_in_channels is not None and effnet is None:
+        raise ValueError(
+            f"{stage} requires effnet, the Stage C latent (B, {cfg.effnet_in_channels}, h, w); "
+            "pass zeros for the unconditional branch"
+        )
+    if cfg.effnet_in_channels is None and effnet is not None:
+        raise ValueError(f"{stage} takes no effnet input; only Stage B is conditioned on the Stage C latent")
+    if effnet is not None and (effnet.ndim != 4 or effnet.shape[1] != cfg.effnet_in_channels):
+        raise ValueError(f"effnet must be (B, {cfg.effnet_in_channels}, h, w); got {tuple(effnet.shape)}")
+    batch = pooled.shape[0]
+    for name, tensor in (
+        ("clip_text", text),
+        ("clip_img", image),
+        ("effnet", effnet),
+    ):
+        if tensor is not None and tensor.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {tensor.shape[0]} but clip_text_pooled has {batch}")

@@ -2,16 +2,19 @@
 
 Matches diffusers' ``PaellaVQModel`` (state-dict keys, shapes and numerics), which ports the
 original Würstchen / Stable Cascade ``StageA``. Images are in [0, 1]; ``config.scale_factor`` is
-the factor a pipeline multiplies Stage B latents by before :meth:`PaellaVQModel.decode`.
+the factor a pipeline multiplies Stage B latents by before :meth:`PaellaVQModel.decode`. Activations
+are channels-last inside the model (the norms and the channel MLP work on the channel dimension),
+and large images can be decoded in tiles (:meth:`PaellaVQModel.enable_tiling`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stable_cascade.checkpoint.pretrained import PretrainedModel
@@ -21,7 +24,6 @@ from stable_cascade.convert import (
     vq_config_from_single_file,
     vq_state_dict_from_single_file,
 )
-from stable_cascade.nn.layers import layer_norm_2d
 from stable_cascade.specs import VQConfig
 
 
@@ -48,12 +50,13 @@ class MixingBlock(nn.Module):
         # (scale, shift, gate) for each branch; zero at init, so an untrained block is the identity.
         self.gammas = nn.Parameter(torch.zeros(6))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        g = self.gammas
-        h = layer_norm_2d(x) * (1 + g[0]) + g[1]
-        x = x + self.depthwise(h) * g[2]
-        h = (layer_norm_2d(x) * (1 + g[3]) + g[4]).permute(0, 2, 3, 1)  # (B, H, W, C)
-        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]  # (B, C, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), fastest channels-last
+        g, c = self.gammas, x.shape[1]
+        # norm·(1 + g0) + g1 is a layer norm with weight 1 + g0 and bias g1: one pass over x.
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), (1 + g[0]).expand(c), g[1].expand(c), eps=1e-6)
+        x = torch.addcmul(x, self.depthwise(h.permute(0, 3, 1, 2)), g[2])  # x + dw(h)·g2
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), (1 + g[3]).expand(c), g[4].expand(c), eps=1e-6)
+        return torch.addcmul(x, self.channelwise(h).permute(0, 3, 1, 2), g[5])  # (B, C, H, W)
 
 
 class Codebook(nn.Module):
@@ -62,6 +65,19 @@ class Codebook(nn.Module):
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(size, dim)
+
+
+def _tiles(size: int, tile: int, margin: int) -> Iterator[tuple[int, int, int, int]]:
+    """Along one axis: each tile's (start, stop) and its window (start, stop) with the margin."""
+    for start in range(0, size, tile):
+        stop = min(start + tile, size)
+        yield start, stop, max(start - margin, 0), min(stop + margin, size)
+
+
+def _checked_tile(tile_size: int) -> int:
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be a positive number of latent pixels, got {tile_size}")
+    return tile_size
 
 
 def _encoder(config: VQConfig, widths: list[int]) -> nn.Sequential:
@@ -112,6 +128,7 @@ class PaellaVQModel(PretrainedModel):
         self.down_blocks = _encoder(cfg, widths)
         self.vquantizer = Codebook(cfg.num_vq_embeddings, cfg.latent_channels)
         self.up_blocks = _decoder(cfg, widths)
+        self.tile_size: int | None = None  # see enable_tiling
         self.out_block = nn.Sequential(
             nn.Conv2d(widths[0], cfg.out_channels * pixels, kernel_size=1),
             nn.PixelShuffle(cfg.up_down_scale_factor),
@@ -141,12 +158,40 @@ class PaellaVQModel(PretrainedModel):
         return VQEncoderOutput(latents) if return_dict else (latents,)
 
     def decode(
-        self, latents: torch.Tensor, force_not_quantize: bool = True, return_dict: bool = True
+        self,
+        latents: torch.Tensor,
+        force_not_quantize: bool = True,
+        return_dict: bool = True,
+        tile_size: int | None = None,
     ) -> DecoderOutput | tuple[torch.Tensor]:
         """Latents (B, 4, h, w) → images (B, 3, 4h, 4w); snapped to the codebook first unless
-        ``force_not_quantize`` (the default, as in diffusers and the original inference code)."""
-        sample = self._decode(latents if force_not_quantize else self.quantize(latents))
+        ``force_not_quantize`` (the default, as in diffusers and the original inference code).
+
+        ``tile_size`` (latent pixels) decodes in tiles for this call, overriding :meth:`enable_tiling`.
+        """
+        latents = latents if force_not_quantize else self.quantize(latents)
+        tile_size = self.tile_size if tile_size is None else _checked_tile(tile_size)
+        sample = self._decode(latents) if tile_size is None else self._decode_tiled(latents, tile_size)
         return DecoderOutput(sample) if return_dict else (sample,)
+
+    def enable_tiling(self, tile_size: int = 64) -> None:
+        """Decode one image and one ``tile_size``² latent tile at a time, bounding peak memory.
+
+        Each tile is decoded with a margin of :attr:`decoder_reach` neighbouring latent pixels and
+        cropped, so the result is the untiled decode's (up to float rounding), without seams; the
+        margins cost extra compute (about 1.5x for 128-pixel tiles of the released model).
+        """
+        self.tile_size = _checked_tile(tile_size)
+
+    def disable_tiling(self) -> None:
+        self.tile_size = None
+
+    @property
+    def decoder_reach(self) -> int:
+        """How far (in latent pixels, each side) the decoder looks: an output pixel depends on no latent
+        farther away. One per 3×3 depthwise block at the latent level; at most two per upsampling
+        level (its 4×4 transposed conv, then a block at twice the resolution)."""
+        return self.config.bottleneck_blocks + 2 * (self.config.levels - 1)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
         """Reconstruction ``decode(encode(sample))`` without quantisation."""
@@ -155,13 +200,26 @@ class PaellaVQModel(PretrainedModel):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W)
         self._check_images(x)
-        h = self.in_block(x)  # (B, c0, H/2, W/2)
-        return self.down_blocks(h)  # (B, latent_channels, H/4, W/4)
+        h = self.in_block(x).contiguous(memory_format=torch.channels_last)  # (B, c0, H/2, W/2)
+        return self.down_blocks(h).contiguous()  # (B, latent_channels, H/4, W/4)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, latent_channels, h, w)
         self._check_latents(latents)
-        h = self.up_blocks(latents)  # (B, c0, 2h, 2w)
-        return self.out_block(h)  # (B, out_channels, 4h, 4w)
+        h = self.up_blocks(latents.contiguous(memory_format=torch.channels_last))  # (B, c0, 2h, 2w)
+        return self.out_block(h).contiguous()  # (B, out_channels, 4h, 4w)
+
+    def _decode_tiled(self, latents: torch.Tensor, tile: int) -> torch.Tensor:
+        self._check_latents(latents)
+        f, margin = self.downscale, self.decoder_reach
+        b, _, h, w = latents.shape
+        out = latents.new_empty(b, self.config.out_channels, h * f, w * f)
+        for i in range(b):
+            for top, bottom, y0, y1 in _tiles(h, tile, margin):
+                for left, right, x0, x1 in _tiles(w, tile, margin):
+                    piece = self._decode(latents[i : i + 1, :, y0:y1, x0:x1])[0]  # (C, f(y1-y0), f(x1-x0))
+                    crop = piece[:, (top - y0) * f : (bottom - y0) * f, (left - x0) * f : (right - x0) * f]
+                    out[i, :, top * f : bottom * f, left * f : right * f] = crop
+        return out
 
     def quantize(self, latents: torch.Tensor) -> torch.Tensor:
         """Each latent vector replaced by its nearest (Euclidean) codebook entry."""

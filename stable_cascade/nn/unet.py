@@ -2,16 +2,20 @@
 
 Matches diffusers' ``StableCascadeUNet`` in constructor arguments, state-dict keys and numerics,
 and fixes its per-sample ``sca``/``crp`` handling (diffusers fails for batches larger than one).
+
+A sampling loop calls :meth:`StableCascadeUNet.prepare` once per generation, then
+``unet(sample, ratio, cache=cache)`` per step; ``unet(sample, ratio, **conditioning)`` prepares a
+cache for that one call, so both give the same result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from stable_cascade.checkpoint import PretrainedModel
@@ -23,12 +27,19 @@ from stable_cascade.convert import (
 )
 from stable_cascade.nn.layers import (
     AttnBlock,
-    BlockConditioning,
+    BlockState,
     LayerNorm2d,
     ResBlock,
+    TensorLike,
     TimestepBlock,
     UpDownBlock2d,
+    check_conditioning,
+    check_sample,
+    condition_embeddings,
+    conditioning_mapper,
+    per_sample,
     resize_like,
+    set_fast_math,
     timestep_embedding,
 )
 from stable_cascade.specs import BlockType, UNetConfig
@@ -39,11 +50,30 @@ class StableCascadeUNetOutput:
     sample: torch.Tensor  # (B, out_channels, H, W)
 
 
-TensorLike = torch.Tensor | float
+LevelStates = tuple[BlockState, ...]  # one entry per block of a level
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetCache:
+    """The step-invariant part of the forward pass for one generation (``StableCascadeUNet.prepare``).
+
+    Valid for samples of ``batch`` rows and spatial ``size`` only; with classifier-free guidance it
+    is built for the doubled ``[cond; uncond]`` batch the UNet is called on.
+    """
+
+    batch: int
+    size: tuple[int, int]  # (H, W) of the sample
+    added: tuple[torch.Tensor, ...]  # (B, c0, H/p, W/p) each: Stage B's effnet, pixels mapper outputs
+    down: tuple[LevelStates, ...]  # per down level (shallow first)
+    up: tuple[LevelStates, ...]  # per up level (deep first)
 
 
 class StableCascadeUNet(PretrainedModel):
-    """ε-predicting UNet of Stage B / Stage C; ``StableCascadeUNet(**diffusers_config)`` or from a config."""
+    """ε-predicting UNet of Stage B / Stage C; ``StableCascadeUNet(**diffusers_config)`` or from a config.
+
+    Mixed precision: Stage C keeps its last up level and ``clf`` in float32 whenever the rest of the
+    model is float16 (:meth:`enable_fp16_safety`). Speed: :meth:`set_fast_math`, :meth:`compile`.
+    """
 
     config_class = UNetConfig
     config: UNetConfig
@@ -51,11 +81,13 @@ class StableCascadeUNet(PretrainedModel):
     def __init__(self, config: UNetConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.config = cfg = self.resolve_config(config, kwargs)
+        self.fp16_safety: torch.dtype | None = None if cfg.is_stage_b else torch.float32
+        self._compiled_denoise: Callable[..., torch.Tensor] | None = None
         c0 = cfg.block_out_channels[0]
         if cfg.effnet_in_channels is not None:
-            self.effnet_mapper = _conditioning_mapper(cfg.effnet_in_channels, c0)
+            self.effnet_mapper = conditioning_mapper(cfg.effnet_in_channels, c0)
         if cfg.pixel_mapper_in_channels is not None:
-            self.pixels_mapper = _conditioning_mapper(cfg.pixel_mapper_in_channels, c0)
+            self.pixels_mapper = conditioning_mapper(cfg.pixel_mapper_in_channels, c0)
         self.clip_txt_pooled_mapper = nn.Linear(
             cfg.clip_text_pooled_in_channels, cfg.conditioning_dim * cfg.clip_seq
         )
@@ -134,7 +166,7 @@ class StableCascadeUNet(PretrainedModel):
         self,
         sample: torch.Tensor,
         timestep_ratio: TensorLike,
-        clip_text_pooled: torch.Tensor,
+        clip_text_pooled: torch.Tensor | None = None,
         clip_text: torch.Tensor | None = None,
         clip_img: torch.Tensor | None = None,
         effnet: torch.Tensor | None = None,
@@ -142,35 +174,62 @@ class StableCascadeUNet(PretrainedModel):
         sca: TensorLike | None = None,
         crp: TensorLike | None = None,
         return_dict: bool = True,
+        cache: UNetCache | None = None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
         """Predict the noise in ``sample`` (B, in_channels, H, W) at ``timestep_ratio`` (scalar or (B,)).
 
-        ``sca``/``crp`` may be scalars or one value per sample; missing ones are embedded as 0, as in
-        the original. Stage C without ``clip_img`` uses one zero image embedding, as the pipelines do.
+        Pass the conditioning (as diffusers' ``StableCascadeUNet``) or a ``cache`` from :meth:`prepare`,
+        not both. ``sca``/``crp`` may be scalars or one value per sample; missing ones are embedded as
+        0, as in the original. Stage C without ``clip_img`` uses one zero image embedding, as the
+        pipelines do.
         """
-        _check_inputs(self, sample, clip_text_pooled, clip_text, clip_img, effnet)
-        batch = sample.shape[0]
-        r = _per_sample(timestep_ratio, batch, sample)
-        extra = {"sca": sca, "crp": crp}
-        embeddings = [timestep_embedding(r, self.config.timestep_ratio_embedding_dim)]
-        for name in self.config.timestep_conditioning_type:
-            value = extra[name]
-            t_cond = torch.zeros_like(r) if value is None else _per_sample(value, batch, sample)
-            embeddings.append(timestep_embedding(t_cond, self.config.timestep_ratio_embedding_dim))
-        cond = BlockConditioning(
-            torch.cat(embeddings, dim=1), self.clip_tokens(clip_text_pooled, clip_text, clip_img)
-        )
-
-        x = self.embedding(sample)  # (B, c0, H/p, W/p)
-        if effnet is not None:
-            x = x + self.effnet_mapper(resize_like(effnet, x.shape[-2:]))
-        if (pixel_channels := self.config.pixel_mapper_in_channels) is not None:
-            if pixels is None:
-                pixels = sample.new_zeros(batch, pixel_channels, 8, 8)
-            x = x + resize_like(self.pixels_mapper(pixels), x.shape[-2:])
-        skips = self._down(x, cond)
-        out = self.clf(self._up(skips, cond))
+        check_sample(self.config, sample)
+        if cache is None:
+            if clip_text_pooled is None:
+                raise ValueError("pass clip_text_pooled (and the stage's other conditioning) or a cache")
+            size = sample.shape[-2:]
+            cache = self.prepare(size, clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)
+            what = f"clip_text_pooled has batch size {cache.batch} but sample has {sample.shape[0]}"
+        elif any(v is not None for v in (clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)):
+            raise ValueError("pass either the conditioning or a cache prepared from it, not both")
+        else:
+            what = (
+                f"the cache was prepared for {cache.batch} sample(s) of size {cache.size[0]}x"
+                f"{cache.size[1]}, got sample of shape {tuple(sample.shape)}; prepare it for the batch "
+                "the UNet is called on (with classifier-free guidance: the doubled batch)"
+            )
+        if cache.batch != sample.shape[0] or cache.size != tuple(sample.shape[-2:]):
+            raise ValueError(what)
+        out = (self._compiled_denoise or self._denoise)(sample, timestep_ratio, cache)
         return StableCascadeUNetOutput(sample=out) if return_dict else (out,)
+
+    def prepare(
+        self,
+        size: tuple[int, int] | torch.Size,
+        clip_text_pooled: torch.Tensor,
+        clip_text: torch.Tensor | None = None,
+        clip_img: torch.Tensor | None = None,
+        effnet: torch.Tensor | None = None,
+        pixels: torch.Tensor | None = None,
+        sca: TensorLike | None = None,
+        crp: TensorLike | None = None,
+    ) -> UNetCache:
+        """The step-invariant work for samples of spatial ``size`` (H, W) with this conditioning.
+
+        Computes the normalised CLIP tokens, every attention block's CLIP keys and values, every
+        timestep block's ``sca``/``crp`` modulation, and Stage B's ``effnet_mapper(resize(effnet))``
+        + ``resize(pixels_mapper(pixels))`` at the embedded size; the batch is ``clip_text_pooled``'s.
+        """
+        cfg, batch = self.config, clip_text_pooled.shape[0]
+        check_conditioning(cfg, clip_text_pooled, clip_text, clip_img, effnet)
+        height, width = int(size[0]), int(size[1])
+        clip = self.clip_tokens(clip_text_pooled, clip_text, clip_img)  # (B, L, c_cond)
+        conds = condition_embeddings(cfg, {"sca": sca, "crp": crp}, batch, clip.device)  # (B, 64 * n)
+        embedded_size = (height // cfg.patch_size, width // cfg.patch_size)
+        added = self._added_conditioning(effnet, pixels, batch, embedded_size, clip)
+        down = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.down_blocks)
+        up = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.up_blocks)
+        return UNetCache(batch, (height, width), added, down, up)
 
     def clip_tokens(
         self, pooled: torch.Tensor, text: torch.Tensor | None = None, image: torch.Tensor | None = None
@@ -189,19 +248,64 @@ class StableCascadeUNet(PretrainedModel):
             tokens = torch.cat([self.clip_txt_mapper(text), tokens, image_tokens], dim=1)
         return self.clip_norm(tokens)  # (B, L, c_cond)
 
+    def _added_conditioning(
+        self, effnet: Tensor | None, pixels: Tensor | None, batch: int, size: tuple[int, int], like: Tensor
+    ) -> tuple[Tensor, ...]:
+        """Stage B: what is added to the embedded sample (B, c0, *size), in order: effnet, pixels."""
+        added: list[torch.Tensor] = []
+        if effnet is not None:
+            added.append(self.effnet_mapper(resize_like(effnet, size)))  # interpolate first, then map
+        if (pixel_channels := self.config.pixel_mapper_in_channels) is not None:
+            if pixels is None:
+                pixels = like.new_zeros(batch, pixel_channels, 8, 8)
+            added.append(resize_like(self.pixels_mapper(pixels), size))  # map first, then interpolate
+        return tuple(added)
+
+    def _prepare_level(self, blocks: nn.Module, clip: Tensor, cond_embeddings: Tensor) -> LevelStates:
+        dtype = _dtype_of(blocks)  # the level's own dtype (see enable_fp16_safety)
+        states: list[BlockState] = []
+        for block in cast(nn.ModuleList, blocks):
+            if isinstance(block, AttnBlock):
+                states.append(block.prepare(clip.to(dtype)))
+            elif isinstance(block, TimestepBlock):
+                states.append(block.prepare(cond_embeddings.to(dtype)))
+            else:
+                states.append(None)
+        return tuple(states)
+
+    def _denoise(self, sample: torch.Tensor, timestep_ratio: TensorLike, cache: UNetCache) -> torch.Tensor:
+        """The per-step pass: embedding, down and up paths, output head."""
+        r = per_sample(timestep_ratio, sample.shape[0], sample.device)
+        r_embed = timestep_embedding(r, self.config.timestep_ratio_embedding_dim)  # (B, 64)
+        # (B, c0, H/p, W/p), channels-last from here on (the embedding's layer norm already is).
+        x = self.embedding(sample).contiguous(memory_format=torch.channels_last)
+        for term in cache.added:  # added one by one, in the reference's order
+            x = x + term
+        skips = self._down(x, r_embed, cache.down)
+        x = self._up(skips, r_embed, cache.up)
+        return cast(torch.Tensor, self.clf(x.to(_dtype_of(self.clf)))).to(sample.dtype)
+
     def _run_level(
-        self, level: int, direction: str, x: torch.Tensor, cond: BlockConditioning, skip: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, level: int, direction: str, x: Tensor, r_embed: Tensor, states: LevelStates, skip: Tensor | None
+    ) -> Tensor:
         down = direction == "down"
         blocks = cast(nn.ModuleList, (self.down_blocks if down else self.up_blocks)[level])
         mappers = cast(nn.ModuleList, (self.down_repeat_mappers if down else self.up_repeat_mappers)[level])
+        dtype = _dtype_of(blocks)  # the model's, or another one kept by enable_fp16_safety
+        x, r_embed = x.to(dtype), r_embed.to(dtype)  # no-ops unless the dtypes differ
+        skip = None if skip is None else skip.to(dtype)
         for repeat in range(len(mappers) + 1):
             for k, block in enumerate(blocks):
-                if k == 0 and skip is not None:
-                    x = resize_like(x, skip.shape[-2:])  # odd sizes: match the skip first
-                    x = self._call(block, x, cond, skip)
+                if isinstance(block, ResBlock):
+                    if k == 0 and skip is not None:
+                        x = resize_like(x, skip.shape[-2:])  # odd sizes: match the skip first
+                        x = self._call(block, x, skip)
+                    else:
+                        x = self._call(block, x)
+                elif isinstance(block, TimestepBlock):
+                    x = self._call(block, x, r_embed, states[k])
                 else:
-                    x = self._call(block, x, cond)
+                    x = self._call(block, x, states[k])
             if repeat < len(mappers):
                 x = mappers[repeat](x)
         return x
@@ -211,19 +315,62 @@ class StableCascadeUNet(PretrainedModel):
             return checkpoint(block, x, *args, use_reentrant=False)  # type: ignore[no-any-return]
         return block(x, *args)  # type: ignore[no-any-return]
 
-    def _down(self, x: torch.Tensor, cond: BlockConditioning) -> list[torch.Tensor]:
-        """Run the down path; returns each level's output, deepest first."""
+    def _down(self, x: Tensor, r_embed: Tensor, states: tuple[LevelStates, ...]) -> list[Tensor]:
+        """Each down level's output, deepest first."""
         outputs: list[torch.Tensor] = []
         for level, downscaler in enumerate(self.down_downscalers):
-            x = self._run_level(level, "down", downscaler(x), cond, None)
+            x = self._run_level(level, "down", downscaler(x), r_embed, states[level], None)
             outputs.insert(0, x)
         return outputs
 
-    def _up(self, skips: list[torch.Tensor], cond: BlockConditioning) -> torch.Tensor:
+    def _up(self, skips: list[Tensor], r_embed: Tensor, states: tuple[LevelStates, ...]) -> Tensor:
         x = skips[0]
         for level, upscaler in enumerate(self.up_upscalers):
-            x = upscaler(self._run_level(level, "up", x, cond, skips[level] if level > 0 else None))
+            skip = skips[level] if level > 0 else None
+            x = upscaler(self._run_level(level, "up", x, r_embed, states[level], skip))
         return x
+
+    # -- speed and precision ------------------------------------------------------------------------
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the per-step pass over a cache (``mode="reduce-overhead"``: CUDA graphs)."""
+        self._compiled_denoise = torch.compile(self._denoise, *args, **kwargs)
+
+    def set_fast_math(self, enabled: bool = True) -> None:
+        """Fuse the GRN and timestep modulation passes (faster; no longer bit-identical to diffusers,
+        whose op order the default keeps, but as accurate: differences are float rounding)."""
+        set_fast_math(self, enabled)
+
+    def enable_fp16_safety(self, dtype: torch.dtype = torch.float32) -> None:
+        """Keep the last up level and ``clf`` in ``dtype`` (float32 or bfloat16) while the model is float16.
+
+        The full Stage C overflows float16 in the block group that runs last (spec 9: activations
+        beyond 65504 give NaN, black images). Those modules' weights are held in ``dtype``, the hidden
+        state is cast on entry and the output back. Applied now and on every dtype change (``.to``,
+        ``.half()``, ``from_pretrained(torch_dtype=…)``); inert unless the model is float16. Stage C
+        has it on (float32) by default; bfloat16 costs no memory and is faster where GPUs support it.
+        """
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"fp16 safety needs torch.float32 or torch.bfloat16, got {dtype}")
+        self.fp16_safety = dtype
+        self._apply_precision_policy()
+
+    def disable_fp16_safety(self) -> None:
+        """Run every module in the model's dtype (Stage B's default)."""
+        self.fp16_safety = None
+        self._apply_precision_policy()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> StableCascadeUNet:
+        super()._apply(fn, recurse)
+        self._apply_precision_policy()
+        return self
+
+    def _apply_precision_policy(self) -> None:
+        dtype = cast(nn.Conv2d, self.embedding[1]).weight.dtype  # the model's dtype
+        if dtype == torch.float16 and self.fp16_safety is not None:
+            dtype = self.fp16_safety
+        for module in (self.up_blocks[-1], self.up_repeat_mappers[-1], self.clf):
+            module.to(dtype)
 
     @classmethod
     def config_from_single_file(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> UNetConfig:
@@ -246,74 +393,5 @@ class StableCascadeUNet(PretrainedModel):
         self.gradient_checkpointing = False
 
 
-def _conditioning_mapper(c_in: int, c: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c * 4, kernel_size=1), nn.GELU(), nn.Conv2d(c * 4, c, kernel_size=1), LayerNorm2d()
-    )
-
-
-def _per_sample(value: TensorLike, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) value as a float (B,) tensor on ``like``'s device."""
-    tensor = torch.as_tensor(value, device=like.device)
-    if not tensor.is_floating_point():
-        tensor = tensor.float()
-    if tensor.ndim == 0:
-        return tensor.expand(batch)
-    if tensor.shape != (batch,):
-        raise ValueError(
-            f"expected a scalar or one value per sample, shape ({batch},); got shape {tuple(tensor.shape)}"
-        )
-    return tensor
-
-
-def _check_inputs(
-    unet: StableCascadeUNet,
-    sample: torch.Tensor,
-    pooled: torch.Tensor,
-    text: torch.Tensor | None,
-    image: torch.Tensor | None,
-    effnet: torch.Tensor | None,
-) -> None:
-    """User-facing shape checks, each saying what was expected and how to fix it."""
-    cfg = unet.config
-    stage = "Stage B (decoder)" if cfg.is_stage_b else "Stage C (prior)"
-    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
-        raise ValueError(
-            f"{stage} expects sample of shape (B, {cfg.in_channels}, H, W); got {tuple(sample.shape)}"
-        )
-    min_size = cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1) if cfg.switch_level is None else 1
-    h, w = sample.shape[-2:]
-    if h % cfg.patch_size or w % cfg.patch_size or h < min_size or w < min_size:
-        raise ValueError(
-            f"{stage} needs latent height and width that are multiples of {cfg.patch_size} and at least "
-            f"{min_size}; got {h}x{w}"
-        )
-    if pooled.ndim not in (2, 3) or pooled.shape[-1] != cfg.clip_text_pooled_in_channels:
-        raise ValueError(
-            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}); got {tuple(pooled.shape)}"
-        )
-    if cfg.clip_text_in_channels is None:
-        if text is not None or image is not None:
-            raise ValueError(f"{stage} is conditioned on pooled text only; do not pass clip_text or clip_img")
-    elif text is None:
-        raise ValueError(
-            f"{stage} requires clip_text, the CLIP text hidden states of shape "
-            f"(B, 77, {cfg.clip_text_in_channels})"
-        )
-    if cfg.effnet_in_channels is not None and effnet is None:
-        raise ValueError(
-            f"{stage} requires effnet, the Stage C latent (B, {cfg.effnet_in_channels}, h, w); "
-            "pass zeros for the unconditional branch"
-        )
-    if cfg.effnet_in_channels is None and effnet is not None:
-        raise ValueError(f"{stage} takes no effnet input; only Stage B is conditioned on the Stage C latent")
-    if effnet is not None and (effnet.ndim != 4 or effnet.shape[1] != cfg.effnet_in_channels):
-        raise ValueError(f"effnet must be (B, {cfg.effnet_in_channels}, h, w); got {tuple(effnet.shape)}")
-    for name, tensor in (
-        ("clip_text_pooled", pooled),
-        ("clip_text", text),
-        ("clip_img", image),
-        ("effnet", effnet),
-    ):
-        if tensor is not None and tensor.shape[0] != sample.shape[0]:
-            raise ValueError(f"{name} has batch size {tensor.shape[0]} but sample has {sample.shape[0]}")
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype

@@ -22,7 +22,7 @@ from stable_cascade.diffusion.sampling import (
     diffusers_schedule,
     reference_schedule,
 )
-from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.nn.unet import StableCascadeUNet, UNetCache
 from stable_cascade.pipelines.presets import StageSettings
 from stable_cascade.specs import SchedulerConfig
 
@@ -41,12 +41,61 @@ def build_schedule(settings: StageSettings, scheduler: SchedulerConfig, device: 
 
 
 def unet_noise_model(unet: StableCascadeUNet, conditioning: Conditioning) -> NoiseModel:
-    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``)."""
+    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``).
+
+    The step-invariant work (:meth:`StableCascadeUNet.prepare`) is done once, on the first call, for
+    x's batch and size, and reused on every later step.
+    """
+    cache: UNetCache | None = None
 
     def eps(x: Tensor, ratio: Tensor) -> Tensor:
-        return unet(x, ratio, **conditioning, return_dict=False)[0]
+        nonlocal cache
+        if cache is None or cache.batch != x.shape[0] or cache.size != tuple(x.shape[-2:]):
+            cache = unet.prepare(x.shape[-2:], **conditioning)
+        return unet(x, ratio, cache=cache, return_dict=False)[0]
 
     return eps
+
+
+class FiniteWatch:
+    """A noise model that records the first step whose prediction holds NaN or Inf.
+
+    The record stays on the device, so watching costs no host synchronisation per step;
+    :meth:`first_bad_step` reads it once, after sampling.
+    """
+
+    def __init__(self, eps_model: NoiseModel) -> None:
+        self.eps_model = eps_model
+        self.calls = 0
+        self.first_bad: Tensor | None = None  # () int64 step index, -1 while every step is finite
+
+    def __call__(self, x: Tensor, ratio: Tensor) -> Tensor:
+        eps = self.eps_model(x, ratio)
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=eps.device)
+        bad = ~torch.isfinite(eps).all() & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, self.calls, self.first_bad)
+        self.calls += 1
+        return eps
+
+    def first_bad_step(self) -> int | None:
+        """The index of the first non-finite prediction, or None."""
+        if self.first_bad is None or (step := int(self.first_bad)) < 0:
+            return None
+        return step
+
+
+def non_finite_error(unet: StableCascadeUNet, step: int, steps: int) -> FloatingPointError:
+    stage = "Stage B (decoder)" if unet.config.is_stage_b else "Stage C (prior)"
+    advice = (
+        "float16 overflows in the full Stage C unless unet.enable_fp16_safety() is on; use "
+        "torch.bfloat16 or torch.float32"
+        if unet.dtype == torch.float16
+        else "check the weights and inputs, or try torch.float32"
+    )
+    return FloatingPointError(
+        f"{stage} predicted NaN/Inf noise at step {step + 1} of {steps} in {unet.dtype}; {advice}"
+    )
 
 
 def guided_conditioning(cond: Conditioning, uncond: Conditioning | None, dtype: torch.dtype) -> Conditioning:
@@ -93,6 +142,8 @@ def run_stage(
     clean ``init`` latent and ``strength`` < 1 (image-to-image), ``init`` is noised with ``latents``
     to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
     left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
+    A prediction with NaN/Inf (e.g. float16 overflow) raises ``FloatingPointError`` after sampling,
+    naming the stage, the first bad step and the dtype.
     """
     guided = settings.guidance_scale > 1
     if guided and uncond is None:
@@ -109,5 +160,8 @@ def run_stage(
         latents = alpha.sqrt() * init.to(latents.dtype) + (1 - alpha).sqrt() * latents
         schedule = schedule.tail(start)
     sampler = get_sampler(settings.sampler)
-    result = sampler(eps, latents, schedule, generator=generator, callback=callback, progress=progress)
+    watch = FiniteWatch(eps)
+    result = sampler(watch, latents, schedule, generator=generator, callback=callback, progress=progress)
+    if (bad := watch.first_bad_step()) is not None:
+        raise non_finite_error(unet, bad, schedule.steps)
     return result.x0 if settings.hand_on == "x0" else result.sample

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Stable Cascade on one lent H100/H200: the released full and lite models at 1024x1024, bfloat16,
+# batch 1 and 4, Stage C 20 steps with CFG + Stage B 10 steps + Stage A decode, diffusers vs ours
+# (default, and with set_fast_math) on identical random weights built on the GPU: nothing is
+# downloaded. Prints seconds per image, images per second and Stage C's share of the bf16 peak;
+# writes the text and JSON to $OUT (else benchmarks/). Under 8 minutes: the eager race is capped
+# at 5 minutes, the optional run of ours with torch.compile + CUDA graphs (lite, batch 4) at 2.5.
+#
+#     benchmarks/gpu.sh           # on the GPU machine, from anywhere
+#     benchmarks/gpu.sh --tiny    # the same code path on a CPU with tiny models (a few minutes)
+#
+# The GPU image has PyTorch but not diffusers (the reference). Carry its wheel: in the repository
+# root, with .whl/ git-ignored, `python3 -m pip download --no-deps diffusers==0.42.1 -d .whl`, and
+# name .whl in the run's carry list; this script installs what it finds there.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+out="${OUT:-$here}"
+mkdir -p "$out"
+if compgen -G "$root/.whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$root"/.whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! python3 -c "import diffusers, stable_cascade" 2> "$out/gpu_import_error.txt"; then
+    echo "cannot import diffusers or stable_cascade (see $out/gpu_import_error.txt); carry diffusers' wheel"
+    exit 2
+fi
+
+if [[ "${1:-}" == "--tiny" ]]; then
+    common=(--device cpu --dtype bfloat16 --setups tiny --repeats 2)
+    race=("${common[@]}" --batches 1 4 --fast-math)
+    compiled=("${common[@]}" --batches 4 --stages c --compile default)
+else
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_device.txt"
+    common=(--device cuda --dtype bfloat16 --repeats 3)
+    race=("${common[@]}" --setups lite full --batches 1 4 --fast-math)
+    compiled=("${common[@]}" --setups lite --batches 4 --stages c --compile reduce-overhead)
+fi
+
+start=$SECONDS
+timeout 300 python3 "$here/cascade.py" "${race[@]}" --json "$out/gpu_cascade.json" 2>&1 | tee "$out/gpu_cascade.txt"
+status=${PIPESTATUS[0]}
+echo "eager race: exit $status after $((SECONDS - start)) s"
+
+start=$SECONDS
+timeout 150 python3 "$here/cascade.py" "${compiled[@]}" --json "$out/gpu_compiled.json" 2>&1 \
+    | tee "$out/gpu_compiled.txt"
+echo "compiled run: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: timed out; optional)"
+exit "$status"
