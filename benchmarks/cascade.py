@@ -68,7 +68,7 @@ def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: 
     x2, r2 = torch.cat([x, x]), torch.full((2 * batch,), 0.5, device=device, dtype=dtype)
     ours, theirs = models["ours"], models["diffusers"]
     with torch.inference_mode():
-        seconds = harness.interleaved(runs, args.repeats, device)
+        samples = harness.interleaved(runs, args.repeats, device)
         memory = {name: harness.peak_memory(run, device) for name, run in runs.items()}
         cache = ours.prepare(x2.shape[-2:], **doubled)
         flops = {
@@ -80,8 +80,10 @@ def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: 
         "what": f"{steps} steps, CFG {guidance} (UNet batch {2 * batch}), latent {x.shape[-2]}x{x.shape[-1]}",
         "batch": batch,
         "steps": steps,
-        "loop_s": seconds,
-        "step_ms": {k: v / steps * 1e3 for k, v in seconds.items()},
+        "loop_s": harness.medians(samples),
+        "loop_best_s": harness.bests(samples),
+        "loop_samples_s": samples,
+        "step_ms": {k: v / steps * 1e3 for k, v in harness.medians(samples).items()},
         "peak_mib": memory,
         "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
     }
@@ -109,10 +111,18 @@ def bench_decoder(
     tiled = {"ours": lambda: harness.decode(vqgans["ours"], x, tile_size=tile)}
     r = torch.full((batch,), 0.5, device=device, dtype=dtype)
     ours, theirs = models["ours"], models["diffusers"]
+    timed = {
+        **{f"B+A|{n}": run for n, run in runs.items()},
+        **{f"B|{n}": run for n, run in loops.items()},
+        **{f"A|{n}": run for n, run in {**decodes, "ours, tiled": tiled["ours"]}.items()},
+    }
     with torch.inference_mode():
-        seconds = harness.interleaved(runs, args.repeats, device)
-        loop_s = harness.interleaved(loops, args.repeats, device)
-        decode_s = harness.interleaved({**decodes, "ours, tiled": tiled["ours"]}, args.repeats, device)
+        samples = harness.interleaved(timed, args.repeats, device)  # all in the same rounds
+        part = {
+            kind: {k.split("|")[1]: v for k, v in samples.items() if k.startswith(kind + "|")}
+            for kind in ("B+A", "B", "A")
+        }
+        seconds, loop_s, decode_s = (harness.medians(part[kind]) for kind in ("B+A", "B", "A"))
         memory = {name: harness.peak_memory(run, device) for name, run in runs.items()}
         decode_memory = {name: harness.peak_memory(run, device) for name, run in decodes.items()}
         decode_memory["ours, tiled"] = harness.peak_memory(tiled["ours"], device)
@@ -128,6 +138,8 @@ def bench_decoder(
         "batch": batch,
         "steps": steps,
         "loop_s": seconds,
+        "loop_best_s": harness.bests(part["B+A"]),
+        "loop_samples_s": part["B+A"],
         "stage_b_s": loop_s,
         "step_ms": {k: v / steps * 1e3 for k, v in loop_s.items()},
         "stage_a_s": decode_s,
@@ -177,7 +189,12 @@ def print_result(result: dict[str, Any], ceiling: float) -> None:
         ratios = "".join(f"{values[n] / base:24.3f}" if n in values and base else f"{'':>24}" for n in ours)
         print(f"  {label:34}{cells}{ratios}")
 
-    row("loop (s)", result["loop_s"], "{:17.3f}")
+    row(
+        f"loop, median of {len(next(iter(result['loop_samples_s'].values())))} (s)",
+        result["loop_s"],
+        "{:17.3f}",
+    )
+    row("loop, best run (s)", result["loop_best_s"], "{:17.3f}")
     if "stage_a_s" in result:
         row("  Stage B alone (s)", result["stage_b_s"], "{:17.3f}")
         row("  Stage A decode alone (s)", result["stage_a_s"], "{:17.3f}")

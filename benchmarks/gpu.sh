@@ -22,8 +22,9 @@ if compgen -G "$root/.whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ! python3 -c "import diffusers, stable_cascade" 2> "$out/gpu_import_error.txt"; then
-    echo "cannot import diffusers or stable_cascade (see $out/gpu_import_error.txt); carry diffusers' wheel"
+if ! error=$(python3 -c "import diffusers, stable_cascade" 2>&1); then
+    echo "$error" | tee "$out/gpu_import_error.txt"
+    echo "cannot import diffusers or stable_cascade: carry diffusers' wheel (see the top of this script)"
     exit 2
 fi
 

@@ -227,8 +227,9 @@ def decode(vqgan: Any, x: torch.Tensor, **options: Any) -> torch.Tensor:
 
 def interleaved(
     runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds of each run; rounds alternate the order so that machine noise hits all alike."""
+) -> dict[str, list[float]]:
+    """Seconds of each repetition of each run, after ``warmup`` untimed ones. Every round runs each
+    once, in alternating order, so that load from other processes hits all of them alike."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -241,7 +242,15 @@ def interleaved(
             runs[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bests(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: min(values) for name, values in times.items()}
 
 
 def _rss_bytes() -> int:

@@ -232,9 +232,18 @@ _DECODER = UNetConfig(
     timestep_conditioning_type=("sca",),
 )
 
-UNetVariant = Literal["prior", "prior_lite", "decoder", "decoder_lite", "tiny_prior", "tiny_decoder"]
+UNetVariant = Literal[
+    "prior",
+    "prior_lite",
+    "decoder",
+    "decoder_lite",
+    "tiny_prior",
+    "tiny_decoder",
+    "demo_prior",
+    "demo_decoder",
+]
 
-#: The released UNets (names as the subfolders of the diffusers hub repos) and tiny test sizes.
+#: The released UNets (names as the subfolders of the diffusers hub repos), tiny test sizes and the demo.
 UNET_VARIANTS: dict[str, UNetConfig] = {
     "prior": _PRIOR,
     "prior_lite": _PRIOR.replace(
@@ -274,11 +283,37 @@ UNET_VARIANTS: dict[str, UNetConfig] = {
         clip_seq=2,
         effnet_in_channels=16,
     ),
+    # The demo cascade shipped with the package (128² images, a 3×3 Stage C latent, 32×32 Stage B).
+    "demo_prior": _PRIOR.replace(
+        conditioning_dim=128,
+        block_out_channels=(192, 192),
+        num_attention_heads=(4, 4),
+        down_num_layers_per_block=(2, 2),
+        up_num_layers_per_block=(2, 2),
+        clip_text_in_channels=128,
+        clip_text_pooled_in_channels=128,
+        clip_image_in_channels=None,
+        dropout=(0.0, 0.0),
+    ),
+    "demo_decoder": _DECODER.replace(
+        conditioning_dim=128,
+        block_out_channels=(48, 96, 192),
+        num_attention_heads=(0, 0, 4),
+        down_num_layers_per_block=(1, 2, 2),
+        up_num_layers_per_block=(2, 2, 1),
+        down_blocks_repeat_mappers=(1, 1, 1),
+        up_blocks_repeat_mappers=(1, 1, 1),
+        block_types_per_layer=(_CT, _CT, _CTA),
+        clip_text_pooled_in_channels=128,
+        dropout=(0.0, 0.0, 0.0),
+        self_attn=(True, True, True),
+    ),
 }
 
 VQ_VARIANTS: dict[str, VQConfig] = {
     "vqgan": VQConfig(),
     "tiny_vqgan": VQConfig(bottleneck_blocks=2, embed_dim=32, num_vq_embeddings=64),
+    "demo_vqgan": VQConfig(bottleneck_blocks=2, embed_dim=48, num_vq_embeddings=256),
 }
 
 
@@ -337,3 +372,12 @@ class PreviewerConfig(ConfigBase):
                 "c_in and c_out must be positive and c_hidden a positive multiple of 4, got "
                 f"c_in={self.c_in}, c_hidden={self.c_hidden}, c_out={self.c_out}"
             )
+
+
+#: The released encoder (torchvision's EfficientNetV2-S) and the demo cascade's small one.
+EFFNET_VARIANTS: dict[str, EffNetConfig] = {
+    "effnet": EffNetConfig(),
+    "demo_effnet": EffNetConfig(
+        stage_channels=(16, 24, 32, 48, 64, 96), stage_depths=(1, 1, 1, 1, 1, 1), head_channels=128
+    ),
+}

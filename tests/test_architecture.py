@@ -10,6 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "stable_cascade"
 
 # Each layer may import only the layers listed for it (and itself).
+_MODELS = {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert", "lora"}
 ALLOWED: dict[str, set[str]] = {
     "specs": set(),
     "checkpoint": {"specs"},
@@ -17,8 +18,12 @@ ALLOWED: dict[str, set[str]] = {
     "nn": {"specs", "checkpoint", "convert"},
     "diffusion": {"specs", "checkpoint"},
     "conditioning": {"specs", "checkpoint"},
-    "pipelines": {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert"},
-    "cli": {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert", "pipelines"},
+    "lora": {"specs", "checkpoint", "nn"},
+    "shapes": set(),
+    "pipelines": _MODELS,
+    "training": _MODELS | {"pipelines", "shapes"},
+    "demo": _MODELS | {"pipelines", "shapes", "training"},
+    "cli": _MODELS | {"pipelines", "shapes", "training", "demo"},
 }
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from stable_cascade.cli.output import output_paths, preview_path
 from stable_cascade.diffusion.samplers import SAMPLERS
+from stable_cascade.pipelines.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.pipelines.metadata import GenerationParameters, Task, read_png, save_png
 from stable_cascade.pipelines.presets import PRESETS
 from stable_cascade.pipelines.runner import InputImage, Request, Runner
 from stable_cascade.pipelines.sources import (
-    BUNDLES,
-    DEFAULT_BUNDLE,
     ModelSources,
     load_models,
     place,
@@ -97,6 +98,13 @@ def _model_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     group.add_argument("--effnet", help="EfficientNet encoder single file (img2img, reconstruct)")
     if prior:
         group.add_argument("--previewer", help="Stage C previewer single file (--preview)")
+        group.add_argument(
+            "--lora",
+            action="append",
+            type=lora_spec,
+            metavar="FILE[:SCALE]",
+            help="a Stage C LoRA (ours, kohya/OneTrainer or Stability's format) at SCALE (1.0); repeatable",
+        )
     group.add_argument(
         "--components", help="repo id or folder with the tokenizer and CLIP encoders for single files"
     )
@@ -104,8 +112,8 @@ def _model_options(parser: argparse.ArgumentParser, prior: bool) -> None:
 
 def _sampling_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     group = parser.add_argument_group("sampling (default: the preset's values)")
-    group.add_argument("--width", type=int, help="image width, a multiple of 8 (1024)")
-    group.add_argument("--height", type=int, help="image height, a multiple of 8 (1024)")
+    group.add_argument("--width", type=int, help="image width, a multiple of 8 (1024; --model demo: 128)")
+    group.add_argument("--height", type=int, help="image height, a multiple of 8 (1024; --model demo: 128)")
     group.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (random)")
     group.add_argument("--preset", choices=tuple(PRESETS), help="sampler settings of both stages (reference)")
     group.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler of both stages (ddpm)")
@@ -169,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         effnet=task in ("img2img", "reconstruct"),
         previewer=getattr(args, "preview", False),
     )
+    for path, scale in getattr(args, "lora", None) or ():
+        assert models.prior_pipe is not None  # --lora exists on the commands with a prior only
+        name = models.prior_pipe.load_lora_weights(path, scale=scale)
+        print(f"LoRA {name}: {path} at scale {scale:g}")
     place(models.pipeline, device, args.offload)
     loading = time.perf_counter() - start
     if models.prior_pipe is not None:
@@ -194,6 +206,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_spec(text: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE`` (a file whose name holds a colon may be given whole) → (path, scale)."""
+    path, scale = text, "1"
+    if not Path(text).is_file() and ":" in text:
+        path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FILE or FILE:SCALE with a number SCALE, got {text!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number")
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"LoRA file {path} does not exist")
+    return Path(path), value
+
+
 def _request(
     args: argparse.Namespace, task: Task, recorded: GenerationParameters | None
 ) -> tuple[Request, ModelSources]:
@@ -211,7 +241,11 @@ def _request(
         raise ValueError(f"{args.command} needs a PROMPT (or --from-png with an image made by this tool)")
     request.check()
     models = {flag: value for flag in _MODEL_FLAGS if (value := getattr(args, flag, None)) is not None}
-    return request, dataclasses.replace(sources, **models)
+    sources = dataclasses.replace(sources, **models)
+    size = sources.bundle.default_size  # the size the named model was trained at (demo: 128)
+    if request.width is None and request.height is None and task != "reconstruct" and not sources.prior:
+        request = dataclasses.replace(request, width=size, height=size)
+    return request, sources
 
 
 def _recorded_dtype(recorded: GenerationParameters | None) -> str:

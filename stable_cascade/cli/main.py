@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import torch
 
-from stable_cascade.cli import generate, models
+from stable_cascade.cli import demo, generate, models, shapes, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -39,6 +39,9 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.add_commands(commands, common)
     models.add_commands(commands, common)
+    shapes.add_commands(commands, common)
+    train.add_commands(commands, common)
+    demo.add_commands(commands, common)
     return parser
 
 
@@ -47,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.debug)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # the reader went away (e.g. `... | head`): nothing left to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -82,17 +82,26 @@ def encode_text(
 
     Logs a warning naming the words dropped from each prompt that is too long.
     """
+    input_ids, attention_mask = tokenize(tokenizer, prompts)
+    _warn_truncated(tokenizer, prompts, int(tokenizer.model_max_length))
+    with torch.no_grad():
+        return embed_tokens(text_encoder, input_ids.to(device), attention_mask.to(device))
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """Token ids and attention mask (B, L), padded and truncated to ``tokenizer.model_max_length``."""
     max_length = int(tokenizer.model_max_length)
     tokens = tokenizer(
         prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     )
-    _warn_truncated(tokenizer, prompts, max_length)
-    with torch.no_grad():
-        output = text_encoder(
-            tokens.input_ids.to(device),
-            attention_mask=tokens.attention_mask.to(device),
-            output_hidden_states=True,
-        )
+    return tokens.input_ids, tokens.attention_mask
+
+
+def embed_tokens(
+    text_encoder: CLIPTextModelWithProjection, input_ids: Tensor, attention_mask: Tensor
+) -> TextEmbeddings:
+    """The UNet's text inputs for tokens from :func:`tokenize`; differentiable (training uses it)."""
+    output = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return TextEmbeddings(hidden=output.hidden_states[-1], pooled=output.text_embeds.unsqueeze(1))
 
 

@@ -240,12 +240,12 @@ class StableCascadeUNet(PretrainedModel):
         b, seq = pooled.shape[0], self.config.clip_seq
         tokens = self.clip_txt_pooled_mapper(pooled).view(b, pooled.shape[1] * seq, -1)
         if text is not None:
-            if image is None:
-                image = pooled.new_zeros(b, 1, self.config.clip_image_in_channels or 0)
-            elif image.ndim == 2:
-                image = image[:, None]  # (B, 1, C)
-            image_tokens = self.clip_img_mapper(image).view(b, image.shape[1] * seq, -1)
-            tokens = torch.cat([self.clip_txt_mapper(text), tokens, image_tokens], dim=1)
+            parts = [self.clip_txt_mapper(text), tokens]
+            if self.config.clip_image_in_channels is not None:  # a Stage C without it has no image tokens
+                image = pooled.new_zeros(b, 1, self.config.clip_image_in_channels) if image is None else image
+                image = image[:, None] if image.ndim == 2 else image  # (B, n, C)
+                parts.append(self.clip_img_mapper(image).view(b, image.shape[1] * seq, -1))
+            tokens = torch.cat(parts, dim=1)
         return self.clip_norm(tokens)  # (B, L, c_cond)
 
     def _added_conditioning(

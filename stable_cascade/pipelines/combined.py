@@ -23,6 +23,7 @@ from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, StableCascadePriorPipelineOutput
 from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
@@ -34,10 +35,12 @@ if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a wa
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 
 
-class StableCascadeCombinedPipeline(Pipeline):
-    """The whole cascade; ``prior_pipe`` and ``decoder_pipe`` share this pipeline's components."""
+class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
+    """The whole cascade; ``prior_pipe`` and ``decoder_pipe`` share this pipeline's components. LoRAs
+    adapt the prior and its text encoder (those of ``prior_pipe``)."""
 
     diffusers_class_name = "StableCascadeCombinedPipeline"
+    lora_components = ("prior_prior", "prior_text_encoder")
     optional_components = frozenset(
         {"prior_feature_extractor", "prior_image_encoder", "prior_effnet", "prior_previewer"}
     )

@@ -23,6 +23,7 @@ from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
 from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.prior import ImageInput
@@ -31,10 +32,11 @@ from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
 
 
-class StableCascadeDecoderPipeline(Pipeline):
-    """Stage B latent diffusion followed by the Stage A decoder."""
+class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
+    """Stage B latent diffusion followed by the Stage A decoder; LoRAs adapt ``decoder``, ``text_encoder``."""
 
     diffusers_class_name = "StableCascadeDecoderPipeline"
+    lora_components = ("decoder", "text_encoder")
     optional_components = frozenset({"effnet"})
     offload_order = ("effnet", "text_encoder", "decoder", "vqgan")
     _callback_tensor_inputs = (

@@ -25,6 +25,7 @@ from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.single_file import PRIOR_REPO, LoadOptions, prior_components
@@ -37,8 +38,8 @@ if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a wa
 ImageInput = PIL.Image.Image | Tensor | Sequence[PIL.Image.Image | Tensor]
 
 
-class StableCascadePriorPipeline(Pipeline):
-    """Stage C text-to-latent (and image variation) pipeline."""
+class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
+    """Stage C text-to-latent (and image variation) pipeline; LoRAs adapt ``prior`` and ``text_encoder``."""
 
     diffusers_class_name = "StableCascadePriorPipeline"
     optional_components = frozenset({"feature_extractor", "image_encoder", "effnet", "previewer"})
@@ -179,14 +180,14 @@ class StableCascadePriorPipeline(Pipeline):
         clip_img = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
         prior = self.activate("prior")
         device, dtype = self.execution_device, prior.dtype
-        cond = {"clip_text": text.cond.hidden, "clip_text_pooled": text.cond.pooled, "clip_img": clip_img}
+        cond = {"clip_text": text.cond.hidden, "clip_text_pooled": text.cond.pooled}
         uncond = None
         if text.uncond is not None:
-            uncond = {
-                "clip_text": text.uncond.hidden,
-                "clip_text_pooled": text.uncond.pooled,
-                "clip_img": torch.zeros_like(clip_img),
-            }
+            uncond = {"clip_text": text.uncond.hidden, "clip_text_pooled": text.uncond.pooled}
+        if clip_img is not None:
+            cond["clip_img"] = clip_img
+            if uncond is not None:
+                uncond["clip_img"] = torch.zeros_like(clip_img)
         size = prior_latent_size(height, width, self.config.resolution_multiple)
         shape = (text.cond.batch_size, prior.config.in_channels, *size)
         x = initial_latents(shape, latents, generator, device, dtype)
@@ -225,12 +226,15 @@ class StableCascadePriorPipeline(Pipeline):
 
     def _image_conditioning(
         self, images: ImageInput | None, image_embeds: Tensor | None, batch_size: int, per_prompt: int
-    ) -> Tensor:
-        """CLIP image embeddings (B·n, N, C) for every generated image; one zero token without images."""
+    ) -> Tensor | None:
+        """CLIP image embeddings (B·n, N, C) for every generated image; one zero token without images
+        (None for a prior without image conditioning, such as the demo model's)."""
         rows = batch_size * per_prompt
         width = self.prior.config.clip_image_in_channels
         if width is None:
-            raise ValueError("this prior takes no CLIP image embeddings (clip_image_in_channels is None)")
+            if images is not None or image_embeds is not None:
+                raise ValueError("this prior takes no CLIP image embeddings (clip_image_in_channels is None)")
+            return None
         if images is not None and image_embeds is not None:
             raise ValueError("pass either images or image_embeds, not both")
         if images is not None:

@@ -24,6 +24,12 @@ from torch import nn
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.convert import Kind, identify, split_bundle
 from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.bundles import (
+    DEFAULT_BUNDLE,
+    OFFLINE_HINT,
+    ModelBundle,
+    get_bundle,
+)
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.pipelines.components import MODEL_INDEX
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
@@ -41,49 +47,6 @@ logger = logging.getLogger(__name__)
 
 Offload = Literal["none", "model", "sequential"]
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelBundle:
-    """A named set of models: the prior and decoder repos (and subfolders), and the original files of
-    the parts diffusers repos lack (``owner/repo/file``)."""
-
-    name: str
-    description: str
-    prior_repo: str = PRIOR_REPO
-    decoder_repo: str = DECODER_REPO
-    prior_subfolder: str = "prior"
-    decoder_subfolder: str = "decoder"
-    stage_a: str = f"{DECODER_REPO}/stage_a.safetensors"
-    effnet: str = f"{DECODER_REPO}/effnet_encoder.safetensors"
-    previewer: str = f"{DECODER_REPO}/previewer.safetensors"
-
-
-_FULL = ModelBundle("full", "Stable Cascade: Stage C 3.6B + Stage B 1.5B (Hub)")
-BUNDLES: dict[str, ModelBundle] = {
-    bundle.name: bundle
-    for bundle in (
-        _FULL,
-        dataclasses.replace(
-            _FULL,
-            name="lite",
-            description="Stable Cascade lite: Stage C 1B + Stage B 700M (Hub)",
-            prior_subfolder="prior_lite",
-            decoder_subfolder="decoder_lite",
-        ),
-    )
-}
-DEFAULT_BUNDLE = "full"
-OFFLINE_HINT = (
-    "connect to the network once to download it, or pass --prior/--decoder (and --stage-a, --effnet) "
-    "pointing to local files; a small offline model (--model demo) is planned but not available yet"
-)
-
-
-def get_bundle(name: str) -> ModelBundle:
-    if name not in BUNDLES:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(BUNDLES)}")
-    return BUNDLES[name]
 
 
 class SourceKind(enum.Enum):

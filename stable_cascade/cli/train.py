@@ -1,0 +1,162 @@
+"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora --data PATH [options]``.
+
+Every option defaults to "not given" (None), so the defaults live in one place, :class:`TrainConfig`.
+Multi-GPU and multi-node: run the same command under ``accelerate launch`` (or ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, get_args
+
+from stable_cascade.training.config import (
+    DEFAULT_BUCKET_RATIOS,
+    LossWeighting,
+    MixedPrecision,
+    ReconstructionLoss,
+    Task,
+    TrainConfig,
+)
+from stable_cascade.training.trainer import train
+
+_TASKS = {
+    "stage-c": "the prior (text → EfficientNet latent), optionally with its text encoder",
+    "stage-b": "the decoder (EfficientNet latent → Stage A latent), optionally with the EfficientNet encoder",
+    "stage-a": "the VQGAN autoencoder (reconstruction + codebook losses)",
+    "lora": "LoRA adapters on a pretrained Stage C (and optionally its text encoder)",
+}
+
+
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "train",
+        parents=[common],
+        help="train Stage C, Stage B, Stage A or a Stage C LoRA on images with captions",
+        description="Train a stage of the cascade with the original objective (ε-prediction on the cosine "
+        "schedule; P2 or adaptive loss weights) on a folder of images with .txt captions, a .jsonl "
+        "manifest or .tar shards. Tasks: " + "; ".join(f"{k}: {v}" for k, v in _TASKS.items()) + ". "
+        "Run under 'accelerate launch' for several GPUs or nodes.",
+    )
+    parser.add_argument("task", choices=get_args(Task), help="what to train")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="image folder (+ .txt captions), .jsonl manifest, .tar or folder of .tar",
+    )
+    parser.add_argument("-o", "--output-dir", help="checkpoints, samples and the final model (runs/<task>)")
+    _model_options(parser.add_argument_group("models"))
+    _data_options(parser.add_argument_group("data"))
+    _optimisation_options(parser.add_argument_group("optimisation"))
+    _output_options(parser.add_argument_group("checkpoints, samples and logs"))
+    parser.set_defaults(handler=run)
+
+
+def _model_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--pretrained", help="a pipeline folder (model_index.json) with the models")
+    group.add_argument("--prior", help="Stage C: model folder, pipeline folder or single file")
+    group.add_argument(
+        "--decoder", help="Stage B model (stage-b); for stage-c/lora a decoder pipeline for sample images"
+    )
+    group.add_argument("--stage-a", help="Stage A (VQGAN): model folder, pipeline folder or single file")
+    group.add_argument("--effnet", help="EfficientNet encoder: folder or single file (a .json: a fresh one)")
+    group.add_argument("--text-encoder", help="a folder with text_encoder/ and tokenizer/ (or both in one)")
+    group.add_argument(
+        "--init-config",
+        help="start the trained model fresh: a variant (tiny_prior, decoder_lite, …) or config.json",
+    )
+    group.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        default=None,
+        help="stage-c, stage-b: train the text encoder too",
+    )
+    group.add_argument(
+        "--train-effnet", action="store_true", default=None, help="stage-b: train the encoder too"
+    )
+    group.add_argument("--lora-rank", type=int, help="lora: adapter rank (4)")
+    group.add_argument("--lora-alpha", type=float, help="lora: adapter alpha (the rank)")
+    group.add_argument(
+        "--lora-text-encoder", action="store_true", default=None, help="lora: adapt the text encoder too"
+    )
+
+
+def _data_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--resolution", type=int, help="side of the square training size; buckets keep its area (1024)"
+    )
+    default = ",".join(str(Fraction(r).limit_denominator(16)) for r in DEFAULT_BUCKET_RATIOS)
+    group.add_argument(
+        "--buckets",
+        nargs="?",
+        const=default,
+        metavar="RATIOS",
+        help=f"aspect-ratio bucketing; optional width/height ratios (default {default}, reciprocals added)",
+    )
+    group.add_argument("--batch-size", type=int, help="per process (4)")
+    group.add_argument("--num-workers", type=int, help="data loading processes (0)")
+    group.add_argument("--caption-dropout", type=float, help="share of empty captions (0.05)")
+
+
+def _optimisation_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--steps", type=int, help="optimizer steps (1000)")
+    group.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
+    group.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01)")
+    group.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (0)")
+    group.add_argument("--grad-clip", type=float, help="gradient norm clipping, 0 = off (1.0)")
+    group.add_argument("--ema-decay", type=float, help="EMA of the weights, 0 = off (0.999)")
+    group.add_argument(
+        "--loss-weighting", choices=get_args(LossWeighting), help="per-noise-level weights (p2)"
+    )
+    group.add_argument("--reconstruction-loss", choices=get_args(ReconstructionLoss), help="stage-a (mse)")
+    group.add_argument("--mixed-precision", choices=get_args(MixedPrecision), help="bf16 autocast (no)")
+    group.add_argument(
+        "--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory"
+    )
+    group.add_argument("--seed", type=int, help="seed of everything random (0)")
+
+
+def _output_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (500)")
+    group.add_argument("--resume", metavar="DIR|latest", help="continue from a checkpoint, exactly")
+    group.add_argument("--sample-every", type=int, help="steps between sample images, 0 = none (0)")
+    group.add_argument("--sample-prompts", nargs="+", metavar="PROMPT", help="(captions of the first images)")
+    group.add_argument("--log-every", type=int, help="steps between log lines (50)")
+
+
+_OPTIONS = (
+    "pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "init_config",
+    "train_text_encoder", "train_effnet", "lora_rank", "lora_alpha", "lora_text_encoder",
+    "resolution", "batch_size", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
+    "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "reconstruction_loss", "mixed_precision",
+    "gradient_checkpointing", "seed", "checkpoint_every", "resume", "sample_every", "sample_prompts",
+    "log_every",
+)  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the given options over :class:`TrainConfig`'s defaults."""
+    values = {name: value for name in _OPTIONS if (value := getattr(args, name)) is not None}
+    if args.buckets is not None:
+        values["buckets"] = _ratios(args.buckets)
+    output = Path(args.output_dir or Path("runs") / args.task)
+    return TrainConfig(task=args.task, data=Path(args.data), output_dir=output, **values)
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(Fraction(part.strip())) for part in text.split(",") if part.strip())
+    except (ValueError, ZeroDivisionError) as error:
+        raise ValueError(f"--buckets takes width/height ratios like 1/1,3/4,16/9; got {text!r}") from error
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.getLogger("stable_cascade.training").setLevel(logging.INFO)
+    final = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {config.task}: {final}")
+    return 0

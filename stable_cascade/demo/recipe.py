@@ -1,0 +1,302 @@
+"""How the demo cascade is made: data, the three stages in order, the shipped folders, the score.
+
+1. Render the shapes dataset (training combinations only; :mod:`stable_cascade.shapes`).
+2. Stage A (a small VQ autoencoder) learns to reconstruct the images; its latent scale is measured.
+3. Stage B learns to denoise Stage A latents; the EfficientNet encoder learns with it.
+4. Stage C learns to generate the (now frozen) EfficientNet latents from text; the text encoder (a
+   small CLIP text tower with a word-level tokenizer, :mod:`stable_cascade.demo.tokenizer`) learns
+   with it.
+5. Stage B is refined on the final encoders, every noise level weighted alike.
+The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.stage_a import PaellaVQModel
+from stable_cascade.pipelines.bundles import DEMO_DIR
+from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
+from stable_cascade.pipelines.sources import ModelSources, load_models
+from stable_cascade.shapes import Score, all_scenes, caption, held_out_prompts, score_by_kind, write_dataset
+from stable_cascade.specs import EFFNET_VARIANTS
+from stable_cascade.training import Components, TrainConfig, fresh_model, train
+from stable_cascade.training.components import load_text_encoder
+from stable_cascade.training.data import find_examples
+from stable_cascade.training.trainees import encode_latents
+
+logger = logging.getLogger(__name__)
+
+DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
+TEXT_WIDTH = 128
+MAX_TOKENS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Sizes of the demo training run (the defaults made the shipped model)."""
+
+    images: int = 20_000
+    seed: int = 0
+    stage_a_steps: int = 1_500
+    stage_b_steps: int = 3_000
+    stage_b_refine_steps: int = 4_000  # encoders frozen, unweighted loss: sharpens the last steps
+    stage_c_steps: int = 3_000
+    batch_size: int = 16
+    stage_c_batch_size: int = 32
+    lr: float = 1e-3
+    stage_a_lr: float = 1e-3
+    ema_decay: float = 0.995
+
+
+def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=TEXT_WIDTH,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def fresh_text_encoder(folder: Path, seed: int) -> Path:
+    """A new text encoder and a tokenizer that spells every word of the shapes grammar as one token,
+    saved as ``folder/{tokenizer,text_encoder}``."""
+    from stable_cascade.demo.tokenizer import write_tokenizer
+
+    vocab = write_tokenizer(
+        folder / "tokenizer", (caption(scene) for scene in all_scenes(1)), max_length=MAX_TOKENS
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPTextModelWithProjection(text_encoder_config(len(vocab)))
+    encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    CLIPTokenizer.from_pretrained(folder / "tokenizer").save_pretrained(folder / "tokenizer")
+    return folder
+
+
+def _config(recipe: Recipe, task: str, data: Path, out: Path, **changes: Any) -> TrainConfig:
+    base = TrainConfig(
+        task=task,  # type: ignore[arg-type]
+        data=data,
+        output_dir=out,
+        resolution=DEMO_SIZE,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        warmup_steps=100,
+        ema_decay=recipe.ema_decay,
+        checkpoint_every=1_000,
+        log_every=100,
+        seed=recipe.seed,
+    )
+    return base.replace(**changes)
+
+
+@torch.no_grad()
+def calibrate_stage_a(folder: Path, data: Path, count: int = 256) -> float:
+    """Set Stage A's ``scale_factor`` to the standard deviation of its latents on the training images,
+    so that Stage B diffuses unit-variance latents (the released Stage A's 0.3764 plays this role)."""
+    model = PaellaVQModel.from_pretrained(folder).eval()
+    images = [example.image.read().convert("RGB") for example in find_examples(data)[:count]]
+    std = float(encode_latents(model, prepare_images(images, DEMO_SIZE, DEMO_SIZE)).std())
+    config = json.loads((folder / "config.json").read_text())
+    config["scale_factor"] = round(std, 4)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return std
+
+
+def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[TrainConfig, Components]:
+    """Stage C on the EfficientNet encoder Stage B trained, with a fresh text encoder learning jointly."""
+    tokenizer, text_encoder = load_text_encoder(fresh_text_encoder(out / "text_c", recipe.seed + 1))
+    parts = Components(
+        prior=fresh_model("stage-c", "demo_prior", recipe.seed),  # type: ignore[arg-type]
+        effnet=EfficientNetEncoder.from_pretrained(decoder, subfolder="effnet"),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+    )
+    config = _config(
+        recipe,
+        "stage-c",
+        data,
+        out / "stage_c",
+        steps=recipe.stage_c_steps,
+        batch_size=recipe.stage_c_batch_size,
+        train_text_encoder=True,
+    )
+    return config, parts
+
+
+def refine_config(recipe: Recipe, data: Path, decoder: Path, prior: Path, out: Path) -> TrainConfig:
+    """Stage B, second phase, on the encoders the cascade ships (the pipelines hand Stage C's text
+    embeddings to Stage B): both frozen, every noise level weighted alike. P2 weighting nearly ignores
+    the low-noise levels, where the last sampling steps remove the fine noise; without this phase the
+    demo's images keep speckles."""
+    return _config(
+        recipe,
+        "stage-b",
+        data,
+        out,
+        pretrained=decoder,
+        text_encoder=prior,
+        steps=recipe.stage_b_refine_steps,
+        lr=recipe.lr / 2,
+        loss_weighting="none",
+        seed=recipe.seed + 1,
+    )
+
+
+def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
+    """Train the demo cascade from scratch under ``out``; returns ``out/model`` (``prior/`` and
+    ``decoder/`` pipeline folders, as in the package). Logs how long each stage took."""
+    recipe = recipe or Recipe()
+    out = Path(out)
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    data = write_dataset(out / "data", recipe.images, size=DEMO_SIZE, seed=recipe.seed)
+    times["data"] = time.perf_counter() - start
+
+    def timed(name: str, config: TrainConfig, parts: Components | None = None) -> Path:
+        begin = time.perf_counter()
+        logger.info("training %s", name)
+        result = train(config, parts)
+        times[name] = time.perf_counter() - begin
+        return result
+
+    stage_a = timed(
+        "stage-a",
+        _config(
+            recipe, "stage-a", data, out / "stage_a", init_config="demo_vqgan", steps=recipe.stage_a_steps
+        ),
+    )
+    calibrate_stage_a(stage_a, data)
+    tokenizer, text_encoder = load_text_encoder(fresh_text_encoder(out / "text", recipe.seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        effnet = EfficientNetEncoder(EFFNET_VARIANTS["demo_effnet"])
+    decoder_parts = Components(
+        decoder=fresh_model("stage-b", "demo_decoder", recipe.seed),  # type: ignore[arg-type]
+        stage_a=PaellaVQModel.from_pretrained(stage_a),
+        effnet=effnet,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,  # frozen: Stage B needs little text; Stage C's replaces it below
+    )
+    stage_b_config = _config(recipe, "stage-b", data, out / "stage_b", steps=recipe.stage_b_steps)
+    decoder = timed("stage-b", stage_b_config.replace(train_effnet=True), decoder_parts)
+    prior = timed("stage-c", *stage_c_run(recipe, data, decoder, out))
+    if recipe.stage_b_refine_steps:
+        decoder = timed("stage-b-refine", refine_config(recipe, data, decoder, prior, out / "stage_b_refine"))
+    model = out / "model"
+    for name, folder in (("prior", prior), ("decoder", decoder)):
+        shutil.rmtree(model / name, ignore_errors=True)
+        shutil.copytree(folder, model / name)
+    times["total"] = time.perf_counter() - start
+    (model / "training.json").write_text(
+        json.dumps({"recipe": dataclasses.asdict(recipe), "seconds": times}, indent=2)
+    )
+    logger.info(
+        "demo cascade written to %s (%s)", model, ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    )
+    return model
+
+
+def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> StableCascadeCombinedPipeline:
+    """The demo cascade as a combined pipeline: the shipped one, or the folders a training run wrote."""
+    if model is None:
+        pipeline = load_models(ModelSources(model="demo"), torch_dtype=dtype).pipeline
+    else:
+        pipeline = load_models(
+            ModelSources(prior=str(Path(model) / "prior"), decoder=str(Path(model) / "decoder")),
+            torch_dtype=dtype,
+        ).pipeline
+    assert isinstance(pipeline, StableCascadeCombinedPipeline)
+    return pipeline
+
+
+@torch.no_grad()
+def evaluate_demo(
+    model: Path | None = None,
+    *,
+    kinds: tuple[str, ...] = ("single", "double"),
+    limit: int | None = None,
+    preset: str = "reference",
+    steps: tuple[int, int] | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    save_to: Path | None = None,
+    grid: Path | None = None,
+    columns: int = 8,
+) -> dict[str, Score]:
+    """Generate every held-out prompt of ``kinds`` (the first ``limit`` of each) and score the images
+    with the shapes evaluator; optionally save them (``save_to/<kind>/NNNN.png`` + ``.txt``).
+
+    Sampling follows ``preset`` (the command line's default, ``reference``: Stage C 20 steps, cfg 4;
+    Stage B 10 steps); ``steps`` overrides the two step counts. ``grid``: also save the first
+    ``columns`` (evenly spaced) images of each kind, with their prompts, as one picture."""
+    pipeline = load_demo(model)
+    pipeline.set_progress_bar_config(disable=True)
+    scores: dict[str, Score] = {}
+    samples: dict[str, list[tuple[Any, str]]] = {}
+    for kind in kinds:
+        prompts = held_out_prompts(kind)[:limit]  # type: ignore[arg-type]
+        images: list[Any] = []
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            generator = torch.Generator().manual_seed(seed + i)
+            output = pipeline(
+                batch,
+                height=DEMO_SIZE,
+                width=DEMO_SIZE,
+                prior_num_inference_steps=steps[0] if steps else None,
+                num_inference_steps=steps[1] if steps else None,
+                preset=preset,
+                generator=generator,
+            )
+            images += output.images  # type: ignore[union-attr]
+        if save_to is not None:
+            folder = Path(save_to) / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+                image.save(folder / f"{j:04d}.png")
+                (folder / f"{j:04d}.txt").write_text(prompt)
+        scores[kind] = score_by_kind(images, prompts)["all"]
+        samples[kind] = list(zip(images, prompts, strict=True))
+    if grid is not None:
+        # Evenly spaced samples: the held-out prompts come grouped by combination.
+        sample_grid([row[:: max(1, len(row) // columns)][:columns] for row in samples.values()]).save(grid)
+    return scores
+
+
+def sample_grid(rows: list[list[tuple[Any, str]]], side: int = DEMO_SIZE, caption_height: int = 44) -> Any:
+    """One row of (image, prompt) per kind, each image above its prompt wrapped to the image's width."""
+    from PIL import Image, ImageDraw
+
+    columns = max(len(row) for row in rows)
+    cell = side + caption_height
+    grid = Image.new("RGB", (columns * side, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, (image, prompt) in enumerate(row):
+            grid.paste(image.resize((side, side)), (c * side, r * cell))
+            lines = textwrap.wrap(prompt, width=side // 6)
+            draw.multiline_text((c * side + 3, r * cell + side + 2), "\n".join(lines[:4]), fill="black")
+    return grid
+
+
+__all__ = ["DEMO_DIR", "DEMO_SIZE", "Recipe", "evaluate_demo", "load_demo", "sample_grid", "train_demo"]

@@ -1,0 +1,65 @@
+"""Named model bundles (data): which repos and files ``--model full|lite|demo`` stand for."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from stable_cascade.pipelines.single_file import DECODER_REPO, PRIOR_REPO
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """A named set of models: the prior and decoder repos (and subfolders), and the original files of
+    the parts diffusers repos lack (``owner/repo/file``)."""
+
+    name: str
+    description: str
+    prior_repo: str = PRIOR_REPO
+    decoder_repo: str = DECODER_REPO
+    prior_subfolder: str = "prior"
+    decoder_subfolder: str = "decoder"
+    stage_a: str = f"{DECODER_REPO}/stage_a.safetensors"
+    effnet: str = f"{DECODER_REPO}/effnet_encoder.safetensors"
+    previewer: str = f"{DECODER_REPO}/previewer.safetensors"
+    default_size: int = 1024  # output side when none is given
+
+
+_FULL = ModelBundle("full", "Stable Cascade: Stage C 3.6B + Stage B 1.5B (Hub)")
+#: The small demo cascade shipped inside the package (two pipeline folders; trained on shapes).
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo" / "model"
+_DEMO = ModelBundle(
+    "demo",
+    "the demo cascade shipped with the package: 128x128 coloured shapes, offline",
+    prior_repo=str(DEMO_DIR / "prior"),
+    decoder_repo=str(DEMO_DIR / "decoder"),
+    stage_a=str(DEMO_DIR / "decoder" / "vqgan"),
+    effnet=str(DEMO_DIR / "prior" / "effnet"),
+    previewer=str(DEMO_DIR / "previewer.safetensors"),
+    default_size=128,
+)
+BUNDLES: dict[str, ModelBundle] = {
+    bundle.name: bundle
+    for bundle in (
+        _FULL,
+        dataclasses.replace(
+            _FULL,
+            name="lite",
+            description="Stable Cascade lite: Stage C 1B + Stage B 700M (Hub)",
+            prior_subfolder="prior_lite",
+            decoder_subfolder="decoder_lite",
+        ),
+        _DEMO,
+    )
+}
+DEFAULT_BUNDLE = "full"
+OFFLINE_HINT = (
+    "connect to the network once to download it, or pass --prior/--decoder (and --stage-a, --effnet) "
+    "pointing to local files; or try the small demo model that ships with the package: --model demo"
+)
+
+
+def get_bundle(name: str) -> ModelBundle:
+    if name not in BUNDLES:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(BUNDLES)}")
+    return BUNDLES[name]

@@ -1,0 +1,154 @@
+"""``TrainConfig``: everything a training run depends on, as one frozen, JSON-serialisable dataclass.
+
+Defaults follow the original Stable Cascade training code (``train/train_c.py``, ``train_b.py``,
+``gdf``): AdamW, gradient clipping at 1.0, P2 loss weighting, 5 % caption dropout, CLIP image
+conditioning for 10 % of Stage C samples, effnet conditioning dropped for 10 % of Stage B samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+Task = Literal["stage-c", "stage-b", "stage-a", "lora"]
+LossWeighting = Literal["p2", "adaptive", "none"]
+MixedPrecision = Literal["no", "bf16"]
+ReconstructionLoss = Literal["mse", "l1"]
+
+#: The original fine-tuning configs' aspect ratios (width / height); their reciprocals are added.
+DEFAULT_BUCKET_RATIOS: tuple[float, ...] = (1.0, 4 / 5, 3 / 4, 2 / 3, 3 / 5, 9 / 16, 1 / 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Paths may be ``str`` or ``Path``; ``None`` means "not given"."""
+
+    task: Task
+    data: Path  # image folder, .jsonl manifest, .tar shard or folder of shards
+    output_dir: Path
+    # Models: a pipeline folder and/or the pieces; ``init_config`` starts the trained model fresh.
+    pretrained: Path | None = None
+    prior: Path | None = None
+    decoder: Path | None = None
+    stage_a: Path | None = None
+    effnet: Path | None = None
+    text_encoder: Path | None = None
+    init_config: str | None = None  # a variant name (UNET_VARIANTS / VQ_VARIANTS) or a config.json
+    # Data
+    resolution: int = 1024
+    buckets: tuple[float, ...] | None = None  # aspect ratios (w / h); None: square center crops
+    batch_size: int = 4  # per process
+    num_workers: int = 0
+    caption_dropout: float = 0.05
+    image_conditioning: float = 0.1  # Stage C: share of samples given their CLIP image embedding
+    effnet_dropout: float = 0.1  # Stage B: share of samples whose effnet condition is zeroed
+    pixels_conditioning: float = 0.0  # Stage B: share given the 8x8 image (original: 0, as inference)
+    # Optimisation
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables the EMA
+    loss_weighting: LossWeighting = "p2"
+    reconstruction_loss: ReconstructionLoss = "mse"  # Stage A
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # What is trained besides the task's model
+    train_text_encoder: bool = False  # stage-c, stage-b
+    train_effnet: bool = False  # stage-b
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    lora_text_encoder: bool = False
+    # Checkpoints, samples, logs
+    checkpoint_every: int = 500
+    resume: str | None = None  # a checkpoint folder or "latest"
+    sample_every: int = 0  # 0: no samples
+    sample_prompts: tuple[str, ...] = ()
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("data", "output_dir"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if self.buckets is not None:
+            object.__setattr__(self, "buckets", tuple(float(r) for r in self.buckets))
+        object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        self._check()
+
+    def _check(self) -> None:
+        _choice("task", self.task, Task)
+        _choice("loss_weighting", self.loss_weighting, LossWeighting)
+        _choice("mixed_precision", self.mixed_precision, MixedPrecision)
+        _choice("reconstruction_loss", self.reconstruction_loss, ReconstructionLoss)
+        for name in ("resolution", "batch_size", "steps", "checkpoint_every", "log_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_workers", "warmup_steps", "sample_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("caption_dropout", "image_conditioning", "effnet_dropout", "pixels_conditioning"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.buckets is not None and (not self.buckets or min(self.buckets) <= 0):
+            raise ValueError(f"buckets are positive aspect ratios (width / height), got {self.buckets}")
+        _only_for(self, "train_text_encoder", ("stage-c", "stage-b"), "the text encoder, jointly")
+        _only_for(self, "train_effnet", ("stage-b",), "the EfficientNet encoder, jointly with Stage B")
+        _only_for(self, "lora_text_encoder", ("lora",), "LoRA adapters on the text encoder")
+        if self.task == "lora" and self.init_config is not None:
+            raise ValueError(
+                "lora trains adapters on a pretrained Stage C; --init-config (a fresh model) makes no "
+                "sense with it: pass --pretrained or --prior"
+            )
+        if self.task == "stage-a" and self.loss_weighting == "adaptive":
+            raise ValueError("stage-a has no noise levels to weight; drop --loss-weighting adaptive")
+
+    @property
+    def bucket_ratios(self) -> tuple[float, ...]:
+        """Every aspect ratio with its reciprocal, sorted (``(1.0,)`` without buckets)."""
+        if self.buckets is None:
+            return (1.0,)
+        return tuple(sorted({round(r, 6) for ratio in self.buckets for r in (ratio, 1 / ratio)}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, tuples as lists."""
+        values = dataclasses.asdict(self)
+        return {
+            k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in values.items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: object, kind: Any) -> None:
+    choices = get_args(kind)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _only_for(config: TrainConfig, flag: str, tasks: tuple[str, ...], what: str) -> None:
+    if getattr(config, flag) and config.task not in tasks:
+        option = "--" + flag.replace("_", "-")
+        raise ValueError(
+            f"{option} ({flag}) trains {what} and only works with {' / '.join(tasks)}, "
+            f"not {config.task}; drop it or change the task"
+        )

@@ -1,0 +1,116 @@
+"""Sample images during training, with the current (EMA) weights, as one PNG row per call.
+
+* ``stage-c`` / ``lora``: the prior pipeline on the sample prompts (default: captions of the first
+  images), decoded by the decoder pipeline given as ``--decoder`` (a pipeline folder) when there is one,
+  else previewed (the previewer's RGB, or the latent's principal components);
+* ``stage-b``: reconstructions of the first images (EfficientNet latent → Stage B → Stage A);
+* ``stage-a``: the first images and their Stage A round trips, interleaved.
+
+Sampling runs with its own seeded generator inside ``torch.random.fork_rng``: it changes no random
+state of training, so runs with and without samples train identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+import PIL.Image
+import torch
+from torch import Tensor
+
+from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.pipelines.components import MODEL_INDEX
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+from stable_cascade.pipelines.outputs import postprocess
+from stable_cascade.pipelines.previews import latent_to_rgb
+from stable_cascade.pipelines.prior import StableCascadePriorPipeline
+from stable_cascade.training.data import Batch
+from stable_cascade.training.ema import EMA
+from stable_cascade.training.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+class Sampler:
+    """Writes ``samples/step-<step>.png`` under the output folder for a task."""
+
+    def __init__(self, task: Task, reference: Batch, seed: int) -> None:
+        self.task, self.reference, self.seed = task, reference, seed
+        self.folder = task.config.output_dir / "samples"
+        self._decoder: StableCascadeDecoderPipeline | None = None
+        decoder = task.config.decoder
+        if task.config.task in ("stage-c", "lora") and decoder is not None:
+            if not (decoder / MODEL_INDEX).is_file():
+                raise ValueError(
+                    f"--decoder {decoder}: samples of {task.name} need a decoder pipeline folder"
+                )
+            self._decoder = StableCascadeDecoderPipeline.from_pretrained(decoder)
+
+    @torch.no_grad()
+    def __call__(self, step: int, ema: EMA | None) -> Path:
+        trainee = self.task.trainee
+        swap = ema.swapped_in(trainee) if ema is not None else contextlib.nullcontext()
+        was_training = trainee.training
+        trainee.eval()
+        try:
+            with swap, torch.random.fork_rng(devices=_cuda_devices()):
+                images = self._images(torch.Generator().manual_seed(self.seed))
+        finally:
+            trainee.train(was_training)
+        row = torch.cat(list(images.float().cpu().clamp(0, 1)), dim=-1)[None]  # (1, 3, H, n·W)
+        image = cast(list[PIL.Image.Image], postprocess(row, "pil"))[0]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:06d}.png"
+        image.save(path)
+        logger.info("wrote %s", path)
+        return path
+
+    def _images(self, generator: torch.Generator) -> Tensor:
+        task, parts = self.task, self.task.parts
+        images = self.reference.images.to(task.device)
+        height, width = images.shape[-2:]
+        trainee: Any = task.trainee
+        if task.config.task == "stage-a":
+            vqgan = trainee.vqgan
+            decoded = vqgan.decode(vqgan.encode(images).latents).sample
+            return torch.stack([images, decoded.to(images.dtype)], dim=1).flatten(0, 1)
+        text_encoder: Any = parts.text_encoder
+        if task.config.task == "stage-b":
+            pipeline = StableCascadeDecoderPipeline(
+                decoder=trainee.unet,
+                tokenizer=parts.tokenizer,
+                text_encoder=text_encoder,
+                scheduler=DDPMWuerstchenScheduler(),
+                vqgan=cast(Any, parts.stage_a),
+                effnet=parts.effnet,
+            )
+            pipeline.set_progress_bar_config(disable=True)
+            captions = self.reference.captions
+            out = pipeline.reconstruct(images, captions, height, width, generator=generator, output_type="pt")
+            return cast(Tensor, out[0])
+        prompts = list(task.config.sample_prompts) or self.reference.captions
+        prior = StableCascadePriorPipeline(
+            tokenizer=parts.tokenizer,
+            text_encoder=text_encoder,
+            prior=trainee.unet,
+            scheduler=DDPMWuerstchenScheduler(),
+            previewer=parts.previewer,
+        )
+        prior.set_progress_bar_config(disable=True)
+        generated = prior(prompts, height=height, width=width, generator=generator, output_type="pt")
+        latents = cast(Tensor, generated[0])  # image_embeddings
+        if self._decoder is None:
+            return latent_to_rgb(latents, parts.previewer)
+        self._decoder.to(task.device)
+        self._decoder.set_progress_bar_config(disable=True)
+        decoded = self._decoder(
+            latents, prompts, generator=generator, output_type="pt", height=height, width=width
+        )
+        return cast(Tensor, decoded[0])
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -1,0 +1,217 @@
+"""Checkpoints for exact resume, in safetensors and JSON only (no pickle).
+
+A checkpoint folder ``checkpoint-<step>/`` holds:
+
+* ``model.safetensors``: the trained tensors (trained parameters and buffers of the trained modules);
+* ``ema.safetensors``: their exponential moving average (when the EMA is on);
+* ``state.safetensors``: the optimizer state and the adaptive loss buckets, flattened to named tensors;
+  the nesting (param groups, hyperparameters) is JSON in the file's metadata;
+* ``rng-<rank>.safetensors``: every random state of process ``rank`` (the training generator, torch CPU
+  and CUDA, numpy, Python ``random``);
+* ``trainer_state.json``: step, data position, the learning-rate schedule and the run's config.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from stable_cascade.checkpoint import read_state_dict
+
+PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+_TENSOR, _TUPLE = "__tensor__", "__tuple__"
+
+
+def trained_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The live tensors a checkpoint stores: trained parameters (by parameter name: LoRA adapters,
+    which stay out of their host's state dict, included) and the persistent buffers."""
+    tensors: dict[str, Tensor] = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if not isinstance(value, nn.Parameter):
+            tensors[name] = value
+    return tensors
+
+
+@torch.no_grad()
+def assign_tensors(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Copy ``state`` into ``module``'s :func:`trained_tensors`, which it must match name for name."""
+    live = trained_tensors(module)
+    missing, unexpected = sorted(live.keys() - state.keys()), sorted(state.keys() - live.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit the trained model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+            "use the task, models and options that wrote it"
+        )
+    for name, value in live.items():
+        value.data.copy_(like_local(state[name], value))
+
+
+def full_tensor(value: Tensor) -> Tensor:
+    """A sharded (DTensor) value gathered to a plain tensor (a collective); others unchanged."""
+    gather = getattr(value, "full_tensor", None)
+    return gather() if callable(gather) else value
+
+
+def like_local(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` on ``like``'s device and dtype, sharded as ``like`` when that is a DTensor."""
+    mesh = getattr(like, "device_mesh", None)
+    if mesh is not None:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.dtype), mesh, like.placements)  # type: ignore[attr-defined]
+    return full.to(like.device, like.dtype)
+
+
+def flatten(value: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
+    """A JSON-able copy of ``value`` whose tensors are moved into ``tensors`` under ``prefix…`` names."""
+    if isinstance(value, Tensor):
+        name = f"{prefix}{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {_TENSOR: name}
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"cannot store a mapping with keys {list(value)[:3]}")
+        # JSON keys are strings: remember which were ints (torch optimizers index their state by int).
+        return {"__dict__": [[k, flatten(v, tensors, prefix)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {_TUPLE: [flatten(v, tensors, prefix) for v in value]}
+    if isinstance(value, list):
+        return [flatten(v, tensors, prefix) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def unflatten(value: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(value, list):
+        return [unflatten(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if _TENSOR in value:
+            return tensors[value[_TENSOR]]
+        if _TUPLE in value:
+            return tuple(unflatten(v, tensors) for v in value[_TUPLE])
+        return {k: unflatten(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+def save_tensors(path: Path, tensors: Mapping[str, Tensor], structure: Any = None) -> None:
+    metadata = {"format": "pt"}
+    if structure is not None:
+        metadata["structure"] = json.dumps(structure)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, Tensor], Any]:
+    """The tensors of ``path`` and the JSON structure stored with them (None if absent)."""
+    tensors = read_state_dict([path])
+    with safe_open(path, framework="pt") as file:
+        structure = (file.metadata() or {}).get("structure")
+    return tensors, None if structure is None else json.loads(structure)
+
+
+def save_state(directory: Path, optimizer: Mapping[str, Any], loss_weights: Mapping[str, Tensor]) -> None:
+    tensors: dict[str, Tensor] = {f"loss_weights/{k}": v for k, v in loss_weights.items()}
+    structure = flatten(dict(optimizer), tensors, "optimizer/")
+    save_tensors(directory / "state.safetensors", tensors, structure)
+
+
+def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The optimizer state dict and the loss-weight state of a checkpoint."""
+    tensors, structure = load_tensors(directory / "state.safetensors")
+    weights = {
+        k.removeprefix("loss_weights/"): v for k, v in tensors.items() if k.startswith("loss_weights/")
+    }
+    return unflatten(structure, tensors), weights
+
+
+def save_rng(directory: Path, rank: int, generator: torch.Generator) -> None:
+    """Every random state this process uses (written by each process)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, python_state, gauss_next = random.getstate()
+    tensors = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "python": torch.tensor(python_state, dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{index}"] = state
+    scalars = {"numpy": [kind, position, has_gauss, cached], "python": [version, gauss_next]}
+    save_tensors(directory / f"rng-{rank}.safetensors", tensors, scalars)
+
+
+def load_rng(directory: Path, rank: int, generator: torch.Generator) -> None:
+    path = directory / f"rng-{rank}.safetensors"
+    if not path.is_file():
+        raise ValueError(
+            f"{directory} has no random state for process {rank}; resume with the number of processes "
+            "that wrote the checkpoint"
+        )
+    tensors, scalars = load_tensors(path)
+    generator.set_state(tensors["generator"])
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, position, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+    version, gauss_next = scalars["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+
+
+def write_trainer_state(directory: Path, values: Mapping[str, Any]) -> None:
+    (directory / TRAINER_STATE).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    path = directory / TRAINER_STATE
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a training checkpoint (it has no {TRAINER_STATE})")
+    values: dict[str, Any] = json.loads(path.read_text())
+    return values
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The finished checkpoint folders of a run, oldest first."""
+    found = [p for p in output_dir.glob(f"{PREFIX}*") if re.fullmatch(rf"{PREFIX}\d+", p.name)]
+    return sorted(
+        (p for p in found if (p / TRAINER_STATE).is_file()), key=lambda p: int(p.name[len(PREFIX) :])
+    )
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path:
+    """The checkpoint ``resume`` names: a folder, or ``latest`` in ``output_dir``."""
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        if not found:
+            raise ValueError(f"--resume latest: {output_dir} has no {PREFIX}<step> folder to resume from")
+        return found[-1]
+    path = Path(resume)
+    read_trainer_state(path)  # raises when it is not a checkpoint
+    return path
+
+
+def partial_folder(output_dir: Path, step: int) -> Path:
+    return output_dir / f"{PREFIX}{step}.partial"
+
+
+def publish(partial: Path) -> Path:
+    """Rename a completely written ``….partial`` folder to its final name (replacing an older one)."""
+    final = partial.with_suffix("")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final

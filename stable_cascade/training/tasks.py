@@ -1,0 +1,277 @@
+"""Per-stage training tasks: what is trained, what stays frozen, a batch's inputs, the export.
+
+A task owns a *trainee* (:mod:`~stable_cascade.training.trainees`), the module holding every trained
+model; ``prepare`` turns a batch into the trainee's inputs with the frozen encoders, under ``no_grad``,
+drawing every random choice from the given generator. One training loop (``trainer.py``) serves all.
+
+* ``stage-c`` (``train_c.py``): x0 = the frozen EfficientNet encoder's latent of the image at
+  ``effnet_input_size`` (so its size is the prior pipeline's ``⌈H/42.67⌉``); conditioning: CLIP text
+  (``clip_text`` = last hidden state, ``clip_text_pooled`` = text_embeds) of the caption, dropped to ``""``
+  for 5 %; the image's CLIP image embedding for 10 % (else zeros). ``train_text_encoder`` trains the text
+  encoder jointly.
+* ``stage-b`` (``train_b.py``): x0 = frozen Stage A's latent / ``scale_factor`` (the decoder pipeline
+  multiplies it back before decoding); pyramid noise; ``effnet`` = EfficientNet latent of the image at a
+  random 50–100 % of its size (multiple of 32), zeroed for 10 %; pooled CLIP text with 5 % caption
+  dropout; ``pixels`` zeros as at inference (the 8×8 image for ``pixels_conditioning`` of the samples).
+  ``train_effnet`` trains the encoder jointly (needed when there is no pretrained one).
+* ``stage-a``: the VQGAN as an autoencoder (:class:`~stable_cascade.training.trainees.Autoencoder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers import CLIPTextModelWithProjection
+
+from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
+from stable_cascade.conditioning.text import embed_tokens, tokenize
+from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.stage_a import PaellaVQModel
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+from stable_cascade.pipelines.prior import StableCascadePriorPipeline
+from stable_cascade.training.components import Components
+from stable_cascade.training.config import TrainConfig
+from stable_cascade.training.data import Batch
+from stable_cascade.training.objective import diffuse, drop_captions, keep, pyramid_noise, uniform
+from stable_cascade.training.trainees import Autoencoder, Denoiser, encode_latents, rebuild
+
+Inputs = dict[str, Tensor]
+
+
+class Task:
+    """Base: the trainee, the size rule for images, the frozen modules' device, the export."""
+
+    name = ""
+    trainee: nn.Module
+
+    def __init__(self, config: TrainConfig, parts: Components) -> None:
+        self.config, self.parts = config, parts
+        self.device = torch.device("cpu")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (the EfficientNet encoder's stride)."""
+        return 32
+
+    def to(self, device: torch.device) -> None:
+        """Move the frozen modules (the accelerator moves the trainee)."""
+        self.device = device
+        for name in ("effnet", "stage_a", "text_encoder", "image_encoder", "previewer"):
+            module = getattr(self.parts, name)
+            if isinstance(module, nn.Module) and not any(m is module for m in self.trainee.modules()):
+                module.to(device)
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
+        raise NotImplementedError
+
+    def export(self, directory: Path, state: dict[str, Tensor]) -> None:
+        """Write the trained model(s), with the trainee weights ``state``, to ``directory``."""
+        raise NotImplementedError
+
+
+class _TextConditioned(Task):
+    """Stage C and Stage B: a UNet conditioned on CLIP text, with caption dropout."""
+
+    tokenizer: Any
+    text_encoder: CLIPTextModelWithProjection
+    effnet: EfficientNetEncoder
+
+    def __init__(self, config: TrainConfig, parts: Components, unet: str, hint: str) -> None:
+        super().__init__(config, parts)
+        _require(parts, config.task, (unet, "effnet", "tokenizer", "text_encoder"), hint)
+        assert parts.effnet is not None and parts.text_encoder is not None
+        self.unet: StableCascadeUNet = getattr(parts, unet)
+        self.tokenizer, self.text_encoder, self.effnet = parts.tokenizer, parts.text_encoder, parts.effnet
+        width = self.text_encoder.config.projection_dim
+        _check_width(self.unet, width, "clip_text_pooled_in_channels", "the text encoder")
+        self.effnet.eval().requires_grad_(False)
+        self.text_encoder.eval().requires_grad_(False)
+
+    def _text(self, captions: list[str], generator: torch.Generator, trained: bool) -> Inputs:
+        """CLIP text inputs of the captions after caption dropout (tokens when the encoder trains)."""
+        captions = drop_captions(captions, self.config.caption_dropout, generator)
+        ids, mask = (t.to(self.device) for t in tokenize(self.tokenizer, captions))
+        if trained:
+            return {"input_ids": ids, "attention_mask": mask}
+        text = embed_tokens(self.text_encoder, ids, mask)
+        return {"clip_text": text.hidden, "clip_text_pooled": text.pooled}
+
+
+class StageC(_TextConditioned):
+    name = "stage-c"
+
+    def __init__(self, config: TrainConfig, parts: Components) -> None:
+        hint = "pass --pretrained PIPELINE, or --prior (or --init-config), --effnet and --text-encoder"
+        super().__init__(config, parts, "prior", hint)
+        _check_width(self.unet, self.effnet.config.c_latent, "in_channels", "the EfficientNet latent")
+        self.trained_text = self._make_trainable()
+        self.trainee = Denoiser(self.unet, self.text_encoder if self.trained_text else None).train()
+        self.image_width = self.unet.config.clip_image_in_channels
+        self.image_conditioning = parts.image_encoder is not None and parts.feature_extractor is not None
+
+    def _make_trainable(self) -> bool:
+        """Unfreeze what is trained; whether the text encoder is part of it."""
+        self.unet.requires_grad_(True)
+        if self.config.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+        return self.config.train_text_encoder
+
+    @torch.no_grad()
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
+        images = batch.images.to(self.device)
+        pixels = prepare_images(images, *effnet_input_size(*images.shape[-2:]))
+        noised = diffuse(self.effnet.encode(pixels).float(), generator)  # x0: (B, 16, ⌈H/42.67⌉, …)
+        inputs = {"sample": noised.sample, "noise": noised.noise, "logsnr": noised.logsnr, "r": noised.r}
+        inputs.update(self._text(batch.captions, generator, self.trained_text))
+        if self.image_width is not None and self.image_conditioning:
+            inputs["clip_img"] = self._image_embeddings(images, self.image_width, generator)
+        return inputs
+
+    def _image_embeddings(self, images: Tensor, width: int, generator: torch.Generator) -> Tensor:
+        """(B, 1, C): the CLIP image embedding for ``image_conditioning`` of the samples, else zeros."""
+        chosen = keep(images.shape[0], self.config.image_conditioning, generator).to(self.device)
+        embeddings = images.new_zeros(images.shape[0], 1, width)
+        if chosen.any():
+            processor, encoder = self.parts.feature_extractor, self.parts.image_encoder
+            pixels = processor(list(images[chosen].cpu()), do_rescale=False, return_tensors="pt").pixel_values
+            out = encoder(pixels.to(self.device, encoder.dtype)).image_embeds  # (k, C)
+            embeddings[chosen] = out[:, None].to(embeddings.dtype)
+        return embeddings
+
+    def export(self, directory: Path, state: dict[str, Tensor]) -> None:
+        parts = self.parts
+        pipeline = StableCascadePriorPipeline(
+            tokenizer=self.tokenizer,
+            text_encoder=rebuild(self.text_encoder, state, "text_encoder.")
+            if self.trained_text
+            else self.text_encoder,
+            prior=rebuild(self.unet, state, "unet."),
+            scheduler=DDPMWuerstchenScheduler(),
+            feature_extractor=parts.feature_extractor,
+            image_encoder=parts.image_encoder,
+            effnet=self.effnet,
+            previewer=parts.previewer,
+        )
+        pipeline.save_pretrained(directory)
+
+
+class StageB(_TextConditioned):
+    name = "stage-b"
+
+    def __init__(self, config: TrainConfig, parts: Components) -> None:
+        hint = (
+            "pass --pretrained PIPELINE, or --decoder (or --init-config), --stage-a, --text-encoder and "
+            "--effnet (a fresh one from a config .json with --train-effnet)"
+        )
+        _require(parts, config.task, ("stage_a",), hint)
+        super().__init__(config, parts, "decoder", hint)
+        assert parts.stage_a is not None
+        self.vqgan: PaellaVQModel = parts.stage_a.eval().requires_grad_(False)
+        latent = self.effnet.config.c_latent
+        _check_width(self.unet, latent, "effnet_in_channels", "the EfficientNet latent")
+        _check_width(self.unet, self.vqgan.config.latent_channels, "in_channels", "the Stage A latent")
+        self.unet.requires_grad_(True)
+        if config.train_effnet:
+            self.effnet.train().requires_grad_(True)
+        if config.train_text_encoder:  # learns from the pooled embedding alone (the demo cascade's)
+            self.text_encoder.requires_grad_(True)
+        self.trainee = Denoiser(
+            self.unet,
+            self.text_encoder if config.train_text_encoder else None,
+            effnet=self.effnet if config.train_effnet else None,
+        ).train()
+
+    @property
+    def size_multiple(self) -> int:
+        """Stage A's factor × patch size × 2 per level below the first: the decoder's smallest image."""
+        cfg = self.unet.config
+        return max(32, self.vqgan.downscale * cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1))
+
+    @torch.no_grad()
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
+        images = batch.images.to(self.device)
+        x0 = encode_latents(self.vqgan, images).float() / self.vqgan.config.scale_factor  # (B, 4, H/4, W/4)
+        noised = diffuse(x0, generator, pyramid_noise(tuple(x0.shape), generator))
+        inputs = {"sample": noised.sample, "noise": noised.noise, "logsnr": noised.logsnr, "r": noised.r}
+        text = self._text(batch.captions, generator, trained=self.config.train_text_encoder)
+        inputs.update({k: v for k, v in text.items() if k != "clip_text"})  # Stage B: pooled text only
+        factor = 0.5 + 0.5 * float(uniform((1,), generator))
+        small = prepare_images(images, *(max(32, int(s * factor // 32 * 32)) for s in images.shape[-2:]))
+        kept = keep(images.shape[0], 1.0 - self.config.effnet_dropout, generator).to(self.device)
+        if self.config.train_effnet:
+            inputs.update(effnet_images=small, effnet_keep=kept.to(small.dtype))
+        else:
+            inputs["effnet"] = self.effnet.encode(small) * kept.view(-1, 1, 1, 1)
+        if self.unet.config.pixel_mapper_in_channels is not None:
+            shown = keep(images.shape[0], self.config.pixels_conditioning, generator).to(self.device)
+            inputs["pixels"] = F.adaptive_avg_pool2d(images, 8) * shown.view(-1, 1, 1, 1)
+        return inputs
+
+    def export(self, directory: Path, state: dict[str, Tensor]) -> None:
+        pipeline = StableCascadeDecoderPipeline(
+            decoder=rebuild(self.unet, state, "unet."),
+            tokenizer=self.tokenizer,
+            text_encoder=rebuild(self.text_encoder, state, "text_encoder.")
+            if self.config.train_text_encoder
+            else self.text_encoder,
+            scheduler=DDPMWuerstchenScheduler(),
+            vqgan=self.vqgan,
+            effnet=rebuild(self.effnet, state, "effnet.") if self.config.train_effnet else self.effnet,
+        )
+        pipeline.save_pretrained(directory)
+
+
+class StageA(Task):
+    name = "stage-a"
+
+    def __init__(self, config: TrainConfig, parts: Components) -> None:
+        super().__init__(config, parts)
+        hint = "pass --stage-a, --pretrained PIPELINE or --init-config tiny_vqgan|vqgan"
+        _require(parts, config.task, ("stage_a",), hint)
+        assert parts.stage_a is not None
+        self.vqgan = parts.stage_a.requires_grad_(True)
+        self.trainee = Autoencoder(self.vqgan, config.reconstruction_loss).train()
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vqgan.downscale
+
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
+        return {"images": batch.images.to(self.device)}
+
+    def export(self, directory: Path, state: dict[str, Tensor]) -> None:
+        rebuild(self.vqgan, state, "vqgan.").save_pretrained(directory)
+
+
+def _require(parts: Components, task: str, names: tuple[str, ...], hint: str) -> None:
+    missing = [n for n in names if getattr(parts, n) is None]
+    if missing:
+        raise ValueError(f"{task} needs {', '.join(missing)} (not given); {hint}")
+
+
+def _check_width(unet: StableCascadeUNet, given: int | None, field: str, what: str) -> None:
+    expected = getattr(unet.config, field)
+    if given != expected:
+        raise ValueError(
+            f"the UNet's {field} is {expected} but {what} has {given} channels; use matching models "
+            "(or a config whose widths fit)"
+        )
+
+
+def make_task(config: TrainConfig, parts: Components) -> Task:
+    """The task ``config.task`` on ``parts`` (which it modifies: freezing, LoRA adapters)."""
+    if config.task == "stage-c":
+        return StageC(config, parts)
+    if config.task == "stage-b":
+        return StageB(config, parts)
+    if config.task == "stage-a":
+        return StageA(config, parts)
+    from stable_cascade.training.lora_task import LoRAStageC  # the one task needing stable_cascade.lora
+
+    return LoRAStageC(config, parts)
