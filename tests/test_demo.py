@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from stable_cascade.cli.main import main
-from stable_cascade.demo.recipe import DEMO_SIZE, Recipe, evaluate_demo, load_demo
+from stable_cascade.demo import DEMO_SIZE, Recipe, evaluate_demo, load_demo
 from stable_cascade.demo.tokenizer import words_of, write_tokenizer
 from stable_cascade.pipelines.bundles import BUNDLES, DEMO_DIR
 from stable_cascade.shapes import all_scenes, caption, held_out_prompts, score

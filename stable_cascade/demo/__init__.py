@@ -5,6 +5,6 @@ it offline; :func:`train_demo` retrains it from scratch (``stable-cascade train 
 :func:`evaluate_demo` scores its prompt adherence on held-out prompts.
 """
 
-from stable_cascade.demo.recipe import DEMO_SIZE, Recipe, evaluate_demo, train_demo
+from stable_cascade.demo.recipe import DEMO_SIZE, Recipe, evaluate_demo, load_demo, train_demo
 
-__all__ = ["DEMO_SIZE", "Recipe", "evaluate_demo", "train_demo"]
+__all__ = ["DEMO_SIZE", "Recipe", "evaluate_demo", "load_demo", "train_demo"]
