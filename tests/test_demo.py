@@ -85,11 +85,19 @@ def test_documented_retrain_command_builds_a_loadable_cascade(
 ) -> None:
     """``stable-cascade demo train`` end to end at a toy size (data, Stage A, B with its encoders, C,
     the two pipeline folders), then ``demo evaluate`` on what it wrote."""
-    toy = ["--images", "64", "--stage-a-steps", "3", "--stage-b-steps", "3", "--stage-c-steps", "3"]
+    toy = ["--images", "64"] + [
+        arg for s in ("a", "b", "b-refine", "c") for arg in (f"--stage-{s}-steps", "3")
+    ]
     assert main(["demo", "train", str(tmp_path / "run"), *toy, "--batch-size", "4"]) == 0
     model = tmp_path / "run" / "model"
     assert {p.name for p in model.iterdir()} >= {"prior", "decoder", "training.json"}
-    assert json.loads((model / "training.json").read_text())["recipe"]["stage_b_steps"] == 3
+    recorded = json.loads((model / "training.json").read_text())
+    assert recorded["recipe"]["stage_b_refine_steps"] == 3 and set(recorded["seconds"]) >= {
+        "stage-a",
+        "stage-b",
+        "stage-c",
+        "stage-b-refine",
+    }
     capsys.readouterr()
     assert main(["demo", "evaluate", str(model), "--limit", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
