@@ -74,7 +74,7 @@ SETUPS: dict[str, Setup] = {
             up_num_layers_per_block=(2, 4, 2, 1),
         ),
         VQ_VARIANTS["vqgan"],
-        (12, 12),
+        (24, 24),
         (128, 128),
     ),
     "full": Setup(
@@ -92,8 +92,6 @@ SETUPS: dict[str, Setup] = {
         (32, 32),
     ),
 }
-# Stage C of the mid setup runs at the real 24x24 latent.
-SETUPS["mid"] = dataclasses.replace(SETUPS["mid"], prior_size=(24, 24))
 
 
 diffusers.utils.logging.set_verbosity_error()  # its dtype-cast notices would interleave the tables
@@ -115,31 +113,36 @@ def _randomize_(model: torch.nn.Module, seed: int, scale: float) -> None:
             p.normal_(0.0, scale)
 
 
+def _twins(
+    theirs_cls: Any,
+    ours_cls: Any,
+    config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    scale: float,
+) -> tuple[Any, Any]:
+    """diffusers' model with random weights and ours holding the very same tensors."""
+    with torch.device(device):
+        theirs = theirs_cls(**config.to_dict())
+    _randomize_(theirs, seed, scale)
+    theirs = theirs.to(dtype).eval().requires_grad_(False)
+    with torch.device("meta"):
+        ours = ours_cls(config)
+    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    return theirs, ours.eval().requires_grad_(False)
+
+
 def twin_unets(
     config: UNetConfig, device: torch.device, dtype: torch.dtype, seed: int
 ) -> tuple[DiffusersUNet, StableCascadeUNet]:
-    """diffusers' UNet with random weights and ours holding the very same tensors."""
-    with torch.device(device):
-        theirs = DiffusersUNet(**config.to_dict())
-    _randomize_(theirs, seed, scale=0.02)
-    theirs = theirs.to(dtype).eval().requires_grad_(False)
-    with torch.device("meta"):
-        ours = StableCascadeUNet(config)
-    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
-    return theirs, ours.eval().requires_grad_(False)
+    return _twins(DiffusersUNet, StableCascadeUNet, config, device, dtype, seed, scale=0.02)
 
 
 def twin_vqgans(
     config: VQConfig, device: torch.device, dtype: torch.dtype, seed: int
 ) -> tuple[DiffusersVQ, PaellaVQModel]:
-    with torch.device(device):
-        theirs = DiffusersVQ(**config.to_dict())
-    _randomize_(theirs, seed, scale=0.05)
-    theirs = theirs.to(dtype).eval().requires_grad_(False)
-    with torch.device("meta"):
-        ours = PaellaVQModel(config)
-    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
-    return theirs, ours.eval().requires_grad_(False)
+    return _twins(DiffusersVQ, PaellaVQModel, config, device, dtype, seed, scale=0.05)
 
 
 # -- inputs and loops ----------------------------------------------------------------------------------

@@ -10,38 +10,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
+import harness  # first: it puts this checkout on sys.path
 import torch
 from diffusers import StableCascadeUNet as DiffusersUNet
 
 from stable_cascade import StableCascadeUNet
-from stable_cascade.specs import UNET_VARIANTS, UNetConfig
+from stable_cascade.specs import UNetConfig
 
-# The real structure scaled down: Stage C with two CTA levels at the real 24x24 latent, and
-# Stage B with four levels and repeat mappers at a 128x128 latent.
+# The "mid" setup of the cascade benchmark: the real structure scaled down, Stage C with two CTA
+# levels at the real 24x24 latent, Stage B with four levels and repeat mappers at 128x128.
+MID = harness.SETUPS["mid"]
 CONFIGS: dict[str, tuple[UNetConfig, tuple[int, int]]] = {
-    "stage_c_mid": (
-        UNET_VARIANTS["prior"].replace(
-            conditioning_dim=512,
-            block_out_channels=(512, 512),
-            num_attention_heads=(8, 8),
-            down_num_layers_per_block=(2, 4),
-            up_num_layers_per_block=(4, 2),
-        ),
-        (24, 24),
-    ),
-    "stage_b_mid": (
-        UNET_VARIANTS["decoder"].replace(
-            block_out_channels=(64, 128, 256, 256),
-            num_attention_heads=(0, 0, 4, 4),
-            down_num_layers_per_block=(1, 2, 4, 2),
-            up_num_layers_per_block=(2, 4, 2, 1),
-        ),
-        (128, 128),
-    ),
+    "stage_c_mid": (MID.prior, MID.prior_size),
+    "stage_b_mid": (MID.decoder, MID.decoder_size),
 }
 
 
@@ -60,21 +43,6 @@ def inputs_for(config: UNetConfig, size: tuple[int, int], batch: int = 2) -> dic
     return inputs
 
 
-def interleaved(
-    runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
-) -> dict[str, list[float]]:
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -89,9 +57,8 @@ def main() -> None:
         ours.load_state_dict(theirs.state_dict())
         inputs = inputs_for(config, size)
         with torch.inference_mode():
-            times = interleaved(
-                {"ours": partial(ours, **inputs), "diffusers": partial(theirs, **inputs)}, args.repeats
-            )
+            runs = {"ours": partial(ours, **inputs), "diffusers": partial(theirs, **inputs)}
+            times = harness.interleaved(runs, args.repeats, torch.device("cpu"), warmup=2)
         ours_ms = statistics.median(times["ours"]) * 1e3
         theirs_ms = statistics.median(times["diffusers"]) * 1e3
         print(f"{name:<14}{ours_ms:>10.1f}{theirs_ms:>14.1f}{ours_ms / theirs_ms:>16.3f}")

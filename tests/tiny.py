@@ -20,6 +20,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from stable_cascade.demo.tokenizer import byte_alphabet
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
 
 TEXT_WIDTH = 24  # hidden and projection size of the tiny text encoder (the UNets' clip inputs)
@@ -30,23 +31,10 @@ TINY_DECODER: UNetConfig = UNET_VARIANTS["tiny_decoder"]
 TINY_VQGAN: VQConfig = VQ_VARIANTS["tiny_vqgan"]
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2's table)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
 def tokenizer(folder: Path) -> CLIPTokenizer:
     """A character-level CLIP tokenizer with max length 77."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_alphabet()
+    chars = byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
