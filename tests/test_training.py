@@ -321,6 +321,27 @@ def test_stage_c_inputs(data: Path, tmp_path: Path) -> None:
         assert bool(inputs["clip_img"].abs().sum(dim=(1, 2)).gt(0).all()) == (share == 1.0)
 
 
+def test_stage_b_noise_and_effnet_scale(data: Path, tmp_path: Path) -> None:
+    """Pyramid noise has coarse (here: whole-image) structure, plain Gaussian noise has not; the effnet
+    input is resized by a factor drawn from ``effnet_scale`` (to a multiple of 32)."""
+    parts = components(tmp_path)
+    dataset, groups = bucketed_dataset(find_examples(data), 128, (1.0,), 32)
+    batch = collate([dataset[i] for i in groups[0]])
+    offsets, sizes = {}, set()
+    for side in (16, 0):
+        run = config("stage-b", data, tmp_path, pyramid_noise_max_side=side, train_effnet=True)
+        task = make_task(run, parts)
+        for seed in range(4):
+            inputs = task.prepare(batch, torch.Generator().manual_seed(seed))
+            sizes.add(inputs["effnet_images"].shape[-1])
+        offsets[side] = float(inputs["noise"].mean(dim=(2, 3)).abs().max())  # per sample and channel
+    assert offsets[0] < 0.15 < offsets[16], offsets
+    assert sizes == {64, 96}, sizes  # factor < 1: never the full 128
+    run = config("stage-b", data, tmp_path, effnet_scale=(0.75, 0.75), train_effnet=True)
+    task = make_task(run, parts)
+    assert task.prepare(batch, torch.Generator().manual_seed(0))["effnet_images"].shape[-1] == 96
+
+
 def test_bf16_autocast_and_gradient_checkpointing(data: Path, tmp_path: Path) -> None:
     run = config("stage-c", data, tmp_path, steps=2, mixed_precision="bf16", gradient_checkpointing=True)
     task = make_task(run.replace(train_text_encoder=True), components(tmp_path))
@@ -361,6 +382,10 @@ def test_option_mistakes_are_clear(data: Path, tmp_path: Path) -> None:
         TrainConfig(task="stage-c", data=data, output_dir=tmp_path, train_effnet=True)
     with pytest.raises(ValueError, match=r"--train-text-encoder .* only works with stage-c / stage-b"):
         TrainConfig(task="stage-a", data=data, output_dir=tmp_path, train_text_encoder=True)
+    with pytest.raises(ValueError, match=r"effnet_scale is a range \(low, high\)"):
+        TrainConfig(task="stage-b", data=data, output_dir=tmp_path, effnet_scale=(0.9, 0.5))
+    with pytest.raises(ValueError, match="pyramid_noise_max_side must be >= 0"):
+        TrainConfig(task="stage-b", data=data, output_dir=tmp_path, pyramid_noise_max_side=-1)
     with pytest.raises(ValueError, match="task must be one of"):
         TrainConfig(task="stage-d", data=data, output_dir=tmp_path)  # type: ignore[arg-type]
     with pytest.raises(

@@ -97,6 +97,13 @@ def _data_options(group: argparse._ArgumentGroup) -> None:
         help=f"aspect-ratio bucketing; optional width/height ratios (default {default}, reciprocals added)",
     )
     group.add_argument("--batch-size", type=int, help="per process (4)")
+    group.add_argument(
+        "--effnet-scale",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="stage-b: effnet input size / image size, drawn uniformly (0.5 1.0)",
+    )
     group.add_argument("--num-workers", type=int, help="data loading processes (0)")
     group.add_argument("--caption-dropout", type=float, help="share of empty captions (0.05)")
 
@@ -110,6 +117,9 @@ def _optimisation_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--ema-decay", type=float, help="EMA of the weights, 0 = off (0.999)")
     group.add_argument(
         "--loss-weighting", choices=get_args(LossWeighting), help="per-noise-level weights (p2)"
+    )
+    group.add_argument(
+        "--pyramid-noise-max-side", type=int, help="stage-b: coarsest noise levels' side, 0 = Gaussian (16)"
     )
     group.add_argument("--reconstruction-loss", choices=get_args(ReconstructionLoss), help="stage-a (mse)")
     group.add_argument("--mixed-precision", choices=get_args(MixedPrecision), help="bf16 autocast (no)")
@@ -129,11 +139,11 @@ def _output_options(group: argparse._ArgumentGroup) -> None:
 
 _OPTIONS = (
     "pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "init_config",
-    "train_text_encoder", "train_effnet", "lora_rank", "lora_alpha", "lora_text_encoder",
-    "resolution", "batch_size", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
-    "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "reconstruction_loss", "mixed_precision",
-    "gradient_checkpointing", "seed", "checkpoint_every", "resume", "sample_every", "sample_prompts",
-    "log_every",
+    "train_text_encoder", "train_effnet", "lora_rank", "lora_alpha", "lora_text_encoder", "resolution",
+    "batch_size", "effnet_scale", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
+    "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
+    "reconstruction_loss", "mixed_precision", "gradient_checkpointing", "seed", "checkpoint_every",
+    "resume", "sample_every", "sample_prompts", "log_every",
 )  # fmt: skip
 
 

@@ -2,11 +2,14 @@
 
 1. Render the shapes dataset (training combinations only; :mod:`stable_cascade.shapes`).
 2. Stage A (a small VQ autoencoder) learns to reconstruct the images; its latent scale is measured.
-3. Stage B learns to denoise Stage A latents; the EfficientNet encoder learns with it.
+3. Stage B learns to denoise Stage A latents; the EfficientNet encoder learns with it. The noise is
+   mostly plain Gaussian, as the sampler's (pyramid noise only at the 2×2 and 1×1 levels: enough
+   that the background cannot be read off a noisy latent), and the encoder always sees the image at
+   ¾ of its size, the 3×3 latent Stage C makes.
 4. Stage C learns to generate the (now frozen) EfficientNet latents from text; the text encoder (a
    small CLIP text tower with a word-level tokenizer, :mod:`stable_cascade.demo.tokenizer`) learns
    with it.
-5. Stage B is refined on the final encoders, every noise level weighted alike.
+5. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
 The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them.
 """
 
@@ -51,14 +54,16 @@ class Recipe:
     images: int = 20_000
     seed: int = 0
     stage_a_steps: int = 1_500
-    stage_b_steps: int = 3_000
-    stage_b_refine_steps: int = 4_000  # encoders frozen, unweighted loss: sharpens the last steps
+    stage_b_steps: int = 5_000
+    stage_b_refine_steps: int = 5_000  # on the final (frozen) encoders
     stage_c_steps: int = 3_000
     batch_size: int = 16
     stage_c_batch_size: int = 32
     lr: float = 1e-3
     stage_a_lr: float = 1e-3
     ema_decay: float = 0.995
+    pyramid_noise_max_side: int = 2  # Stage B: the default 16 is most of the noise of a 32×32 latent
+    effnet_scale: float = 0.75  # Stage B: the encoder's input size / image size (3×3 latents)
 
 
 def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
@@ -145,20 +150,29 @@ def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[T
 
 def refine_config(recipe: Recipe, data: Path, decoder: Path, prior: Path, out: Path) -> TrainConfig:
     """Stage B, second phase, on the encoders the cascade ships (the pipelines hand Stage C's text
-    embeddings to Stage B): both frozen, every noise level weighted alike. P2 weighting nearly ignores
-    the low-noise levels, where the last sampling steps remove the fine noise; without this phase the
-    demo's images keep speckles."""
-    return _config(
+    embeddings to Stage B), both frozen, at half the learning rate."""
+    return stage_b_config(
         recipe,
-        "stage-b",
         data,
         out,
         pretrained=decoder,
         text_encoder=prior,
         steps=recipe.stage_b_refine_steps,
         lr=recipe.lr / 2,
-        loss_weighting="none",
         seed=recipe.seed + 1,
+    )
+
+
+def stage_b_config(recipe: Recipe, data: Path, out: Path, **changes: Any) -> TrainConfig:
+    scale = (recipe.effnet_scale, recipe.effnet_scale)
+    return _config(
+        recipe,
+        "stage-b",
+        data,
+        out,
+        pyramid_noise_max_side=recipe.pyramid_noise_max_side,
+        effnet_scale=scale,
+        **changes,
     )
 
 
@@ -197,8 +211,8 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         tokenizer=tokenizer,
         text_encoder=text_encoder,  # frozen: Stage B needs little text; Stage C's replaces it below
     )
-    stage_b_config = _config(recipe, "stage-b", data, out / "stage_b", steps=recipe.stage_b_steps)
-    decoder = timed("stage-b", stage_b_config.replace(train_effnet=True), decoder_parts)
+    first = stage_b_config(recipe, data, out / "stage_b", steps=recipe.stage_b_steps, train_effnet=True)
+    decoder = timed("stage-b", first, decoder_parts)
     prior = timed("stage-c", *stage_c_run(recipe, data, decoder, out))
     if recipe.stage_b_refine_steps:
         decoder = timed("stage-b-refine", refine_config(recipe, data, decoder, prior, out / "stage_b_refine"))

@@ -6,7 +6,8 @@ conditioning (the CLIP keys and values of an attention block, the ``sca``/``crp`
 block's modulation); ``forward`` is the per-step part. Activations are kept channels-last (NCHW
 tensors with NHWC strides), so that the channel layer norms and channel MLPs, which work on the
 last dimension, need no permute copies. Without autograd, elementwise steps write into buffers of
-their own making instead of allocating (same operations in the same order: bit-identical results).
+their own making instead of allocating (same operations in the same order: bit-identical results),
+and on CPUs a ResBlock's channel MLP runs as a cache-sized kernel (:mod:`stable_cascade.nn.fused`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stable_cascade.nn.fused import grn_mlp_residual, use_fused
 from stable_cascade.specs import UNetConfig
 
 
@@ -113,6 +115,11 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         h = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C), a view for channels-last x
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6)
+        if use_fused(x) and not self.training:
+            first, _, grn, _, second = self.channelwise
+            assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
+            assert isinstance(grn, GlobalResponseNorm)
+            return grn_mlp_residual(x, h, skip, first, (grn.gamma, grn.beta), second)
         if skip is not None:
             h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)  # (B, H, W, C + C_skip)
         return _add_residual(x, self.channelwise(h))

@@ -24,6 +24,7 @@ from stable_cascade.convert import (
     vq_config_from_single_file,
     vq_state_dict_from_single_file,
 )
+from stable_cascade.nn.fused import mlp_residual, use_fused
 from stable_cascade.specs import VQConfig
 
 
@@ -56,6 +57,10 @@ class MixingBlock(nn.Module):
         h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), (1 + g[0]).expand(c), g[1].expand(c), eps=1e-6)
         x = torch.addcmul(x, self.depthwise(h.permute(0, 3, 1, 2)), g[2])  # x + dw(h)·g2
         h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), (1 + g[3]).expand(c), g[4].expand(c), eps=1e-6)
+        if use_fused(x) and not self.training:
+            first, _, second = self.channelwise
+            assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
+            return mlp_residual(x, h, first, second, g[5])
         return torch.addcmul(x, self.channelwise(h).permute(0, 3, 1, 2), g[5])  # (B, C, H, W)
 
 

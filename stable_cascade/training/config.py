@@ -44,6 +44,8 @@ class TrainConfig:
     image_conditioning: float = 0.1  # Stage C: share of samples given their CLIP image embedding
     effnet_dropout: float = 0.1  # Stage B: share of samples whose effnet condition is zeroed
     pixels_conditioning: float = 0.0  # Stage B: share given the 8x8 image (original: 0, as inference)
+    effnet_scale: tuple[float, float] = (0.5, 1.0)  # Stage B: effnet input size / image size, uniform
+    pyramid_noise_max_side: int = 16  # Stage B: coarse noise levels up to this side; 0: plain Gaussian
     # Optimisation
     steps: int = 1000
     lr: float = 1e-4
@@ -78,6 +80,7 @@ class TrainConfig:
                 object.__setattr__(self, name, Path(value))
         if self.buckets is not None:
             object.__setattr__(self, "buckets", tuple(float(r) for r in self.buckets))
+        object.__setattr__(self, "effnet_scale", tuple(float(r) for r in self.effnet_scale))
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         self._check()
 
@@ -89,7 +92,17 @@ class TrainConfig:
         for name in ("resolution", "batch_size", "steps", "checkpoint_every", "log_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("num_workers", "warmup_steps", "sample_every", "weight_decay", "grad_clip"):
+        scale = self.effnet_scale
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"effnet_scale is a range (low, high) with 0 < low <= high <= 1, got {scale}")
+        for name in (
+            "num_workers",
+            "pyramid_noise_max_side",
+            "warmup_steps",
+            "sample_every",
+            "weight_decay",
+            "grad_clip",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("caption_dropout", "image_conditioning", "effnet_dropout", "pixels_conditioning"):

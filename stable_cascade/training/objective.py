@@ -7,7 +7,7 @@
 * loss: per sample ``mean((pred − ε)²)`` times a weight of its logSNR, averaged over the batch:
   ``P2LossWeight`` ``(1 + e^logSNR)^−1`` (the default) or ``AdaptiveLossWeight``, the inverse of a
   running mean of the loss in 300 logSNR buckets over [−10, 10];
-* Stage B draws pyramid noise (``_pyramid_noise`` of ``train_b.py``).
+* Stage B draws pyramid noise (``_pyramid_noise`` of ``train_b.py``; levels of side ≤ 16 by default).
 
 Every random draw takes an explicit ``torch.Generator`` (a CPU one: device-independent results).
 """

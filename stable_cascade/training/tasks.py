@@ -10,8 +10,9 @@ drawing every random choice from the given generator. One training loop (``train
   for 5 %; the image's CLIP image embedding for 10 % (else zeros). ``train_text_encoder`` trains the text
   encoder jointly.
 * ``stage-b`` (``train_b.py``): x0 = frozen Stage A's latent / ``scale_factor`` (the decoder pipeline
-  multiplies it back before decoding); pyramid noise; ``effnet`` = EfficientNet latent of the image at a
-  random 50–100 % of its size (multiple of 32), zeroed for 10 %; pooled CLIP text with 5 % caption
+  multiplies it back before decoding); pyramid noise (``pyramid_noise_max_side``); ``effnet`` =
+  EfficientNet latent of the image at a random 50–100 % (``effnet_scale``) of its size (multiple of 32),
+  zeroed for 10 %; pooled CLIP text with 5 % caption
   dropout; ``pixels`` zeros as at inference (the 8×8 image for ``pixels_conditioning`` of the samples).
   ``train_effnet`` trains the encoder jointly (needed when there is no pretrained one).
 * ``stage-a``: the VQGAN as an autoencoder (:class:`~stable_cascade.training.trainees.Autoencoder`).
@@ -197,11 +198,13 @@ class StageB(_TextConditioned):
     def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
         images = batch.images.to(self.device)
         x0 = encode_latents(self.vqgan, images).float() / self.vqgan.config.scale_factor  # (B, 4, H/4, W/4)
-        noised = diffuse(x0, generator, pyramid_noise(tuple(x0.shape), generator))
+        side = self.config.pyramid_noise_max_side
+        noised = diffuse(x0, generator, pyramid_noise(tuple(x0.shape), generator, side) if side else None)
         inputs = {"sample": noised.sample, "noise": noised.noise, "logsnr": noised.logsnr, "r": noised.r}
         text = self._text(batch.captions, generator, trained=self.config.train_text_encoder)
         inputs.update({k: v for k, v in text.items() if k != "clip_text"})  # Stage B: pooled text only
-        factor = 0.5 + 0.5 * float(uniform((1,), generator))
+        low, high = self.config.effnet_scale
+        factor = low + (high - low) * float(uniform((1,), generator))
         small = prepare_images(images, *(max(32, int(s * factor // 32 * 32)) for s in images.shape[-2:]))
         kept = keep(images.shape[0], 1.0 - self.config.effnet_dropout, generator).to(self.device)
         if self.config.train_effnet:
