@@ -6,11 +6,13 @@ linear writes it, GELU reads and writes it, each GRN step does, the second linea
 is computed in row chunks that stay in the CPU's cache:
 
 * :func:`mlp_residual` (Stage A's mixing blocks): per chunk ``x + gate · W2 · GELU(W1 · h + b1) + b2``;
-* :func:`grn_mlp_residual` (the UNet's ResBlocks): a first pass writes ``GELU(W1 · h + b1)`` once and
-  sums its squares per channel (the GRN statistic); a second pass reads it back chunk by chunk, scales
-  it by the GRN's ``γ · n + 1`` and applies the second linear, whose bias absorbs the GRN's ``β``.
+* :func:`grn_mlp_residual` (the UNet's ResBlocks): a first pass writes ``GELU(W1 · h + b1)`` once, the
+  GRN's statistic (a spatial norm per channel) reads it once, and a second pass reads it back chunk by
+  chunk for the GRN's elementwise steps, the second linear and the residual.
 
-Same operations as the unfused modules up to float rounding (the parity tests' tolerances hold).
+Same operations on the same values in the same order as the modules: bit-identical results, except
+where the matmul library blocks a chunk's rows differently from the whole (float rounding, ~1e-7
+relative).
 They run only where they pay (:func:`use_fused`): on CPUs, without autograd, not while
 ``torch.compile`` traces, and for blocks at most :data:`MAX_CHANNELS` wide: every chunk reads both
 weight matrices again, which stays in the cache only while they are small (measured on a 2-core Xeon:
@@ -79,36 +81,50 @@ def grn_mlp_residual(
     first: nn.Linear,
     grn: tuple[torch.Tensor, torch.Tensor],
     second: nn.Linear,
+    fast: bool = False,
 ) -> torch.Tensor:
     """``x + second(GRN(GELU(first(cat(h, skip)))))``, concatenated chunk by chunk: x (B, C, H, W)
     channels-last, h (B, H, W, C), skip (B, C_skip, H, W) or None → like x. ``grn``: the GRN's
-    ``(gamma, beta)``, (1, 1, 1, 4C) each."""
+    ``(gamma, beta)``, (1, 1, 1, 4C) each; ``fast``: its fast-math form. Each step is the module's
+    operation, in its order, on the same values (see the module docstring)."""
     src, res = _rows(h, nchw=False), _rows(x)
     extra = None if skip is None else _rows(skip)
     batch, tokens, width = src.shape[0], src.shape[1], first.out_features
     hidden = h.new_empty(batch, tokens, width)
-    sums = h.new_zeros(batch, width)
     step = _chunk_rows(width, h.element_size())
     joined = None if extra is None else h.new_empty(step, first.in_features)  # one chunk of cat(h, skip)
-    for b in range(batch):
-        for s in range(0, tokens, step):
-            hid, rows = hidden[b, s : s + step], src[b, s : s + step]
-            if extra is not None and joined is not None:
-                rows = torch.cat([rows, extra[b, s : s + step]], dim=1, out=joined[: rows.shape[0]])
-            torch.addmm(first.bias, rows, first.weight.t(), out=hid)
-            torch.ops.aten.gelu_(hid)
-            sums[b] += hid.square().sum(dim=0)
-    norm = sums.sqrt_()  # (B, 4C): the spatial L2 norm of every channel
-    gamma, beta = grn
-    scale = gamma.view(1, -1) * (norm / (norm.mean(dim=1, keepdim=True) + 1e-6)) + 1  # (B, 4C)
-    bias = torch.addmv(second.bias, second.weight, beta.view(-1))  # (C,): W2 · β + b2
+    flat_src, flat_hidden = src.reshape(batch * tokens, -1), hidden.view(batch * tokens, width)
+    flat_extra = None if extra is None else extra.reshape(batch * tokens, -1)
+    for s in range(0, batch * tokens, step):  # rows of all samples, as the module's one linear
+        hid, rows = flat_hidden[s : s + step], flat_src[s : s + step]
+        if flat_extra is not None and joined is not None:
+            rows = torch.cat([rows, flat_extra[s : s + step]], dim=1, out=joined[: rows.shape[0]])
+        torch.addmm(first.bias, rows, first.weight.t(), out=hid)
+        torch.ops.aten.gelu_(hid)
+    gamma, beta = (p.view(-1) for p in grn)
+    n = _grn_scale(hidden.view(*h.shape[:3], width), fast).view(batch, width)  # (B, 4C)
+    if fast:
+        n = gamma * n + 1
     out = torch.empty_like(x, memory_format=torch.channels_last)
     dst = _rows(out)
-    tmp = h.new_empty(step, second.out_features)
+    grn_out, tmp = h.new_empty(step, width), h.new_empty(step, second.out_features)
     for b in range(batch):
         for s in range(0, tokens, step):
             e = min(s + step, tokens)
-            t, hid = tmp[: e - s], hidden[b, s:e].mul_(scale[b])  # the GRN, while the chunk is cached
-            torch.addmm(bias, hid, second.weight.t(), out=t)
-            torch.add(res[b, s:e], t, out=dst[b, s:e])
+            hid, y, t = hidden[b, s:e], grn_out[: e - s], tmp[: e - s]
+            if fast:
+                torch.addcmul(beta, hid, n[b], out=y)
+            else:
+                torch.mul(hid, n[b], out=y).mul_(gamma).add_(beta).add_(hid)
+            torch.addmm(second.bias, y, second.weight.t(), out=t)
+            torch.add(t, res[b, s:e], out=dst[b, s:e])
     return out
+
+
+def _grn_scale(x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """The GRN's ``n`` (B, 1, 1, 4C) of x (B, H, W, 4C), computed as ``GlobalResponseNorm`` does."""
+    if fast and x.dtype == torch.float32:
+        g = x.square().sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+    else:
+        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    return g / (g.mean(dim=-1, keepdim=True) + 1e-6)

@@ -119,7 +119,7 @@ class ResBlock(nn.Module):
             first, _, grn, _, second = self.channelwise
             assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
             assert isinstance(grn, GlobalResponseNorm)
-            return grn_mlp_residual(x, h, skip, first, (grn.gamma, grn.beta), second)
+            return grn_mlp_residual(x, h, skip, first, (grn.gamma, grn.beta), second, grn.fast)
         if skip is not None:
             h = torch.cat([h, skip.permute(0, 2, 3, 1)], dim=-1)  # (B, H, W, C + C_skip)
         return _add_residual(x, self.channelwise(h))
