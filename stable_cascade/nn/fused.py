@@ -102,29 +102,42 @@ def grn_mlp_residual(
         torch.addmm(first.bias, rows, first.weight.t(), out=hid)
         torch.ops.aten.gelu_(hid)
     gamma, beta = (p.view(-1) for p in grn)
-    n = _grn_scale(hidden.view(*h.shape[:3], width), fast).view(batch, width)  # (B, 4C)
-    if fast:
-        n = gamma * n + 1
+    n = grn_scale(hidden.view(*h.shape[:3], width), fast).view(batch, width)  # (B, 4C)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     dst = _rows(out)
     grn_out, tmp = h.new_empty(step, width), h.new_empty(step, second.out_features)
     for b in range(batch):
         for s in range(0, tokens, step):
             e = min(s + step, tokens)
-            hid, y, t = hidden[b, s:e], grn_out[: e - s], tmp[: e - s]
-            if fast:
-                torch.addcmul(beta, hid, n[b], out=y)
-            else:
-                torch.mul(hid, n[b], out=y).mul_(gamma).add_(beta).add_(hid)
+            y, t = grn_apply(hidden[b, s:e], n[b], gamma, beta, fast, grn_out[: e - s]), tmp[: e - s]
             torch.addmm(second.bias, y, second.weight.t(), out=t)
             torch.add(t, res[b, s:e], out=dst[b, s:e])
     return out
 
 
-def _grn_scale(x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """The GRN's ``n`` (B, 1, 1, 4C) of x (B, H, W, 4C), computed as ``GlobalResponseNorm`` does."""
+def grn_scale(x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """The GRN's per-channel scale ``n`` (B, 1, 1, C) of x (B, H, W, C): its spatial L2 norm over the
+    channels' mean. ``fast`` (float32): a square root of a sum of squares, several times faster on CPUs
+    than ``vector_norm`` over non-innermost dims, clamped so that an all-zero channel gets
+    ``vector_norm``'s zero gradient, not NaN."""
     if fast and x.dtype == torch.float32:
         g = x.square().sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
     else:
         g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
     return g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+
+
+def grn_apply(
+    x: torch.Tensor,
+    n: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    fast: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The GRN's elementwise steps without autograd, into ``out`` (a new tensor if None): diffusers'
+    ``gamma * (x * n) + beta + x`` in its order, or with ``fast`` one pass ``x * (gamma * n + 1) + beta``."""
+    if fast:
+        return torch.addcmul(beta, x, gamma * n + 1, out=out)
+    scaled = torch.mul(x, n) if out is None else torch.mul(x, n, out=out)
+    return scaled.mul_(gamma).add_(beta).add_(x)

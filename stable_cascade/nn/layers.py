@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stable_cascade.nn.fused import grn_mlp_residual, use_fused
+from stable_cascade.nn.fused import grn_apply, grn_mlp_residual, grn_scale, use_fused
 from stable_cascade.specs import UNetConfig
 
 
@@ -84,18 +84,13 @@ class GlobalResponseNorm(nn.Module):
         self.fast = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        if self.fast and x.dtype == torch.float32:
-            # Clamped so that an all-zero channel gets vector_norm's zero gradient, not NaN.
-            g = x.square().sum(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
-        else:
-            g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
-        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-        if self.fast:
-            out = None if torch.is_grad_enabled() else x  # in place: x is this block's own GELU output
-            return torch.addcmul(self.beta, x, self.gamma * n + 1, out=out)
+        n = grn_scale(x, self.fast)  # (B, 1, 1, C)
+        if torch.is_grad_enabled() and self.fast:
+            return torch.addcmul(self.beta, x, self.gamma * n + 1)
         if torch.is_grad_enabled():
             return self.gamma * (x * n) + self.beta + x
-        return (x * n).mul_(self.gamma).add_(self.beta).add_(x)  # the same steps, one buffer
+        # In place with fast: x is this block's own GELU output; otherwise the same steps, one buffer.
+        return grn_apply(x, n, self.gamma, self.beta, self.fast, out=x if self.fast else None)
 
 
 class ResBlock(nn.Module):
