@@ -47,8 +47,9 @@ def unets(config: UNetConfig, args: argparse.Namespace, seed: int) -> dict[str, 
         models["ours, fast math"] = _twin(ours)
         models["ours, fast math"].set_fast_math()
     if args.compile:
-        models["ours, compiled"] = _twin(ours)
-        models["ours, compiled"].compile(mode=args.compile, dynamic=False)
+        name = "ours, regional" if args.regional else "ours, compiled"
+        models[name] = _twin(ours)
+        models[name].compile(mode=args.compile, dynamic=False, regional=args.regional)
     return models
 
 
@@ -68,7 +69,8 @@ def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: 
     x2, r2 = torch.cat([x, x]), torch.full((2 * batch,), 0.5, device=device, dtype=dtype)
     ours, theirs = models["ours"], models["diffusers"]
     with torch.inference_mode():
-        samples = harness.interleaved(runs, args.repeats, device)
+        first: dict[str, float] = {}
+        samples = harness.interleaved(runs, args.repeats, device, first_calls=first)
         memory = {name: harness.peak_memory(run, device) for name, run in runs.items()}
         cache = ours.prepare(x2.shape[-2:], **doubled)
         flops = {
@@ -83,6 +85,7 @@ def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: 
         "loop_s": harness.medians(samples),
         "loop_best_s": harness.bests(samples),
         "loop_samples_s": samples,
+        "first_call_s": first,
         "step_ms": {k: v / steps * 1e3 for k, v in harness.medians(samples).items()},
         "peak_mib": memory,
         "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
@@ -117,7 +120,8 @@ def bench_decoder(
         **{f"A|{n}": run for n, run in {**decodes, "ours, tiled": tiled["ours"]}.items()},
     }
     with torch.inference_mode():
-        samples = harness.interleaved(timed, args.repeats, device)  # all in the same rounds
+        first: dict[str, float] = {}
+        samples = harness.interleaved(timed, args.repeats, device, first_calls=first)  # same rounds
         part = {
             kind: {k.split("|")[1]: v for k, v in samples.items() if k.startswith(kind + "|")}
             for kind in ("B+A", "B", "A")
@@ -140,6 +144,7 @@ def bench_decoder(
         "loop_s": seconds,
         "loop_best_s": harness.bests(part["B+A"]),
         "loop_samples_s": part["B+A"],
+        "first_call_s": {k.split("|")[1]: v for k, v in first.items() if k.startswith("B+A|")},
         "stage_b_s": loop_s,
         "step_ms": {k: v / steps * 1e3 for k, v in loop_s.items()},
         "stage_a_s": decode_s,
@@ -195,6 +200,7 @@ def print_result(result: dict[str, Any], ceiling: float) -> None:
         "{:17.3f}",
     )
     row("loop, best run (s)", result["loop_best_s"], "{:17.3f}")
+    row("first call, compiling (s)", result["first_call_s"], "{:17.3f}")
     if "stage_a_s" in result:
         row("  Stage B alone (s)", result["stage_b_s"], "{:17.3f}")
         row("  Stage A decode alone (s)", result["stage_a_s"], "{:17.3f}")
@@ -269,6 +275,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--fast-math", action="store_true", help="also time ours with unet.set_fast_math()")
     parser.add_argument("--compile", metavar="MODE", help="also time ours with unet.compile(mode=MODE)")
+    parser.add_argument("--regional", action="store_true", help="with --compile: compile block by block")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the dtype")
     parser.add_argument("--json", help="write all numbers to this file")
     args = parser.parse_args()

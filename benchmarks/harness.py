@@ -229,13 +229,23 @@ def decode(vqgan: Any, x: torch.Tensor, **options: Any) -> torch.Tensor:
 
 
 def interleaved(
-    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    warmup: int = 1,
+    first_calls: dict[str, float] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each repetition of each run, after ``warmup`` untimed ones. Every round runs each
-    once, in alternating order, so that load from other processes hits all of them alike."""
-    for run in runs.values():
-        for _ in range(warmup):
+    once, in alternating order, so that load from other processes hits all of them alike.
+    ``first_calls`` receives the seconds of each run's first call (with compilation, if any)."""
+    for name, run in runs.items():
+        for i in range(warmup):
+            synchronize(device)
+            start = time.perf_counter()
             run()
+            synchronize(device)
+            if i == 0 and first_calls is not None:
+                first_calls[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for i in range(repeats):

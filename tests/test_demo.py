@@ -3,6 +3,7 @@ and the documented command retrains it; its tokenizer keeps every word of the gr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from stable_cascade.cli.main import main
+from stable_cascade.cli.main import build_parser, main
 from stable_cascade.demo import DEMO_SIZE, Recipe, evaluate_demo, load_demo
 from stable_cascade.demo.tokenizer import words_of, write_tokenizer
 from stable_cascade.pipelines.bundles import BUNDLES, DEMO_DIR
@@ -99,11 +101,24 @@ def test_documented_retrain_command_builds_a_loadable_cascade(
         "stage-c",
         "stage-b-refine",
     }
+    # Stage C's text encoder is the fresh one, untouched (the recipe keeps it frozen).
+    fresh = load_file(tmp_path / "run" / "text_c" / "text_encoder" / "model.safetensors")
+    shipped = load_file(model / "prior" / "text_encoder" / "model.safetensors")
+    assert fresh.keys() == shipped.keys() and all(torch.equal(fresh[k], shipped[k]) for k in fresh)
     capsys.readouterr()
     assert main(["demo", "evaluate", str(model), "--limit", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["single"]["images"] == 2 and printed["double"]["images"] == 2
     assert main(["demo", "evaluate", str(model), "--limit", "0"]) == 2
+
+
+def test_retrain_command_takes_every_recipe_field() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["demo", "train", "out", "--stage-c-steps", "7", "--effnet-scale", "0.5"])
+    assert (args.stage_c_steps, args.effnet_scale, args.stage_c_train_text_encoder) == (7, 0.5, False)
+    args = parser.parse_args(["demo", "train", "out", "--stage-c-train-text-encoder"])
+    assert args.stage_c_train_text_encoder is True
+    assert {f.name for f in dataclasses.fields(Recipe)} <= set(vars(args))
 
 
 def test_recipe_defaults_are_the_shipped_ones() -> None:

@@ -247,23 +247,28 @@ def test_tiled_stage_a_decode_equals_the_whole_decode() -> None:
 # -- torch.compile ------------------------------------------------------------------------------------
 
 
-def test_compile_wraps_the_per_step_pass() -> None:
+@pytest.mark.parametrize("regional", [False, True])
+def test_compile_wraps_the_per_step_pass(regional: bool) -> None:
+    """Whole pass: one graph. Regional: one per kind of block (the res blocks with and without a
+    skip input trace apart), however many blocks there are; the outputs stay the same."""
     _, ours = twins(PRIOR)
     cond, _ = branches(PRIOR, batch=1)
     x = torch.randn(1, 16, 4, 4)
     with torch.no_grad():
         expected = ours(x, 0.5, **cond).sample
+    blocks = [m for m in ours.modules() if type(m).__name__ in ("ResBlock", "TimestepBlock", "AttnBlock")]
     graphs: list[object] = []
 
     def backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         graphs.append(graph)
         return graph.forward  # no code generation: only checks that the step goes through dynamo
 
-    ours.compile(backend=backend, dynamic=False)
+    ours.compile(backend=backend, dynamic=False, regional=regional)
     try:
         with torch.no_grad():
-            got = ours(x, 0.5, **cond).sample
+            got = [ours(x, 0.5, **cond).sample for _ in range(2)]
     except RuntimeError as error:  # dynamo unsupported on this Python/torch build
         pytest.skip(f"torch.compile unavailable: {error}")
-    assert graphs
-    torch.testing.assert_close(got, expected)
+    assert len(blocks) == 18 and len(graphs) == (4 if regional else 1), len(graphs)
+    for sample in got:
+        torch.testing.assert_close(sample, expected)

@@ -32,10 +32,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("out_dir", metavar="OUT_DIR", help="where data, checkpoints and the model go")
     defaults = Recipe()
     for field in dataclasses.fields(Recipe):
-        value = getattr(defaults, field.name)
-        train.add_argument(
-            f"--{field.name.replace('_', '-')}", type=type(value), default=value, help=f"({value})"
-        )
+        value, flag = getattr(defaults, field.name), f"--{field.name.replace('_', '-')}"
+        if isinstance(value, bool):  # --flag / --no-flag
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"({value})")
+        else:
+            train.add_argument(flag, type=type(value), default=value, help=f"({value})")
     train.add_argument(
         "--install", action="store_true", help=f"copy the result over the shipped model ({DEMO_DIR})"
     )

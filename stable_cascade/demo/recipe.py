@@ -6,9 +6,11 @@
    mostly plain Gaussian, as the sampler's (pyramid noise only at the 2×2 and 1×1 levels: enough
    that the background cannot be read off a noisy latent), and the encoder always sees the image at
    ¾ of its size, the 3×3 latent Stage C makes.
-4. Stage C learns to generate the (now frozen) EfficientNet latents from text; the text encoder (a
-   small CLIP text tower with a word-level tokenizer, :mod:`stable_cascade.demo.tokenizer`) learns
-   with it.
+4. Stage C learns to generate the (now frozen) EfficientNet latents from text, read by a fresh,
+   frozen text encoder (a small CLIP text tower with a word-level tokenizer,
+   :mod:`stable_cascade.demo.tokenizer`). Random, it keeps every word apart; trained jointly with
+   Stage C it merged the words Stage C had not yet learned to use ("left"/"right", "circle"/"square"),
+   and Stage C never learned positions.
 5. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
 The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them.
 """
@@ -55,8 +57,8 @@ class Recipe:
     seed: int = 0
     stage_a_steps: int = 1_500
     stage_b_steps: int = 5_000
-    stage_b_refine_steps: int = 5_000  # on the final (frozen) encoders
-    stage_c_steps: int = 3_000
+    stage_b_refine_steps: int = 8_000  # on the final (frozen) encoders
+    stage_c_steps: int = 6_000
     batch_size: int = 16
     stage_c_batch_size: int = 32
     lr: float = 1e-3
@@ -64,6 +66,7 @@ class Recipe:
     ema_decay: float = 0.995
     pyramid_noise_max_side: int = 2  # Stage B: the default 16 is most of the noise of a 32×32 latent
     effnet_scale: float = 0.75  # Stage B: the encoder's input size / image size (3×3 latents)
+    stage_c_train_text_encoder: bool = False  # True: the text encoder learns with Stage C
 
 
 def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
@@ -128,7 +131,8 @@ def calibrate_stage_a(folder: Path, data: Path, count: int = 256) -> float:
 
 
 def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[TrainConfig, Components]:
-    """Stage C on the EfficientNet encoder Stage B trained, with a fresh text encoder learning jointly."""
+    """Stage C on the EfficientNet encoder Stage B trained, with a fresh text encoder (frozen unless
+    ``recipe.stage_c_train_text_encoder``)."""
     tokenizer, text_encoder = load_text_encoder(fresh_text_encoder(out / "text_c", recipe.seed + 1))
     parts = Components(
         prior=fresh_model("stage-c", "demo_prior", recipe.seed),  # type: ignore[arg-type]
@@ -143,7 +147,7 @@ def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[T
         out / "stage_c",
         steps=recipe.stage_c_steps,
         batch_size=recipe.stage_c_batch_size,
-        train_text_encoder=True,
+        train_text_encoder=recipe.stage_c_train_text_encoder,
     )
     return config, parts
 
