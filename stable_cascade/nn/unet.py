@@ -117,9 +117,8 @@ class StableCascadeUNet(PretrainedModel):
     def _level(self, i: int, direction: str) -> nn.ModuleList:
         cfg = self.config
         c = cfg.block_out_channels[i]
-        layers = (
-            cfg.down_num_layers_per_block if direction == "down" else cfg.up_num_layers_per_block[::-1]
-        )[i]
+        per_level = cfg.down_num_layers_per_block if direction == "down" else cfg.up_num_layers_per_block
+        layers = per_level[i] if direction == "down" else per_level[::-1][i]
         # In the up path the very first block of every level but the deepest takes the skip.
         takes_skip = direction == "up" and i < len(cfg.block_out_channels) - 1
         blocks: list[nn.Module] = []
@@ -333,20 +332,12 @@ class StableCascadeUNet(PretrainedModel):
     # -- speed and precision ------------------------------------------------------------------------
 
     def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
-        """``torch.compile`` the per-step pass over a cache (``mode="reduce-overhead"``: CUDA graphs).
-
-        ``regional=True`` compiles each res, timestep and attention block on its own instead of the
-        whole pass: blocks of one kind and shape share one compiled graph, so compiling costs about
-        as much for the 84 block layers of the full Stage B as for a handful, where the whole-pass
-        graph took minutes. The glue between blocks stays eager.
-        """
-        if not regional:
-            self._compiled_denoise = torch.compile(self._denoise, *args, **kwargs)
-            return
-        self._compiled_denoise = None
-        for module in self.modules():
-            if isinstance(module, (ResBlock, TimestepBlock, AttnBlock)):
-                module.compile(*args, **kwargs)
+        """``torch.compile`` the per-step pass over a cache (``mode="reduce-overhead"``: CUDA graphs);
+        ``regional=True``: each block instead, blocks of one kind sharing a graph (the glue stays eager)."""
+        self._compiled_denoise = None if regional else torch.compile(self._denoise, *args, **kwargs)
+        blocks = [m for m in self.modules() if isinstance(m, (ResBlock, TimestepBlock, AttnBlock))]
+        for block in blocks if regional else []:
+            block.compile(*args, **kwargs)
 
     def set_fast_math(self, enabled: bool = True) -> None:
         """Fuse the GRN and timestep modulation passes (faster; no longer bit-identical to diffusers,
