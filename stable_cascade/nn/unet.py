@@ -117,8 +117,9 @@ class StableCascadeUNet(PretrainedModel):
     def _level(self, i: int, direction: str) -> nn.ModuleList:
         cfg = self.config
         c = cfg.block_out_channels[i]
-        per_level = cfg.down_num_layers_per_block if direction == "down" else cfg.up_num_layers_per_block
-        layers = per_level[i] if direction == "down" else per_level[::-1][i]
+        layers = (
+            cfg.down_num_layers_per_block if direction == "down" else cfg.up_num_layers_per_block[::-1]
+        )[i]
         # In the up path the very first block of every level but the deepest takes the skip.
         takes_skip = direction == "up" and i < len(cfg.block_out_channels) - 1
         blocks: list[nn.Module] = []
@@ -332,12 +333,11 @@ class StableCascadeUNet(PretrainedModel):
     # -- speed and precision ------------------------------------------------------------------------
 
     def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
-        """``torch.compile`` the per-step pass over a cache (``mode="reduce-overhead"``: CUDA graphs);
-        ``regional=True``: each block instead, blocks of one kind sharing a graph (the glue stays eager)."""
+        """``torch.compile`` the per-step pass; ``regional=True``: each block, one graph per kind of block."""
         self._compiled_denoise = None if regional else torch.compile(self._denoise, *args, **kwargs)
-        blocks = [m for m in self.modules() if isinstance(m, (ResBlock, TimestepBlock, AttnBlock))]
-        for block in blocks if regional else []:
-            block.compile(*args, **kwargs)
+        for block in self.modules() if regional else ():
+            if isinstance(block, (ResBlock, TimestepBlock, AttnBlock)):
+                block.compile(*args, **kwargs)
 
     def set_fast_math(self, enabled: bool = True) -> None:
         """Fuse the GRN and timestep modulation passes (faster; no longer bit-identical to diffusers,
