@@ -36,13 +36,13 @@ def test_the_shipped_demo_is_small_and_complete() -> None:
 
 def test_demo_follows_held_out_single_object_prompts() -> None:
     """Prompts whose (shape, colour, position) never occurred in training, scored by the evaluator.
-    The bounds are the shipped model's level (README), far above an untrained cascade's (~0.05
-    attributes, ~0.1 backgrounds): every background right, most object colours, a part of the rest."""
+    The bounds: the issue's goal (80 % of attributes; the shipped model gets 86.5 %, README), far
+    above an untrained cascade's (~0.05 attributes, ~0.1 backgrounds)."""
     scores = evaluate_demo(kinds=("single",), batch_size=84)  # all 84 held-out single prompts
     summary = scores["single"].summary()
     assert scores["single"].images == len(held_out_prompts("single"))
-    assert summary["background"] >= 0.95 and summary["colour"] >= 0.7, summary
-    assert summary["attributes"] >= 0.4, summary
+    assert summary["background"] >= 0.95 and summary["colour"] >= 0.8, summary
+    assert summary["attributes"] >= 0.8, summary
 
 
 def test_demo_generates_offline_from_the_command_line(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -430,16 +429,13 @@ def test_cli_trains_stage_a_end_to_end(
     assert saved["step"] == 2 and saved["config"]["buckets"] == [1.0, 2 / 3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-#: Run by each process: the command line's arguments → config → training, then a weights checksum.
+#: Run by each process: the command line's arguments → config → training, then a weights checksum
+#: (of the full weights: under FSDP each process holds a shard).
 WORKER = """
 import os, sys
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from stable_cascade.cli.main import build_parser
 from stable_cascade.cli.train import config_from_args
 from stable_cascade.training import load_components, make_task, train
@@ -448,14 +444,24 @@ torch.set_num_threads(1)
 config = config_from_args(build_parser().parse_args(sys.argv[1:]))
 task = make_task(config, load_components(config))
 train(config, task=task)
-tensors = [*task.trainee.parameters(), *task.trainee.buffers()]
-print("process", os.environ["RANK"], "checksum", repr(sum(float(t.double().sum()) for t in tensors)))
+full = get_model_state_dict(task.trainee, options=StateDictOptions(full_state_dict=True))
+checksum = repr(sum(float(t.double().sum()) for t in full.values()))
+print("process", os.environ["RANK"], "checksum", checksum, "sharded", isinstance(task.trainee, FSDPModule))
 """
+#: What ``accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
+#: --fsdp_transformer_layer_cls_to_wrap ResBlock,TimestepBlock,AttnBlock`` sets.
+FSDP = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResBlock,TimestepBlock,AttnBlock",
+}
 
 
-def test_two_processes_train_as_one(data: Path, tmp_path: Path) -> None:
-    """DDP on two CPU processes (gloo): each trains on its share, both end with the same weights."""
-    parts = components(tmp_path)
+@pytest.fixture(scope="module")
+def launcher(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    folder = tmp_path_factory.mktemp("two_processes")
+    parts = components(folder)
     prior = StableCascadePriorPipeline(
         tokenizer=parts.tokenizer,
         text_encoder=parts.text_encoder,
@@ -463,28 +469,82 @@ def test_two_processes_train_as_one(data: Path, tmp_path: Path) -> None:
         scheduler=DDPMWuerstchenScheduler(),
         effnet=parts.effnet,
     )
-    prior.save_pretrained(tmp_path / "pipeline")
-    (tmp_path / "worker.py").write_text(WORKER)
-    out = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launch += ["--master_port", str(_free_port()), str(tmp_path / "worker.py"), "train", "stage-c"]
-    options = ["--data", str(data), "--pretrained", str(tmp_path / "pipeline"), "--resolution", "64"]
-    options += ["--batch-size", "1", "--steps", "3", "--lr", "1e-3", "--train-text-encoder", "-o", str(out)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(launch + options, capture_output=True, text=True, env=env, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    checksums = dict(line.split()[1::2] for line in done.stdout.splitlines() if line.startswith("process"))
-    assert checksums.keys() == {"0", "1"} and checksums["0"] == checksums["1"], checksums
+    prior.save_pretrained(folder / "pipeline")
+    (folder / "worker.py").write_text(WORKER)
+    yield Launcher(folder, data, parts.prior.state_dict())  # type: ignore[union-attr]
+
+
+class Launcher:
+    """Stage C + its text encoder, 3 steps of batch 1 per process, on two CPU processes (gloo)."""
+
+    def __init__(self, folder: Path, data: Path, initial: dict[str, torch.Tensor]) -> None:
+        self.folder, self.data, self.initial = folder, data, initial
+        self.runs: dict[str, Path] = {}
+
+    def __call__(
+        self, name: str, env: dict[str, str], *options: str, fails: str | None = None
+    ) -> dict[str, tuple[str, str]]:
+        """Train into ``folder/name``; per process, the checksum of the weights it ends with and
+        whether it trained a sharded model. ``fails``: the run must fail with this message instead."""
+        out = self.folder / name
+        # --standalone: the rendezvous picks a free port itself (no race with other processes)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        launch += [str(self.folder / "worker.py"), "train", "stage-c"]
+        launch += ["--data", str(self.data), "--pretrained", str(self.folder / "pipeline")]
+        launch += ["--resolution", "64", "--batch-size", "1", "--steps", "3", "--lr", "1e-3"]
+        launch += ["--train-text-encoder", "--checkpoint-every", "2", "-o", str(out), *options]
+        cpu = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **cpu, **env}
+        done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=240, check=False)
+        if fails is not None:
+            assert done.returncode != 0 and fails in done.stderr, done.stderr[-3000:]
+            return {}
+        assert done.returncode == 0, done.stderr[-3000:]
+        self.runs[name] = out
+        ends = [line.split()[1::2] for line in done.stdout.splitlines() if line.startswith("process")]
+        return {rank: (checksum, sharded) for rank, checksum, sharded in ends}
+
+    def weights(self, name: str, step: int, file: str = "model") -> dict[str, torch.Tensor]:
+        return load_file(self.runs[name] / f"checkpoint-{step}" / f"{file}.safetensors")
+
+
+def test_two_processes_train_as_one(launcher: Launcher) -> None:
+    """DDP on two CPU processes (gloo): each trains on its share, both end with the same weights."""
+    ends = launcher("ddp", {})
+    assert ends.keys() == {"0", "1"} and ends["0"] == ends["1"] == (ends["0"][0], "False"), ends
+    out = launcher.runs["ddp"]
     saved = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert saved["world_size"] == 2
     rng = {p.name for p in (out / "checkpoint-3").glob("rng-*")}
     assert rng == {"rng-0.safetensors", "rng-1.safetensors"}  # each process's random state
-    initial = parts.prior.state_dict()  # type: ignore[union-attr]
-    trained = load_file(out / "checkpoint-3" / "model.safetensors")
+    trained = launcher.weights("ddp", 3)
     assert not all(
-        torch.equal(v, initial[k.removeprefix("unet.")]) for k, v in trained.items() if k.startswith("unet.")
+        torch.equal(v, launcher.initial[k.removeprefix("unet.")])
+        for k, v in trained.items()
+        if k.startswith("unet.")
     )
     assert StableCascadePriorPipeline.from_pretrained(out / "final").prior.config == tiny.TINY_PRIOR
+
+
+def test_fsdp_on_two_processes_trains_as_ddp_and_resumes_exactly(launcher: Launcher) -> None:
+    """FSDP (torch's fully_shard, the blocks wrapped as accelerate's launcher asks) on two CPU
+    processes: the same weights and EMA as DDP, full checkpoints, and an exact resume."""
+    if "ddp" not in launcher.runs:
+        launcher("ddp", {})
+    ends = launcher("fsdp", FSDP)
+    assert ends.keys() == {"0", "1"} and ends["0"] == ends["1"] == (ends["0"][0], "True"), ends
+    for file in ("model", "ema"):
+        sharded, replicated = launcher.weights("fsdp", 3, file), launcher.weights("ddp", 3, file)
+        assert sharded.keys() == replicated.keys()
+        for key, value in sharded.items():
+            torch.testing.assert_close(value, replicated[key], rtol=1e-4, atol=1e-6, msg=key)
+    launcher("fsdp_resumed", FSDP, "--resume", str(launcher.runs["fsdp"] / "checkpoint-2"))
+    for file in ("model", "ema"):
+        resumed, straight = launcher.weights("fsdp_resumed", 3, file), launcher.weights("fsdp", 3, file)
+        assert all(torch.equal(resumed[key], value) for key, value in straight.items())
+    final = launcher.runs["fsdp"] / "final"
+    assert StableCascadePriorPipeline.from_pretrained(final).prior.config == tiny.TINY_PRIOR
+    launcher("fsdp1", {**FSDP, "FSDP_VERSION": "1"}, fails="launch with --fsdp_version 2")
 
 
 def test_missing_accelerate_says_which_extra_to_install(

@@ -12,6 +12,7 @@ continues bit for bit as the uninterrupted run would have.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
@@ -84,6 +85,7 @@ def train(config: TrainConfig, components: Components | None = None, *, task: Ta
         ) from error
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    _shard_on_cpu(accelerator)
     try:
         return _Run(config, task or components, accelerator).run()
     finally:
@@ -109,6 +111,11 @@ class _Run:
         self.task: Task = given
         if config.task == "lora" and self.sharded:
             raise ValueError("LoRA training with FSDP is not supported; LoRA trains few weights: use DDP")
+        if self.sharded and not accelerator.is_fsdp2:
+            raise ValueError(
+                "FSDP version 1 is not supported (the UNet's blocks compute their conditioning outside "
+                "forward, which only FSDP2 gathers weights for); launch with --fsdp_version 2"
+            )
         if config.gradient_checkpointing:
             _enable_checkpointing(self.task.trainee)
         dataset, groups = bucketed_dataset(
@@ -143,6 +150,8 @@ class _Run:
         scheduler = LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         weights = LossWeights(config.loss_weighting)
         model, stepper = accelerator.prepare(trainee, optimizer)
+        if self.sharded:
+            _gather_in_prepare(trainee)
         self.task.to(accelerator.device)
         ema = EMA(trainee, config.ema_decay) if config.ema_decay > 0 else None
         if self.resume is not None:
@@ -288,6 +297,28 @@ class _Run:
             logger.info("exported %s to %s", self.task.name, directory)
         self.accelerator.wait_for_everyone()
         return directory
+
+
+def _shard_on_cpu(accelerator: Accelerator) -> None:
+    """FSDP for CPU processes (gloo), which accelerate leaves unsharded: torch's ``fully_shard`` runs
+    there too, so ``accelerate launch --use_fsdp`` on CPUs shards as it does on GPUs."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+
+
+def _gather_in_prepare(trainee: nn.Module) -> None:
+    """The UNet and its blocks compute their conditioning in ``prepare``, outside ``forward``: under
+    FSDP a sharded module must gather its weights for it as it does for ``forward``."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    for module in trainee.modules():
+        if isinstance(module, FSDPModule) and callable(getattr(module, "prepare", None)):
+            register_fsdp_forward_method(module, "prepare")
 
 
 def _seed_globals(seed: int) -> None:
