@@ -460,7 +460,7 @@ FSDP = {
 
 
 @pytest.fixture(scope="module")
-def launcher(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+def launcher(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Launcher:
     folder = tmp_path_factory.mktemp("two_processes")
     parts = components(folder)
     prior = StableCascadePriorPipeline(
@@ -472,7 +472,7 @@ def launcher(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     )
     prior.save_pretrained(folder / "pipeline")
     (folder / "worker.py").write_text(WORKER)
-    yield Launcher(folder, data, parts.prior.state_dict())  # type: ignore[union-attr]
+    return Launcher(folder, data, parts.prior.state_dict())  # type: ignore[union-attr]
 
 
 class Launcher:
@@ -484,7 +484,7 @@ class Launcher:
 
     def __call__(
         self, name: str, env: dict[str, str], *options: str, fails: str | None = None
-    ) -> dict[str, tuple[str, str]]:
+    ) -> dict[str, tuple[str, ...]]:
         """Train into ``folder/name``; per process, the checksum of the weights it ends with and
         whether it trained a sharded model. ``fails``: the run must fail with this message instead."""
         out = self.folder / name
@@ -502,8 +502,7 @@ class Launcher:
             return {}
         assert done.returncode == 0, done.stderr[-3000:]
         self.runs[name] = out
-        ends = {path.stem.removeprefix("end-"): path.read_text().split() for path in out.glob("end-*.txt")}
-        return {rank: (checksum, sharded) for rank, (checksum, sharded) in ends.items()}
+        return {p.stem.removeprefix("end-"): tuple(p.read_text().split()) for p in out.glob("end-*.txt")}
 
     def weights(self, name: str, step: int, file: str = "model") -> dict[str, torch.Tensor]:
         return load_file(self.runs[name] / f"checkpoint-{step}" / f"{file}.safetensors")
