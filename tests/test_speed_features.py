@@ -272,3 +272,14 @@ def test_compile_wraps_the_per_step_pass(regional: bool) -> None:
     assert len(blocks) == 18 and len(graphs) == (4 if regional else 1), len(graphs)
     for sample in got:
         torch.testing.assert_close(sample, expected)
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "reduce-overhead"}, {"options": {"triton.cudagraphs": True}}])
+def test_regional_compile_refuses_cuda_graphs(kwargs: dict[str, Any]) -> None:
+    """Blocks of one kind share a compiled graph; with CUDA graphs each run of it overwrites the
+    output the previous block handed on (seen on an H200), so the combination is refused up front."""
+    _, ours = twins(PRIOR)
+    with pytest.raises(ValueError, match="regional=False with that mode"):
+        ours.compile(regional=True, **kwargs)
+    assert ours._compiled_denoise is None
+    assert not [m for m in ours.modules() if getattr(m, "_compiled_call_impl", None) is not None]

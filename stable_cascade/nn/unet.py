@@ -35,6 +35,7 @@ from stable_cascade.nn.layers import (
     UpDownBlock2d,
     check_conditioning,
     check_sample,
+    compile_blocks,
     condition_embeddings,
     conditioning_mapper,
     per_sample,
@@ -334,10 +335,9 @@ class StableCascadeUNet(PretrainedModel):
 
     def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
         """``torch.compile`` the per-step pass; ``regional=True``: each block, one graph per kind of block."""
+        if regional:
+            compile_blocks(self, *args, **kwargs)  # first: it refuses CUDA graphs
         self._compiled_denoise = None if regional else torch.compile(self._denoise, *args, **kwargs)
-        for block in self.modules() if regional else ():
-            if isinstance(block, (ResBlock, TimestepBlock, AttnBlock)):
-                block.compile(*args, **kwargs)
 
     def set_fast_math(self, enabled: bool = True) -> None:
         """Fuse the GRN and timestep modulation passes (faster; no longer bit-identical to diffusers,
