@@ -57,7 +57,7 @@ class Recipe:
     seed: int = 0
     stage_a_steps: int = 1_500
     stage_b_steps: int = 5_000
-    stage_b_refine_steps: int = 48_000  # on the final (frozen) encoders
+    stage_b_refine_steps: int = 54_000  # on the final (frozen) encoders
     stage_c_steps: int = 6_000
     batch_size: int = 16
     stage_c_batch_size: int = 32
