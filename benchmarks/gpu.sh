@@ -4,9 +4,10 @@
 # (default, and with set_fast_math) on identical random weights built on the GPU: nothing is
 # downloaded. Prints seconds per image, images per second and Stage C's share of the bf16 peak;
 # writes the text and JSON to $OUT (else benchmarks/). Under 8 minutes: the eager race is capped
-# at 4.5 minutes, the optional run of ours with torch.compile, block by block (`compile(regional=True)`,
-# mode default: CUDA graphs need the whole pass, and the whole-pass compile of the full Stage B took
-# over 4 minutes on an H100; full, batch 1, both stages; each stage's table is printed when done) at 3.5.
+# at 4.5 minutes, the optional run of ours with torch.compile at 3.5: block by block
+# (`compile(regional=True)`, mode default, since CUDA graphs need the whole pass, whose compile of
+# the full Stage B took over 4 minutes on an H100); full, batch 1, both stages; each stage's table
+# is printed when done.
 #
 #     benchmarks/gpu.sh           # on the GPU machine, from anywhere
 #     benchmarks/gpu.sh --tiny    # the same code path on a CPU with tiny models (a few minutes)
