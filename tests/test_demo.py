@@ -18,7 +18,7 @@ from transformers import CLIPTokenizer
 from stable_cascade.cli.main import build_parser, main
 from stable_cascade.demo import DEMO_SIZE, Recipe, evaluate_demo, load_demo
 from stable_cascade.demo.tokenizer import words_of, write_tokenizer
-from stable_cascade.pipelines.bundles import BUNDLES, DEMO_DIR
+from stable_cascade.loading.bundles import BUNDLES, DEMO_DIR
 from stable_cascade.shapes import all_scenes, caption, held_out_prompts, score
 
 SHIPPED = (DEMO_DIR / "prior" / "model_index.json").is_file() and (DEMO_DIR / "decoder").is_dir()

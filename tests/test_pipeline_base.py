@@ -28,9 +28,9 @@ from transformers import (
 
 import tiny
 from stable_cascade import DDPMWuerstchenScheduler, PaellaVQModel, StableCascadeUNet
+from stable_cascade.loading.components import load_component, read_model_index
 from stable_cascade.pipelines import offload
 from stable_cascade.pipelines.base import Pipeline
-from stable_cascade.pipelines.components import load_component, read_model_index
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PROMPT = "a photo of a cat"

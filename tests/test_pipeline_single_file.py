@@ -35,11 +35,11 @@ from stable_cascade.conditioning.clip_weights import (
 )
 from stable_cascade.convert import ORIGINAL_STAGE_A_SCALE, Kind, to_original_state_dict
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.loading.single_file import effnet_config, previewer_config, resolve_checkpoint
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines.single_file import effnet_config, previewer_config, resolve_checkpoint
 from stable_cascade.specs import EffNetConfig, PreviewerConfig
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -18,6 +18,27 @@ from stable_cascade.checkpoint.files import weights_filenames
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
+_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when its data does not start on a 64-byte boundary.
+
+    safetensors hands out views at any byte offset of a file; CPU kernels take other code paths on
+    misaligned rows, so a loaded model's results would differ in the last bits from those of the
+    same weights allocated in memory. A copy is aligned like every fresh allocation.
+    """
+    return tensor if tensor.data_ptr() % _ALIGNMENT == 0 else tensor.clone()
+
+
+def align_module(module: torch.nn.Module) -> None:
+    """Give every misaligned parameter and buffer of ``module`` aligned memory (see :func:`aligned`)."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+                tensor.data = tensor.data.clone()
+
+
 def read_state_dict(
     files: Sequence[str | Path], device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -39,6 +60,7 @@ def read_state_dict(
                 f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupted: "
                 "download it again"
             ) from error
+        tensors = {k: aligned(v) for k, v in tensors.items()}
         duplicated = state_dict.keys() & tensors.keys()
         if duplicated:
             raise CheckpointError(f"{path} repeats tensors of another shard: {sorted(duplicated)[:5]}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_cascade.demo.recipe import Recipe, evaluate_demo, train_demo
-from stable_cascade.pipelines.bundles import DEMO_DIR
+from stable_cascade.loading.bundles import DEMO_DIR
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:

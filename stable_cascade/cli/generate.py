@@ -17,7 +17,7 @@ from typing import Any
 
 from stable_cascade.cli.output import output_paths, preview_path
 from stable_cascade.diffusion.samplers import SAMPLERS
-from stable_cascade.pipelines.bundles import BUNDLES, DEFAULT_BUNDLE
+from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.pipelines.metadata import GenerationParameters, Task, read_png, save_png
 from stable_cascade.pipelines.presets import PRESETS
 from stable_cascade.pipelines.runner import InputImage, Request, Runner

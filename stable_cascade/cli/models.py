@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stable_cascade.pipelines.conversion import convert_checkpoint
-from stable_cascade.pipelines.inspection import inspect_path, released_models
+from stable_cascade.loading.conversion import convert_checkpoint
+from stable_cascade.loading.inspection import inspect_path, released_models
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:

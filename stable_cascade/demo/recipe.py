@@ -30,9 +30,9 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
-from stable_cascade.pipelines.bundles import DEMO_DIR
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.pipelines.sources import ModelSources, load_models
 from stable_cascade.shapes import Score, all_scenes, caption, held_out_prompts, score_by_kind, write_dataset

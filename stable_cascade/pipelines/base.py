@@ -2,7 +2,7 @@
 
 Components and config values are registered by the subclass constructor; ``from_pretrained`` and
 ``save_pretrained`` read and write diffusers' pipeline layout (``model_index.json`` plus a subfolder
-per component, see :mod:`stable_cascade.pipelines.components`); ``to``, ``device``,
+per component, see :mod:`stable_cascade.loading.components`); ``to``, ``device``,
 ``execution_device``, explicit CPU offload and progress bars follow ``diffusers.DiffusionPipeline``.
 """
 
@@ -20,9 +20,7 @@ from tqdm.auto import tqdm
 
 from stable_cascade.checkpoint import CheckpointError, HubOptions, parse_dtype
 from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
-from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines import offload
-from stable_cascade.pipelines.components import (
+from stable_cascade.loading.components import (
     MODEL_INDEX,
     PipelineConfig,
     component_entry,
@@ -32,6 +30,8 @@ from stable_cascade.pipelines.components import (
     save_component,
     write_model_index,
 )
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines import offload
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.loading.single_file import LoadOptions, combined_components
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -27,7 +28,6 @@ from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, StableCascadePriorPipelineOutput
 from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
-from stable_cascade.pipelines.single_file import LoadOptions, combined_components
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
     from transformers import CLIPImageProcessor

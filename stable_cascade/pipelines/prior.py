@@ -19,6 +19,7 @@ from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.loading.single_file import PRIOR_REPO, LoadOptions, prior_components
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.layers import resize_like
 from stable_cascade.nn.previewer import Previewer
@@ -28,7 +29,6 @@ from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.presets import get_preset
-from stable_cascade.pipelines.single_file import PRIOR_REPO, LoadOptions, prior_components
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
 
@@ -99,7 +99,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         token: str | bool | None = None,
     ) -> StableCascadePriorPipeline:
         """A prior from a Stage C file (full, lite, bf16, fine-tune) or a ComfyUI Stage C bundle; what the
-        file lacks comes from ``components_repo`` (see :mod:`stable_cascade.pipelines.single_file`)."""
+        file lacks comes from ``components_repo`` (see :mod:`stable_cascade.loading.single_file`)."""
         options = LoadOptions.create(torch_dtype, allow_pickle, revision, cache_dir, local_files_only, token)
         components = prior_components(
             stage_c,

@@ -23,25 +23,25 @@ from torch import nn
 
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.convert import Kind, identify, split_bundle
-from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines.bundles import (
+from stable_cascade.loading.bundles import (
     DEFAULT_BUNDLE,
     OFFLINE_HINT,
     ModelBundle,
     get_bundle,
 )
-from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
-from stable_cascade.pipelines.components import MODEL_INDEX
-from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
-from stable_cascade.pipelines.inspection import PICKLE_SUFFIXES, read_header
-from stable_cascade.pipelines.prior import StableCascadePriorPipeline
-from stable_cascade.pipelines.single_file import (
+from stable_cascade.loading.components import MODEL_INDEX
+from stable_cascade.loading.inspection import PICKLE_SUFFIXES, read_header
+from stable_cascade.loading.single_file import (
     DECODER_REPO,
     PRIOR_REPO,
     LoadOptions,
     SingleFile,
     auxiliary,
 )
+from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 
 logger = logging.getLogger(__name__)
 

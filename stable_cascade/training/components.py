@@ -20,12 +20,12 @@ from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.checkpoint import PretrainedModel
+from stable_cascade.loading.components import MODEL_INDEX, load_component, read_model_index
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.layers import ResBlock, TimestepBlock
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import MixingBlock, PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines.components import MODEL_INDEX, load_component, read_model_index
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
 from stable_cascade.training.config import TrainConfig
 

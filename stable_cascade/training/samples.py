@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
-from stable_cascade.pipelines.components import MODEL_INDEX
+from stable_cascade.loading.components import MODEL_INDEX
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.outputs import postprocess
 from stable_cascade.pipelines.previews import latent_to_rgb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from stable_cascade.pipelines.single_file import DECODER_REPO, PRIOR_REPO
+from stable_cascade.loading.single_file import DECODER_REPO, PRIOR_REPO
 
 
 @dataclasses.dataclass(frozen=True)

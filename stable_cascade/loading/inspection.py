@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 from stable_cascade.checkpoint import CheckpointError, read_json_object
 from stable_cascade.convert import Identity, Kind, identify, split_bundle
 from stable_cascade.convert.keys import is_original_unet_layout
+from stable_cascade.loading.components import MODEL_INDEX, is_component_entry
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines.components import MODEL_INDEX, is_component_entry
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")

@@ -28,6 +28,7 @@ from stable_cascade.checkpoint import (
     resolve_file,
 )
 from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
+from stable_cascade.checkpoint.safetensors_io import align_module
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
@@ -166,12 +167,15 @@ def _load_transformers(
         if variant is not None:
             kwargs["variant"] = variant
     try:
-        return cls.from_pretrained(str(path_or_repo_id), **kwargs)
+        loaded = cls.from_pretrained(str(path_or_repo_id), **kwargs)
     except OSError as error:  # transformers' message names neither the component nor the subfolder
         raise OSError(
             f"cannot load component {name!r} (transformers.{class_name}) from {path_or_repo_id}/{subfolder}: "
             f"{error}"
         ) from error
+    if isinstance(loaded, torch.nn.Module):
+        align_module(loaded)
+    return loaded
 
 
 def _transformers_dtype_argument() -> str:

@@ -30,12 +30,12 @@ from stable_cascade.convert import (
 )
 from stable_cascade.convert.detect import wrong_kind_message
 from stable_cascade.convert.infer import ORIGINAL_STAGE_A_SCALE
+from stable_cascade.loading.inspection import read_header, weight_files
+from stable_cascade.loading.single_file import effnet_config, previewer_config
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.pipelines.inspection import read_header, weight_files
-from stable_cascade.pipelines.single_file import effnet_config, previewer_config
 
 logger = logging.getLogger(__name__)
 
