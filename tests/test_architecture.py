@@ -1,4 +1,4 @@
-"""The layering of STYLE.md, checked on the import statements of every library module."""
+"""The library's one-way layering (README, "Layout"), checked on every library module's imports."""
 
 from __future__ import annotations
 

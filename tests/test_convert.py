@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +30,9 @@ from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, BlockType, UNetConfig, VQConfig
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "checkpoints"
-ORIGINAL = json.loads((SPEC / "original_single_file_keys.json").read_text())
-DIFFUSERS = json.loads((SPEC / "diffusers_format_keys.json").read_text())
-CONTROLNETS = json.loads((SPEC / "original_controlnet_keys.json").read_text())
+ORIGINAL = tiny.listing("original_single_file_keys")
+DIFFUSERS = tiny.listing("diffusers_format_keys")
+CONTROLNETS = tiny.listing("original_controlnet_keys")
 PAIRS = {
     "stage_c": "prior",
     "stage_c_lite": "prior_lite",

@@ -17,13 +17,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
+import tiny
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.nn.effnet import EfficientNetEncoder, FusedMBConv, MBConv
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.specs import EffNetConfig, PreviewerConfig
 
-_REPO = Path(__file__).resolve().parents[1]
-_LISTING = Path("spec", "checkpoints", "original_single_file_keys.json")
 TINY_EFFNET = EffNetConfig(
     stage_channels=(8, 16, 16, 24, 24, 32), stage_depths=(1, 2, 1, 2, 2, 2), head_channels=64
 )
@@ -33,10 +32,8 @@ V2_S_STAGES = ((True, 1, 1), (True, 4, 2), (True, 4, 2), (False, 4, 2), (False, 
 
 
 def _listing(name: str) -> dict[str, list[int]]:
-    for root in (_REPO / "shared", _REPO.parent / "shared"):
-        if (root / _LISTING).is_file():
-            return json.loads((root / _LISTING).read_text())[name]
-    pytest.skip(f"shared/{_LISTING} not found next to the repository")
+    listing: dict[str, list[int]] = tiny.listing("original_single_file_keys")[name]
+    return listing
 
 
 def _random_tensor(name: str, shape: list[int] | torch.Size, generator: torch.Generator) -> torch.Tensor:

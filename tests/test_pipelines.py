@@ -311,8 +311,8 @@ def test_images_without_an_image_encoder_are_refused(tmp_path: Path) -> None:
 def test_reference_preset_matches_a_transcription_of_the_reference_sampler(
     prior_pair: tuple[Any, Any],
 ) -> None:
-    """Spec 7.2 written out with plain float math: shifted logSNR, noise_cond, CFG with rescale,
-    DDPM as DDIM(η=1), the last x0 handed on."""
+    """Stability's reference sampler in plain float math: shifted logSNR, noise_cond, CFG with
+    rescale, DDPM as DDIM(η=1), the last x0 handed on."""
     ours = prior_pair[1]
     steps, shift, cfg, rho = 5, 2.0, 4.0, 0.7
     got = ours(

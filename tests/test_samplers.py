@@ -165,11 +165,11 @@ def gaussian_eps(x: Tensor, ratio: Tensor) -> Tensor:
     return eps.to(x.dtype)
 
 
-# --- ddim: the reference formulas (spec 7.2) -----------------------------------------------------
+# --- ddim: the reference formulas (Stability's DDIMSampler) ------------------------------------
 
 
 def ddim_transcription(x: Tensor, schedule: Schedule, eta: float, generator: torch.Generator) -> list[float]:
-    """Spec 7.2 line by line in plain float math, one element at a time."""
+    """Stability's DDIM step line by line in plain float math, one element at a time."""
     alphas, values = schedule.alpha_cumprod.tolist(), x.flatten().tolist()
     for i in range(schedule.steps):
         ratio = schedule.ratio[i].expand(x.shape[0]).to(x.dtype)  # the ratio in x's dtype, as promised

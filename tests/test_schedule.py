@@ -1,4 +1,4 @@
-"""The cosine schedule: spec 7.2 check values, analytic identities and dtype handling."""
+"""The cosine schedule: Stability's reference check values, analytic identities and dtype handling."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,21 +12,18 @@ from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import (
 )
 from safetensors.torch import load_file
 
+import tiny
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.specs import VQ_VARIANTS
 
 TINY = VQ_VARIANTS["tiny_vqgan"]
 # float32 rounding differs between CPUs (summation order of the vectorised kernels)
 CLOSE = {"atol": 5e-5, "rtol": 5e-5}
-_REPO = Path(__file__).resolve().parents[1]
-_LISTING = Path("spec", "checkpoints", "diffusers_format_keys.json")
 
 
 def _listing() -> dict[str, list[int]]:
-    for root in (_REPO / "shared", _REPO.parent / "shared"):
-        if (root / _LISTING).is_file():
-            return json.loads((root / _LISTING).read_text())["vqgan"]
-    pytest.skip(f"shared/{_LISTING} not found next to the repository")
+    listing: dict[str, list[int]] = tiny.listing("diffusers_format_keys")["vqgan"]
+    return listing
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import StableCascadeUNet as DiffusersUNet
 
+import tiny
 from stable_cascade.checkpoint import CheckpointError
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.specs import UNET_VARIANTS, UNetConfig
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "checkpoints"
 PARAMETERS = {
     "prior": 3_589_103_632,
     "prior_lite": 1_030_785_040,
@@ -62,8 +62,8 @@ def decoder_inputs(config: UNetConfig, batch: int, h: int, w: int) -> dict[str, 
 
 @pytest.mark.parametrize("name", ["prior", "prior_lite", "decoder", "decoder_lite"])
 def test_real_configs_match_the_released_layouts(name: str) -> None:
-    listing = json.loads((SPEC / "diffusers_format_keys.json").read_text())[name]
-    configs = json.loads((SPEC / "diffusers_format_unet_configs.json").read_text())
+    listing = tiny.listing("diffusers_format_keys")[name]
+    configs = tiny.listing("diffusers_format_unet_configs")
     assert UNET_VARIANTS[name] == UNetConfig.from_dict(configs[name])
     with torch.device("meta"):
         model = StableCascadeUNet(UNET_VARIANTS[name])

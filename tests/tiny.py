@@ -6,6 +6,7 @@ text and vision towers, UNets and VQGAN are tiny random models. Nothing is downl
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ IMAGE_WIDTH = 16  # projection size of the tiny image encoder (clip_image_in_cha
 TINY_PRIOR: UNetConfig = UNET_VARIANTS["tiny_prior"]
 TINY_DECODER: UNetConfig = UNET_VARIANTS["tiny_decoder"]
 TINY_VQGAN: VQConfig = VQ_VARIANTS["tiny_vqgan"]
+#: Key and shape listings of the released checkpoints (and the released UNet configs), gzip'd JSON.
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def listing(name: str) -> dict[str, Any]:
+    """``tests/data/<name>.json.gz``: a dict from model name to its ``{key: shape}`` listing (or config)."""
+    with gzip.open(DATA / f"{name}.json.gz", "rt", encoding="utf-8") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
 
 
 def tokenizer(folder: Path) -> CLIPTokenizer:

@@ -1,4 +1,4 @@
-"""Key maps between the original Stable Cascade single files and the diffusers layout (spec 3, 4).
+"""Key maps between the original Stable Cascade single files and the diffusers layout.
 
 Every map is a pure function ``dict[str, Tensor] -> dict[str, Tensor]``: the input is never
 modified, keys keep the input's order, and split tensors are copies (so a loaded model owns no views of

@@ -1,4 +1,4 @@
-"""Classifier-free guidance as a wrapper around a noise-predicting model (spec 7.1 and 7.2)."""
+"""Classifier-free guidance as a wrapper around a noise-predicting model (diffusers' and Stability's)."""
 
 from __future__ import annotations
 

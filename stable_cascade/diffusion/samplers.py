@@ -30,7 +30,7 @@ SamplerName = Literal["ddpm", "ddim", "euler_ancestral", "dpmpp_2m"]
 def ddpm_posterior(
     x: Tensor, eps: Tensor, alpha_t: Tensor, alpha_prev: Tensor, t_prev: Tensor, generator: Generators | None
 ) -> Tensor:
-    """One DDPM posterior step from ᾱ_t to ᾱ_prev (spec 7.1), bit-identical to diffusers.
+    """One DDPM posterior step from ᾱ_t to ᾱ_prev, bit-identical to ``DDPMWuerstchenScheduler.step``.
 
     ``alpha_t``, ``alpha_prev`` and ``t_prev`` hold 1 or B values. Noise is drawn on every step, also
     when ``t_prev == 0`` where it is not added, so generators end in diffusers' state. The result has
@@ -83,7 +83,7 @@ def ddim(
     progress: Progress | None = None,
     eta: float = 0.0,
 ) -> SamplerResult:
-    """DDIM as Stability's reference ``DDIMSampler`` (spec 7.2); ``eta=1`` is its DDPM sampler.
+    """DDIM as Stability's reference ``DDIMSampler``; ``eta=1`` is its DDPM sampler.
 
     With a = √ᾱ, b = √(1−ᾱ): x0 = (x − b·ε)/a, σ = η·√(b_prev²/b²)·√(1 − a²/a_prev²),
     x_prev = a_prev·x0 + √(b_prev² − σ²)·ε + σ·z. Noise is drawn on every step when η > 0 (as

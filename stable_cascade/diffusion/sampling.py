@@ -2,8 +2,8 @@
 
 A :class:`Schedule` lists, from noisy to clean, the nominal time t, the variance-preserving ᾱ
 (``x_t = √ᾱ·x0 + √(1−ᾱ)·ε``) and the timestep ratio the network is given. Two builders cover
-Stable Cascade: :func:`diffusers_schedule` (diffusers' ``DDPMWuerstchenScheduler``, spec 7.1) and
-:func:`reference_schedule` (Stability's sampler with the logSNR shift, spec 7.2).
+Stable Cascade: :func:`diffusers_schedule` (diffusers' ``DDPMWuerstchenScheduler``) and
+:func:`reference_schedule` (Stability's sampler with the logSNR shift).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def diffusers_schedule(
     scaler: float = 1.0,
     device: torch.device | str | None = None,
 ) -> Schedule:
-    """diffusers' ``DDPMWuerstchenScheduler`` schedule: its timesteps, ᾱ(t) and ``ratio = t`` (spec 7.1)."""
+    """diffusers' ``DDPMWuerstchenScheduler`` schedule: its timesteps, ᾱ(t) and ``ratio = t``."""
     t = diffusers_timesteps(num_inference_steps, timesteps, device)
     fn = functools.partial(alpha_cumprod, s=s, scaler=scaler)
     return Schedule(t=t, alpha_cumprod=fn(t), ratio=t, alpha_cumprod_fn=fn)
@@ -121,7 +121,7 @@ def reference_schedule(
     s: float = 0.008,
     device: torch.device | str | None = None,
 ) -> Schedule:
-    """Stability's reference schedule (spec 7.2) over ``linspace(t_start, 0, steps + 1)``.
+    """Stability's reference schedule over ``linspace(t_start, 0, steps + 1)``.
 
     ᾱ = sigmoid(logSNR) of the shifted, clamped logSNR and ``ratio = noise_cond(logSNR)``, in float32
     as the original notebooks (Stage C: shift 2, 20 steps; Stage B: shift 1, 10 steps; img2img:

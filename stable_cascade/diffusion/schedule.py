@@ -2,7 +2,7 @@
 
 ``alpha_cumprod`` is the clamped cosine ᾱ(t) that diffusers' ``DDPMWuerstchenScheduler`` uses;
 ``logsnr``, ``noise_cond`` and ``reference_timesteps`` are the log-SNR schedule with shift and the
-network condition ``r`` of Stability's original sampler (spec section 7). Every function computes in
+network condition ``r`` of Stability's original sampler. Every function computes in
 the input's dtype promoted to at least float32 (float64 stays float64) on the input's device; in
 float32 the operation order is the references', so results are bit-identical to them.
 """

@@ -1,7 +1,7 @@
 """``DDPMWuerstchenScheduler``: diffusers' Stable Cascade scheduler, same numerics and config files.
 
 Continuous timesteps t ∈ [1, 0]; each step takes the DDPM posterior from t to the next timestep with
-the clamped cosine ᾱ of :func:`~stable_cascade.diffusion.schedule.alpha_cumprod` (spec 7.1).
+the clamped cosine ᾱ of :func:`~stable_cascade.diffusion.schedule.alpha_cumprod`.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class DDPMWuerstchenScheduler(PretrainedConfigMixin):
         generator: Generators | None = None,
         return_dict: bool = True,
     ) -> DDPMWuerstchenSchedulerOutput | tuple[Tensor]:
-        """One DDPM posterior step from ``timestep`` to the next timestep (spec 7.1).
+        """One DDPM posterior step from ``timestep`` to the next timestep (diffusers' formula).
 
         ``model_output`` is the predicted noise ε; ``timestep`` holds 1 or B equal values (a scalar
         works too). The result has ``model_output``'s dtype. Noise is drawn as diffusers draws it, also

@@ -4,7 +4,7 @@ Each UNet (and Stage A, the EfficientNet encoder, the previewer) is read from it
 architecture inferred from the tensors, so released models (full, lite, bf16), fine-tunes and test
 sizes all load. A ComfyUI bundle also supplies what it holds (``vae.`` Stage A or EfficientNet +
 previewer, ``text_encoder.``, ``clip_l_vision.``; :func:`convert.split_bundle`). Everything else
-comes from ``components_repo``, a diffusers repo id or folder (spec section 8), read only for what
+comes from ``components_repo``, a diffusers repo id or folder, read only for what
 is missing: the tokenizer, the CLIP encoders, the feature extractor and the scheduler
 (``DDPMWuerstchenScheduler()`` when the repo has none). Objects passed by the caller win over the
 bundle, which wins over the repo.

@@ -1,4 +1,4 @@
-"""The building blocks of the Stage B / Stage C UNet (spec section 2).
+"""The building blocks of the Stage B / Stage C UNet.
 
 Module and parameter names follow the diffusers layout so that its state dicts load unchanged.
 Blocks split their work in two: ``prepare`` computes, once per generation, what depends only on the

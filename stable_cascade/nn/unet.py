@@ -347,7 +347,7 @@ class StableCascadeUNet(PretrainedModel):
     def enable_fp16_safety(self, dtype: torch.dtype = torch.float32) -> None:
         """Keep the last up level and ``clf`` in ``dtype`` (float32 or bfloat16) while the model is float16.
 
-        The full Stage C overflows float16 in the block group that runs last (spec 9: activations
+        The full Stage C overflows float16 in the block group that runs last (activations
         beyond 65504 give NaN, black images). Those modules' weights are held in ``dtype``, the hidden
         state is cast on entry and the output back. Applied now and on every dtype change (``.to``,
         ``.half()``, ``from_pretrained(torch_dtype=…)``); inert unless the model is float16. Stage C

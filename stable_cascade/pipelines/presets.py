@@ -2,7 +2,7 @@
 
 ``"diffusers"`` reproduces diffusers' Stable Cascade pipelines (DDPM on the clamped cosine schedule,
 plain CFG, the final sample handed on). ``"reference"`` is the sampler of Stability's notebooks
-(spec 7.2): logSNR shift, CFG rescale, and the last x0 prediction handed on.
+(Stability's ``DDIMSampler`` with ``eta=1``): logSNR shift, CFG rescale, and the last x0 prediction handed on.
 """
 
 from __future__ import annotations

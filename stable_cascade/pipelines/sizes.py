@@ -1,4 +1,4 @@
-"""Image and latent sizes of the cascade (spec section 1).
+"""Image and latent sizes of the cascade.
 
 Stage C's latent is ``ceil(size / resolution_multiple)``. Stage B's latent is the Stage A latent of
 the requested image, ``size / 4``, so every multiple of 8 decodes to exactly that size; without a
