@@ -78,14 +78,23 @@ class ConfigBase:
             logger.warning("%s: ignoring keys unknown to %s: %s", source, cls.__name__, ", ".join(unknown))
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def create(cls: type[C], **values: Any) -> C:
+        """``cls(**values)`` with a ``TypeError`` naming the valid fields for an unknown one."""
+        cls._check_fields(values)
+        return cls(**values)
+
     def replace(self: C, **changes: Any) -> C:
-        unknown = sorted(set(changes) - set(self.keys()))
+        self._check_fields(changes)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def _check_fields(cls, values: Mapping[str, Any]) -> None:
+        unknown = sorted(set(values) - set(cls.keys()))
         if unknown:
             raise TypeError(
-                f"{type(self).__name__} has no field(s) {', '.join(unknown)}; "
-                f"valid fields: {', '.join(self.keys())}"
+                f"{cls.__name__} has no field(s) {', '.join(unknown)}; valid fields: {', '.join(cls.keys())}"
             )
-        return dataclasses.replace(self, **changes)
 
 
 _CTA = (BlockType.RES, BlockType.TIMESTEP, BlockType.ATTENTION)
@@ -117,8 +126,9 @@ class UNetConfig(ConfigBase):
     effnet_in_channels: int | None = None
     pixel_mapper_in_channels: int | None = None
     kernel_size: int = 3
-    # A single value (as diffusers allows) is expanded to one per level in __post_init__.
-    dropout: tuple[float, ...] = (0.1, 0.1)
+    # One value for all levels (as diffusers allows) is expanded to one per level of block_out_channels
+    # and saved as given; dropout left out is 0.1 on every level (saved as the expanded list).
+    dropout: tuple[float, ...] = None  # type: ignore[assignment]
     self_attn: tuple[bool, ...] = True  # type: ignore[assignment]
     timestep_conditioning_type: tuple[TimestepCondition, ...] = ("sca", "crp")
     switch_level: tuple[bool, ...] | None = None
@@ -132,10 +142,16 @@ class UNetConfig(ConfigBase):
             valid = ", ".join(t.value for t in BlockType)
             raise ValueError(f"block_types_per_layer: {error}; valid block types: {valid}") from error
         object.__setattr__(self, "block_types_per_layer", types)
-        if isinstance(self.dropout, (int, float)):
-            object.__setattr__(self, "dropout", (float(self.dropout),) * levels)
+        uniform: dict[str, Any] = {}  # the fields given as one value for all levels, as given
+        if self.dropout is None or isinstance(self.dropout, (int, float)):
+            uniform["dropout"] = self.dropout
+            object.__setattr__(
+                self, "dropout", (0.1 if self.dropout is None else float(self.dropout),) * levels
+            )
         if isinstance(self.self_attn, bool):
+            uniform["self_attn"] = self.self_attn
             object.__setattr__(self, "self_attn", (self.self_attn,) * levels)
+        object.__setattr__(self, "_uniform", uniform)
         per_level: dict[str, tuple[Any, ...] | None] = {
             "num_attention_heads": self.num_attention_heads,
             "down_num_layers_per_block": self.down_num_layers_per_block,
@@ -165,6 +181,16 @@ class UNetConfig(ConfigBase):
                     f"level {level}: {width} channels cannot be split into {heads} attention heads; "
                     "num_attention_heads must be positive and divide block_out_channels"
                 )
+
+    def to_dict(self) -> dict[str, Any]:
+        """diffusers' ``config.json``: ``dropout`` and ``self_attn`` saved as given (one value or a list)."""
+        uniform = {k: v for k, v in self.__dict__["_uniform"].items() if v is not None}
+        return {**super().to_dict(), **uniform}
+
+    def replace(self, **changes: Any) -> UNetConfig:
+        """A copy with ``changes``; values given for all levels follow a new ``block_out_channels``."""
+        kept = {k: v for k, v in self.__dict__["_uniform"].items() if k not in changes}
+        return super().replace(**kept, **changes)
 
     @property
     def is_stage_b(self) -> bool:

@@ -180,6 +180,16 @@ def test_from_pretrained_subfolder_dtype_and_sharding(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.state_dict()[name], tensor.to(torch.bfloat16))
 
 
+def test_inputs_without_a_mapper_are_ignored_as_in_diffusers() -> None:
+    theirs, ours = pair(PRIOR_LIKE)
+    p, d = prior_inputs(PRIOR_LIKE, 1, 4, 4), decoder_inputs(DECODER_LIKE, 1, 16, 16)
+    extra = {"effnet": d["effnet"], "pixels": d["pixels"]}
+    with torch.no_grad():
+        plain = ours(**p).sample
+        torch.testing.assert_close(ours(**p, **extra).sample, plain, rtol=0, atol=0)
+        torch.testing.assert_close(theirs(**p, **extra).sample, plain)
+
+
 def test_bad_inputs_say_what_was_expected() -> None:
     _, prior = pair(PRIOR_LIKE)
     _, decoder = pair(DECODER_LIKE)
@@ -187,7 +197,6 @@ def test_bad_inputs_say_what_was_expected() -> None:
     cases = [
         (prior, {**p, "sample": torch.randn(1, 4, 4, 4)}, r"\(B, 16, H, W\)"),
         (prior, {**p, "clip_text": None}, "requires clip_text"),
-        (prior, {**p, "effnet": d["effnet"]}, "takes no effnet"),
         (prior, {**p, "clip_text": torch.randn(2, 7, 24)}, "batch size"),
         (prior, {**p, "sca": torch.ones(3)}, r"shape \(1,\)"),
         (decoder, {**d, "effnet": None}, "requires effnet"),
@@ -220,3 +229,58 @@ def test_bad_configs_and_checkpoints_are_reported(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         StableCascadeUNet.from_pretrained(tmp_path / "decoder")
+
+
+FOUR_LEVELS = {
+    "block_out_channels": (8, 8, 16, 16),
+    "num_attention_heads": (0, 0, 2, 2),
+    "down_num_layers_per_block": (1, 1, 1, 1),
+    "up_num_layers_per_block": (1, 1, 1, 1),
+    "down_blocks_repeat_mappers": (1, 1, 1, 1),
+    "up_blocks_repeat_mappers": (1, 1, 1, 1),
+    "block_types_per_layer": (
+        *[("SDCascadeResBlock", "SDCascadeTimestepBlock")] * 2,
+        *[("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock")] * 2,
+    ),
+    "conditioning_dim": 16,
+    "clip_text_pooled_in_channels": 8,
+    "clip_seq": 2,
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"dropout": (0.0, 0.0, 0.1, 0.1)},
+        {"dropout": 0.0, "self_attn": False},
+        {"dropout": (0.0, 0.1, 0.1, 0.1), "self_attn": (True, False, True, False)},
+    ],
+)
+def test_per_level_defaults_follow_the_levels_and_save_as_diffusers(extra: dict, tmp_path: Path) -> None:
+    kwargs = {**FOUR_LEVELS, **extra}
+    theirs, ours = DiffusersUNet(**kwargs), StableCascadeUNet(**kwargs)
+    assert len(ours.config.self_attn) == len(ours.config.dropout) == 4
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours.save_pretrained(tmp_path / "ours")
+    saved = [json.loads((tmp_path / n / "config.json").read_text()) for n in ("theirs", "ours")]
+    for config in saved:
+        config.pop("_diffusers_version")
+    assert saved[0] == saved[1]
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    reloaded = StableCascadeUNet.from_pretrained(tmp_path / "theirs")
+    assert reloaded.config == ours.config
+    assert reloaded.config.to_dict() == ours.config.to_dict()
+
+
+def test_dropout_left_out_is_one_value_per_level() -> None:
+    # diffusers' default (0.1, 0.1) only fits two levels; here it follows block_out_channels.
+    config = StableCascadeUNet(**FOUR_LEVELS).config
+    assert config.dropout == (0.1,) * 4
+    assert config.to_dict()["dropout"] == [0.1] * 4
+    assert config.to_dict()["self_attn"] is True
+    three = config.replace(
+        **{k: v[:3] for k, v in FOUR_LEVELS.items() if isinstance(v, tuple)}  # type: ignore[index]
+    )
+    assert three.dropout == (0.1,) * 3 and three.self_attn == (True,) * 3
+    with pytest.raises(TypeError, match="valid fields"):
+        StableCascadeUNet(**FOUR_LEVELS, not_a_field=1)

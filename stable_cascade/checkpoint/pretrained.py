@@ -94,9 +94,9 @@ class PretrainedConfigMixin:
     @classmethod
     def resolve_config(cls, config: ConfigBase | Mapping[str, Any] | None, changes: Mapping[str, Any]) -> Any:
         """The config a constructor ``Cls(config=None, **changes)`` describes (diffusers-style kwargs)."""
-        if config is None:
-            config = cls.config_class()
-        elif isinstance(config, Mapping):
+        if config is None:  # defaults that depend on others (per-level lists) follow the changes
+            return cls.config_class.create(**changes)
+        if isinstance(config, Mapping):
             config = cls.config_class.from_dict(config)
         elif not isinstance(config, cls.config_class):
             raise TypeError(

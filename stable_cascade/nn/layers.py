@@ -330,8 +330,6 @@ def check_conditioning(
             f"{stage} requires effnet, the Stage C latent (B, {cfg.effnet_in_channels}, h, w); "
             "pass zeros for the unconditional branch"
         )
-    if cfg.effnet_in_channels is None and effnet is not None:
-        raise ValueError(f"{stage} takes no effnet input; only Stage B is conditioned on the Stage C latent")
     if effnet is not None and (effnet.ndim != 4 or effnet.shape[1] != cfg.effnet_in_channels):
         raise ValueError(f"effnet must be (B, {cfg.effnet_in_channels}, h, w); got {tuple(effnet.shape)}")
     batch = pooled.shape[0]

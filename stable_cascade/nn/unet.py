@@ -220,8 +220,11 @@ class StableCascadeUNet(PretrainedModel):
         Computes the normalised CLIP tokens, every attention block's CLIP keys and values, every
         timestep block's ``sca``/``crp`` modulation, and Stage B's ``effnet_mapper(resize(effnet))``
         + ``resize(pixels_mapper(pixels))`` at the embedded size; the batch is ``clip_text_pooled``'s.
+        ``effnet`` and ``pixels`` are ignored by a model without their mappers, as in diffusers.
         """
         cfg, batch = self.config, clip_text_pooled.shape[0]
+        if cfg.effnet_in_channels is None:
+            effnet = None  # ignored without an effnet mapper (as diffusers); so are pixels
         check_conditioning(cfg, clip_text_pooled, clip_text, clip_img, effnet)
         height, width = int(size[0]), int(size[1])
         clip = self.clip_tokens(clip_text_pooled, clip_text, clip_img)  # (B, L, c_cond)
