@@ -78,23 +78,14 @@ class ConfigBase:
             logger.warning("%s: ignoring keys unknown to %s: %s", source, cls.__name__, ", ".join(unknown))
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    @classmethod
-    def create(cls: type[C], **values: Any) -> C:
-        """``cls(**values)`` with a ``TypeError`` naming the valid fields for an unknown one."""
-        cls._check_fields(values)
-        return cls(**values)
-
     def replace(self: C, **changes: Any) -> C:
-        self._check_fields(changes)
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def _check_fields(cls, values: Mapping[str, Any]) -> None:
-        unknown = sorted(set(values) - set(cls.keys()))
+        unknown = sorted(set(changes) - set(self.keys()))
         if unknown:
             raise TypeError(
-                f"{cls.__name__} has no field(s) {', '.join(unknown)}; valid fields: {', '.join(cls.keys())}"
+                f"{type(self).__name__} has no field(s) {', '.join(unknown)}; "
+                f"valid fields: {', '.join(self.keys())}"
             )
+        return dataclasses.replace(self, **changes)
 
 
 _CTA = (BlockType.RES, BlockType.TIMESTEP, BlockType.ATTENTION)

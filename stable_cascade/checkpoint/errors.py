@@ -5,3 +5,8 @@ from __future__ import annotations
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or its contents do not match what was asked for."""
+
+
+class VariantNotFoundError(FileNotFoundError, ValueError):
+    """No weights of the requested ``variant``: a ``ValueError`` as in diffusers' pipelines, and a
+    ``FileNotFoundError`` as for any other missing file."""

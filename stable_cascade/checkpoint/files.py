@@ -14,7 +14,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from stable_cascade.checkpoint.errors import CheckpointError
+from stable_cascade.checkpoint.errors import CheckpointError, VariantNotFoundError
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
@@ -113,7 +113,9 @@ def _missing_weights(
     folder = Path(path_or_repo_id) / subfolder if subfolder else Path(path_or_repo_id)
     single, index = weights_filenames(stem, variant)
     if not folder.is_dir():
-        return FileNotFoundError(f"found neither {single} nor {index}: {cause}")
+        return (VariantNotFoundError if variant else FileNotFoundError)(
+            f"found neither {single} nor {index}: {cause}"
+        )
     variants = _variants(folder, stem)
     hint = ""
     if variant and variants:
@@ -127,7 +129,8 @@ def _missing_weights(
             "; the folder holds pickle weights (.bin/.ckpt), which are never loaded: convert them to "
             "safetensors with a tool you trust"
         )
-    return FileNotFoundError(f"{folder} has neither {single} nor {index}{hint}")
+    error = VariantNotFoundError if variant else FileNotFoundError
+    return error(f"{folder} has neither {single} nor {index}{hint}")
 
 
 def _variants(folder: Path, stem: str) -> list[str]:

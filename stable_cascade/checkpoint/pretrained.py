@@ -18,11 +18,15 @@ from torch import nn
 
 from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
+from stable_cascade.checkpoint.hub import check_safe_serialization, save_and_upload, upload_folder
 from stable_cascade.checkpoint.safetensors_io import read_single_file, read_state_dict, write_state_dict
 from stable_cascade.specs import ConfigBase
 
 #: Written into config files so that diffusers can read our directories too.
 DIFFUSERS_VERSION = "0.35.2"
+
+#: ``push_to_hub`` options that go to ``save_pretrained`` rather than to the upload.
+_SAVE_OPTIONS = ("variant", "max_shard_size", "safe_serialization")
 
 M = TypeVar("M", bound="PretrainedModel")
 S = TypeVar("S", bound="PretrainedConfigMixin")
@@ -48,6 +52,15 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return _DTYPES[name]
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def pick_dtype(torch_dtype: Any, dtype: Any) -> Any:
+    """``dtype`` is diffusers' new name of ``torch_dtype``: either may be given, not two different ones."""
+    if dtype is None:
+        return torch_dtype
+    if torch_dtype is not None and torch_dtype != dtype:
+        raise TypeError(f"got torch_dtype={torch_dtype!r} and dtype={dtype!r}; pass only dtype")
     return dtype
 
 
@@ -94,9 +107,9 @@ class PretrainedConfigMixin:
     @classmethod
     def resolve_config(cls, config: ConfigBase | Mapping[str, Any] | None, changes: Mapping[str, Any]) -> Any:
         """The config a constructor ``Cls(config=None, **changes)`` describes (diffusers-style kwargs)."""
-        if config is None:  # defaults that depend on others (per-level lists) follow the changes
-            return cls.config_class.create(**changes)
-        if isinstance(config, Mapping):
+        if config is None:
+            config = cls.config_class()
+        elif isinstance(config, Mapping):
             config = cls.config_class.from_dict(config)
         elif not isinstance(config, cls.config_class):
             raise TypeError(
@@ -131,8 +144,17 @@ class PretrainedConfigMixin:
         config, _ = cls._load_config(path_or_repo_id, subfolder, hub)
         return cls(config)  # type: ignore[call-arg]
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, push_to_hub: bool = False, **hub_options: Any) -> None:
+        """Write the config file; ``push_to_hub=True`` then uploads the folder (``repo_id=``, ``token=``…)."""
         write_config(self.config, Path(directory) / self.config_name)
+        if push_to_hub:
+            upload_folder(Path(directory), hub_options.pop("repo_id", Path(directory).name), **hub_options)
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Save to a temporary folder and upload it to ``repo_id`` (``commit_message``, ``private``,
+        ``token``, ``create_pr``; ``variant`` and ``max_shard_size`` for models), as diffusers does."""
+        saving = {k: options.pop(k) for k in _SAVE_OPTIONS if k in options}
+        return save_and_upload(lambda folder: self.save_pretrained(folder, **saving), repo_id, **options)
 
 
 class PretrainedModel(nn.Module, PretrainedConfigMixin):
@@ -153,12 +175,13 @@ class PretrainedModel(nn.Module, PretrainedConfigMixin):
         cache_dir: str | Path | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> M:
         """Load a diffusers-layout model directory or Hub repo (``subfolder`` e.g. ``"prior"``).
 
-        As in diffusers, weights are cast to ``torch_dtype`` (float32 when not given).
+        As in diffusers, weights are cast to ``dtype`` (alias ``torch_dtype``; float32 when not given).
         """
-        dtype = parse_dtype(torch_dtype) or torch.float32
+        dtype = parse_dtype(pick_dtype(torch_dtype, dtype)) or torch.float32
         hub = HubOptions(revision, cache_dir, local_files_only, token)
         config, _ = cls._load_config(path_or_repo_id, subfolder, hub)
         files = resolve_weights(path_or_repo_id, cls.weights_stem, subfolder, variant, hub)
@@ -224,11 +247,21 @@ class PretrainedModel(nn.Module, PretrainedConfigMixin):
         return model.eval()
 
     def save_pretrained(  # type: ignore[override]
-        self, directory: str | Path, variant: str | None = None, max_shard_size: int | str = "10GB"
+        self,
+        directory: str | Path,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        **hub_options: Any,
     ) -> None:
-        """Write ``config.json`` and the weights in the diffusers layout."""
+        """Write ``config.json`` and the weights (safetensors, shards above ``max_shard_size``, default
+        10GB) in the diffusers layout; ``push_to_hub=True`` then uploads the folder, as in diffusers."""
+        check_safe_serialization(safe_serialization)
         write_config(self.config, Path(directory) / self.config_name)
-        write_state_dict(self.state_dict(), directory, self.weights_stem, variant, max_shard_size)
+        write_state_dict(self.state_dict(), directory, self.weights_stem, variant, max_shard_size or "10GB")
+        if push_to_hub:
+            upload_folder(Path(directory), hub_options.pop("repo_id", Path(directory).name), **hub_options)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -214,10 +214,14 @@ def component_entry(component: Any) -> tuple[str, str]:
     )
 
 
-def save_component(component: Any, folder: Path, variant: str | None = None) -> None:
-    """Write ``component`` to ``folder``; models name their weights with ``variant``."""
+def save_component(
+    component: Any, folder: Path, variant: str | None = None, max_shard_size: int | str | None = None
+) -> None:
+    """Write ``component`` to ``folder``; models name their weights with ``variant`` and split them into
+    safetensors shards of at most ``max_shard_size`` (default: 10GB ours, transformers' own default)."""
     if isinstance(component, (PretrainedModel, transformers.PreTrainedModel)):
-        component.save_pretrained(folder, variant=variant)
+        shards: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+        component.save_pretrained(folder, variant=variant, safe_serialization=True, **shards)
     else:
         component.save_pretrained(folder)
 

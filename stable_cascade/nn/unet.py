@@ -181,8 +181,7 @@ class StableCascadeUNet(PretrainedModel):
 
         Pass the conditioning (as diffusers' ``StableCascadeUNet``) or a ``cache`` from :meth:`prepare`,
         not both. ``sca``/``crp`` may be scalars or one value per sample; missing ones are embedded as
-        0, as in the original. Stage C without ``clip_img`` uses one zero image embedding, as the
-        pipelines do.
+        0, as in the original. Stage C without ``clip_img`` uses one zero image embedding (as pipelines).
         """
         check_sample(self.config, sample)
         if cache is None:
@@ -217,14 +216,12 @@ class StableCascadeUNet(PretrainedModel):
     ) -> UNetCache:
         """The step-invariant work for samples of spatial ``size`` (H, W) with this conditioning.
 
-        Computes the normalised CLIP tokens, every attention block's CLIP keys and values, every
-        timestep block's ``sca``/``crp`` modulation, and Stage B's ``effnet_mapper(resize(effnet))``
-        + ``resize(pixels_mapper(pixels))`` at the embedded size; the batch is ``clip_text_pooled``'s.
-        ``effnet`` and ``pixels`` are ignored by a model without their mappers, as in diffusers.
+        Computes the normalised CLIP tokens, every attention block's CLIP keys and values, every timestep
+        block's ``sca``/``crp`` modulation, and Stage B's ``effnet_mapper(resize(effnet))`` + ``resize(
+        pixels_mapper(pixels))`` (each ignored without its mapper, as diffusers); batch: clip_text_pooled's.
         """
         cfg, batch = self.config, clip_text_pooled.shape[0]
-        if cfg.effnet_in_channels is None:
-            effnet = None  # ignored without an effnet mapper (as diffusers); so are pixels
+        effnet = effnet if cfg.effnet_in_channels is not None else None  # no mapper: ignored, as pixels
         check_conditioning(cfg, clip_text_pooled, clip_text, clip_img, effnet)
         height, width = int(size[0]), int(size[1])
         clip = self.clip_tokens(clip_text_pooled, clip_text, clip_img)  # (B, L, c_cond)

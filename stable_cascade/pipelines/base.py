@@ -8,55 +8,52 @@ per component, see :mod:`stable_cascade.loading.components`); ``to``, ``device``
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from stable_cascade.checkpoint import CheckpointError, HubOptions, parse_dtype
+from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
-from stable_cascade.loading.components import (
-    MODEL_INDEX,
-    PipelineConfig,
-    component_entry,
-    is_component_entry,
-    load_component,
-    read_model_index,
-    save_component,
-    write_model_index,
-)
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines import offload
+from stable_cascade.pipelines.compat import DiffusersPipelineMixin, LoopControl
+from stable_cascade.pipelines.persistence import PipelineLoading
 
 logger = logging.getLogger(__name__)
 
 P = TypeVar("P", bound="Pipeline")
+#: diffusers' ``encode_prompt`` result: prompt_embeds, prompt_embeds_pooled and the negative pair.
+PromptTuple = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 
 
-class Pipeline:
+class Pipeline(PipelineLoading, DiffusersPipelineMixin):
     """Components, config values, diffusers-layout loading and saving, placement and offload.
 
     A subclass sets ``diffusers_class_name`` (``_class_name`` in ``model_index.json``),
     ``optional_components`` and ``offload_order`` (its models, in the order ``__call__`` uses them), and
-    its constructor calls :meth:`register_components` and :meth:`register_config`. Constructor
+    its constructor calls :meth:`register_components` and :meth:`register_config`; ``extra_components``
+    are ours only (not in diffusers' pipeline) and left out of :attr:`components` while None. Constructor
     parameters without a default or with default ``None`` are components; the others are config values.
     Class annotations (``prior: StableCascadeUNet``) tell type checkers about the registered attributes.
     """
 
-    diffusers_class_name: ClassVar[str] = ""
-    optional_components: ClassVar[frozenset[str]] = frozenset()
     offload_order: ClassVar[tuple[str, ...]] = ()
+    model_cpu_offload_seq: ClassVar[str] = ""  # diffusers' form of offload_order: "a->b->c"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.model_cpu_offload_seq = "->".join(cls.offload_order)
 
     def __init__(self) -> None:
         self._component_names: list[str] = []
         self._config: dict[str, Any] = {}
         self._offload: offload.Offload | None = None
         self._progress_bar_config: dict[str, Any] = {}
+        self._loop = LoopControl()
 
     # -- registration ------------------------------------------------------------------------------
 
@@ -79,169 +76,10 @@ class Pipeline:
         if name.startswith("_") or hasattr(Pipeline, name):
             raise ValueError(f"{name!r} cannot name a pipeline component or config value: it is reserved")
 
-    @property
-    def config(self) -> PipelineConfig:
-        return PipelineConfig(self._config)
-
-    @property
-    def components(self) -> dict[str, Any]:
-        """Name → component (``None`` for absent optional ones), enough to build another pipeline."""
-        return {name: getattr(self, name) for name in self._component_names}
-
-    @classmethod
-    def component_names(cls) -> tuple[str, ...]:
-        """The constructor's component parameters."""
-        return tuple(
-            n
-            for n, p in cls._parameters().items()
-            if p.default is inspect.Parameter.empty or p.default is None
-        )
-
-    @classmethod
-    def config_names(cls) -> tuple[str, ...]:
-        """The constructor's config parameters (those with a default other than ``None``)."""
-        return tuple(n for n in cls._parameters() if n not in cls.component_names())
-
-    @classmethod
-    def _parameters(cls) -> dict[str, inspect.Parameter]:
-        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        return {p.name: p for p in parameters if p.kind not in variadic}
-
     def __repr__(self) -> str:
         parts = [f"{n}={type(c).__name__ if c is not None else None}" for n, c in self.components.items()]
         parts += [f"{k}={v!r}" for k, v in self._config.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
-
-    # -- loading and saving ------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls: type[P],
-        path_or_repo_id: str | Path,
-        *,
-        torch_dtype: torch.dtype | str | None = None,
-        variant: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-        subfolders: Mapping[str, str] | None = None,
-        **components: Any,
-    ) -> P:
-        """Load a pipeline folder or Hub repo written by diffusers or by :meth:`save_pretrained`.
-
-        Components passed by name are used as given (``from_pretrained(repo, prior=unet)``), as are
-        config values; ``subfolders`` loads a component from another folder of the repo
-        (``{"prior": "prior_lite"}``). Models are cast to ``torch_dtype`` (float32 when not given).
-        """
-        hub = HubOptions(revision, cache_dir, local_files_only, token)
-        subfolders = dict(subfolders or {})
-        cls._check_arguments(components, subfolders)
-        dtype = parse_dtype(torch_dtype)
-        index = read_model_index(path_or_repo_id, hub)
-        cls._check_class_name(index, path_or_repo_id)
-        unused = sorted(k for k in index if not k.startswith("_") and k not in cls._parameters())
-        if unused:
-            logger.warning("%s: ignoring entries unknown to %s: %s", path_or_repo_id, cls.__name__, unused)
-        kwargs = {name: index[name] for name in cls.config_names() if name in index}
-        for name in cls.component_names():
-            if name in components:
-                continue
-            library, class_name = cls._index_entry(index, name, path_or_repo_id)
-            if library is None or class_name is None:
-                if name in subfolders:
-                    raise ValueError(f"subfolders names {name!r}, which {MODEL_INDEX} declares absent")
-                kwargs[name] = None
-                continue
-            kwargs[name] = load_component(
-                path_or_repo_id,
-                name,
-                library,
-                class_name,
-                subfolder=subfolders.get(name, name),
-                torch_dtype=dtype,
-                variant=variant,
-                hub=hub,
-            )
-        return cls(**{**kwargs, **components})
-
-    @classmethod
-    def _check_arguments(cls, components: Mapping[str, Any], subfolders: Mapping[str, str]) -> None:
-        valid = ", ".join(cls.component_names())
-        unknown = sorted(set(components) - set(cls._parameters()))
-        if unknown:
-            raise TypeError(
-                f"{cls.__name__}.from_pretrained got unexpected argument(s) {', '.join(unknown)}; "
-                f"components: {valid}; config values: {', '.join(cls.config_names()) or 'none'}"
-            )
-        unknown = sorted(set(subfolders) - set(cls.component_names()))
-        if unknown:
-            raise TypeError(
-                f"subfolders names unknown component(s) {', '.join(unknown)}; components: {valid}"
-            )
-        both = sorted(set(components) & set(subfolders))
-        if both:
-            raise TypeError(f"{', '.join(both)}: pass a component or its subfolder, not both")
-
-    @classmethod
-    def _check_class_name(cls, index: Mapping[str, Any], path_or_repo_id: str | Path) -> None:
-        if not cls.diffusers_class_name:
-            raise TypeError(f"{cls.__name__} is abstract: call from_pretrained on a concrete pipeline class")
-        found = index.get("_class_name")
-        if found in (cls.diffusers_class_name, cls.__name__):
-            return
-        where = f"the {MODEL_INDEX} of {str(path_or_repo_id)!r}"
-        if not isinstance(found, str):
-            raise ValueError(f"{where} has no '_class_name'; is it a pipeline's {MODEL_INDEX}?")
-        candidates = [c.__name__ for c in _subclasses(Pipeline) if c.diffusers_class_name == found]
-        ours = found if not candidates or found in candidates else candidates[0]
-        raise ValueError(
-            f"{where} describes a {found}, not a {cls.diffusers_class_name}; load it with "
-            f"{ours}.from_pretrained instead"
-        )
-
-    @classmethod
-    def _index_entry(
-        cls, index: Mapping[str, Any], name: str, path_or_repo_id: str | Path
-    ) -> tuple[str | None, str | None]:
-        """A component's ``[library, class]``; ``(None, None)`` for an absent optional one."""
-        if name not in index:
-            if name in cls.optional_components:
-                return None, None
-            raise ValueError(
-                f"the {MODEL_INDEX} of {str(path_or_repo_id)!r} has no entry for the required "
-                f"component {name!r}; pass it yourself ({name}=...)"
-            )
-        entry = index[name]
-        if not is_component_entry(entry):
-            raise CheckpointError(
-                f"{MODEL_INDEX}: component {name!r} must be [library, class], got {entry!r}"
-            )
-        return entry[0], entry[1]
-
-    @classmethod
-    def describes_self(cls, path_or_repo_id: str | Path, options: Mapping[str, Any] | None = None) -> bool:
-        """Whether the ``model_index.json`` there names this pipeline class (``options``: Hub options)."""
-        options = options or {}
-        hub = HubOptions(*(options.get(k) for k in ("revision", "cache_dir", "local_files_only", "token")))
-        return read_model_index(path_or_repo_id, hub).get("_class_name") in (
-            cls.diffusers_class_name,
-            cls.__name__,
-        )
-
-    def save_pretrained(self, directory: str | Path, variant: str | None = None) -> None:
-        """Write each component to its subfolder and ``model_index.json``, as diffusers does."""
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        entries: dict[str, Any] = {}
-        for name, component in self.components.items():
-            if component is None:
-                entries[name] = [None, None]
-                continue
-            entries[name] = list(component_entry(component))
-            save_component(component, root / name, variant)
-        write_model_index(root, self.diffusers_class_name or type(self).__name__, {**entries, **self._config})
 
     # -- placement ---------------------------------------------------------------------------------
 
@@ -352,6 +190,10 @@ class Pipeline:
         offload.place(component, state.device)
         return component
 
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' name for :meth:`offload_all`."""
+        self.offload_all()
+
     def offload_all(self) -> None:
         """With model offload, move every model back to the CPU (pipelines call it when done)."""
         if self._offload is not None and self._offload.mode == "model":
@@ -362,12 +204,61 @@ class Pipeline:
 
     # -- text ---------------------------------------------------------------------------------------
 
-    def encode_prompt(self, **arguments: Any) -> PromptConditioning:
-        """Text conditioning of both CFG branches through the pipeline's ``tokenizer`` and
-        ``text_encoder`` (the one text path, :func:`conditioning.text.encode_prompts`)."""
+    def encode_prompt(
+        self,
+        device: torch.device | str | None = None,
+        batch_size: int | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
+        *,
+        guidance: bool | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PromptConditioning | PromptTuple:
+        """Text conditioning of both CFG branches, in diffusers' form or ours.
+
+        diffusers' call (``do_classifier_free_guidance`` given, by position or name) returns its tuple
+        ``(prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled)``,
+        one row per image, the negatives None without guidance. Ours (``guidance=``) returns a
+        :class:`PromptConditioning`. ``device`` defaults to :attr:`execution_device`.
+        """
+        if (do_classifier_free_guidance is None) == (guidance is None):
+            raise TypeError(
+                "encode_prompt takes do_classifier_free_guidance (diffusers' form, returns a 4-tuple) or "
+                "guidance= (returns PromptConditioning): pass exactly one"
+            )
+        text = self.text_conditioning(
+            device=device,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_pooled=prompt_embeds_pooled,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
+            num_images_per_prompt=num_images_per_prompt,
+            guidance=bool(do_classifier_free_guidance if guidance is None else guidance),
+            dtype=dtype,
+        )
+        if guidance is not None:
+            return text
+        if batch_size is not None and batch_size != text.batch_size:
+            raise ValueError(f"batch_size is {batch_size} but {text.batch_size} prompt(s) were given")
+        negative = (None, None) if text.uncond is None else (text.uncond.hidden, text.uncond.pooled)
+        return text.cond.hidden, text.cond.pooled, *negative
+
+    def text_conditioning(
+        self, device: torch.device | str | None = None, **arguments: Any
+    ) -> PromptConditioning:
+        """The one text path (:func:`conditioning.text.encode_prompts`) through the pipeline's
+        ``tokenizer`` and ``text_encoder``."""
         text_encoder = self.activate("text_encoder")
         tokenizer = getattr(self, "tokenizer", None)
-        return encode_prompts(tokenizer, text_encoder, device=self.execution_device, **arguments)
+        return encode_prompts(tokenizer, text_encoder, device=device or self.execution_device, **arguments)
 
     # -- progress bars -----------------------------------------------------------------------------
 
@@ -380,9 +271,3 @@ class Pipeline:
         if iterable is None and total is None:
             raise ValueError("progress_bar needs an iterable or a total")
         return tqdm(iterable, total=total, **self._progress_bar_config)
-
-
-def _subclasses(cls: type[Pipeline]) -> Iterator[type[Pipeline]]:
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)

@@ -157,7 +157,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             )
         # diffusers' rule: each prompt gets image_embeddings.shape[0] // batch rows per requested image.
         per_prompt = num_images_per_prompt * (effnet.shape[0] // batch)
-        text = self.encode_prompt(
+        text = self.text_conditioning(
             prompt=prompt,
             negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds,

@@ -167,7 +167,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         check_image_size(height, width)
         check_output_type(output_type, ("pt", "np"))
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        text = self.encode_prompt(
+        text = self.text_conditioning(
             prompt=prompt,
             negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds,
