@@ -200,6 +200,7 @@ def chunks(path: Path) -> tuple[str, dict[str, object]]:
         return image.info["parameters"], json.loads(image.info[JSON_KEY])
 
 
+@pytest.mark.slow
 def test_help_through_the_console_script(runs: dict[str, Finished]) -> None:
     out = succeeded(runs, "help").stdout
     assert "usage: stable-cascade" in out
@@ -223,6 +224,7 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     assert f"usage: stable-cascade {command}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_generate_writes_images_with_parameters_and_previews(runs: dict[str, Finished], files: Path) -> None:
     run = succeeded(runs, "singles")
     assert "seed 5" in run.stdout and "Stage C" in run.stdout and "Stage B+A" in run.stdout
@@ -256,6 +258,7 @@ def test_generate_writes_images_with_parameters_and_previews(runs: dict[str, Fin
     )
 
 
+@pytest.mark.slow
 def test_from_png_reproduces_the_image_bit_for_bit(runs: dict[str, Finished], files: Path) -> None:
     assert "seed 6" in succeeded(runs, "repro").stdout
     original = files / "singles" / "00001-6.png"
@@ -263,6 +266,7 @@ def test_from_png_reproduces_the_image_bit_for_bit(runs: dict[str, Finished], fi
     assert chunks(files / "repro.png") == chunks(original)
 
 
+@pytest.mark.slow
 def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(
     runs: dict[str, Finished], files: Path
 ) -> None:
@@ -274,6 +278,7 @@ def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(
     assert chunks(files / "batch" / "1-6.png")[1]["batch_index"] == 1
 
 
+@pytest.mark.slow
 def test_img2img_variation_and_reconstruct(runs: dict[str, Finished], files: Path) -> None:
     for name in ("img2img", "variation", "reconstruct"):
         succeeded(runs, name)
@@ -286,6 +291,7 @@ def test_img2img_variation_and_reconstruct(runs: dict[str, Finished], files: Pat
     assert PIL.Image.open(files / "reconstruct.png").size == (128, 96)
 
 
+@pytest.mark.slow
 def test_convert_round_trip_keeps_every_tensor(runs: dict[str, Finished], files: Path) -> None:
     assert "Stage C (prior)" in succeeded(runs, "convert").stdout
     succeeded(runs, "convert_back")
@@ -295,6 +301,7 @@ def test_convert_round_trip_keeps_every_tensor(runs: dict[str, Finished], files:
     assert all(torch.equal(original[k], back[k]) for k in original)
 
 
+@pytest.mark.slow
 def test_inspect_files_folders_and_bundles(runs: dict[str, Finished]) -> None:
     out = succeeded(runs, "inspect").stdout
     for expected in (
@@ -312,6 +319,7 @@ def test_inspect_files_folders_and_bundles(runs: dict[str, Finished]) -> None:
         assert expected in out
 
 
+@pytest.mark.slow
 def test_a_mistake_in_a_real_process_ends_with_one_line_and_exit_code_2(runs: dict[str, Finished]) -> None:
     # No model given, none cached, no network: the default model cannot load.
     assert runs["offline"].returncode == 2, runs["offline"].stderr

@@ -34,6 +34,7 @@ def test_the_shipped_demo_is_small_and_complete() -> None:
     assert BUNDLES["demo"].default_size == DEMO_SIZE
 
 
+@pytest.mark.slow
 def test_demo_follows_held_out_single_object_prompts() -> None:
     """Prompts whose (shape, colour, position) never occurred in training, scored by the evaluator.
     The bounds: the issue's goal (80 % of attributes; the shipped model gets 92.5 %, README), far
@@ -45,6 +46,7 @@ def test_demo_follows_held_out_single_object_prompts() -> None:
     assert summary["attributes"] >= 0.8, summary
 
 
+@pytest.mark.slow
 def test_the_readme_prompt_draws_what_it_asks_for() -> None:
     """The README's main command with the CLI's defaults (reference preset, 128²), seeds 0-15: every
     image has one blue object on the right, on black, and the evaluator sees a square in at least 14
@@ -62,6 +64,7 @@ def test_the_readme_prompt_draws_what_it_asks_for() -> None:
     assert result.shape >= 14, result
 
 
+@pytest.mark.slow
 def test_demo_generates_offline_from_the_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     prompt = "a blue square on the right, on a black background"
@@ -100,6 +103,7 @@ def test_tokenizer_spells_each_grammar_word_as_one_token(tmp_path: Path) -> None
     assert tokenizer("zebra").input_ids[1:-1]  # words outside the vocabulary still tokenize
 
 
+@pytest.mark.slow
 def test_documented_retrain_command_builds_a_loadable_cascade(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -131,6 +131,7 @@ def test_combined_passes_image_to_image_on(
     assert combined.prior_pipe.effnet is prior.effnet
 
 
+@pytest.mark.slow
 def test_previews_with_and_without_a_previewer(prior: StableCascadePriorPipeline) -> None:
     with_previewer = PreviewCallback(every=2)
     embeddings(prior, callback_on_step_end=with_previewer, callback_on_step_end_tensor_inputs=["denoised"])

@@ -191,6 +191,7 @@ def test_detect_finds_the_objects_and_the_background() -> None:
     assert detect_background(image) == "yellow"
 
 
+@pytest.mark.slow
 def test_the_evaluator_scores_clean_renders_perfectly() -> None:
     scenes = list(all_scenes(1)) + sample(all_scenes(2), 300)
     scores = score_by_kind(renders(scenes), map(caption, scenes))

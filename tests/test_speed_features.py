@@ -63,6 +63,7 @@ def test_cached_steps_equal_uncached_forward_and_diffusers(config: UNetConfig, s
             torch.testing.assert_close(cached, reference(x, r, **doubled).sample, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("config", "size"), [(PRIOR, (6, 5)), (DECODER, (34, 22))], ids=["prior", "decoder"])
 def test_fast_math_stays_within_parity_tolerance(config: UNetConfig, size: tuple[int, int]) -> None:
     reference, ours = twins(config)
@@ -137,6 +138,7 @@ def count_syncs(monkeypatch: pytest.MonkeyPatch, run: Callable[[], object]) -> i
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler_ancestral", "dpmpp_2m"])
 def test_tensor_reads_do_not_grow_with_the_steps(monkeypatch: pytest.MonkeyPatch, sampler: str) -> None:
     _, ours = twins(PRIOR)
@@ -172,6 +174,7 @@ def run_in(model: StableCascadeUNet, inputs: dict[str, Any], dtype: torch.dtype)
         return model(**cast).sample.float()
 
 
+@pytest.mark.slow
 def test_fp16_safety_keeps_the_overflowing_last_level_finite() -> None:
     model, inputs = overflowing_prior()
     expected = run_in(model, inputs, torch.float32)
@@ -203,6 +206,7 @@ def test_stage_b_has_no_fp16_upcast_by_default() -> None:
     assert {p.dtype for p in decoder.half().parameters()} == {torch.float16}
 
 
+@pytest.mark.slow
 def test_non_finite_predictions_stop_the_stage_with_a_clear_error() -> None:
     model, inputs = overflowing_prior()
     model.disable_fp16_safety()
@@ -225,6 +229,7 @@ def test_non_finite_predictions_stop_the_stage_with_a_clear_error() -> None:
 # -- Stage A tiling ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiled_stage_a_decode_equals_the_whole_decode() -> None:
     vqgan = tiny.randomize_(PaellaVQModel(VQ_VARIANTS["tiny_vqgan"]), scale=0.3)
     latents = torch.randn(2, 4, 21, 30, generator=torch.Generator().manual_seed(5))

@@ -508,6 +508,7 @@ class Launcher:
         return load_file(self.runs[name] / f"checkpoint-{step}" / f"{file}.safetensors")
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(launcher: Launcher) -> None:
     """DDP on two CPU processes (gloo): each trains on its share, both end with the same weights."""
     ends = launcher("ddp", {})
@@ -526,6 +527,15 @@ def test_two_processes_train_as_one(launcher: Launcher) -> None:
     assert StableCascadePriorPipeline.from_pretrained(out / "final").prior.config == tiny.TINY_PRIOR
 
 
+# An attention key bias adds the same q·b to all logits of a query, which softmax ignores: its gradient
+# is zero up to rounding, and Adam turns that float noise into updates (|values| < 4e-6 after 3 steps).
+# FSDP and DDP sum gradients in different orders, so these biases differ by up to 1.3e-6 (measured on
+# an AMD CPU); every other weight agrees within rtol 1e-4, atol 1e-6. A real update (lr 1e-3) would
+# be 100x the 1e-5 allowed for them.
+KEY_BIASES = ("to_k.bias", "k_proj.bias")
+
+
+@pytest.mark.slow
 def test_fsdp_on_two_processes_trains_as_ddp_and_resumes_exactly(launcher: Launcher) -> None:
     """FSDP (torch's fully_shard, the blocks wrapped as accelerate's launcher asks) on two CPU
     processes: the same weights and EMA as DDP, full checkpoints, and an exact resume."""
@@ -537,7 +547,8 @@ def test_fsdp_on_two_processes_trains_as_ddp_and_resumes_exactly(launcher: Launc
         sharded, replicated = launcher.weights("fsdp", 3, file), launcher.weights("ddp", 3, file)
         assert sharded.keys() == replicated.keys()
         for key, value in sharded.items():
-            torch.testing.assert_close(value, replicated[key], rtol=1e-4, atol=1e-6, msg=key)
+            atol = 1e-5 if key.endswith(KEY_BIASES) else 1e-6
+            torch.testing.assert_close(value, replicated[key], rtol=1e-4, atol=atol, msg=key)
     launcher("fsdp_resumed", FSDP, "--resume", str(launcher.runs["fsdp"] / "checkpoint-2"))
     for file in ("model", "ema"):
         resumed, straight = launcher.weights("fsdp_resumed", 3, file), launcher.weights("fsdp", 3, file)

@@ -44,6 +44,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
     optional_components = frozenset(
         {"prior_feature_extractor", "prior_image_encoder", "prior_effnet", "prior_previewer"}
     )
+    extra_components = frozenset({"prior_effnet", "prior_previewer"})
     offload_order = (
         "prior_effnet",
         "prior_image_encoder",
@@ -106,6 +107,9 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             effnet=prior_effnet,
         )
         self.sub_pipelines = (self.prior_pipe, self.decoder_pipe)
+        self._loop = (
+            self.decoder_pipe._loop
+        )  # guidance_scale, num_timesteps: the decoder's, as its callback's
 
     @classmethod
     def from_single_file(

@@ -38,6 +38,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
     diffusers_class_name = "StableCascadeDecoderPipeline"
     lora_components = ("decoder", "text_encoder")
     optional_components = frozenset({"effnet"})
+    extra_components = frozenset({"effnet"})
     offload_order = ("effnet", "text_encoder", "decoder", "vqgan")
     _callback_tensor_inputs = (
         "latents",
@@ -145,6 +146,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             shift=shift,
             guidance_rescale=guidance_rescale,
         )
+        self._loop.guidance_scale, self._loop.num_timesteps = settings.guidance_scale, 0
         check_output_type(output_type, ("pt", "np", "pil", "latent"))
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         image_size = self._image_size(height, width)
@@ -194,6 +196,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             generator,
             step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
             self.progress_bar,
+            control=self._loop,
         )
         images: Images = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)
         self.offload_all()

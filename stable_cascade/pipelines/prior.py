@@ -43,6 +43,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
 
     diffusers_class_name = "StableCascadePriorPipeline"
     optional_components = frozenset({"feature_extractor", "image_encoder", "effnet", "previewer"})
+    extra_components = frozenset({"effnet", "previewer"})
     offload_order = ("effnet", "image_encoder", "text_encoder", "prior", "previewer")
     _callback_tensor_inputs = ("latents", "denoised", "text_encoder_hidden_states", "negative_prompt_embeds")
     tokenizer: CLIPTokenizer
@@ -164,8 +165,9 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             shift=shift,
             guidance_rescale=guidance_rescale,
         )
+        self._loop.guidance_scale, self._loop.num_timesteps = settings.guidance_scale, 0
         check_image_size(height, width)
-        check_output_type(output_type, ("pt", "np"))
+        check_output_type(output_type, ("pt", "np", "latent"))  # "latent": tensors, as "pt"
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         text = self.text_conditioning(
             prompt=prompt,
@@ -212,6 +214,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             self.progress_bar,
             init=init,
             strength=strength,
+            control=self._loop,
         )
         self.offload_all()
         numpy = output_type == "np"

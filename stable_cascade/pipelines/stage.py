@@ -23,6 +23,7 @@ from stable_cascade.diffusion.sampling import (
     reference_schedule,
 )
 from stable_cascade.nn.unet import StableCascadeUNet, UNetCache
+from stable_cascade.pipelines.compat import LoopControl
 from stable_cascade.pipelines.presets import StageSettings
 from stable_cascade.specs import SchedulerConfig
 
@@ -98,6 +99,34 @@ def non_finite_error(unet: StableCascadeUNet, step: int, steps: int) -> Floating
     )
 
 
+def guided_noise_model(
+    unet: StableCascadeUNet,
+    cond: Conditioning,
+    uncond: Conditioning | None,
+    rescale: float,
+    control: LoopControl,
+) -> NoiseModel:
+    """``unet`` guided with ``control.guidance_scale``, read before every step: a pipeline callback may
+    change it (diffusers' ``pipe._guidance_scale = 0.0``); at most 1, the conditional branch runs alone."""
+    both = (
+        unet_noise_model(unet, guided_conditioning(cond, uncond, unet.dtype)) if uncond is not None else None
+    )
+    alone = unet_noise_model(unet, guided_conditioning(cond, None, unet.dtype))
+
+    def eps(x: Tensor, ratio: Tensor) -> Tensor:
+        scale = control.guidance_scale
+        if scale <= 1:
+            return alone(x, ratio)
+        if both is None:
+            raise ValueError(
+                f"guidance_scale was raised to {scale} during sampling, but the call ran without "
+                "classifier-free guidance (no negative embeddings); pass guidance_scale > 1 to the call"
+            )
+        return classifier_free_guidance(both, scale, rescale)(x, ratio)
+
+    return eps
+
+
 def guided_conditioning(cond: Conditioning, uncond: Conditioning | None, dtype: torch.dtype) -> Conditioning:
     """``[cond; uncond]`` batched as diffusers does (conditional first), cast to the UNet's dtype."""
     if uncond is None:
@@ -135,6 +164,7 @@ def run_stage(
     progress: Progress | None = None,
     init: Tensor | None = None,
     strength: float = 1.0,
+    control: LoopControl | None = None,
 ) -> Tensor:
     """Sample one stage from ``latents`` and return what it hands on (final sample or last x0).
 
@@ -143,17 +173,19 @@ def run_stage(
     to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
     left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
     A prediction with NaN/Inf (e.g. float16 overflow) raises ``FloatingPointError`` after sampling,
-    naming the stage, the first bad step and the dtype.
+    naming the stage, the first bad step and the dtype. ``control`` (a pipeline's) receives the
+    guidance scale and the number of steps run, and may change the scale between steps.
     """
-    guided = settings.guidance_scale > 1
-    if guided and uncond is None:
+    if settings.guidance_scale > 1 and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional conditioning")
-    conditioning = guided_conditioning(cond, uncond if guided else None, unet.dtype)
-    eps = unet_noise_model(unet, conditioning)
-    eps = classifier_free_guidance(eps, settings.guidance_scale, settings.guidance_rescale)
+    control = control or LoopControl()
+    control.guidance_scale = settings.guidance_scale
+    eps = guided_noise_model(unet, cond, uncond, settings.guidance_rescale, control)
     schedule = build_schedule(settings, scheduler, latents.device)
+    control.num_timesteps = schedule.steps
     if init is not None and strength < 1:
         start = schedule.steps - round(schedule.steps * strength)
+        control.num_timesteps = schedule.steps - start
         if start == schedule.steps:
             return init.to(latents.dtype)
         alpha = schedule.alpha_cumprod[start].to(latents.dtype)
