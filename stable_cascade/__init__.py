@@ -2,6 +2,8 @@
 
 from stable_cascade.checkpoint import CheckpointError
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet, StableCascadeUNetOutput
 from stable_cascade.pipelines import (
@@ -24,8 +26,10 @@ __all__ = [
     "CheckpointError",
     "DDPMWuerstchenScheduler",
     "DDPMWuerstchenSchedulerOutput",
+    "EfficientNetEncoder",
     "ImagePipelineOutput",
     "PaellaVQModel",
+    "Previewer",
     "SchedulerConfig",
     "StableCascadeCombinedPipeline",
     "StableCascadeDecoderPipeline",

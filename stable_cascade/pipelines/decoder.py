@@ -181,8 +181,8 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         x = initial_latents(
             (effnet.shape[0], decoder.config.in_channels, *size), latents, generator, device, dtype
         )
-        tensors = {
-            "prompt_embeds_pooled": text.cond.pooled,
+        tensors = {  # as diffusers: the pooled embeddings of the guided batch [cond; uncond]
+            "prompt_embeds_pooled": _guided_batch(text.cond.pooled, text.uncond),
             "negative_prompt_embeds": text.uncond.hidden if text.uncond is not None else None,
             "image_embeddings": effnet,
         }
@@ -289,3 +289,7 @@ def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled:
         if tensor is not None:
             return tensor.shape[0]
     raise ValueError("pass a prompt, or prompt_embeds_pooled (with prompt_embeds) from the prior pipeline")
+
+
+def _guided_batch(cond: Tensor, uncond: Any) -> Tensor:
+    return torch.cat([cond, uncond.pooled]) if uncond is not None else cond
