@@ -366,3 +366,22 @@ def test_components_are_exported_at_the_top_level() -> None:
     for name in ("EfficientNetEncoder", "Previewer", "StableCascadeUNet", "PaellaVQModel"):
         assert name in stable_cascade.__all__ and hasattr(stable_cascade, name)
     assert StableCascadeCombinedPipeline.model_cpu_offload_seq.startswith("prior_effnet->")
+
+
+def test_combined_splits_a_dtype_dict_between_its_stages(
+    saved_prior: tuple[Any, Path], tmp_path: Path
+) -> None:
+    dtypes = {"prior_prior": torch.bfloat16, "decoder": torch.float16, "default": torch.float32}
+    combined = StableCascadeCombinedPipeline.from_pretrained(
+        _saved_decoder(tmp_path), prior_path_or_repo_id=saved_prior[1], dtype=dtypes
+    )
+    got = {
+        name: getattr(combined, name).dtype
+        for name in ("prior_prior", "decoder", "vqgan", "prior_text_encoder")
+    }
+    assert got == {
+        "prior_prior": torch.bfloat16,
+        "decoder": torch.float16,
+        "vqgan": torch.float32,
+        "prior_text_encoder": torch.float32,
+    }

@@ -177,8 +177,11 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             return super().from_pretrained(path_or_repo_id, subfolders=subfolders, **options)
         subfolders = dict(subfolders or {})
         components = {k: options.pop(k) for k in list(options) if k in cls.component_names()}
+        decoder_options, prior_options = _split_dtypes(options)
         decoder = StableCascadeDecoderPipeline.from_pretrained(
-            path_or_repo_id, subfolders={k: v for k, v in subfolders.items() if k != "prior"}, **options
+            path_or_repo_id,
+            subfolders={k: v for k, v in subfolders.items() if k != "prior"},
+            **decoder_options,
         )
         prior_components = {
             k.removeprefix("prior_"): v for k, v in components.items() if k.startswith("prior_")
@@ -187,7 +190,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             prior_path_or_repo_id or PRIOR_REPO,
             subfolders={k: v for k, v in subfolders.items() if k == "prior"},
             **prior_components,
-            **options,
+            **prior_options,
         )
         decoder_parts = {k: v for k, v in decoder.components.items() if k != "effnet"}  # shared: prior_effnet
         parts = {**decoder_parts, **{f"prior_{k}": v for k, v in prior.components.items()}}
@@ -308,3 +311,18 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
 
 def _first(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _split_dtypes(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options for the decoder and the prior pipeline: a per-component dtype dict keyed by our
+    component names (``prior_prior``, ``decoder``, ``"default"``) split by the ``prior_`` prefix."""
+    decoder, prior = dict(options), dict(options)
+    for key in ("torch_dtype", "dtype"):
+        if isinstance(dtypes := options.get(key), Mapping):
+            decoder[key] = {k: v for k, v in dtypes.items() if not k.startswith("prior_")}
+            prior[key] = {
+                k.removeprefix("prior_"): v
+                for k, v in dtypes.items()
+                if k.startswith("prior_") or k == "default"
+            }
+    return decoder, prior
