@@ -14,6 +14,7 @@ without attention get 0 heads and dropout 0.0. ``self_attn`` is True and ``switc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -258,7 +259,8 @@ def released_unet_config(config: UNetConfig) -> UNetConfig:
 
 def _structure(config: UNetConfig) -> dict[str, object]:
     """Every field the weights determine (all but the heads and dropout)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("num_attention_heads", "dropout")}
+    fields = (f.name for f in dataclasses.fields(config))
+    return {k: getattr(config, k) for k in fields if k not in ("num_attention_heads", "dropout")}
 
 
 def infer_vq_config(

@@ -172,7 +172,7 @@ def combine(
     """One combined pipeline of the two; the EfficientNet encoder of either serves both."""
     parts = {k: v for k, v in decoder.components.items() if k != "effnet"}
     parts.update({f"prior_{k}": v for k, v in prior.components.items()})
-    if parts["prior_effnet"] is None:
+    if parts.get("prior_effnet") is None:
         parts["prior_effnet"] = decoder.effnet
     return StableCascadeCombinedPipeline(**parts)
 
