@@ -375,6 +375,7 @@ def test_combined_splits_a_dtype_dict_between_its_stages(
     combined = StableCascadeCombinedPipeline.from_pretrained(
         _saved_decoder(tmp_path), prior_path_or_repo_id=saved_prior[1], dtype=dtypes
     )
+    assert combined.name_or_path == str(tmp_path / "decoder")
     got = {
         name: getattr(combined, name).dtype
         for name in ("prior_prior", "decoder", "vqgan", "prior_text_encoder")

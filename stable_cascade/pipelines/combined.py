@@ -107,9 +107,8 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             effnet=prior_effnet,
         )
         self.sub_pipelines = (self.prior_pipe, self.decoder_pipe)
-        self._loop = (
-            self.decoder_pipe._loop
-        )  # guidance_scale, num_timesteps: the decoder's, as its callback's
+        # guidance_scale and num_timesteps are the decoder's, like the pipeline its callback receives
+        self._loop = self.decoder_pipe._loop
 
     @classmethod
     def from_single_file(
@@ -195,7 +194,9 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
         decoder_parts = {k: v for k, v in decoder.components.items() if k != "effnet"}  # shared: prior_effnet
         parts = {**decoder_parts, **{f"prior_{k}": v for k, v in prior.components.items()}}
         parts.update({k: v for k, v in components.items() if not k.startswith("prior_")})
-        return cls(**parts)
+        pipeline = cls(**parts)
+        pipeline._name_or_path = str(path_or_repo_id)
+        return pipeline
 
     def enable_model_cpu_offload(
         self, gpu_id: int | None = None, device: torch.device | str | None = None

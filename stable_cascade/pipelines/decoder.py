@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
+from stable_cascade.conditioning.text import TextEmbeddings
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.single_file import DECODER_REPO, LoadOptions, decoder_components
@@ -291,5 +292,5 @@ def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled:
     raise ValueError("pass a prompt, or prompt_embeds_pooled (with prompt_embeds) from the prior pipeline")
 
 
-def _guided_batch(cond: Tensor, uncond: Any) -> Tensor:
+def _guided_batch(cond: Tensor, uncond: TextEmbeddings | None) -> Tensor:
     return torch.cat([cond, uncond.pooled]) if uncond is not None else cond
