@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from stable_cascade.checkpoint import read_state_dict
+from stable_cascade.checkpoint import parse_json, read_json_object, read_state_dict
 
 PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -118,7 +118,7 @@ def load_tensors(path: Path) -> tuple[dict[str, Tensor], Any]:
     tensors = read_state_dict([path])
     with safe_open(path, framework="pt") as file:
         structure = (file.metadata() or {}).get("structure")
-    return tensors, None if structure is None else json.loads(structure)
+    return tensors, None if structure is None else parse_json(structure, f"the metadata of {path}")
 
 
 def save_state(directory: Path, optimizer: Mapping[str, Any], loss_weights: Mapping[str, Tensor]) -> None:
@@ -180,8 +180,7 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     path = directory / TRAINER_STATE
     if not path.is_file():
         raise ValueError(f"{directory} is not a training checkpoint (it has no {TRAINER_STATE})")
-    values: dict[str, Any] = json.loads(path.read_text())
-    return values
+    return read_json_object(path)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
