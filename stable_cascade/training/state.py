@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from stable_cascade.checkpoint import parse_json, read_json_object, read_state_dict
+from stable_cascade.checkpoint import CheckpointError, parse_json, read_json_object, read_state_dict
 
 PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -170,6 +170,21 @@ def load_rng(directory: Path, rank: int, generator: torch.Generator) -> None:
     np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
     version, gauss_next = scalars["python"]
     random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+
+
+def non_finite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of the floating tensors that hold NaN or Inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_resumable(tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Refuse to resume from weights holding NaN/Inf: the run would only continue diverged."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN/Inf in {len(bad)} tensor(s) (e.g. {', '.join(bad[:3])}): the run had diverged "
+            "when it was saved; resume from an earlier checkpoint, with a lower learning rate"
+        )
 
 
 def write_trainer_state(directory: Path, values: Mapping[str, Any]) -> None:
