@@ -106,6 +106,17 @@ def test_broken_state_and_config_files_are_named(data: Path, tmp_path: Path) -> 
     manifest.write_text(json.dumps({"file_name": str(data / "0.png"), "text": "x"}) + '\n{"file_name": \n')
     with pytest.raises(CheckpointError, match=r"metadata.jsonl:2 is not valid JSON"):
         find_examples(manifest)
+    manifest.write_bytes(b'{"file_name": "0.png", "text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl is not UTF-8 text"):
+        find_examples(manifest)
+
+
+def test_unreadable_training_images_are_named(tmp_path: Path) -> None:
+    (tmp_path / "0.png").write_bytes(b"\x89PNG but not really")
+    (tmp_path / "0.txt").write_text("a caption")
+    (example,) = find_examples(tmp_path)
+    with pytest.raises(ValueError, match=r"0.png is not an image file"):
+        example.image.size()
 
 
 def test_a_pickle_text_encoder_folder_is_refused_for_training(data: Path, tmp_path: Path) -> None:

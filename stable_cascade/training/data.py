@@ -104,12 +104,20 @@ def _folder_examples(root: Path) -> list[Example]:
             f"{len(missing)} of {len(images)} images in {root} have no caption file (the image's name with "
             f".txt), e.g. {shown}; add the captions (an empty .txt for none) or use a .jsonl manifest"
         )
-    return [Example(ImageRef(p), p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    return [Example(ImageRef(p), _read_text(p.with_suffix(".txt")).strip()) for p in images]
+
+
+def _read_text(path: Path) -> str:
+    """A caption or manifest file, which must be UTF-8 (an error names the file otherwise)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
 
 
 def _manifest_examples(manifest: Path) -> list[Example]:
     examples = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(manifest).splitlines(), start=1):
         if not line.strip():
             continue
         entry = parse_json(line, f"{manifest}:{number}")
@@ -145,6 +153,8 @@ def _tar_examples(shards: Sequence[Path]) -> list[Example]:
                         captions[key] = reader.read().decode("utf-8").strip()
         except tarfile.TarError as error:
             raise ValueError(f"{shard} is not a readable tar file: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{shard} holds a caption that is not UTF-8 text ({error})") from None
         missing = sorted(set(images) - set(captions))
         if missing:
             raise ValueError(
