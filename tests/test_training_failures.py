@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,6 @@ from stable_cascade.checkpoint import CheckpointError
 from stable_cascade.training import Components, TrainConfig, train
 from stable_cascade.training.components import fresh_model, init_stage_a, load_components
 from stable_cascade.training.data import find_examples
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
