@@ -167,6 +167,7 @@ def test_a_config_file_with_a_bad_value_is_named(tmp_path: Path) -> None:
         ('{"a": ', "is not valid JSON"),
         ("[1, 2]", r"must hold a JSON object \({...}\), got a list"),
     ],
+    ids=["deep", "syntax", "list"],
 )
 def test_json_errors_name_the_file(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "config.json"
