@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, ClassVar, Literal, TypeVar
 
+from stable_cascade.limits import check_limits
+
 logger = logging.getLogger(__name__)
 
 TimestepCondition = Literal["sca", "crp"]
@@ -52,6 +54,7 @@ class ConfigBase:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             object.__setattr__(self, field.name, _tuple(getattr(self, field.name)))
+        check_limits(type(self).__name__, {name: getattr(self, name) for name in self.keys()})
 
     def __getitem__(self, key: str) -> Any:
         """``config["in_channels"]`` as well as ``config.in_channels``, as diffusers' FrozenDict allows."""
@@ -76,7 +79,10 @@ class ConfigBase:
         unknown = sorted(k for k in data if not k.startswith("_") and k not in known)
         if unknown:
             logger.warning("%s: ignoring keys unknown to %s: %s", source, cls.__name__, ", ".join(unknown))
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as error:  # name the file the bad value came from
+            raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{source}: {error}") from error
 
     def replace(self: C, **changes: Any) -> C:
         unknown = sorted(set(changes) - set(self.keys()))

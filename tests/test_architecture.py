@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stable_cascade"
 # Each layer may import only the layers listed for it (and itself).
 _MODELS = {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert", "lora"}
 ALLOWED: dict[str, set[str]] = {
-    "specs": set(),
+    "limits": set(),
+    "specs": {"limits"},
     "checkpoint": {"specs"},
     "convert": {"specs", "checkpoint"},
     "nn": {"specs", "checkpoint", "convert"},

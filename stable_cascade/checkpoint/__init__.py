@@ -5,12 +5,12 @@ This layer knows no model architecture; models build on it.
 
 from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
+from stable_cascade.checkpoint.jsonio import parse_json, read_json, read_json_object
 from stable_cascade.checkpoint.pretrained import (
     PretrainedConfigMixin,
     PretrainedModel,
     check_state_dict,
     parse_dtype,
-    read_json_object,
 )
 from stable_cascade.checkpoint.safetensors_io import read_state_dict, write_state_dict
 
@@ -21,6 +21,8 @@ __all__ = [
     "PretrainedModel",
     "check_state_dict",
     "parse_dtype",
+    "parse_json",
+    "read_json",
     "read_json_object",
     "read_state_dict",
     "resolve_file",

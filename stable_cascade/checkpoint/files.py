@@ -7,7 +7,6 @@ the local cache, ``local_files_only``, ``revision`` and ``token`` behave as in e
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import huggingface_hub
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from stable_cascade.checkpoint.errors import CheckpointError, VariantNotFoundError
+from stable_cascade.checkpoint.jsonio import read_json_object
 
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
@@ -97,12 +97,11 @@ def resolve_weights(
             index_path = resolve_file(path_or_repo_id, index, subfolder, hub)
         except FileNotFoundError:
             raise _missing_weights(path_or_repo_id, stem, subfolder, variant, single_error) from None
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    weight_map = read_json_object(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
-            f"{index_path} is not a valid safetensors index (needs 'weight_map')"
-        ) from error
+            f"{index_path} is not a valid safetensors index (needs a 'weight_map' of tensor name -> file)"
+        )
     shards = sorted(set(weight_map.values()))
     return [resolve_file(path_or_repo_id, shard, subfolder, hub) for shard in shards]
 

@@ -19,6 +19,7 @@ from torch import nn
 from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
 from stable_cascade.checkpoint.hub import check_safe_serialization, save_and_upload, upload_folder
+from stable_cascade.checkpoint.jsonio import read_json_object
 from stable_cascade.checkpoint.safetensors_io import read_single_file, read_state_dict, write_state_dict
 from stable_cascade.specs import ConfigBase
 
@@ -62,17 +63,6 @@ def pick_dtype(torch_dtype: Any, dtype: Any) -> Any:
     if torch_dtype is not None and torch_dtype != dtype:
         raise TypeError(f"got torch_dtype={torch_dtype!r} and dtype={dtype!r}; pass only dtype")
     return dtype
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path`` (a config or index file), or a ``CheckpointError`` naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_config(path: Path, expected_class: str, our_class: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
+from stable_cascade.checkpoint import read_json_object
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.nn.effnet import EfficientNetEncoder
@@ -124,7 +125,7 @@ def calibrate_stage_a(folder: Path, data: Path, count: int = 256) -> float:
     model = PaellaVQModel.from_pretrained(folder).eval()
     images = [example.image.read().convert("RGB") for example in find_examples(data)[:count]]
     std = float(encode_latents(model, prepare_images(images, DEMO_SIZE, DEMO_SIZE)).std())
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     config["scale_factor"] = round(std, 4)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return std

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import transformers
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from stable_cascade.checkpoint import (
     HubOptions,
@@ -29,6 +30,7 @@ from stable_cascade.checkpoint import (
 )
 from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
 from stable_cascade.checkpoint.safetensors_io import align_module
+from stable_cascade.checkpoint.safety import check_transformers_folder
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
@@ -154,20 +156,18 @@ def _load_transformers(
             f"{transformers.__version__} has no loadable class of that name; pass the component yourself"
         )
     kwargs: dict[str, Any] = {
-        "subfolder": subfolder,
         "cache_dir": hub.cache_dir,
         "local_files_only": bool(hub.local_files_only),
         "token": hub.token,
     }
     if hub.revision is not None:
         kwargs["revision"] = hub.revision
-    if issubclass(cls, transformers.PreTrainedModel):
+    if is_transformers_model(cls):
         kwargs[_transformers_dtype_argument()] = parse_dtype(torch_dtype) or torch.float32
-        kwargs["use_safetensors"] = True  # never unpickle weights
         if variant is not None:
             kwargs["variant"] = variant
     try:
-        loaded = cls.from_pretrained(str(path_or_repo_id), **kwargs)
+        loaded = transformers_from_pretrained(cls, path_or_repo_id, name, subfolder, **kwargs)
     except OSError as error:  # transformers' message names neither the component nor the subfolder
         raise OSError(
             f"cannot load component {name!r} (transformers.{class_name}) from {path_or_repo_id}/{subfolder}: "
@@ -176,6 +176,28 @@ def _load_transformers(
     if isinstance(loaded, torch.nn.Module):
         align_module(loaded)
     return loaded
+
+
+def is_transformers_model(cls: type) -> bool:
+    """Whether ``cls`` loads weights: a ``PreTrainedModel`` or an ``AutoModel…`` factory class."""
+    return issubclass(cls, (transformers.PreTrainedModel, _BaseAutoModelClass))
+
+
+def transformers_from_pretrained(
+    cls: type, path_or_repo_id: str | Path, component: str, subfolder: str = "", **kwargs: Any
+) -> Any:
+    """``cls.from_pretrained`` that never unpickles and never runs a folder's code.
+
+    A local folder is checked first (:func:`check_transformers_folder`); transformers then gets
+    ``trust_remote_code=False`` (no "run the custom code?" prompt, no import of the folder's files)
+    and, for model classes, ``use_safetensors=True``.
+    """
+    folder = Path(path_or_repo_id) / subfolder if subfolder else Path(path_or_repo_id)
+    check_transformers_folder(folder, component)
+    kwargs["trust_remote_code"] = False
+    if is_transformers_model(cls):
+        kwargs["use_safetensors"] = True
+    return cls.from_pretrained(str(path_or_repo_id), subfolder=subfolder, **kwargs)  # type: ignore[attr-defined]
 
 
 def _transformers_dtype_argument() -> str:

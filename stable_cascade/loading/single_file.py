@@ -17,7 +17,6 @@ the resulting pipeline writes the diffusers layout: that is the export to diffus
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +26,14 @@ import torch
 import transformers
 from torch import nn
 
-from stable_cascade.checkpoint import CheckpointError, HubOptions, PretrainedModel, parse_dtype, resolve_file
+from stable_cascade.checkpoint import (
+    CheckpointError,
+    HubOptions,
+    PretrainedModel,
+    parse_dtype,
+    read_json_object,
+    resolve_file,
+)
 from stable_cascade.checkpoint.safetensors_io import read_single_file
 from stable_cascade.conditioning.clip_weights import clip_text_model, clip_vision_model, normalize_clip_keys
 from stable_cascade.convert import Kind, expect_kind, identify, split_bundle
@@ -268,7 +274,7 @@ class ComponentsRepo:
             path = resolve_file(self.root, "config.json", name, self.options.hub)
         except FileNotFoundError:
             return {}
-        config = json.loads(path.read_text())
+        config = read_json_object(path)
         if config.get("hidden_size") != width:
             return {}
         return {k: config[k] for k in ("num_attention_heads", "hidden_act") if k in config}

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -101,6 +103,10 @@ def parse_lora(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], sourc
     """:func:`load_lora_file` on tensors already read (``source`` names them in errors)."""
     keys = list(tensors)
     metadata = dict(metadata)
+    if not keys:
+        raise LoRAFormatError(
+            f"{source} holds no tensors: it is an empty LoRA file; save or download it again"
+        )
     if metadata.get("format") == FORMAT_TAG or any(k.split(".")[0] in PARTS for k in keys):
         parts = _parse_named(tensors, source, {f"{p}.": p for p in PARTS}, "unet.<layer>")
         return LoRAWeights(parts["unet"], parts["text_encoder"], "stable-cascade", source, metadata)
@@ -163,10 +169,19 @@ def _layer(name: str, down: Tensor, up: Tensor, alpha: Tensor | float | None, so
             f"{source}: layer {name} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}; "
             "expected (rank, in_features) and (out_features, rank) of a linear layer"
         )
+    if down.shape[0] == 0:
+        raise LoRAFormatError(f"{source}: layer {name} has rank 0 (no update); a LoRA needs rank ≥ 1")
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1:
             raise LoRAFormatError(f"{source}: the alpha of {name} has shape {tuple(alpha.shape)}, not ()")
         alpha = float(alpha.float().item())
+    if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())) or not math.isfinite(
+        alpha if alpha is not None else 0.0
+    ):
+        raise LoRAFormatError(
+            f"{source}: layer {name} holds NaN/Inf values (lora_down, lora_up or alpha); the file is broken "
+            "(e.g. a training run that diverged): use another checkpoint of it"
+        )
     return LoRALayer(down, up, float(down.shape[0]) if alpha is None else alpha)
 
 

@@ -38,15 +38,25 @@ DEFAULT_TEXT_TARGETS: tuple[str, ...] = (
 )
 
 
+def check_scale(scale: float) -> None:
+    """A LoRA scale must be a finite number (0 turns the adapter off)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"a LoRA scale must be a finite number (1.0: as trained, 0: off), got {scale!r}")
+
+
 class LoRAAdapter(nn.Module):
     """One low-rank update ``Δy = scale · alpha / rank · (x @ down.T) @ up.T`` of a linear layer."""
 
     def __init__(self, down: Tensor, up: Tensor, alpha: float, scale: float = 1.0) -> None:
         super().__init__()
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] == 0:
             raise ValueError(
-                f"a LoRA needs down (rank, in) and up (out, rank), got {tuple(down.shape)}, {tuple(up.shape)}"
+                "a LoRA needs down (rank, in) and up (out, rank) with rank ≥ 1, got "
+                f"{tuple(down.shape)}, {tuple(up.shape)}"
             )
+        check_scale(scale)
+        if not math.isfinite(alpha):
+            raise ValueError(f"a LoRA's alpha must be finite, got {alpha}")
         self.down = nn.Parameter(down)  # (rank, in)
         self.up = nn.Parameter(up)  # (out, rank)
         self.alpha = float(alpha)
@@ -203,6 +213,7 @@ def _adapters(module: nn.Module, names: Sequence[str] | None) -> Iterator[tuple[
 
 def set_scale(module: nn.Module, scale: float, names: Sequence[str] | None = None) -> None:
     """Set the runtime scale of the named adapters (all with ``None``); fused ones cannot change."""
+    check_scale(scale)
     for _, adapter in _adapters(module, names):
         if adapter.fused:
             raise ValueError("a fused adapter's scale is fixed in the weights: unfuse it first")
@@ -229,6 +240,8 @@ def lora_state_dict(module: nn.Module, adapter: str = "default") -> dict[str, Te
 def fuse(module: nn.Module, scale: float | None = None, names: Sequence[str] | None = None) -> None:
     """Merge the named unfused adapters (all with ``None``) into their layers' weights:
     ``W += factor · up @ down`` in float32, with ``scale`` instead of each adapter's own if given."""
+    if scale is not None:
+        check_scale(scale)
     for _, layer in lora_layers(module):
         todo = [a for n, a in layer.adapters().items() if not a.fused and (names is None or n in names)]
         if not todo:

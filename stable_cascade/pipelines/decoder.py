@@ -238,7 +238,8 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         size = _output_size(image, None, None, multiple)
         vqgan = self.activate("vqgan")
         pixels = prepare_images(image, *size).to(self.execution_device, vqgan.dtype)
-        images = postprocess(vqgan.decode(vqgan.encode(pixels).latents).sample.clamp(0, 1), output_type)
+        decoded = finite_stage_a(vqgan, vqgan.decode(vqgan.encode(pixels).latents).sample)
+        images = postprocess(decoded.clamp(0, 1), output_type)
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
 
@@ -246,7 +247,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         """Stage B latents → images (B, 3, H, W) in [0, 1] through Stage A, scaled as diffusers does."""
         vqgan = self.activate("vqgan")
         scaled = (self.vqgan.config.scale_factor * latents).to(vqgan.dtype)
-        return vqgan.decode(scaled).sample.clamp(0, 1)
+        return finite_stage_a(vqgan, vqgan.decode(scaled).sample).clamp(0, 1)
 
     def _image_size(self, height: int | None, width: int | None) -> tuple[int, int] | None:
         if (height is None) != (width is None):
@@ -261,6 +262,20 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         """The smallest image side Stage B can produce: its deepest level needs one latent pixel."""
         config = self.decoder.config
         return self.vqgan.downscale * config.patch_size * 2 ** (len(config.block_out_channels) - 1)
+
+
+def finite_stage_a(vqgan: PaellaVQModel, decoded: Tensor) -> Tensor:
+    """``decoded`` after checking that Stage A produced no NaN/Inf (clamping would turn them black)."""
+    if not bool(torch.isfinite(decoded).all()):
+        advice = (
+            "run it in torch.float32"
+            if vqgan.dtype != torch.float32
+            else f"check its weights and its scale_factor ({vqgan.config.scale_factor})"
+        )
+        raise FloatingPointError(
+            f"Stage A (VQGAN) decoded NaN/Inf pixels in {vqgan.dtype} on {vqgan.device.type}; {advice}"
+        )
+    return decoded
 
 
 def _output_size(

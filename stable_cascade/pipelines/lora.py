@@ -26,7 +26,8 @@ from stable_cascade.lora import (
     set_scale,
     unfuse,
 )
-from stable_cascade.lora.formats import Part
+from stable_cascade.lora.formats import LoRAFormatError, Part
+from stable_cascade.lora.layers import check_scale
 
 
 class LoraLoaderMixin:
@@ -56,6 +57,9 @@ class LoraLoaderMixin:
         weights = path_or_weights
         if not isinstance(weights, LoRAWeights):
             weights = load_lora_file(weights)
+        if not (weights.unet or weights.text_encoder):
+            raise LoRAFormatError(f"{weights.source} holds no LoRA layers; use a LoRA file that has some")
+        check_scale(scale)
         models = self._lora_models()
         taken = self.get_active_adapters()
         name = adapter_name if adapter_name is not None else _free_name(weights.stem, taken)

@@ -8,6 +8,7 @@ plain CFG, the final sample handed on). ``"reference"`` is the sampler of Stabil
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 ScheduleKind = Literal["diffusers", "reference"]
@@ -29,6 +30,12 @@ class StageSettings:
     timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("guidance_scale", "shift", "guidance_rescale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.timesteps is not None and not all(math.isfinite(t) and 0 <= t <= 1 for t in self.timesteps):
+            raise ValueError(f"timesteps must be ratios in [0, 1], got {list(self.timesteps)}")
         if self.timesteps is None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
         if self.shift <= 0:

@@ -62,7 +62,7 @@ class FiniteWatch:
     """A noise model that records the first step whose prediction holds NaN or Inf.
 
     The record stays on the device, so watching costs no host synchronisation per step;
-    :meth:`first_bad_step` reads it once, after sampling.
+    :func:`check_finite_run` reads it once, after sampling.
     """
 
     def __init__(self, eps_model: NoiseModel) -> None:
@@ -79,23 +79,28 @@ class FiniteWatch:
         self.calls += 1
         return eps
 
-    def first_bad_step(self) -> int | None:
-        """The index of the first non-finite prediction, or None."""
-        if self.first_bad is None or (step := int(self.first_bad)) < 0:
-            return None
-        return step
+
+def stage_name(unet: StableCascadeUNet) -> str:
+    return "Stage B (decoder)" if unet.config.is_stage_b else "Stage C (prior)"
 
 
-def non_finite_error(unet: StableCascadeUNet, step: int, steps: int) -> FloatingPointError:
-    stage = "Stage B (decoder)" if unet.config.is_stage_b else "Stage C (prior)"
-    advice = (
-        "float16 overflows in the full Stage C unless unet.enable_fp16_safety() is on; use "
-        "torch.bfloat16 or torch.float32"
-        if unet.dtype == torch.float16
-        else "check the weights and inputs, or try torch.float32"
-    )
+def non_finite_error(unet: StableCascadeUNet, step: int | None, steps: int) -> FloatingPointError:
+    """The one-line error of a stage that produced NaN/Inf: at ``step`` (0-based) of ``steps``, or in
+    its result (``step=None``); the advice fits the stage, its dtype and its device."""
+    stage = stage_name(unet)
+    where = f"at step {step + 1} of {steps}" if step is not None else f"after {steps} steps"
+    if unet.dtype != torch.float16:
+        advice = "check its weights and any LoRA applied to it, or run it in torch.float32"
+    elif not unet.config.is_stage_b and unet.fp16_safety is None:
+        advice = (
+            "float16 overflows in the full Stage C: call unet.enable_fp16_safety(), or use torch.bfloat16"
+        )
+    else:
+        advice = f"{stage} overflows in float16 here; run it in torch.bfloat16 or torch.float32"
+    if unet.dtype == torch.float16 and unet.device.type == "cpu":
+        advice += " (on CPU, use torch.float32: float16 there is slow and imprecise)"
     return FloatingPointError(
-        f"{stage} predicted NaN/Inf noise at step {step + 1} of {steps} in {unet.dtype}; {advice}"
+        f"{stage} produced NaN/Inf {where} in {unet.dtype} on {unet.device.type}; {advice}"
     )
 
 
@@ -125,6 +130,38 @@ def guided_noise_model(
         return classifier_free_guidance(both, scale, rescale)(x, ratio)
 
     return eps
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """A () bool tensor on the tensors' device: whether every value is finite (no host read)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def check_finite_run(
+    unet: StableCascadeUNet,
+    cond: Conditioning,
+    inputs_finite: Tensor,
+    watch: FiniteWatch,
+    out: Tensor,
+    steps: int,
+) -> None:
+    """Raise ``FloatingPointError`` naming the stage and the cause when the conditioning or starting
+    latents (a broken encoder or LoRA upstream), a prediction, or the result held NaN/Inf.
+
+    The three checks are read from the device in one go, after sampling.
+    """
+    first_bad = watch.first_bad if watch.first_bad is not None else torch.full((), -1, device=out.device)
+    flags = torch.stack([~inputs_finite, first_bad.to(inputs_finite.device), ~torch.isfinite(out).all()])
+    inputs_bad, bad_step, out_bad = (int(v) for v in flags.to(torch.int64).tolist())
+    if inputs_bad:
+        bad = sorted(name for name, value in cond.items() if not bool(torch.isfinite(value).all()))
+        what = f"the conditioning of {stage_name(unet)} ({', '.join(bad)})" if bad else "the starting latents"
+        raise FloatingPointError(
+            f"{what} held NaN/Inf before sampling; check what made it (text or image encoder, the previous "
+            "stage, the latents passed in), its weights and any LoRA applied to it"
+        )
+    if bad_step >= 0 or out_bad:
+        raise non_finite_error(unet, bad_step if bad_step >= 0 else None, steps)
 
 
 def guided_conditioning(cond: Conditioning, uncond: Conditioning | None, dtype: torch.dtype) -> Conditioning:
@@ -181,6 +218,10 @@ def run_stage(
     control = control or LoopControl()
     control.guidance_scale = settings.guidance_scale
     eps = guided_noise_model(unet, cond, uncond, settings.guidance_rescale, control)
+    guided = settings.guidance_scale > 1
+    negative = {f"negative {name}": value for name, value in (uncond or {}).items()} if guided else {}
+    conditions = {**cond, **negative}
+    inputs_finite = all_finite(*conditions.values(), latents, *(() if init is None else (init,)))
     schedule = build_schedule(settings, scheduler, latents.device)
     control.num_timesteps = schedule.steps
     if init is not None and strength < 1:
@@ -194,6 +235,6 @@ def run_stage(
     sampler = get_sampler(settings.sampler)
     watch = FiniteWatch(eps)
     result = sampler(watch, latents, schedule, generator=generator, callback=callback, progress=progress)
-    if (bad := watch.first_bad_step()) is not None:
-        raise non_finite_error(unet, bad, schedule.steps)
-    return result.x0 if settings.hand_on == "x0" else result.sample
+    handed_on = result.x0 if settings.hand_on == "x0" else result.sample
+    check_finite_run(unet, conditions, inputs_finite, watch, handed_on, schedule.steps)
+    return handed_on

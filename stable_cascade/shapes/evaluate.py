@@ -276,5 +276,11 @@ def score_folder(folder: str | Path) -> dict[str, Score]:
 
 
 def _load(path: Path) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (
+        PIL.Image.DecompressionBombError,
+        PIL.UnidentifiedImageError,
+    ) as error:  # too large / not an image
+        raise ValueError(f"cannot score {path}: {error}") from None

@@ -10,7 +10,6 @@ with a fresh one, initialised as the original ``StageC``/``StageB``/``StageA`` c
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -19,8 +18,13 @@ import torch
 from torch import nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from stable_cascade.checkpoint import PretrainedModel
-from stable_cascade.loading.components import MODEL_INDEX, load_component, read_model_index
+from stable_cascade.checkpoint import PretrainedModel, read_json_object
+from stable_cascade.loading.components import (
+    MODEL_INDEX,
+    load_component,
+    read_model_index,
+    transformers_from_pretrained,
+)
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.layers import ResBlock, TimestepBlock
 from stable_cascade.nn.previewer import Previewer
@@ -117,7 +121,7 @@ def load_model(cls: type[M], path: Path, component: str, seed: int = 0) -> M:
     one from a ``.json`` config."""
     path = Path(path)
     if path.suffix == ".json" and path.is_file():
-        return _seeded(lambda: cls(json.loads(path.read_text())), seed)  # type: ignore[call-arg]
+        return _seeded(lambda: cls(read_json_object(path)), seed)  # type: ignore[call-arg]
     if path.is_dir():
         if (path / MODEL_INDEX).is_file():
             return cls.from_pretrained(path, subfolder=component)
@@ -134,10 +138,10 @@ def load_text_encoder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModelWithPro
     if not folder.is_dir():
         raise FileNotFoundError(f"--text-encoder {folder} is not a folder")
     split = (folder / "text_encoder").is_dir()
-    encoder = CLIPTextModelWithProjection.from_pretrained(
-        folder, subfolder="text_encoder" if split else "", use_safetensors=True
+    encoder = transformers_from_pretrained(
+        CLIPTextModelWithProjection, folder, "text_encoder", "text_encoder" if split else ""
     )
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer" if split else "")
+    tokenizer = transformers_from_pretrained(CLIPTokenizer, folder, "tokenizer", "tokenizer" if split else "")
     return tokenizer, encoder.eval()
 
 
@@ -148,7 +152,7 @@ def fresh_model(task: str, init_config: str, seed: int) -> PretrainedModel:
     if init_config in variants:
         config = variants[init_config]
     elif path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json_object(path)
         config = (VQConfig if task == "stage-a" else UNetConfig).from_dict(data, source=str(path))
     else:
         raise ValueError(

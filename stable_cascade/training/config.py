@@ -8,6 +8,7 @@ conditioning for 10 % of Stage C samples, effnet conditioning dropped for 10 % o
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -89,9 +90,13 @@ class TrainConfig:
         _choice("loss_weighting", self.loss_weighting, LossWeighting)
         _choice("mixed_precision", self.mixed_precision, MixedPrecision)
         _choice("reconstruction_loss", self.reconstruction_loss, ReconstructionLoss)
-        for name in ("resolution", "batch_size", "steps", "checkpoint_every", "log_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, high in _COUNT_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name} must be a whole number from 1 to {high:,}, got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         scale = self.effnet_scale
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"effnet_scale is a range (low, high) with 0 < low <= high <= 1, got {scale}")
@@ -150,6 +155,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+#: Upper bounds of the counts (they catch typos such as a resolution of 10240000).
+_COUNT_LIMITS = {
+    "resolution": 16_384,
+    "batch_size": 65_536,
+    "steps": 10**9,
+    "checkpoint_every": 10**9,
+    "log_every": 10**9,
+    "lora_rank": 4_096,
+}
 
 
 def _choice(name: str, value: object, kind: Any) -> None:

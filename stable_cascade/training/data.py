@@ -17,8 +17,6 @@ ratio (in log space), is resized to cover it and center-cropped; a batch never m
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import math
 import tarfile
@@ -31,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from stable_cascade.checkpoint import parse_json
+from stable_cascade.conditioning.image_files import open_image, open_image_bytes
 from stable_cascade.conditioning.pixels import prepare_images
 
 logger = logging.getLogger(__name__)
@@ -47,16 +47,19 @@ class ImageRef:
     offset: int = -1  # -1: the whole file
     length: int = 0
 
-    def read(self) -> PIL.Image.Image:
+    def read(self, load: bool = True) -> PIL.Image.Image:
+        """The image (decoded unless ``load=False``); a ``ValueError`` naming it when it is unreadable or
+        too large (:func:`open_image`)."""
         if self.offset < 0:
-            return PIL.Image.open(self.path)
+            return open_image(self.path, load=load)
         with open(self.path, "rb") as file:
             file.seek(self.offset)
-            return PIL.Image.open(io.BytesIO(file.read(self.length)))
+            data = file.read(self.length)
+        return open_image_bytes(data, f"{self.path} at byte {self.offset}", load=load)
 
     def size(self) -> tuple[int, int]:
         """(height, width) from the image header."""
-        with self.read() as image:
+        with self.read(load=False) as image:
             return image.height, image.width
 
 
@@ -101,18 +104,23 @@ def _folder_examples(root: Path) -> list[Example]:
             f"{len(missing)} of {len(images)} images in {root} have no caption file (the image's name with "
             f".txt), e.g. {shown}; add the captions (an empty .txt for none) or use a .jsonl manifest"
         )
-    return [Example(ImageRef(p), p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    return [Example(ImageRef(p), _read_text(p.with_suffix(".txt")).strip()) for p in images]
+
+
+def _read_text(path: Path) -> str:
+    """A caption or manifest file, which must be UTF-8 (an error names the file otherwise)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
 
 
 def _manifest_examples(manifest: Path) -> list[Example]:
     examples = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(manifest).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{manifest}:{number} is not a JSON object: {error}") from error
+        entry = parse_json(line, f"{manifest}:{number}")
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
             raise ValueError(f'{manifest}:{number} needs a "file_name" string (the image, relative path)')
         if not isinstance(entry.get("text"), str):
@@ -145,6 +153,8 @@ def _tar_examples(shards: Sequence[Path]) -> list[Example]:
                         captions[key] = reader.read().decode("utf-8").strip()
         except tarfile.TarError as error:
             raise ValueError(f"{shard} is not a readable tar file: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{shard} holds a caption that is not UTF-8 text ({error})") from None
         missing = sorted(set(images) - set(captions))
         if missing:
             raise ValueError(

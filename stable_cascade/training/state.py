@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from stable_cascade.checkpoint import read_state_dict
+from stable_cascade.checkpoint import CheckpointError, parse_json, read_json_object, read_state_dict
 
 PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -118,7 +118,7 @@ def load_tensors(path: Path) -> tuple[dict[str, Tensor], Any]:
     tensors = read_state_dict([path])
     with safe_open(path, framework="pt") as file:
         structure = (file.metadata() or {}).get("structure")
-    return tensors, None if structure is None else json.loads(structure)
+    return tensors, None if structure is None else parse_json(structure, f"the metadata of {path}")
 
 
 def save_state(directory: Path, optimizer: Mapping[str, Any], loss_weights: Mapping[str, Tensor]) -> None:
@@ -172,6 +172,21 @@ def load_rng(directory: Path, rank: int, generator: torch.Generator) -> None:
     random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
 
 
+def non_finite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of the floating tensors that hold NaN or Inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_resumable(tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Refuse to resume from weights holding NaN/Inf: the run would only continue diverged."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN/Inf in {len(bad)} tensor(s) (e.g. {', '.join(bad[:3])}): the run had diverged "
+            "when it was saved; resume from an earlier checkpoint, with a lower learning rate"
+        )
+
+
 def write_trainer_state(directory: Path, values: Mapping[str, Any]) -> None:
     (directory / TRAINER_STATE).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
@@ -180,8 +195,7 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     path = directory / TRAINER_STATE
     if not path.is_file():
         raise ValueError(f"{directory} is not a training checkpoint (it has no {TRAINER_STATE})")
-    values: dict[str, Any] = json.loads(path.read_text())
-    return values
+    return read_json_object(path)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

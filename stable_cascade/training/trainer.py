@@ -12,6 +12,7 @@ continues bit for bit as the uninterrupted run would have.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -171,6 +172,9 @@ class _Run:
             losses: Tensor = out["loss"]  # (B,)
             logsnr: Tensor | None = out.get("logsnr")
             loss = (losses * weights(logsnr)).mean() if logsnr is not None else losses.mean()
+            value = float(accelerator.reduce(losses.detach().mean(), reduction="mean"))
+            if not math.isfinite(value):  # every process sees the same reduced value and stops
+                raise self._diverged(self.step + 1, f"the loss is {value}", float(scheduler.get_last_lr()[0]))
             accelerator.backward(loss)
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -182,7 +186,6 @@ class _Run:
             if ema is not None:
                 ema.update(trainee, self.step)
             self.step += 1
-            value = float(accelerator.reduce(losses.detach().mean(), reduction="mean"))
             smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
             progress.update(1)
             progress.set_postfix(
@@ -196,7 +199,7 @@ class _Run:
             if sampler is not None and self.step % config.sample_every == 0:
                 sampler(self.step, ema)
         progress.close()
-        return self._export(model, ema)
+        return self._export(model, ema, float(scheduler.get_last_lr()[0]))
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class _Run:
         ckpt.save_rng(folder, self.rank, self.generator)
         model_state = self._model_state(model)
         ema_state = ema.state_dict() if ema is not None and (self.main or self.sharded) else None
+        self._check_finite({**model_state, **(ema_state or {})}, float(scheduler.get_last_lr()[0]), folder)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
         if self.main:
             ckpt.save_tensors(folder / "model.safetensors", model_state)
@@ -246,8 +250,28 @@ class _Run:
             logger.info("saved %s", ckpt.publish(folder))
         accelerator.wait_for_everyone()
 
+    def _check_finite(self, state: dict[str, Tensor], lr: float, partial: Path | None = None) -> None:
+        """Stop before writing weights that hold NaN/Inf (a collective: every process learns of it)."""
+        bad = ckpt.non_finite_tensors(state)
+        flag = torch.tensor(float(len(bad)), device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, reduction="sum")) > 0:
+            if partial is not None and self.main:
+                shutil.rmtree(partial, ignore_errors=True)
+            where = ", ".join(bad[:3]) or "on another process"
+            raise self._diverged(self.step, f"the weights hold NaN/Inf ({where})", lr)
+
+    def _diverged(self, step: int, what: str, lr: float) -> FloatingPointError:
+        found = ckpt.checkpoints(self.config.output_dir)
+        last = f"resume from {found[-1]}" if found else "start again"
+        return FloatingPointError(
+            f"training diverged at step {step}: {what}, so it stopped without saving that state (no "
+            f"checkpoint, no {FINAL}/); lower the learning rate (now {lr:.2e}), keep grad_clip on, prefer "
+            f"bf16 over fp16 and check the data, then {last}"
+        )
+
     def _load_weights(self, folder: Path) -> None:
         state = read_state_dict([folder / "model.safetensors"])
+        ckpt.check_resumable(state, folder / "model.safetensors")
         ckpt.assign_tensors(self.task.trainee, state, str(folder))
         logger.info("resuming from %s at step %d", folder, self.step)
 
@@ -282,15 +306,18 @@ class _Run:
         if ema is not None:
             path = folder / "ema.safetensors"
             if path.is_file():
-                ema.load_state_dict(read_state_dict([path]))
+                ema_state = read_state_dict([path])
+                ckpt.check_resumable(ema_state, path)
+                ema.load_state_dict(ema_state)
             else:
                 logger.warning("%s has no EMA; the EMA starts from the current weights", folder)
         ckpt.load_rng(folder, self.rank, self.generator)
 
-    def _export(self, model: nn.Module, ema: EMA | None) -> Path:
+    def _export(self, model: nn.Module, ema: EMA | None, lr: float) -> Path:
         state = self._model_state(model)
         if ema is not None and (self.main or self.sharded):
             state.update(ema.state_dict())
+        self._check_finite(state, lr)
         directory = self.config.output_dir / FINAL
         if self.main:
             self.task.export(directory, state)
