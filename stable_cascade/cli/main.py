@@ -13,8 +13,6 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-import torch
-
 from stable_cascade.cli import demo, generate, models, shapes, train
 
 USAGE_ERROR = 2
@@ -56,10 +54,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
-    except torch.cuda.OutOfMemoryError as error:
-        return _fail(error, args.debug, "out of GPU memory; try --offload model, a smaller size or batch")
+    except MemoryError as error:
+        return _fail(error, args.debug, _OUT_OF_MEMORY)
+    except FloatingPointError as error:  # the samplers' NaN guard names the stage and what to try
+        return _fail(error, args.debug)
     except (ValueError, TypeError, OSError) as error:
         return _fail(error, args.debug)
+    except RuntimeError as error:
+        advice = _memory_advice(error)
+        if advice is None:
+            raise
+        return _fail(error, args.debug, advice)
+
+
+_OUT_OF_MEMORY = "out of memory; try a smaller size or --batch-size, or --offload model"
+
+
+def _memory_advice(error: RuntimeError) -> str | None:
+    """The one line for torch's allocation failures (GPU or CPU), None for other runtime errors."""
+    text = str(error)
+    if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "out of GPU memory; try --offload model, a smaller size or --batch-size"
+    if "DefaultCPUAllocator" in text or "can't allocate memory" in text:
+        return _OUT_OF_MEMORY
+    return None
 
 
 def _fail(error: BaseException, debug: bool, message: str | None = None) -> int:
