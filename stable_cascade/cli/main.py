@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from stable_cascade.cli import demo, generate, models, shapes, train
+from stable_cascade.cli import demo, generate, models, serve, shapes, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -40,6 +40,7 @@ def build_parser() -> Parser:
     shapes.add_commands(commands, common)
     train.add_commands(commands, common)
     demo.add_commands(commands, common)
+    serve.add_commands(commands, common)
     return parser
 
 
