@@ -126,6 +126,8 @@ class Store:
 
     def recover(self) -> int:
         """Queue again (in their original place) the jobs a stopped server was running; how many."""
+        for leftover in [*self.images_dir.glob("*/.*.partial.png"), *self.inputs_dir.glob(".*")]:
+            leftover.unlink()  # files a killed server was writing
         with self._transaction() as db:
             cursor = db.execute("UPDATE jobs SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING))
             return cursor.rowcount
