@@ -54,9 +54,14 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(
+                    f"the server exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
             try:
-                if httpx.get(f"{self.url}/sdapi/v1/samplers", headers=self.headers, timeout=2).status_code == 200:
+                if (
+                    httpx.get(f"{self.url}/sdapi/v1/samplers", headers=self.headers, timeout=2).status_code
+                    == 200
+                ):
                     return self
             except httpx.TransportError:
                 pass

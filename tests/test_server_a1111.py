@@ -79,7 +79,9 @@ def test_same_seed_same_image_and_minus_one_is_random(api: webuiapi.WebUIApi) ->
 def test_img2img_takes_the_init_image_and_denoising_strength(api: webuiapi.WebUIApi) -> None:
     init = PIL.Image.new("RGB", (128, 128), "white")
     PIL.ImageDraw.Draw(init).ellipse((10, 40, 60, 90), fill="red")
-    result = api.img2img(images=[init], prompt=PROMPT, seed=3, width=128, height=128, steps=8, denoising_strength=0.5)
+    result = api.img2img(
+        images=[init], prompt=PROMPT, seed=3, width=128, height=128, steps=8, denoising_strength=0.5
+    )
     job = _record(result.image)["job"]
     assert job["task"] == "img2img" and job["strength"] == 0.5
     assert job["input_image_sha256"] == image_sha256(init)

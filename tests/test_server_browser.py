@@ -26,7 +26,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         CHROMIUM is None or DRIVER is None,
-        reason="no browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+        reason="no browser found: apt-get install chromium chromium-driver (Debian)",
     ),
 ]
 #: Where to save a screenshot of the page (the README's is made this way).

@@ -36,7 +36,9 @@ def _submit(server: ServerProcess, body: dict) -> dict:
 
 
 def test_a_job_from_fields_runs_and_serves_its_images(server: ServerProcess) -> None:
-    job = _submit(server, {"prompt": PROMPT, "seed": 7, "batch_size": 2, "prior_steps": 6, "decoder_steps": 4})
+    job = _submit(
+        server, {"prompt": PROMPT, "seed": 7, "batch_size": 2, "prior_steps": 6, "decoder_steps": 4}
+    )
     assert job["state"] in ("queued", "running") and job["job"]["width"] == 128  # the demo's size
     done = wait_for_job(server, job["id"])
     assert done["state"] == "done" and [image["seed"] for image in done["images"]] == [7, 8]
@@ -92,7 +94,9 @@ def test_img2img_with_an_uploaded_image(server: ServerProcess) -> None:
     # the demo has no CLIP image encoder: a variation fails with the engine's message, the worker goes on
     failed = wait_for_job(server, _submit(server, {"task": "variation", "image": encoded})["id"])
     assert failed["state"] == "failed" and "image" in failed["error"], failed["error"]
-    assert wait_for_job(server, _submit(server, {"prompt": PROMPT, "prior_steps": 3})["id"])["state"] == "done"
+    assert (
+        wait_for_job(server, _submit(server, {"prompt": PROMPT, "prior_steps": 3})["id"])["state"] == "done"
+    )
 
 
 def test_cancel_a_running_and_a_queued_job(server: ServerProcess) -> None:
@@ -126,7 +130,11 @@ def test_bad_requests_get_a_clear_4xx(server: ServerProcess) -> None:
         cases = [
             (client.post("/v1/jobs", content=b"{not json"), 400, "not valid JSON"),
             (client.post("/v1/jobs", json=[1, 2]), 422, "must be a JSON object"),
-            (client.post("/v1/jobs", json={"prompt": PROMPT, "colour": "red"}), 422, "unknown field(s) colour"),
+            (
+                client.post("/v1/jobs", json={"prompt": PROMPT, "colour": "red"}),
+                422,
+                "unknown field(s) colour",
+            ),
             (client.post("/v1/jobs", json={"width": 100000, "height": 128}), 422, "width"),
             (client.post("/v1/jobs", json={"prior_steps": 2.5}), 422, "Stage C steps must be a whole number"),
             (client.post("/v1/jobs", json={"task": "img2img", "image": "%%%"}), 422, "not valid base64"),
@@ -147,7 +155,9 @@ def test_the_key_guards_everything_but_the_page(server: ServerProcess) -> None:
         assert answer.status_code == 401 and "API key" in answer.json()["detail"]
         assert httpx.get(server.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(server.url + path, headers=server.headers).status_code == 200
-        assert httpx.get(server.url + path, auth=("anyone", KEY)).status_code == 200  # A1111 clients' basic auth
+        assert (
+            httpx.get(server.url + path, auth=("anyone", KEY)).status_code == 200
+        )  # A1111 clients' basic auth
         assert httpx.get(server.url + path, auth=("anyone", "wrong")).status_code == 401
 
 

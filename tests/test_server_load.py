@@ -40,8 +40,16 @@ def _bad_requests(server: ServerProcess) -> list[tuple[Callable[[], httpx.Respon
         (lambda: httpx.post(url, json={"width": 100_000, "height": 100_000}, headers=headers), 422, "width"),
         (lambda: httpx.post(url, json={"steps": "twenty"}, headers=headers), 422, "whole number"),
         (lambda: httpx.post(url, json={"batch_size": [1]}, headers=headers), 422, "batch size"),
-        (lambda: httpx.post(url, content=b"x" * (17 * 1024 * 1024), headers=json_headers), 413, "larger than"),
-        (lambda: httpx.post(url, json={"prompt": PROMPT}, headers={"Authorization": "Bearer no"}), 401, "API key"),
+        (
+            lambda: httpx.post(url, content=b"x" * (17 * 1024 * 1024), headers=json_headers),
+            413,
+            "larger than",
+        ),
+        (
+            lambda: httpx.post(url, json={"prompt": PROMPT}, headers={"Authorization": "Bearer no"}),
+            401,
+            "API key",
+        ),
     ]
 
 

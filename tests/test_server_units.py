@@ -17,7 +17,7 @@ from stable_cascade.server.store import CANCELLED, DONE, FAILED, MAX_ATTEMPTS, R
 def test_binding_beyond_this_machine_needs_a_key_or_insecure(tmp_path: Path) -> None:
     ServerConfig(host="127.0.0.1", data=tmp_path).validate()
     ServerConfig(host="::1", data=tmp_path).validate()
-    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0 without --api-key"):
+    with pytest.raises(ValueError, match=r"refusing to serve on 0\.0\.0\.0 without --api-key"):
         ServerConfig(host="0.0.0.0", data=tmp_path).validate()
     ServerConfig(host="0.0.0.0", api_key="k", data=tmp_path).validate()
     ServerConfig(host="0.0.0.0", insecure=True, data=tmp_path).validate()
@@ -26,7 +26,9 @@ def test_binding_beyond_this_machine_needs_a_key_or_insecure(tmp_path: Path) -> 
             ServerConfig(data=tmp_path, **wrong).validate()  # type: ignore[arg-type]
 
 
-def test_serve_refuses_with_one_line_and_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_with_one_line_and_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["serve", "--host", "0.0.0.0", "--data", str(tmp_path), "--model", "demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "refusing to serve on 0.0.0.0" in err

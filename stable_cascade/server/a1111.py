@@ -76,14 +76,23 @@ def model_name(title: object) -> str:
     """A model of ours from an A1111 checkpoint title ("demo" or "demo [hash]")."""
     name = title.split(" [", 1)[0].strip() if isinstance(title, str) else title
     if name not in BUNDLES:
-        raise ValueError(f"unknown model {title!r}; expected one of {', '.join(BUNDLES)} (GET /sdapi/v1/sd-models)")
+        raise ValueError(
+            f"unknown model {title!r}; expected one of {', '.join(BUNDLES)} (GET /sdapi/v1/sd-models)"
+        )
     return str(name)
 
 
 def model_list() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/sd-models``: A1111's shape, one entry per named model."""
     return [
-        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": b.prior_repo, "config": None}
+        {
+            "title": name,
+            "model_name": name,
+            "hash": None,
+            "sha256": None,
+            "filename": b.prior_repo,
+            "config": None,
+        }
         for name, b in BUNDLES.items()
     ]
 
@@ -93,7 +102,9 @@ def job_arguments(body: Mapping[str, Any], default_model: str, upload: Upload | 
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, Mapping):
         raise ValueError("override_settings must be a JSON object")
-    arguments: dict[str, Any] = {ours: body[theirs] for theirs, ours in _DIRECT.items() if body.get(theirs) is not None}
+    arguments: dict[str, Any] = {
+        ours: body[theirs] for theirs, ours in _DIRECT.items() if body.get(theirs) is not None
+    }
     for field in OWN_FIELDS:
         for source in (body, overrides):
             if source.get(field) is not None:
@@ -169,7 +180,9 @@ def info(job: Job, infotexts: list[str], job_id: str) -> str:
     return json.dumps(data)
 
 
-def progress(fraction: float, eta: float, step: int, steps: int, jobs: int, preview: str | None) -> dict[str, Any]:
+def progress(
+    fraction: float, eta: float, step: int, steps: int, jobs: int, preview: str | None
+) -> dict[str, Any]:
     """``GET /sdapi/v1/progress``: A1111's shape."""
     return {
         "progress": fraction,

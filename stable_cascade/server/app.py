@@ -168,7 +168,9 @@ class _Guard:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise RequestError(413, f"the request body is larger than the limit of {self.max_body:,} bytes")
+                raise RequestError(
+                    413, f"the request body is larger than the limit of {self.max_body:,} bytes"
+                )
             return message
 
         return counted

@@ -67,7 +67,9 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
     if "job" in fields:
         extra = set(fields) - {"job"}
         if extra:
-            raise ValueError(f"with 'job', give only 'image' besides it; unexpected: {', '.join(sorted(extra))}")
+            raise ValueError(
+                f"with 'job', give only 'image' besides it; unexpected: {', '.join(sorted(extra))}"
+            )
         if not isinstance(fields["job"], Mapping):
             raise ValueError("'job' must be a JSON object (a job as GET /v1/jobs/{id} shows it)")
         job = Job.from_dict(fields["job"], "job")
@@ -83,7 +85,9 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
 def check_served(job: Job) -> None:
     """Refuse what would make the server read files a client names: model files and LoRAs."""
     if job.models != ModelSources(model=job.models.model):
-        raise ValueError("the server runs named models only (see GET /sdapi/v1/sd-models); remove model paths")
+        raise ValueError(
+            "the server runs named models only (see GET /sdapi/v1/sd-models); remove model paths"
+        )
     if job.loras:
         raise ValueError("the server takes no LoRA files from requests; remove 'loras'")
 
@@ -103,10 +107,14 @@ def created_job(fields: dict[str, Any], default_model: str, upload: Upload | Non
         fields.setdefault("input_image", "upload")
         fields.setdefault("input_image_sha256", upload.sha256)
         if fields.get("task", "txt2img") == "txt2img":
-            raise ValueError("an image was sent with a txt2img job; set task to img2img, variation or reconstruct")
+            raise ValueError(
+                "an image was sent with a txt2img job; set task to img2img, variation or reconstruct"
+            )
     try:
         return Job.create(
-            models=ModelSources(model=model), image_size=None if upload is None else upload.image.size, **fields
+            models=ModelSources(model=model),
+            image_size=None if upload is None else upload.image.size,
+            **fields,
         )
     except TypeError as error:  # a value of a type the job's arithmetic cannot take
         raise ValueError(f"a field has the wrong type: {error}") from None

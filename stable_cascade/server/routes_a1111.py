@@ -49,7 +49,9 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
     encoded = [base64.b64encode(image.file.read_bytes()).decode() for image in images]
     parameters = {k: v for k, v in body.items() if k != "init_images"}
     infotexts = [image.infotext for image in images]
-    return JSONResponse({"images": encoded, "parameters": parameters, "info": a1111.info(job, infotexts, stored.id)})
+    return JSONResponse(
+        {"images": encoded, "parameters": parameters, "info": a1111.info(job, infotexts, stored.id)}
+    )
 
 
 def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
@@ -116,7 +118,11 @@ async def samplers() -> list[dict[str, Any]]:
 
 @router.get("/options")
 async def get_options(request: Request) -> dict[str, Any]:
-    return {"sd_model_checkpoint": _server(request).model, "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+    return {
+        "sd_model_checkpoint": _server(request).model,
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+    }
 
 
 @router.post("/options")
@@ -136,7 +142,15 @@ async def scripts() -> dict[str, list[str]]:
 
 @router.get("/schedulers")
 async def schedulers() -> list[dict[str, Any]]:
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+    return [
+        {
+            "name": "automatic",
+            "label": "Automatic",
+            "aliases": None,
+            "default_rho": -1,
+            "need_inner_model": False,
+        }
+    ]
 
 
 @router.get("/loras")
@@ -146,5 +160,3 @@ async def schedulers() -> list[dict[str, Any]]:
 async def empty_list() -> list[Any]:
     """Lists of what this server does not have, for clients that ask at start-up."""
     return []
-
-

@@ -54,7 +54,12 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
         "finished": stored.finished if done else None,
         "job": stored.job,
         "images": [
-            {"n": image.n, "seed": image.seed, "url": f"/v1/jobs/{stored.id}/images/{image.n}", "infotext": image.infotext}
+            {
+                "n": image.n,
+                "seed": image.seed,
+                "url": f"/v1/jobs/{stored.id}/images/{image.n}",
+                "infotext": image.infotext,
+            }
             for image in server.store.images(stored.id)
         ],
     }
@@ -131,7 +136,9 @@ async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
             elif stored.state == RUNNING:
                 position = None
             try:
-                message = await asyncio.wait_for(queue.get(), timeout=1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS)
+                message = await asyncio.wait_for(
+                    queue.get(), timeout=1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS
+                )
             except asyncio.TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
@@ -154,7 +161,10 @@ async def info(request: Request) -> dict[str, Any]:
     }
     return {
         "model": _server(request).model,
-        "models": {name: {"description": b.description, "size": native_size(ModelSources(model=name))} for name, b in BUNDLES.items()},
+        "models": {
+            name: {"description": b.description, "size": native_size(ModelSources(model=name))}
+            for name, b in BUNDLES.items()
+        },
         "presets": presets,
         "samplers": a1111.sampler_list(),
         "version": package_version(),

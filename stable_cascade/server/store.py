@@ -88,7 +88,9 @@ class Store:
             path.mkdir(parents=True, exist_ok=True)
         self.max_queue = max_queue
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -129,7 +131,9 @@ class Store:
         for leftover in [*self.images_dir.glob("*/.*.partial.png"), *self.inputs_dir.glob(".*")]:
             leftover.unlink()  # files a killed server was writing
         with self._transaction() as db:
-            cursor = db.execute("UPDATE jobs SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING))
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING)
+            )
             return cursor.rowcount
 
     def claim(self) -> StoredJob | None:
@@ -170,7 +174,9 @@ class Store:
             )
             return cursor.rowcount == 1
 
-    def write_image(self, job_id: str, n: int, seed: int, infotext: str, write: Callable[[Path], None]) -> Path:
+    def write_image(
+        self, job_id: str, n: int, seed: int, infotext: str, write: Callable[[Path], None]
+    ) -> Path:
         """Write image ``n`` of a job with ``write(temporary path)``, atomically, and record it."""
         folder = self.images_dir / job_id
         folder.mkdir(exist_ok=True)
@@ -196,7 +202,9 @@ class Store:
     def images(self, job_id: str) -> list[StoredImage]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM images WHERE job = ? ORDER BY n", (job_id,)).fetchall()
-        return [StoredImage(row["n"], row["seed"], self.folder / row["file"], row["infotext"]) for row in rows]
+        return [
+            StoredImage(row["n"], row["seed"], self.folder / row["file"], row["infotext"]) for row in rows
+        ]
 
     def recent(self, limit: int, before: int | None = None) -> list[StoredJob]:
         """Up to ``limit`` jobs, newest first (those older than sequence number ``before``)."""
@@ -218,7 +226,9 @@ class Store:
     def count(self, *states: str) -> int:
         marks = ", ".join("?" for _ in states)
         with self._lock:
-            (total,) = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states).fetchone()
+            (total,) = self._db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states
+            ).fetchone()
         return int(total)
 
     def setting(self, key: str) -> str | None:

@@ -6,7 +6,6 @@ import base64
 import io
 import logging
 import threading
-from pathlib import Path
 
 import PIL.Image
 
@@ -23,7 +22,7 @@ from stable_cascade.engine import (
     save_png,
 )
 from stable_cascade.server.hub import Hub, Live
-from stable_cascade.server.store import CANCELLED, DONE, FAILED, QueueFull, Store, StoredJob
+from stable_cascade.server.store import CANCELLED, DONE, FAILED, Store, StoredJob
 
 logger = logging.getLogger(__name__)
 #: What a job may raise and fail with alone; anything else is a bug and stops the worker loudly.
@@ -135,19 +134,31 @@ class Workers:
     def _handle(self, job_id: str, event: Event) -> None:
         live = self.hub.live[job_id]
         if isinstance(event, Progress):
-            live.fraction, live.stage, live.step, live.steps = event.fraction, event.stage, event.step, event.steps
+            live.fraction, live.stage, live.step, live.steps = (
+                event.fraction,
+                event.stage,
+                event.step,
+                event.steps,
+            )
             message = {"type": "progress", **{k: getattr(event, k) for k in Progress.__dataclass_fields__}}
             self.hub.publish(job_id, message)
         elif isinstance(event, Preview):
             live.preview = png_bytes(event.image)
             encoded = base64.b64encode(live.preview).decode()
-            self.hub.publish(job_id, {"type": "preview", "index": event.index, "step": event.step, "image": encoded})
+            self.hub.publish(
+                job_id, {"type": "preview", "index": event.index, "step": event.step, "image": encoded}
+            )
         elif isinstance(event, ImageDone):
             record = event.record
             path = self.store.write_image(
-                job_id, event.index, record.seed, record.infotext(), lambda p: save_png(event.image, p, record)
+                job_id,
+                event.index,
+                record.seed,
+                record.infotext(),
+                lambda p: save_png(event.image, p, record),
             )
-            self.hub.publish(job_id, {"type": "image", "n": event.index, "seed": record.seed, "file": path.name})
+            self.hub.publish(
+                job_id, {"type": "image", "n": event.index, "seed": record.seed, "file": path.name}
+            )
         elif isinstance(event, Loading):
             self.hub.publish(job_id, {"type": "loading", "models": event.models})
-
