@@ -76,7 +76,7 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
         if upload is not None:
             job = dataclasses.replace(job, input_image=job.input_image or "upload")
     else:
-        job = created_job(fields, default_model, upload)
+        return created_job(fields, default_model, upload), upload
     check_served(job)
     check_inputs(job, None if upload is None else upload.image)
     return job, upload
@@ -110,14 +110,18 @@ def created_job(fields: dict[str, Any], default_model: str, upload: Upload | Non
             raise ValueError(
                 "an image was sent with a txt2img job; set task to img2img, variation or reconstruct"
             )
+    return checked_job({**fields, "models": ModelSources(model=model)}, upload)
+
+
+def checked_job(arguments: dict[str, Any], upload: Upload | None) -> Job:
+    """``Job.create(**arguments)`` for ``upload`` (or none), checked as the server runs it."""
     try:
-        return Job.create(
-            models=ModelSources(model=model),
-            image_size=None if upload is None else upload.image.size,
-            **fields,
-        )
+        job = Job.create(image_size=None if upload is None else upload.image.size, **arguments)
     except TypeError as error:  # a value of a type the job's arithmetic cannot take
         raise ValueError(f"a field has the wrong type: {error}") from None
+    check_served(job)
+    check_inputs(job, None if upload is None else upload.image)
+    return job
 
 
 def one_line(error: BaseException) -> str:

@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from stable_cascade.engine import Job, check_inputs
+from stable_cascade.engine import Job
 from stable_cascade.server import a1111
 from stable_cascade.server.app import RequestError, Server, error_response, read_json
-from stable_cascade.server.inputs import Upload, check_served, decode_image
+from stable_cascade.server.inputs import Upload, checked_job, decode_image
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
@@ -56,13 +56,7 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
 
 def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
     upload = decode_image(a1111.check_img2img(body), server.store, "init_images[0]") if img2img else None
-    try:
-        job = Job.create(**a1111.job_arguments(body, server.model, upload))
-    except TypeError as error:
-        raise ValueError(f"a field has the wrong type: {error}") from None
-    check_served(job)
-    check_inputs(job, None if upload is None else upload.image)
-    return job, upload
+    return checked_job(a1111.job_arguments(body, server.model, upload), upload), upload
 
 
 async def wait(server: Server, stored: StoredJob) -> StoredJob:

@@ -242,18 +242,8 @@ class Store:
 
 
 def _job(row: sqlite3.Row) -> StoredJob:
-    return StoredJob(
-        id=row["id"],
-        seq=row["seq"],
-        state=row["state"],
-        job=json.loads(row["job"]),
-        input=row["input"],
-        error=row["error"],
-        created=row["created"],
-        started=row["started"],
-        finished=row["finished"],
-        attempts=row["attempts"],
-    )
+    values = {field.name: row[field.name] for field in dataclasses.fields(StoredJob)}
+    return StoredJob(**(values | {"job": json.loads(row["job"])}))
 
 
 def _sync_folder(folder: Path) -> None:
