@@ -123,3 +123,20 @@ def test_an_upload_for_img2img(server: ServerProcess, browser: webdriver.Chrome,
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
     assert browser.find_elements(By.CSS_SELECTOR, "#result img.output")
+
+
+def test_the_page_asks_for_the_api_key(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    with ServerProcess(tmp_path / "data", api_key="page-key") as guarded:
+        browser.get(guarded.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "key-box").is_displayed())
+        assert "API key" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "api-key").send_keys("page-key")
+        browser.find_element(By.ID, "save-key").click()
+        wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+        browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+        browser.find_element(By.ID, "prior_steps").send_keys("5")
+        browser.find_element(By.ID, "generate").click()
+        image = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#result img.output"))[0]
+        wait.until(lambda b: b.execute_script("return arguments[0].naturalWidth", image) == 128)
+        browser.execute_script("localStorage.clear()")

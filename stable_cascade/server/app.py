@@ -132,7 +132,8 @@ class _Guard:
         path = scope["path"]
         if self.api_key is not None and not _public(path) and not self._authorised(headers):
             response = error_response(401, "a valid API key is required: send 'Authorization: Bearer KEY'")
-            response.headers["WWW-Authenticate"] = 'Basic realm="stable-cascade", charset="UTF-8"'
+            # Bearer, not Basic: a Basic challenge makes browsers open a login dialog over the page
+            response.headers["WWW-Authenticate"] = 'Bearer realm="stable-cascade"'
             await response(scope, receive, send)
             return
         length = headers.get("content-length", "0")
