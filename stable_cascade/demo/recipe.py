@@ -30,6 +30,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.demo.pipeline import DemoCascadePipeline
 from stable_cascade.demo.settings import DEMO_SIZE, Recipe
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.nn.effnet import EfficientNetEncoder
@@ -214,8 +215,9 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     return model
 
 
-def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> StableCascadeCombinedPipeline:
-    """The demo cascade as a combined pipeline: the shipped one, or the folders a training run wrote."""
+def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> DemoCascadePipeline:
+    """The demo cascade as a combined pipeline (128² images by default): the shipped one, or the
+    folders a training run wrote."""
     if model is None:
         pipeline = load_models(ModelSources(model="demo"), torch_dtype=dtype).pipeline
     else:
@@ -224,7 +226,7 @@ def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> 
             torch_dtype=dtype,
         ).pipeline
     assert isinstance(pipeline, StableCascadeCombinedPipeline)
-    return pipeline
+    return DemoCascadePipeline(**pipeline.components)
 
 
 @torch.no_grad()

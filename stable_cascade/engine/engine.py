@@ -135,10 +135,15 @@ class Engine:
             while not taken.acquire(timeout=0.05) and not stop.is_set():
                 pass
 
+        def work() -> None:
+            try:
+                self._job(job, image, previews, stop, emit)
+            except BaseException as error:  # handed to the consumer's thread, which raises it
+                events.put(error)
+            events.put(_DONE)
+
         with self._lock:
-            worker = threading.Thread(
-                target=self._work, args=(job, image, previews, stop, emit, events), name="engine", daemon=True
-            )
+            worker = threading.Thread(target=work, name="engine", daemon=True)
             worker.start()
             try:
                 while (item := _next(events, cancel, stop)) is not _DONE:
@@ -151,21 +156,6 @@ class Engine:
             finally:
                 stop.set()  # the consumer may have left early
                 worker.join()
-
-    def _work(
-        self,
-        job: Job,
-        image: PIL.Image.Image | None,
-        previews: bool,
-        stop: threading.Event,
-        emit: Callable[[Event], None],
-        events: queue.Queue[object],
-    ) -> None:
-        try:
-            self._job(job, image, previews, stop, emit)
-        except BaseException as error:  # handed to the consumer's thread, which raises it
-            events.put(error)
-        events.put(_DONE)
 
     def _job(
         self,
