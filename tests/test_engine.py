@@ -16,13 +16,6 @@ import torch
 from torch import nn
 
 import tiny
-from stable_cascade import (
-    DDPMWuerstchenScheduler,
-    PaellaVQModel,
-    StableCascadeDecoderPipeline,
-    StableCascadePriorPipeline,
-    StableCascadeUNet,
-)
 from stable_cascade.engine import (
     Engine,
     Finished,
@@ -38,44 +31,13 @@ from stable_cascade.engine import (
     read_png,
     save_png,
 )
-from stable_cascade.lora import add_lora, save_lora
-from stable_cascade.lora.layers import DEFAULT_TEXT_TARGETS, LoRAAdapter
 from stable_cascade.pipelines.sources import load_models
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> ModelSources:
-    root = tmp_path_factory.mktemp("engine")
-    tokenizer = tiny.tokenizer(root / "tokenizer")
-    StableCascadePriorPipeline(
-        tokenizer=tokenizer,
-        text_encoder=tiny.text_encoder(),
-        prior=tiny.randomize_(StableCascadeUNet(tiny.TINY_PRIOR), 0, scale=0.1),
-        scheduler=DDPMWuerstchenScheduler(),
-    ).save_pretrained(root / "prior")
-    StableCascadeDecoderPipeline(
-        decoder=tiny.randomize_(StableCascadeUNet(tiny.TINY_DECODER), 1, scale=0.1),
-        tokenizer=tokenizer,
-        text_encoder=tiny.text_encoder(),
-        scheduler=DDPMWuerstchenScheduler(),
-        vqgan=tiny.randomize_(PaellaVQModel(tiny.TINY_VQGAN), 2, scale=0.1),
-    ).save_pretrained(root / "decoder")
-    return ModelSources(prior=str(root / "prior"), decoder=str(root / "decoder"))
-
-
-def lora_file(path: Path, seed: int) -> str:
-    """A LoRA of the tiny prior and text encoder with random (output-changing) adapters."""
-    unet, text_encoder = StableCascadeUNet(tiny.TINY_PRIOR), tiny.text_encoder()
-    add_lora(unet, rank=2, alpha=2.0)
-    add_lora(text_encoder, rank=2, alpha=2.0, targets=DEFAULT_TEXT_TARGETS)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in (unet, text_encoder):
-            for layer in module.modules():
-                if isinstance(layer, LoRAAdapter):
-                    layer.down.copy_(torch.randn(layer.down.shape, generator=generator) * 0.3)
-                    layer.up.copy_(torch.randn(layer.up.shape, generator=generator) * 0.3)
-    return str(save_lora(path, unet, text_encoder))
+    prior, decoder = tiny.save_pipelines(tmp_path_factory.mktemp("engine"))
+    return ModelSources(prior=str(prior), decoder=str(decoder))
 
 
 def fast_job(sources: ModelSources, **values: object) -> Job:
@@ -214,7 +176,10 @@ def test_images_equal_the_combined_pipeline_called_directly(sources: ModelSource
 
 
 def test_models_stay_loaded_and_loras_apply_to_their_job_only(sources: ModelSources, tmp_path: Path) -> None:
-    first, second = lora_file(tmp_path / "a.safetensors", 1), lora_file(tmp_path / "b.safetensors", 2)
+    first, second = (
+        tiny.lora_file(tmp_path / "a.safetensors", 1),
+        tiny.lora_file(tmp_path / "b.safetensors", 2),
+    )
     jobs = {
         "plain": fast_job(sources),
         "a": fast_job(sources, loras=[(first, 1.0)]),

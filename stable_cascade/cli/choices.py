@@ -21,3 +21,10 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 #: ``pipelines.sources.ModelSources``' fields: the model flags
 MODEL_FLAGS = ("model", "prior", "decoder", "stage_a", "effnet", "previewer", "components")
 OFFLOADS = ("none", "model", "sequential")
+#: ``training.config``: ``Task``, ``LossWeighting``, ``MixedPrecision``, ``ReconstructionLoss``
+TRAIN_TASKS = ("stage-c", "stage-b", "stage-a", "lora")
+LOSS_WEIGHTINGS = ("p2", "adaptive", "none")
+MIXED_PRECISIONS = ("no", "bf16")
+RECONSTRUCTION_LOSSES = ("mse", "l1")
+#: ``training.config.DEFAULT_BUCKET_RATIOS``
+DEFAULT_BUCKET_RATIOS: tuple[float, ...] = (1.0, 4 / 5, 3 / 4, 2 / 3, 3 / 5, 9 / 16, 1 / 2)

@@ -247,6 +247,12 @@ def _job(
             if stage is not None:
                 values.update({f"{name}_{key}": value for key, value in stage.__dict__.items()})
         sources, loras, dtype = old.models, list(old.loras), old.dtype
+        for lora in old.loras:
+            if not Path(lora.path).is_file() and not getattr(args, "lora", None):
+                raise ValueError(
+                    f"the LoRA {lora.path} recorded in {args.from_png} does not exist; put it back, or pass "
+                    "--lora FILE[:SCALE] to use another"
+                )
     elif task in ("txt2img", "img2img") and args.prompt is None:
         raise ValueError(f"{args.command} needs a PROMPT (or --from-png with an image made by this tool)")
     values.update(

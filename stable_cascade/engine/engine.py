@@ -28,7 +28,7 @@ import torch
 
 from stable_cascade.engine.events import Event, Finished, Loading
 from stable_cascade.engine.hashing import FileHasher, image_sha256, sha256_file
-from stable_cascade.engine.job import DTYPES, Job, LoraRef
+from stable_cascade.engine.job import DEFAULT_SIZE, DTYPES, Job, LoraRef, native_size
 from stable_cascade.engine.record import model_label
 from stable_cascade.engine.running import JobRun
 from stable_cascade.engine.threads import configure_cpu_threads
@@ -135,10 +135,15 @@ class Engine:
             while not taken.acquire(timeout=0.05) and not stop.is_set():
                 pass
 
+        def work() -> None:
+            try:
+                self._job(job, image, previews, stop, emit)
+            except BaseException as error:  # handed to the consumer's thread, which raises it
+                events.put(error)
+            events.put(_DONE)
+
         with self._lock:
-            worker = threading.Thread(
-                target=self._work, args=(job, image, previews, stop, emit, events), name="engine", daemon=True
-            )
+            worker = threading.Thread(target=work, name="engine", daemon=True)
             worker.start()
             try:
                 while (item := _next(events, cancel, stop)) is not _DONE:
@@ -151,21 +156,6 @@ class Engine:
             finally:
                 stop.set()  # the consumer may have left early
                 worker.join()
-
-    def _work(
-        self,
-        job: Job,
-        image: PIL.Image.Image | None,
-        previews: bool,
-        stop: threading.Event,
-        emit: Callable[[Event], None],
-        events: queue.Queue[object],
-    ) -> None:
-        try:
-            self._job(job, image, previews, stop, emit)
-        except BaseException as error:  # handed to the consumer's thread, which raises it
-            events.put(error)
-        events.put(_DONE)
 
     def _job(
         self,
@@ -185,6 +175,16 @@ class Engine:
             emit,
         )
         load_seconds = time.perf_counter() - start if loaded else 0.0
+        native = native_size(job.models)
+        if native is not None and native != DEFAULT_SIZE and (job.width, job.height) != (native, native):
+            logger.warning(
+                "the %s model was trained at %dx%d; at %dx%d its images are poorer",
+                job.models.model,
+                native,
+                native,
+                job.width,
+                job.height,
+            )
         record_job = dataclasses.replace(
             job, dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype), loras=_hashed(job.loras)
         )

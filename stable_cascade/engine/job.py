@@ -215,6 +215,12 @@ class Job:
             checks.check_choice("model", self.models.model, BUNDLES)
         for lora in self.loras:
             lora.validate()
+        bundle = BUNDLES[self.models.model or DEFAULT_BUNDLE]
+        if self.task == "variation" and not self.models.prior and not bundle.image_encoder:
+            raise ValueError(
+                f"the {bundle.name} model has no CLIP image encoder, so it cannot make variations; use "
+                "img2img, or pass --prior with a prior pipeline that has an image_encoder"
+            )
         if self.loras and self.task == "reconstruct":
             raise ValueError("LoRAs adapt Stage C, which reconstruct does not run")
 
