@@ -34,9 +34,9 @@ def test_serve_refuses_with_one_line_and_exit_code_2(
     assert err.count("\n") == 0 and "refusing to serve on 0.0.0.0" in err
 
 
-def test_the_parser_does_not_import_the_server_stack() -> None:
+def test_the_parser_imports_neither_the_server_stack_nor_torch() -> None:
     code = "import sys; from stable_cascade.cli.main import build_parser; build_parser(); "
-    code += "print(sorted(m for m in ('fastapi', 'uvicorn', 'stable_cascade.server') if m in sys.modules))"
+    code += "print(sorted(m for m in ('fastapi', 'uvicorn', 'torch', 'stable_cascade.server') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -117,3 +117,11 @@ def test_a_job_that_keeps_killing_the_server_is_given_up(tmp_path: Path) -> None
     assert store.claim() is None
     stored = store.get(job_id)
     assert stored is not None and stored.state == FAILED and "given up" in str(stored.error)
+
+
+def test_serve_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: stable-cascade serve" in out and "--api-key" in out and "--insecure" in out
