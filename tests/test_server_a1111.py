@@ -94,6 +94,9 @@ def test_models_options_and_samplers(api: webuiapi.WebUIApi, server: ServerProce
     assert set(api.util_get_sampler_names()) == {"Euler a", "DDIM", "DPM++ 2M", "DDPM"}
     api.set_options({"sd_model_checkpoint": "lite", "an_option_we_do_not_have": 1})
     assert api.get_options()["sd_model_checkpoint"] == "lite"
+    queued = httpx.post(f"{server.url}/v1/jobs", json={"prompt": PROMPT}).json()  # names no model
+    assert queued["job"]["models"]["model"] == "lite"
+    httpx.delete(f"{server.url}/v1/jobs/{queued['id']}")
     refused = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
     assert refused.status_code == 422 and "unknown model 'nope'" in refused.json()["detail"]
     api.util_set_model("demo")

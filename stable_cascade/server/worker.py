@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import logging
 import threading
@@ -140,8 +141,7 @@ class Workers:
                 event.step,
                 event.steps,
             )
-            message = {"type": "progress", **{k: getattr(event, k) for k in Progress.__dataclass_fields__}}
-            self.hub.publish(job_id, message)
+            self.hub.publish(job_id, {"type": "progress", **dataclasses.asdict(event)})
         elif isinstance(event, Preview):
             live.preview = png_bytes(event.image)
             encoded = base64.b64encode(live.preview).decode()
