@@ -25,7 +25,10 @@ ALLOWED: dict[str, set[str]] = {
     "pipelines": _MODELS | {"loading"},
     "training": _MODELS | {"loading", "pipelines", "shapes"},
     "demo": _MODELS | {"loading", "pipelines", "shapes", "training"},
-    "cli": _MODELS | {"loading", "pipelines", "shapes", "training", "demo"},
+    "engine": _MODELS | {"loading", "pipelines"},
+    "server": _MODELS | {"loading", "pipelines", "engine"},
+    "batch": _MODELS | {"loading", "pipelines", "engine"},
+    "cli": _MODELS | {"loading", "pipelines", "shapes", "training", "demo", "engine", "server", "batch"},
 }
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 

@@ -33,9 +33,11 @@ from stable_cascade import (
 )
 from stable_cascade.cli.main import main
 from stable_cascade.convert import Kind, to_original_state_dict
+from stable_cascade.engine import image_sha256, read_png, sha256_file
+from stable_cascade.engine.legacy import parse_infotext
+from stable_cascade.engine.record import JSON_KEY
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
-from stable_cascade.pipelines.metadata import JSON_KEY, parse_infotext, read_png, sha256_file
 from stable_cascade.specs import EffNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,21 +242,23 @@ def test_generate_writes_images_with_parameters_and_previews(runs: dict[str, Fin
         "a red cat\nNegative prompt: blurry, dark\nSteps: 2+2, Sampler: ddpm, CFG scale: 4.0+1.1"
     )
     assert "Seed: 6, Size: 128x128, Model: prior + decoder, Preset: reference, Shift: 2.0" in text
-    assert record["seed"] == 6 and record["width"] == record["height"] == 128
-    assert record["prior"] == {"steps": 2, "guidance": 4.0, "sampler": "ddpm", "shift": 2.0, "rescale": 0.7}
-    assert record["decoder"] == {"steps": 2, "guidance": 1.1, "sampler": "ddpm", "shift": 1.0, "rescale": 0.0}
-    assert record["models"]["prior"] == str(files / "prior")  # type: ignore[index]
+    job = record["job"]
+    assert record["seed"] == 6 and record["index"] == 1 and record["width"] == record["height"] == 128
+    assert job["seed"] == 5 and job["count"] == 2 and job["width"] == job["height"] == 128
+    assert job["prior"] == {"steps": 2, "guidance": 4.0, "sampler": "ddpm", "shift": 2.0, "rescale": 0.7}
+    assert job["decoder"] == {"steps": 2, "guidance": 1.1, "sampler": "ddpm", "shift": 1.0, "rescale": 0.0}
+    assert job["models"]["prior"] == str(files / "prior")
     hashes = record["model_sha256"]
     assert set(hashes) == {"prior", "decoder", "previewer"}  # type: ignore[arg-type]
     assert hashes["previewer"] == sha256_file(files / "previewer.safetensors")  # type: ignore[index]
-    assert record["version"] and record["dtype"] == "fp32"
-    parsed = parse_infotext(text)  # the infotext alone gives the settings back, too
+    assert record["version"] and job["dtype"] == "fp32"
+    parsed = parse_infotext(text)["job"]  # the infotext alone gives the settings back, too
     stored = read_png(files / "singles" / "00001-6.png")
     assert (parsed.prompt, parsed.negative_prompt, parsed.seed, parsed.prior) == (
-        stored.prompt,
-        stored.negative_prompt,
+        stored.job.prompt,
+        stored.job.negative_prompt,
         stored.seed,
-        stored.prior,
+        stored.job.prior,
     )
 
 
@@ -263,7 +267,10 @@ def test_from_png_reproduces_the_image_bit_for_bit(runs: dict[str, Finished], fi
     assert "seed 6" in succeeded(runs, "repro").stdout
     original = files / "singles" / "00001-6.png"
     assert np.array_equal(pixels(files / "repro.png"), pixels(original))
-    assert chunks(files / "repro.png") == chunks(original)
+    (text, record), (original_text, original_record) = chunks(files / "repro.png"), chunks(original)
+    assert text == original_text
+    assert record["job"] == {**original_record["job"], "seed": 6, "count": 1}  # type: ignore[dict-item]
+    assert (record["index"], record["seed"]) == (0, 6)
 
 
 @pytest.mark.slow
@@ -275,7 +282,7 @@ def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(
     # Same noise; a batched convolution may round differently, so allow one level of 255.
     difference = np.abs(pixels(files / "batch" / "1-6.png") - pixels(files / "singles" / "00001-6.png"))
     assert difference.max() <= 1
-    assert chunks(files / "batch" / "1-6.png")[1]["batch_index"] == 1
+    assert chunks(files / "batch" / "1-6.png")[1]["index"] == 1
 
 
 @pytest.mark.slow
@@ -283,11 +290,16 @@ def test_img2img_variation_and_reconstruct(runs: dict[str, Finished], files: Pat
     for name in ("img2img", "variation", "reconstruct"):
         succeeded(runs, name)
     text, record = chunks(files / "img2img.png")
-    assert "Denoising strength: 0.5" in text and record["strength"] == 0.5 and record["task"] == "img2img"
-    assert record["input_image_sha256"] == sha256_file(files / "input.png")
-    assert chunks(files / "variation.png")[1]["task"] == "variation"
+    job = record["job"]
+    assert "Denoising strength: 0.5" in text and job["strength"] == 0.5 and job["task"] == "img2img"
+    with PIL.Image.open(files / "input.png") as image:
+        assert job["input_image_sha256"] == image_sha256(image)
+    assert chunks(files / "variation.png")[1]["job"]["task"] == "variation"
     _, record = chunks(files / "reconstruct.png")
-    assert record["prior"] is None and (record["width"], record["height"]) == (128, 96)  # the input's size
+    assert record["job"]["prior"] is None and (record["width"], record["height"]) == (
+        128,
+        96,
+    )  # the input's size
     assert PIL.Image.open(files / "reconstruct.png").size == (128, 96)
 
 

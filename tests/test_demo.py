@@ -145,3 +145,15 @@ def test_retrain_command_takes_every_recipe_field() -> None:
 def test_recipe_defaults_are_the_shipped_ones() -> None:
     trained = json.loads((DEMO_DIR / "training.json").read_text())
     assert trained["recipe"] == Recipe().__dict__
+
+
+def test_load_demo_makes_images_at_the_native_size_and_warns_on_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipe = load_demo()
+    pipe.set_progress_bar_config(disable=True)
+    steps = {"prior_num_inference_steps": 1, "num_inference_steps": 1, "preset": "reference"}
+    assert pipe("a red circle on the left, on a black background", **steps).images[0].size == (DEMO_SIZE,) * 2
+    assert "trained at" not in caplog.text
+    assert pipe("a red circle", width=256, height=128, **steps).images[0].size == (256, 128)
+    assert "the demo cascade was trained at 128x128; at 256x128" in caplog.text

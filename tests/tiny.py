@@ -128,3 +128,60 @@ def diffusers_decoder_pipeline(folder: Path, seed: int = 0) -> Any:
         scheduler=diffusers.DDPMWuerstchenScheduler(),
         vqgan=vqgan,
     )
+
+
+def save_pipelines(root: Path, effnet: bool = False) -> tuple[Path, Path]:
+    """Our tiny prior (with a CLIP image encoder, and optionally an EfficientNet encoder) and decoder
+    pipelines saved as ``root/prior`` and ``root/decoder``, the folders ``--prior``/``--decoder`` take."""
+    from stable_cascade import (
+        DDPMWuerstchenScheduler,
+        PaellaVQModel,
+        StableCascadeDecoderPipeline,
+        StableCascadePriorPipeline,
+        StableCascadeUNet,
+    )
+    from stable_cascade.nn.effnet import EfficientNetEncoder
+    from stable_cascade.specs import EffNetConfig
+
+    shared = tokenizer(root / "tokenizer")
+    encoder = None
+    if effnet:
+        torch.manual_seed(0)
+        config = EffNetConfig(stage_channels=(8, 8, 16, 16, 16, 16), stage_depths=(1,) * 6, head_channels=32)
+        encoder = EfficientNetEncoder(config).eval()
+    StableCascadePriorPipeline(
+        tokenizer=shared,
+        text_encoder=text_encoder(),
+        prior=randomize_(StableCascadeUNet(TINY_PRIOR), 0, scale=0.1),
+        scheduler=DDPMWuerstchenScheduler(),
+        feature_extractor=feature_extractor(),
+        image_encoder=image_encoder(),
+        effnet=encoder,
+    ).save_pretrained(root / "prior")
+    StableCascadeDecoderPipeline(
+        decoder=randomize_(StableCascadeUNet(TINY_DECODER), 1, scale=0.1),
+        tokenizer=shared,
+        text_encoder=text_encoder(),
+        scheduler=DDPMWuerstchenScheduler(),
+        vqgan=randomize_(PaellaVQModel(TINY_VQGAN), 2, scale=0.1),
+    ).save_pretrained(root / "decoder")
+    return root / "prior", root / "decoder"
+
+
+def lora_file(path: Path, seed: int) -> str:
+    """A LoRA file of the tiny prior and text encoder whose random adapters change the output."""
+    from stable_cascade import StableCascadeUNet
+    from stable_cascade.lora import add_lora, save_lora
+    from stable_cascade.lora.layers import DEFAULT_TEXT_TARGETS, LoRAAdapter
+
+    unet, encoder = StableCascadeUNet(TINY_PRIOR), text_encoder()
+    add_lora(unet, rank=2, alpha=2.0)
+    add_lora(encoder, rank=2, alpha=2.0, targets=DEFAULT_TEXT_TARGETS)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (unet, encoder):
+            for layer in module.modules():
+                if isinstance(layer, LoRAAdapter):
+                    layer.down.copy_(torch.randn(layer.down.shape, generator=generator) * 0.3)
+                    layer.up.copy_(torch.randn(layer.up.shape, generator=generator) * 0.3)
+    return str(save_lora(path, unet, encoder))

@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stable_cascade.demo.recipe import Recipe, evaluate_demo, train_demo
-from stable_cascade.loading.bundles import DEMO_DIR
+from stable_cascade.demo.settings import Recipe
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -37,9 +36,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"({value})")
         else:
             train.add_argument(flag, type=type(value), default=value, help=f"({value})")
-    train.add_argument(
-        "--install", action="store_true", help=f"copy the result over the shipped model ({DEMO_DIR})"
-    )
+    train.add_argument("--install", action="store_true", help="copy the result over the shipped demo model")
     train.set_defaults(handler=run_train)
 
     evaluate = subcommands.add_parser(
@@ -67,6 +64,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from stable_cascade.demo.recipe import train_demo
+    from stable_cascade.loading.bundles import DEMO_DIR
+
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     model = train_demo(Path(args.out_dir), recipe)
     print(f"demo cascade written to {model}")
@@ -80,6 +80,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from stable_cascade.demo.recipe import evaluate_demo
+
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     model = Path(args.model) if args.model else None

@@ -8,36 +8,34 @@ settings and nothing here duplicates a default of the library.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stable_cascade.cli.output import output_paths, preview_path
-from stable_cascade.diffusion.samplers import SAMPLERS
-from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
-from stable_cascade.pipelines.metadata import GenerationParameters, Task, read_png, save_png
-from stable_cascade.pipelines.presets import PRESETS
-from stable_cascade.pipelines.runner import InputImage, Request, Runner
-from stable_cascade.pipelines.sources import (
-    ModelSources,
-    load_models,
-    place,
-    resolve_device,
-    resolve_dtype,
+from stable_cascade.cli.choices import (
+    BUNDLES,
+    DEFAULT_BUNDLE,
+    DTYPES,
+    MODEL_FLAGS,
+    OFFLOADS,
+    PRESETS,
+    SAMPLERS,
 )
 
-TASKS: dict[str, Task] = {
+if TYPE_CHECKING:  # the library loads when a command runs, not to parse arguments
+    import PIL.Image
+
+    from stable_cascade.engine import ImageRecord, Job
+
+TASKS: dict[str, str] = {
     "generate": "txt2img",
     "img2img": "img2img",
     "variation": "variation",
     "reconstruct": "reconstruct",
 }
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-#: Flag destination → Request field(s) it sets.
-_REQUEST_FLAGS: dict[str, tuple[str, ...]] = {
+#: Flag destination → Job.create argument(s) it sets.
+_JOB_FLAGS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt",),
     "negative_prompt": ("negative_prompt",),
     "width": ("width",),
@@ -54,7 +52,6 @@ _REQUEST_FLAGS: dict[str, tuple[str, ...]] = {
     "batch_size": ("batch_size",),
     "count": ("count",),
 }
-_MODEL_FLAGS = tuple(f.name for f in dataclasses.fields(ModelSources))
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -88,7 +85,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _model_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     group = parser.add_argument_group("models")
-    names = ", ".join(f"{name} ({bundle.description})" for name, bundle in BUNDLES.items())
+    names = ", ".join(f"{name} ({description})" for name, description in BUNDLES.items())
     group.add_argument("--model", help=f"a named model: {names}; default {DEFAULT_BUNDLE}")
     spec = "a Hub repo id, a diffusers pipeline or model folder, or a single file / ComfyUI bundle"
     if prior:
@@ -115,8 +112,8 @@ def _sampling_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     group.add_argument("--width", type=int, help="image width, a multiple of 8 (1024; --model demo: 128)")
     group.add_argument("--height", type=int, help="image height, a multiple of 8 (1024; --model demo: 128)")
     group.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (random)")
-    group.add_argument("--preset", choices=tuple(PRESETS), help="sampler settings of both stages (reference)")
-    group.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler of both stages (ddpm)")
+    group.add_argument("--preset", choices=PRESETS, help="sampler settings of both stages (reference)")
+    group.add_argument("--sampler", choices=SAMPLERS, help="sampler of both stages (ddpm)")
     if prior:
         group.add_argument("--prior-steps", type=int, help="Stage C steps (20)")
         group.add_argument("--prior-guidance", type=float, help="Stage C guidance scale (4.0)")
@@ -133,9 +130,7 @@ def _run_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     group = parser.add_argument_group("running and output")
     group.add_argument("--dtype", choices=DTYPES, help="auto: bf16 on CUDA with bf16 support, else fp32")
     group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
-    group.add_argument(
-        "--offload", choices=("none", "model", "sequential"), default="none", help="CPU offload"
-    )
+    group.add_argument("--offload", choices=OFFLOADS, default="none", help="CPU offload")
     group.add_argument(
         "-o",
         "--output",
@@ -147,62 +142,44 @@ def _run_options(parser: argparse.ArgumentParser, prior: bool) -> None:
         group.add_argument(
             "--preview", action="store_true", help="write Stage C previews as <name>.preview.png"
         )
+    group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument(
         "--from-png", metavar="FILE", help="rerun the settings stored in an image; other flags override them"
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from stable_cascade.cli.output import output_paths, preview_path
+    from stable_cascade.engine import Engine, Finished, ImageDone, Preview, read_png, save_png
+
     task = TASKS[args.command]
     recorded = read_png(args.from_png) if args.from_png else None
-    request, sources = _request(args, task, recorded)
-    image = InputImage.open(args.image) if task != "txt2img" else None
-    if recorded is not None and image is not None and recorded.input_image_sha256 not in (None, image.sha256):
-        print(
-            f"warning: {args.image} differs from the input image recorded in {args.from_png}", file=sys.stderr
-        )
-    seeds = request.seeds
-    paths = output_paths(args.output, seeds, request.prompt)
+    image = _input_image(args, task, recorded)
+    job = _job(args, task, recorded, image)
+    protected = [p for p in (args.from_png, getattr(args, "image", None)) if p]
+    paths = output_paths(args.output, job.seeds, job.prompt, overwrite=args.overwrite, protected=protected)
+    engine = Engine(device=args.device, offload=args.offload, progress_bars=True)
+    if recorded is not None:
+        _announce_models(recorded, args.from_png)
     for folder in {path.parent for path in paths}:
         folder.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype or _recorded_dtype(recorded), device)
-    more = f" (images get {seeds[0]} … {seeds[-1]})" if len(seeds) > 1 else ""
-    print(f"seed {request.seed}{more}")
-    start = time.perf_counter()
-    models = load_models(
-        sources,
-        torch_dtype=dtype,
-        prior=task != "reconstruct",
-        effnet=task in ("img2img", "reconstruct"),
-        previewer=getattr(args, "preview", False),
-    )
-    for path, scale in getattr(args, "lora", None) or ():
-        assert models.prior_pipe is not None  # --lora exists on the commands with a prior only
-        name = models.prior_pipe.load_lora_weights(path, scale=scale)
-        print(f"LoRA {name}: {path} at scale {scale:g}")
-    place(models.pipeline, device, args.offload)
-    loading = time.perf_counter() - start
-    if models.prior_pipe is not None:
-        models.prior_pipe.set_progress_bar_config(desc="Stage C")
-    models.decoder_pipe.set_progress_bar_config(desc="Stage B")
-    runner = Runner(models)
-
-    def on_preview(index: int, step: int, preview: Any) -> None:
-        preview.save(preview_path(paths[index]))
-
-    sink = on_preview if getattr(args, "preview", False) else None
-    for generated in runner.run(request, image, sink):
-        path = paths[generated.index]
-        save_png(generated.image, path, generated.parameters)
-        print(f"saved {path}")
-        if recorded is not None and generated.index == 0:
-            _compare_models(recorded, generated.parameters)
-    times = runner.times
-    stages = f"Stage B+A {times.decoder:.1f} s"
-    if task != "reconstruct":
-        stages = f"Stage C {times.prior:.1f} s, {stages}"
-    print(f"{stages} for {len(paths)} image(s); loading {loading:.1f} s")
+    for lora in job.loras:
+        print(f"LoRA {Path(lora.path).stem}: {lora.path} at scale {lora.scale:g}")
+    more = f" (images get {job.seeds[0]} … {job.seeds[-1]})" if job.images > 1 else ""
+    print(f"seed {job.seed}{more}")
+    for event in engine.run(job, image, previews=getattr(args, "preview", False)):
+        if isinstance(event, Preview):
+            event.image.save(preview_path(paths[event.index]))
+        elif isinstance(event, ImageDone):
+            save_png(event.image, paths[event.index], event.record)
+            print(f"saved {paths[event.index]}")
+            if recorded is not None and event.index == 0:
+                _compare_models(recorded, event.record)
+        elif isinstance(event, Finished):
+            stages = f"Stage B+A {event.decoder_seconds:.1f} s"
+            if task != "reconstruct":
+                stages = f"Stage C {event.prior_seconds:.1f} s, {stages}"
+            print(f"{stages} for {len(paths)} image(s); loading {event.load_seconds:.1f} s")
     return 0
 
 
@@ -224,37 +201,94 @@ def lora_spec(text: str) -> tuple[Path, float]:
     return Path(path), value
 
 
-def _request(
-    args: argparse.Namespace, task: Task, recorded: GenerationParameters | None
-) -> tuple[Request, ModelSources]:
-    """The run's request and model sources: the recorded ones (or defaults) with the given flags."""
-    request = Request(task=task) if recorded is None else Request.from_parameters(recorded, task)
-    sources = ModelSources() if recorded is None else ModelSources.from_record(recorded.models)
-    changes = {
-        field: value
-        for flag, fields in _REQUEST_FLAGS.items()
-        if (value := getattr(args, flag, None)) is not None
-        for field in fields
-    }
-    request = dataclasses.replace(request, **changes).seeded()
-    if task in ("txt2img", "img2img") and recorded is None and args.prompt is None:
+def _input_image(args: argparse.Namespace, task: str, recorded: ImageRecord | None) -> PIL.Image.Image | None:
+    """The run's input image (None for txt2img); a record made from an image asks for it."""
+    from stable_cascade.engine import image_sha256, open_image
+
+    if task == "txt2img":
+        if recorded is not None and recorded.job.task != "txt2img":
+            made = recorded.job.task
+            source = f" from {recorded.job.input_image}" if recorded.job.input_image else ""
+            raise ValueError(
+                f"{args.from_png} was made by {made}{source}; give the input image: "
+                f"stable-cascade {made} IMAGE --from-png {args.from_png}"
+            )
+        return None
+    image = open_image(args.image)
+    wanted = recorded.job.input_image_sha256 if recorded is not None else None
+    if wanted is not None and wanted != image_sha256(image):
+        print(
+            f"warning: {args.image} differs from the input image recorded in {args.from_png}", file=sys.stderr
+        )
+    return image
+
+
+def _job(
+    args: argparse.Namespace, task: str, recorded: ImageRecord | None, image: PIL.Image.Image | None
+) -> Job:
+    """The run's job: the recorded settings (or the defaults) with the given flags."""
+    from stable_cascade.engine import Job, LoraRef, ModelSources, image_sha256
+
+    values: dict[str, Any] = {}
+    sources, dtype = ModelSources(), "auto"
+    loras: list[LoraRef | tuple[str, float]] = []
+    if recorded is not None:
+        old = recorded.job
+        values = {
+            "prompt": old.prompt,
+            "negative_prompt": old.negative_prompt,
+            "width": old.width,
+            "height": old.height,
+            "seed": recorded.seed,
+            "preset": old.preset,
+            "strength": old.strength if task == old.task else None,
+        }
+        for name, stage in (("prior", old.prior), ("decoder", old.decoder)):
+            if stage is not None:
+                values.update({f"{name}_{key}": value for key, value in stage.__dict__.items()})
+        sources, loras, dtype = old.models, list(old.loras), old.dtype
+        for lora in old.loras:
+            if not Path(lora.path).is_file() and not getattr(args, "lora", None):
+                raise ValueError(
+                    f"the LoRA {lora.path} recorded in {args.from_png} does not exist; put it back, or pass "
+                    "--lora FILE[:SCALE] to use another"
+                )
+    elif task in ("txt2img", "img2img") and args.prompt is None:
         raise ValueError(f"{args.command} needs a PROMPT (or --from-png with an image made by this tool)")
-    request.check()
-    models = {flag: value for flag in _MODEL_FLAGS if (value := getattr(args, flag, None)) is not None}
-    sources = dataclasses.replace(sources, **models)
-    size = sources.bundle.default_size  # the size the named model was trained at (demo: 128)
-    if request.width is None and request.height is None and task != "reconstruct" and not sources.prior:
-        request = dataclasses.replace(request, width=size, height=size)
-    return request, sources
+    values.update(
+        {
+            field: value
+            for flag, fields in _JOB_FLAGS.items()
+            if (value := getattr(args, flag, None)) is not None
+            for field in fields
+        }
+    )
+    given = {flag: value for flag in MODEL_FLAGS if (value := getattr(args, flag, None)) is not None}
+    if getattr(args, "lora", None):
+        loras = [(str(path), scale) for path, scale in args.lora]
+    if image is not None:
+        values.update(
+            input_image=Path(args.image).name, input_image_sha256=image_sha256(image), image_size=image.size
+        )
+    return Job.create(
+        task=task,
+        models=ModelSources(**{**sources.__dict__, **given}),
+        loras=loras,
+        dtype=args.dtype or dtype,
+        **values,
+    )
 
 
-def _recorded_dtype(recorded: GenerationParameters | None) -> str:
-    if recorded is None or recorded.dtype not in ("bf16", "fp16", "fp32"):
-        return "auto"
-    return recorded.dtype
+def _announce_models(recorded: ImageRecord, path: str) -> None:
+    """One line naming the recorded models when they are not the default ones."""
+    models = {k: v for k, v in recorded.job.models.__dict__.items() if v is not None}
+    if models != {"model": DEFAULT_BUNDLE} or recorded.job.loras:
+        named = ", ".join(f"{k}={v}" for k, v in models.items())
+        named += "".join(f", lora={lora.path}:{lora.scale:g}" for lora in recorded.job.loras)
+        print(f"models recorded in {path}: {named}")
 
 
-def _compare_models(recorded: GenerationParameters, made: GenerationParameters) -> None:
+def _compare_models(recorded: ImageRecord, made: ImageRecord) -> None:
     for role, digest in recorded.model_sha256.items():
         if made.model_sha256.get(role, digest) != digest:
             print(

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-import torch
-
-from stable_cascade.cli import demo, generate, models, shapes, train
+from stable_cascade import __version__
+from stable_cascade.cli import demo, generate, models, serve, shapes, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -36,17 +36,23 @@ def build_parser() -> Parser:
         description="Stable Cascade (Würstchen v3) text-to-image: generate, convert and inspect models.",
         epilog="Run 'stable-cascade COMMAND --help' for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.add_commands(commands, common)
     models.add_commands(commands, common)
     shapes.add_commands(commands, common)
     train.add_commands(commands, common)
     demo.add_commands(commands, common)
+    serve.add_commands(commands, common)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # OpenMP threads that wait by spinning stall each other once another busy process shares the
+    # cores (generation 10-50x slower); waiting passively costs nothing measurable alone. Read when
+    # torch loads, which the commands do after this line.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _configure_logging(args.debug)
     try:
         return int(args.handler(args))
@@ -56,10 +62,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
-    except torch.cuda.OutOfMemoryError as error:
-        return _fail(error, args.debug, "out of GPU memory; try --offload model, a smaller size or batch")
+    except MemoryError as error:
+        return _fail(error, args.debug, _OUT_OF_MEMORY)
+    except FloatingPointError as error:  # the samplers' NaN guard names the stage and what to try
+        return _fail(error, args.debug)
     except (ValueError, TypeError, OSError) as error:
         return _fail(error, args.debug)
+    except RuntimeError as error:
+        advice = _memory_advice(error)
+        if advice is None:
+            raise
+        return _fail(error, args.debug, advice)
+
+
+_OUT_OF_MEMORY = "out of memory; try a smaller size or --batch-size, or --offload model"
+
+
+def _memory_advice(error: RuntimeError) -> str | None:
+    """The one line for torch's allocation failures (GPU or CPU), None for other runtime errors."""
+    text = str(error)
+    if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "out of GPU memory; try --offload model, a smaller size or --batch-size"
+    if "DefaultCPUAllocator" in text or "can't allocate memory" in text:
+        return _OUT_OF_MEMORY
+    return None
 
 
 def _fail(error: BaseException, debug: bool, message: str | None = None) -> int:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stable_cascade.loading.conversion import convert_checkpoint
-from stable_cascade.loading.inspection import inspect_path, released_models
-
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     convert = commands.add_parser(
@@ -40,6 +37,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from stable_cascade.loading.conversion import convert_checkpoint
+
     done = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.force)
     dtype = str(done.dtype).removeprefix("torch.")
     print(f"wrote {done.destination}: {done.kind.value}, {dtype}, {done.parameters:,} parameters")
@@ -47,6 +46,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from stable_cascade.loading.inspection import inspect_path, released_models
+
     if args.released == bool(args.paths):
         raise ValueError("inspect takes PATHs or --released (one of them)")
     for path in args.paths:

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 PLACEHOLDERS = ("seed", "index", "prompt")
-_NUMBERED = re.compile(r"^(\d{5})-")
+_NUMBERED = re.compile(r"^(\d{5,})-")
 _SLUG_LENGTH = 60
 
 
-def output_paths(output: str, seeds: list[int], prompt: str) -> list[Path]:
+def output_paths(
+    output: str,
+    seeds: list[int],
+    prompt: str,
+    *,
+    overwrite: bool = False,
+    protected: Sequence[str | Path] = (),
+) -> list[Path]:
     """The file of each image (image ``i`` has seed ``seeds[i]``), checked to be distinct PNG files.
 
     ``output`` is a ``.png`` file (one image), a pattern with ``{seed}``, ``{index}`` (0-based in the
     run) and ``{prompt}`` placeholders, or a folder, where images are numbered after the files there
-    (``00012-<seed>.png``), so nothing is overwritten.
+    (``00012-<seed>.png``; more digits past 99,999), so nothing is overwritten. An existing file is
+    an error unless ``overwrite``; a ``protected`` file (an input) never is replaced. Every folder must
+    be writable (or creatable).
     """
     if "{" in output:
         paths = [_formatted(output, index, seed, prompt) for index, seed in enumerate(seeds)]
@@ -37,9 +48,25 @@ def output_paths(output: str, seeds: list[int], prompt: str) -> list[Path]:
         first = _next_number(folder)
         paths = [folder / f"{first + index:05d}-{seed}.png" for index, seed in enumerate(seeds)]
     for folder in {path.parent for path in paths}:
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"cannot write into {folder}: it is a file, not a folder")
+        _check_folder(folder)
+    inputs = {Path(p).resolve() for p in protected}
+    for path in paths:
+        if path.resolve() in inputs:
+            raise ValueError(f"output {path} is an input of this run; choose another -o")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite to replace it, or choose another -o")
     return paths
+
+
+def _check_folder(folder: Path) -> None:
+    """``folder`` is a writable folder, or can be made in its nearest existing parent."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write into {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {folder}: {existing} is not writable; choose another -o")
 
 
 def preview_path(path: Path) -> Path:

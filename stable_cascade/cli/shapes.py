@@ -6,9 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from stable_cascade.shapes.dataset import held_out_prompts, write_dataset
-from stable_cascade.shapes.evaluate import score_folder
-
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``shapes`` command and its subcommands, on the subparsers ``commands``."""
@@ -59,6 +56,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_make(args: argparse.Namespace) -> int:
+    from stable_cascade.shapes.dataset import write_dataset
+
     out = write_dataset(
         args.out_dir,
         args.count,
@@ -72,11 +71,15 @@ def run_make(args: argparse.Namespace) -> int:
 
 
 def run_prompts(args: argparse.Namespace) -> int:
+    from stable_cascade.shapes.dataset import held_out_prompts
+
     print("\n".join(held_out_prompts(args.kind)))
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from stable_cascade.shapes.evaluate import score_folder
+
     scores = score_folder(args.image_dir)
     if args.json:
         print(json.dumps({kind: s.summary() for kind, s in scores.items()}, indent=2))

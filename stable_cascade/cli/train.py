@@ -11,17 +11,18 @@ import logging
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any
 
-from stable_cascade.training.config import (
+from stable_cascade.cli.choices import (
     DEFAULT_BUCKET_RATIOS,
-    LossWeighting,
-    MixedPrecision,
-    ReconstructionLoss,
-    Task,
-    TrainConfig,
+    LOSS_WEIGHTINGS,
+    MIXED_PRECISIONS,
+    RECONSTRUCTION_LOSSES,
+    TRAIN_TASKS,
 )
-from stable_cascade.training.trainer import train
+
+if TYPE_CHECKING:  # the library loads when a command runs, not to parse arguments
+    from stable_cascade.training.config import TrainConfig
 
 _TASKS = {
     "stage-c": "the prior (text → EfficientNet latent), optionally with its text encoder",
@@ -41,7 +42,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "manifest or .tar shards. Tasks: " + "; ".join(f"{k}: {v}" for k, v in _TASKS.items()) + ". "
         "Run under 'accelerate launch' for several GPUs or nodes.",
     )
-    parser.add_argument("task", choices=get_args(Task), help="what to train")
+    parser.add_argument("task", choices=TRAIN_TASKS, help="what to train")
     parser.add_argument(
         "--data",
         required=True,
@@ -115,14 +116,12 @@ def _optimisation_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up (0)")
     group.add_argument("--grad-clip", type=float, help="gradient norm clipping, 0 = off (1.0)")
     group.add_argument("--ema-decay", type=float, help="EMA of the weights, 0 = off (0.999)")
-    group.add_argument(
-        "--loss-weighting", choices=get_args(LossWeighting), help="per-noise-level weights (p2)"
-    )
+    group.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, help="per-noise-level weights (p2)")
     group.add_argument(
         "--pyramid-noise-max-side", type=int, help="stage-b: coarsest noise levels' side, 0 = Gaussian (16)"
     )
-    group.add_argument("--reconstruction-loss", choices=get_args(ReconstructionLoss), help="stage-a (mse)")
-    group.add_argument("--mixed-precision", choices=get_args(MixedPrecision), help="bf16 autocast (no)")
+    group.add_argument("--reconstruction-loss", choices=RECONSTRUCTION_LOSSES, help="stage-a (mse)")
+    group.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, help="bf16 autocast (no)")
     group.add_argument(
         "--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory"
     )
@@ -149,6 +148,8 @@ _OPTIONS = (
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config: the given options over :class:`TrainConfig`'s defaults."""
+    from stable_cascade.training.config import TrainConfig
+
     values = {name: value for name in _OPTIONS if (value := getattr(args, name)) is not None}
     if args.buckets is not None:
         values["buckets"] = _ratios(args.buckets)
@@ -164,6 +165,8 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stable_cascade.training.trainer import train
+
     config = config_from_args(args)
     logging.getLogger("stable_cascade.training").setLevel(logging.INFO)
     final = train(config)

@@ -31,6 +31,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from stable_cascade.checkpoint import read_json_object
 from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.demo.pipeline import DemoCascadePipeline
+from stable_cascade.demo.settings import DEMO_SIZE, Recipe
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -45,29 +47,8 @@ from stable_cascade.training.trainees import encode_latents
 
 logger = logging.getLogger(__name__)
 
-DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
 TEXT_WIDTH = 128
 MAX_TOKENS = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """Sizes of the demo training run (the defaults made the shipped model)."""
-
-    images: int = 20_000
-    seed: int = 0
-    stage_a_steps: int = 1_500
-    stage_b_steps: int = 5_000
-    stage_b_refine_steps: int = 54_000  # on the final (frozen) encoders
-    stage_c_steps: int = 6_000
-    batch_size: int = 16
-    stage_c_batch_size: int = 32
-    lr: float = 1e-3
-    stage_a_lr: float = 1e-3
-    ema_decay: float = 0.995
-    pyramid_noise_max_side: int = 2  # Stage B: the default 16 is most of the noise of a 32×32 latent
-    effnet_scale: float = 0.75  # Stage B: the encoder's input size / image size (3×3 latents)
-    stage_c_train_text_encoder: bool = False  # True: the text encoder learns with Stage C
 
 
 def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
@@ -235,8 +216,9 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     return model
 
 
-def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> StableCascadeCombinedPipeline:
-    """The demo cascade as a combined pipeline: the shipped one, or the folders a training run wrote."""
+def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> DemoCascadePipeline:
+    """The demo cascade as a combined pipeline (128² images by default): the shipped one, or the
+    folders a training run wrote."""
     if model is None:
         pipeline = load_models(ModelSources(model="demo"), torch_dtype=dtype).pipeline
     else:
@@ -245,7 +227,7 @@ def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> 
             torch_dtype=dtype,
         ).pipeline
     assert isinstance(pipeline, StableCascadeCombinedPipeline)
-    return pipeline
+    return DemoCascadePipeline(**pipeline.components)
 
 
 @torch.no_grad()

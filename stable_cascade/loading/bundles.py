@@ -23,6 +23,7 @@ class ModelBundle:
     effnet: str = f"{DECODER_REPO}/effnet_encoder.safetensors"
     previewer: str = f"{DECODER_REPO}/previewer.safetensors"
     default_size: int = 1024  # output side when none is given
+    image_encoder: bool = True  # whether the prior has a CLIP image encoder (variation)
 
 
 _FULL = ModelBundle("full", "Stable Cascade: Stage C 3.6B + Stage B 1.5B (Hub)")
@@ -37,6 +38,7 @@ _DEMO = ModelBundle(
     effnet=str(DEMO_DIR / "prior" / "effnet"),
     previewer=str(DEMO_DIR / "previewer.safetensors"),
     default_size=128,
+    image_encoder=False,
 )
 BUNDLES: dict[str, ModelBundle] = {
     bundle.name: bundle

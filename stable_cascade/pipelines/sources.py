@@ -325,8 +325,17 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"unknown device {name!r} ({error}); use auto, cpu, cuda or cuda:N") from error
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data and cannot generate; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available; use the CPU")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ValueError(
+            f"device {name!r} asked for, but there are {count} CUDA devices: cuda:0 … cuda:{count - 1}"
+        )
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device {name!r} cannot run the models here; use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -1,0 +1,68 @@
+"""``serve``: the HTTP server (the A1111-compatible API, the jobs API and the web page)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from stable_cascade.cli.choices import BUNDLES, DEFAULT_BUNDLE, DTYPES
+
+
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    description = (
+        "serve the web page at / , AUTOMATIC1111's API at /sdapi/v1 and the jobs API at /v1; "
+        "jobs and images are kept in --data and survive restarts"
+    )
+    parser = commands.add_parser(
+        "serve", parents=[common], help="run the HTTP server", description=description
+    )
+    parser.add_argument(
+        "--model", choices=BUNDLES, default=DEFAULT_BUNDLE, help=f"default model ({DEFAULT_BUNDLE})"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (7860, A1111's)")
+    parser.add_argument("--api-key", help="require this key (Bearer token, or the password of basic auth)")
+    parser.add_argument(
+        "--data", type=Path, help="folder of the job queue and images (~/.local/share/stable-cascade)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker threads, one per device (1)")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without --api-key"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA with bf16, else fp32"
+    )
+    parser.add_argument("--max-queue", type=int, default=100, help="most jobs waiting; more get 429 (100)")
+    parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (16)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from stable_cascade.server import ServerConfig, create_app, default_data_dir
+
+    config = ServerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        data=args.data or default_data_dir(),
+        workers=args.workers,
+        insecure=args.insecure,
+        device=args.device,
+        dtype=args.dtype,
+        max_queue=args.max_queue,
+        max_body=int(args.max_body_mb * 1024 * 1024),
+    )
+    if logging.getLogger("stable_cascade").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("stable_cascade").setLevel(logging.INFO)
+    app = create_app(config)
+    print(
+        f"serving {config.model} on http://{config.host}:{config.port}/ (data in {config.data})", flush=True
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

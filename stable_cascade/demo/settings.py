@@ -1,0 +1,27 @@
+"""The demo cascade's settings as plain data (no torch): its size and the training recipe's sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Sizes of the demo training run (the defaults made the shipped model)."""
+
+    images: int = 20_000
+    seed: int = 0
+    stage_a_steps: int = 1_500
+    stage_b_steps: int = 5_000
+    stage_b_refine_steps: int = 54_000  # on the final (frozen) encoders
+    stage_c_steps: int = 6_000
+    batch_size: int = 16
+    stage_c_batch_size: int = 32
+    lr: float = 1e-3
+    stage_a_lr: float = 1e-3
+    ema_decay: float = 0.995
+    pyramid_noise_max_side: int = 2  # Stage B: the default 16 is most of the noise of a 32×32 latent
+    effnet_scale: float = 0.75  # Stage B: the encoder's input size / image size (3×3 latents)
+    stage_c_train_text_encoder: bool = False  # True: the text encoder learns with Stage C

@@ -1,0 +1,181 @@
+"""The FastAPI application: shared state, access control, request limits, errors, and start/stop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from stable_cascade.server.config import ServerConfig
+from stable_cascade.server.hub import Hub
+from stable_cascade.server.inputs import one_line
+from stable_cascade.server.store import QueueFull, Store
+from stable_cascade.server.worker import Workers
+
+logger = logging.getLogger(__name__)
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: What anyone may fetch without the key: the page and its files (they hold no data).
+PUBLIC_PATHS = ("/", "/favicon.ico")
+PUBLIC_PREFIX = "/static/"
+MODEL_SETTING = "sd_model_checkpoint"
+
+
+class Server:
+    """What the routes share: the settings, the store, the live news and the workers."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store = Store(config.data, config.max_queue)
+        self.hub = Hub()
+        self.workers = Workers(self.store, self.hub, config.devices(), config.dtype)
+
+    @property
+    def model(self) -> str:
+        """The model requests get when they name none (``sd_model_checkpoint``; kept across restarts)."""
+        return self.store.setting(MODEL_SETTING) or self.config.model
+
+    @model.setter
+    def model(self, name: str) -> None:
+        self.store.set_setting(MODEL_SETTING, name)
+
+
+class RequestError(Exception):
+    """A request the server refuses with ``status`` and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The application serving ``config``; its workers run while the application does."""
+    from stable_cascade.server import routes_a1111, routes_jobs
+
+    config.validate()
+    server = Server(config)
+    if config.model != server.model:
+        logger.info("default model %s (chosen with sd_model_checkpoint)", server.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.hub.bind(asyncio.get_running_loop())
+        server.workers.start()
+        try:
+            yield
+        finally:
+            server.workers.stop()
+            server.store.close()
+
+    app = FastAPI(title="stable-cascade", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.server = server
+    app.include_router(routes_a1111.router)
+    app.include_router(routes_jobs.router)
+    static = resources.files("stable_cascade.server") / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    _add_error_handlers(app)
+    app.add_middleware(_Guard, api_key=config.api_key, max_body=config.max_body)  # type: ignore[arg-type]
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def refused(request: Request, error: Exception) -> JSONResponse:
+        status = error.status if isinstance(error, RequestError) else 422
+        if isinstance(error, QueueFull):
+            status = 429
+        return error_response(status, one_line(error), type(error).__name__)
+
+    for kind in (RequestError, ValueError, QueueFull):
+        app.add_exception_handler(kind, refused)
+
+
+def error_response(status: int, message: str, kind: str = "Error") -> JSONResponse:
+    """A1111's error shape (``error``, ``detail``) with our one-line message."""
+    return JSONResponse({"error": kind, "detail": message}, status_code=status)
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON (``RequestError`` 400 when it is not)."""
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise RequestError(400, f"the request body is not valid JSON: {error}") from None
+
+
+class _Guard:
+    """Pure ASGI middleware: the API key on every path but the page's, and the body size limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.api_key is not None and not _public(path) and not self._authorised(headers):
+            response = error_response(401, "a valid API key is required: send 'Authorization: Bearer KEY'")
+            # Bearer, not Basic: a Basic challenge makes browsers open a login dialog over the page
+            response.headers["WWW-Authenticate"] = 'Bearer realm="stable-cascade"'
+            await response(scope, receive, send)
+            return
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.max_body:
+            await self._too_large(scope, receive, send)
+            return
+        await self.app(scope, self._counting(receive), send)
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        assert self.api_key is not None
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = credentials.strip()
+        elif scheme.lower() == "basic":  # A1111 clients send --api-auth user:password this way
+            try:
+                given = base64.b64decode(credentials, validate=True).decode().partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                return False
+        else:
+            given = headers.get("x-api-key", "")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than the server's limit of {self.max_body:,} bytes"
+        await error_response(413, message)(scope, receive, send)
+
+    def _counting(self, receive: Receive) -> Receive:
+        """``receive`` that stops a body (sent without a length) once it passes the limit."""
+        seen = 0
+
+        async def counted() -> MutableMapping[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise RequestError(
+                    413, f"the request body is larger than the limit of {self.max_body:,} bytes"
+                )
+            return message
+
+        return counted
+
+
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX)

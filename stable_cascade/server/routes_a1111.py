@@ -1,0 +1,156 @@
+"""AUTOMATIC1111's ``/sdapi/v1`` endpoints (see :mod:`stable_cascade.server.a1111` for the mapping)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from stable_cascade.engine import Job
+from stable_cascade.server import a1111
+from stable_cascade.server.app import RequestError, Server, error_response, read_json
+from stable_cascade.server.inputs import Upload, checked_job, decode_image
+from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+
+
+def _server(request: Request) -> Server:
+    server: Server = request.app.state.server
+    return server
+
+
+@router.post("/txt2img")
+async def txt2img(request: Request) -> JSONResponse:
+    return await _generate(request, img2img=False)
+
+
+@router.post("/img2img")
+async def img2img(request: Request) -> JSONResponse:
+    return await _generate(request, img2img=True)
+
+
+async def _generate(request: Request, img2img: bool) -> JSONResponse:
+    """Queue the request's job like any other, wait for it, answer with its images."""
+    server = _server(request)
+    body = await read_json(request)
+    if not isinstance(body, Mapping):
+        raise RequestError(422, f"the request body must be a JSON object, got {type(body).__name__}")
+    job, upload = await run_in_threadpool(_job, server, body, img2img)
+    stored = server.workers.submit(job, None if upload is None else upload.name)
+    stored = await wait(server, stored)
+    if stored.state == FAILED:
+        return error_response(500, stored.error or "the job failed", "JobFailed")
+    images = server.store.images(stored.id)
+    encoded = [base64.b64encode(image.file.read_bytes()).decode() for image in images]
+    parameters = {k: v for k, v in body.items() if k != "init_images"}
+    infotexts = [image.infotext for image in images]
+    return JSONResponse(
+        {"images": encoded, "parameters": parameters, "info": a1111.info(job, infotexts, stored.id)}
+    )
+
+
+def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
+    upload = decode_image(a1111.check_img2img(body), server.store, "init_images[0]") if img2img else None
+    return checked_job(a1111.job_arguments(body, server.model, upload), upload), upload
+
+
+async def wait(server: Server, stored: StoredJob) -> StoredJob:
+    """``stored`` once it has finished (done, failed or cancelled)."""
+    queue = server.hub.subscribe(stored.id)
+    try:
+        while True:
+            current = server.store.get(stored.id)
+            assert current is not None
+            if current.state in FINAL_STATES:
+                return current
+            message = await queue.get()
+            while message["type"] not in FINAL_STATES and not queue.empty():
+                message = queue.get_nowait()
+    finally:
+        server.hub.unsubscribe(stored.id, queue)
+
+
+@router.get("/progress")
+async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    server = _server(request)
+    jobs = server.store.count(QUEUED, RUNNING)
+    current = server.hub.current()
+    if current is None:
+        return a1111.progress(0.0, 0.0, 0, 0, jobs, None)
+    live = current[1]
+    preview = None
+    if live.preview is not None and not skip_current_image:
+        preview = base64.b64encode(live.preview).decode()
+    return a1111.progress(live.fraction, live.eta(), live.step, live.steps, jobs, preview)
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request) -> dict[str, Any]:
+    """Stop the running job(s) after the current step; their finished images are kept."""
+    return {"interrupted": _server(request).workers.cancel_running()}
+
+
+@router.post("/skip")
+async def skip(request: Request) -> dict[str, Any]:
+    return await interrupt(request)
+
+
+@router.get("/sd-models")
+async def sd_models() -> list[dict[str, Any]]:
+    return a1111.model_list()
+
+
+@router.get("/samplers")
+async def samplers() -> list[dict[str, Any]]:
+    return a1111.sampler_list()
+
+
+@router.get("/options")
+async def get_options(request: Request) -> dict[str, Any]:
+    return {
+        "sd_model_checkpoint": _server(request).model,
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+    }
+
+
+@router.post("/options")
+async def set_options(request: Request) -> None:
+    """Takes ``sd_model_checkpoint`` (the model of requests that name none); other options are ignored."""
+    body = await read_json(request)
+    if not isinstance(body, Mapping):
+        raise RequestError(422, "the options must be a JSON object")
+    if "sd_model_checkpoint" in body:
+        _server(request).model = a1111.model_name(body["sd_model_checkpoint"])
+
+
+@router.get("/scripts")
+async def scripts() -> dict[str, list[str]]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/schedulers")
+async def schedulers() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "automatic",
+            "label": "Automatic",
+            "aliases": None,
+            "default_rho": -1,
+            "need_inner_model": False,
+        }
+    ]
+
+
+@router.get("/loras")
+@router.get("/upscalers")
+@router.get("/sd-vae")
+@router.get("/prompt-styles")
+async def empty_list() -> list[Any]:
+    """Lists of what this server does not have, for clients that ask at start-up."""
+    return []

@@ -1,0 +1,177 @@
+"""The native jobs API (``/v1``) and the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from stable_cascade.engine import ModelSources, native_size
+from stable_cascade.engine.record import package_version
+from stable_cascade.loading.bundles import BUNDLES
+from stable_cascade.pipelines.presets import PRESETS
+from stable_cascade.server import a1111
+from stable_cascade.server.app import RequestError, Server, read_json
+from stable_cascade.server.inputs import native_job
+from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
+
+router = APIRouter(tags=["jobs"])
+MAX_LIST = 200
+KEEPALIVE_SECONDS = 10.0
+
+
+def _server(request: Request) -> Server:
+    server: Server = request.app.state.server
+    return server
+
+
+def _stored(server: Server, job_id: str) -> StoredJob:
+    stored = server.store.get(job_id)
+    if stored is None:
+        raise RequestError(404, f"no job {job_id!r}; list the jobs with GET /v1/jobs")
+    return stored
+
+
+def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
+    """A job as the API shows it: state, place in the queue, progress, images and the job itself."""
+    live = server.hub.live.get(stored.id)
+    done = stored.state in FINAL_STATES
+    return {
+        "id": stored.id,
+        "state": stored.state,
+        "position": server.store.position(stored) if stored.state == QUEUED else None,
+        "progress": 1.0 if stored.state == "done" else (live.fraction if live else 0.0),
+        "error": stored.error,
+        "created": stored.created,
+        "started": stored.started,
+        "finished": stored.finished if done else None,
+        "job": stored.job,
+        "images": [
+            {
+                "n": image.n,
+                "seed": image.seed,
+                "url": f"/v1/jobs/{stored.id}/images/{image.n}",
+                "infotext": image.infotext,
+            }
+            for image in server.store.images(stored.id)
+        ],
+    }
+
+
+@router.post("/v1/jobs", status_code=201)
+async def submit(request: Request) -> dict[str, Any]:
+    server = _server(request)
+    body = await read_json(request)
+    job, upload = await run_in_threadpool(native_job, body, server.store, server.model)
+    stored = server.workers.submit(job, None if upload is None else upload.name)
+    return describe(server, stored)
+
+
+@router.get("/v1/jobs")
+async def jobs(request: Request, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+    """The newest jobs first (``before``: a job's ``seq`` to page back from)."""
+    server = _server(request)
+    if not 1 <= limit <= MAX_LIST:
+        raise RequestError(422, f"limit must be between 1 and {MAX_LIST}, got {limit}")
+    stored = server.store.recent(limit, before)
+    return {"jobs": [describe(server, s) | {"seq": s.seq} for s in stored]}
+
+
+@router.get("/v1/jobs/{job_id}")
+async def job(request: Request, job_id: str) -> dict[str, Any]:
+    server = _server(request)
+    return describe(server, _stored(server, job_id))
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel(request: Request, job_id: str) -> JSONResponse:
+    """Cancel a queued or running job (a running one stops after its current step)."""
+    server = _server(request)
+    stored = _stored(server, job_id)
+    if stored.state in FINAL_STATES or not server.workers.cancel(job_id):
+        raise RequestError(409, f"job {job_id} has already finished ({stored.state}); nothing to cancel")
+    return JSONResponse({"id": job_id, "state": "cancelling"}, status_code=202)
+
+
+@router.get("/v1/jobs/{job_id}/images/{n}")
+async def image(request: Request, job_id: str, n: int) -> FileResponse:
+    server = _server(request)
+    _stored(server, job_id)
+    for stored_image in server.store.images(job_id):
+        if stored_image.n == n:
+            name = f"{job_id[:8]}-{stored_image.seed}.png"
+            return FileResponse(stored_image.file, media_type="image/png", filename=name)
+    raise RequestError(404, f"job {job_id} has no image {n} (yet)")
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def events(request: Request, job_id: str) -> StreamingResponse:
+    """Server-sent events: ``queued`` (position), ``started``, ``loading``, ``progress``, ``preview``
+    (base64 PNG), ``image``, then one of ``done``, ``failed``, ``cancelled``."""
+    server = _server(request)
+    _stored(server, job_id)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_stream(server, job_id), media_type="text/event-stream", headers=headers)
+
+
+async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
+    queue = server.hub.subscribe(job_id)
+    try:
+        position = None
+        while True:
+            stored = _stored(server, job_id)
+            if stored.state in FINAL_STATES:
+                yield _sse({"type": stored.state, "error": stored.error})
+                return
+            if stored.state == QUEUED and server.store.position(stored) != position:
+                position = server.store.position(stored)
+                yield _sse({"type": "queued", "position": position})
+            elif stored.state == RUNNING:
+                position = None
+            try:
+                message = await asyncio.wait_for(
+                    queue.get(), timeout=1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS
+                )
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if message["type"] not in FINAL_STATES:  # final states are read from the store above
+                yield _sse(message)
+    finally:
+        server.hub.unsubscribe(job_id, queue)
+
+
+def _sse(message: dict[str, Any]) -> str:
+    return f"event: {message['type']}\ndata: {json.dumps(message)}\n\n"
+
+
+@router.get("/v1/info")
+async def info(request: Request) -> dict[str, Any]:
+    """What the page offers: models (and their native sizes), presets, samplers and the defaults."""
+    presets = {
+        name: {stage: dataclasses.asdict(getattr(preset, stage)) for stage in ("prior", "decoder")}
+        for name, preset in PRESETS.items()
+    }
+    return {
+        "model": _server(request).model,
+        "models": {
+            name: {"description": b.description, "size": native_size(ModelSources(model=name))}
+            for name, b in BUNDLES.items()
+        },
+        "presets": presets,
+        "samplers": a1111.sampler_list(),
+        "version": package_version(),
+    }
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    html = (resources.files("stable_cascade.server") / "static" / "index.html").read_text()
+    return HTMLResponse(html)

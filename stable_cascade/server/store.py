@@ -1,0 +1,258 @@
+"""The durable queue: jobs and their state in SQLite (write-ahead log), images as files beside it.
+
+Everything a client was told is on disk before it is told: a job is committed before its id is
+returned, an image is written (to a temporary name, synced, then renamed) and recorded before the job
+reports it. A server killed at any moment and restarted on the same folder therefore finds every job
+that was queued or running (:meth:`Store.recover` queues the running ones again, in their original
+place) and every finished image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINAL_STATES = (DONE, FAILED, CANCELLED)
+MAX_ATTEMPTS = 3  # a job whose runs killed the server this often is given up
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    state TEXT NOT NULL,
+    job TEXT NOT NULL,
+    input TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS images (
+    job TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    infotext TEXT NOT NULL,
+    PRIMARY KEY (job, n)
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class QueueFull(Exception):
+    """The queue holds its maximum of waiting jobs (the server answers 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredImage:
+    n: int
+    seed: int
+    file: Path
+    infotext: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredJob:
+    id: str
+    seq: int
+    state: str
+    job: dict[str, Any]  # the Job's to_dict()
+    input: str | None  # the input image's file name under inputs/
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    attempts: int
+
+
+class Store:
+    """Jobs, images and settings under ``folder`` (created when missing); safe to share between threads."""
+
+    def __init__(self, folder: Path, max_queue: int) -> None:
+        self.folder = Path(folder)
+        self.images_dir = self.folder / "images"
+        self.inputs_dir = self.folder / "inputs"
+        for path in (self.folder, self.images_dir, self.inputs_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def add(self, job: dict[str, Any], input_name: str | None = None) -> StoredJob:
+        """Queue ``job`` at the end; ``QueueFull`` when ``max_queue`` jobs are already waiting."""
+        job_id = uuid.uuid4().hex
+        with self._transaction() as db:
+            (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()
+            if waiting >= self.max_queue:
+                raise QueueFull(f"the queue is full ({waiting} jobs waiting); try again later")
+            db.execute(
+                "INSERT INTO jobs (id, state, job, input, created) VALUES (?, ?, ?, ?, ?)",
+                (job_id, QUEUED, json.dumps(job, sort_keys=True), input_name, time.time()),
+            )
+        stored = self.get(job_id)
+        assert stored is not None
+        return stored
+
+    def recover(self) -> int:
+        """Queue again (in their original place) the jobs a stopped server was running; how many."""
+        for leftover in [*self.images_dir.glob("*/.*.partial.png"), *self.inputs_dir.glob(".*")]:
+            leftover.unlink()  # files a killed server was writing
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING)
+            )
+            return cursor.rowcount
+
+    def claim(self) -> StoredJob | None:
+        """The oldest queued job, now marked running; None when none waits."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, attempts FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row["attempts"] >= MAX_ATTEMPTS:
+                message = f"the server stopped during each of this job's {MAX_ATTEMPTS} runs; given up"
+                db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
+                    (FAILED, message, time.time(), row["id"]),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
+                    (RUNNING, time.time(), row["id"]),
+                )
+        return self.get(row["id"]) if row["attempts"] < MAX_ATTEMPTS else self.claim()
+
+    def finish(self, job_id: str, state: str, error: str | None = None) -> None:
+        assert state in FINAL_STATES, state
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
+                (state, error, time.time(), job_id),
+            )
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel ``job_id`` if it is still waiting; whether it was."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, finished = ? WHERE id = ? AND state = ?",
+                (CANCELLED, time.time(), job_id, QUEUED),
+            )
+            return cursor.rowcount == 1
+
+    def write_image(
+        self, job_id: str, n: int, seed: int, infotext: str, write: Callable[[Path], None]
+    ) -> Path:
+        """Write image ``n`` of a job with ``write(temporary path)``, atomically, and record it."""
+        folder = self.images_dir / job_id
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{n}.png"
+        temporary = folder / f".{n}.partial.png"
+        write(temporary)
+        with temporary.open("rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        _sync_folder(folder)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO images (job, n, seed, file, infotext) VALUES (?, ?, ?, ?, ?)",
+                (job_id, n, seed, str(path.relative_to(self.folder)), infotext),
+            )
+        return path
+
+    def get(self, job_id: str) -> StoredJob | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def images(self, job_id: str) -> list[StoredImage]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM images WHERE job = ? ORDER BY n", (job_id,)).fetchall()
+        return [
+            StoredImage(row["n"], row["seed"], self.folder / row["file"], row["infotext"]) for row in rows
+        ]
+
+    def recent(self, limit: int, before: int | None = None) -> list[StoredJob]:
+        """Up to ``limit`` jobs, newest first (those older than sequence number ``before``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                (2**62 if before is None else before, limit),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def position(self, job: StoredJob) -> int:
+        """How many queued jobs run before ``job``."""
+        with self._lock:
+            (ahead,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq < ?", (QUEUED, job.seq)
+            ).fetchone()
+        return int(ahead)
+
+    def count(self, *states: str) -> int:
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            (total,) = self._db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states
+            ).fetchone()
+        return int(total)
+
+    def setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+
+def _job(row: sqlite3.Row) -> StoredJob:
+    values = {field.name: row[field.name] for field in dataclasses.fields(StoredJob)}
+    return StoredJob(**(values | {"job": json.loads(row["job"])}))
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the system allows opening folders)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,101 @@
+"""Start ``stable-cascade serve --model demo`` as a real process on 127.0.0.1 and a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle on the left, on a white background"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerProcess:
+    """``with ServerProcess(data) as server: httpx.get(server.url + "/v1/info")``."""
+
+    def __init__(self, data: Path, *options: str, api_key: str | None = None) -> None:
+        self.data = Path(data)
+        self.options = list(options)
+        self.api_key = api_key
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = self.data.parent / f"{self.data.name}-server-{self.port}.log"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
+
+    def start(self, timeout: float = 180.0) -> ServerProcess:
+        command = [sys.executable, "-m", "stable_cascade", "serve", "--model", "demo", "--device", "cpu"]
+        command += ["--data", str(self.data), "--port", str(self.port), *self.options]
+        if self.api_key is not None:
+            command += ["--api-key", self.api_key]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
+            try:
+                if (
+                    httpx.get(f"{self.url}/sdapi/v1/samplers", headers=self.headers, timeout=2).status_code
+                    == 200
+                ):
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the server did not answer within {timeout:.0f} s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a crash or the OOM killer."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120.0) -> dict:
+    """The job once it has finished (polling GET /v1/jobs/{id})."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{server.url}/v1/jobs/{job_id}", headers=server.headers, timeout=10).json()
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s")

@@ -1,0 +1,149 @@
+"""The AUTOMATIC1111-compatible API, driven by ``webuiapi`` (a real A1111 client) against the real
+server running the demo model on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+from serving import PROMPT, ServerProcess
+
+from stable_cascade.engine import image_sha256
+from stable_cascade.shapes import score
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(tmp_path_factory.mktemp("a1111") / "data") as running:
+        yield running
+
+
+@pytest.fixture
+def api(server: ServerProcess) -> webuiapi.WebUIApi:
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+
+
+def _record(image: PIL.Image.Image) -> dict:
+    return json.loads(image.info["stable_cascade"])
+
+
+def test_txt2img_maps_a1111_fields_and_answers_in_a1111_shape(api: webuiapi.WebUIApi) -> None:
+    # webuiapi also sends dozens of fields we do not use (enable_hr, restore_faces, ...): ignored
+    result = api.txt2img(
+        prompt=PROMPT,
+        negative_prompt="blue",
+        seed=5,
+        width=128,
+        height=128,
+        steps=8,
+        cfg_scale=3.5,
+        sampler_name="DDIM",
+        batch_size=2,
+        override_settings={"decoder_steps": 4},
+    )
+    assert [image.size for image in result.images] == [(128, 128)] * 2
+    assert result.info["all_seeds"] == [5, 6] and result.info["seed"] == 5
+    assert result.info["sampler_name"] == "DDIM" and result.info["steps"] == 8
+    assert len(result.info["infotexts"]) == 2 and "Steps: 8+4" in result.info["infotexts"][0]
+    assert result.parameters["prompt"] == PROMPT
+    record = _record(result.images[1])
+    assert record["seed"] == 6 and record["job"]["negative_prompt"] == "blue"
+    assert record["job"]["prior"]["sampler"] == "ddim" and record["job"]["prior"]["guidance"] == 3.5
+    assert record["job"]["decoder"]["steps"] == 4 and record["job"]["models"]["model"] == "demo"
+    assert result.images[0].info["parameters"].startswith(PROMPT)
+    assert score([result.images[0].convert("RGB")], [PROMPT]).summary()["background"] == 1.0
+
+
+def test_same_seed_same_image_and_minus_one_is_random(api: webuiapi.WebUIApi) -> None:
+    settings = dict(prompt=PROMPT, width=128, height=128, steps=6, sampler_name="Euler a")
+    first = api.txt2img(seed=11, **settings)
+    again = api.txt2img(seed=11, **settings)
+    other = api.txt2img(seed=12, **settings)
+    assert first.image.tobytes() == again.image.tobytes()
+    assert first.image.tobytes() != other.image.tobytes()
+    assert _record(first.image)["job"]["prior"]["sampler"] == "euler_ancestral"
+    randoms = [api.txt2img(seed=-1, **settings).info["seed"] for _ in range(2)]
+    assert all(seed >= 0 for seed in randoms) and randoms[0] != randoms[1]
+
+
+def test_img2img_takes_the_init_image_and_denoising_strength(api: webuiapi.WebUIApi) -> None:
+    init = PIL.Image.new("RGB", (128, 128), "white")
+    PIL.ImageDraw.Draw(init).ellipse((10, 40, 60, 90), fill="red")
+    result = api.img2img(
+        images=[init], prompt=PROMPT, seed=3, width=128, height=128, steps=8, denoising_strength=0.5
+    )
+    job = _record(result.image)["job"]
+    assert job["task"] == "img2img" and job["strength"] == 0.5
+    assert job["input_image_sha256"] == image_sha256(init)
+    assert result.info["denoising_strength"] == 0.5
+
+
+def test_models_options_and_samplers(api: webuiapi.WebUIApi, server: ServerProcess) -> None:
+    assert "demo" in api.util_get_model_names()
+    assert api.util_get_current_model() == "demo"
+    assert set(api.util_get_sampler_names()) == {"Euler a", "DDIM", "DPM++ 2M", "DDPM"}
+    api.set_options({"sd_model_checkpoint": "lite", "an_option_we_do_not_have": 1})
+    assert api.get_options()["sd_model_checkpoint"] == "lite"
+    queued = httpx.post(f"{server.url}/v1/jobs", json={"prompt": PROMPT}).json()  # names no model
+    assert queued["job"]["models"]["model"] == "lite"
+    httpx.delete(f"{server.url}/v1/jobs/{queued['id']}")
+    refused = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+    assert refused.status_code == 422 and "unknown model 'nope'" in refused.json()["detail"]
+    api.util_set_model("demo")
+    assert api.util_get_current_model() == "demo"
+    result = api.txt2img(prompt=PROMPT, seed=1, width=128, height=128, steps=4)
+    assert _record(result.image)["job"]["models"]["model"] == "demo"
+
+
+def test_bad_fields_get_422_with_the_job_checks_message(server: ServerProcess) -> None:
+    url = f"{server.url}/sdapi/v1/txt2img"
+    cases = {
+        "unknown sampler 'Heun'": {"sampler_name": "Heun"},
+        "width": {"width": 129, "height": 128},
+        "Stage C steps must be a whole number": {"steps": "many"},
+        "prompt": {"prompt": 7},
+    }
+    for message, fields in cases.items():
+        answer = httpx.post(url, json={"width": 128, "height": 128, **fields}, timeout=30)
+        assert answer.status_code == 422, (fields, answer.text)
+        assert message in answer.json()["detail"], answer.json()
+        assert "\n" not in answer.json()["detail"]
+    inpaint = {"init_images": ["AAAA"], "mask": "AAAA"}
+    answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json=inpaint, timeout=30)
+    assert answer.status_code == 422 and "inpainting" in answer.json()["detail"]
+
+
+def test_progress_shows_the_running_job_and_interrupt_stops_it(api: webuiapi.WebUIApi) -> None:
+    results: list[webuiapi.WebUIApiResult] = []
+    settings = dict(prompt=PROMPT, seed=1, width=128, height=128, steps=20, n_iter=40)
+    thread = threading.Thread(target=lambda: results.append(api.txt2img(**settings)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    progress = api.get_progress()
+    while time.monotonic() < deadline and not (progress["progress"] > 0 and progress["current_image"]):
+        time.sleep(0.1)
+        progress = api.get_progress()
+    assert 0 < progress["progress"] < 1 and progress["state"]["job_count"] >= 1, progress
+    assert progress["eta_relative"] > 0 and progress["state"]["sampling_steps"] > 0
+    preview = PIL.Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size[0] > 0
+    api.interrupt()
+    thread.join(60)
+    assert not thread.is_alive() and len(results) == 1
+    assert len(results[0].images) < 40  # stopped early; the images made so far are returned
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_pages_other_clients_ask_for_exist(server: ServerProcess) -> None:
+    for path in ("scripts", "schedulers", "loras", "upscalers", "sd-vae", "prompt-styles"):
+        assert httpx.get(f"{server.url}/sdapi/v1/{path}").status_code == 200, path

@@ -1,0 +1,142 @@
+"""The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by
+selenium types a prompt, generates with the demo model, and checks the image that appears."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import PIL.Image
+import pytest
+from serving import PROMPT, ServerProcess
+
+from stable_cascade.shapes import score
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+DRIVER = shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None or DRIVER is None,
+        reason="no browser found: apt-get install chromium chromium-driver (Debian)",
+    ),
+]
+#: Where to save a screenshot of the page (the README's is made this way).
+SCREENSHOT = os.environ.get("STABLE_CASCADE_SCREENSHOT")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(tmp_path_factory.mktemp("browser") / "data") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+_PIXELS = """
+const [img, done] = arguments;
+const canvas = document.createElement("canvas");
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+canvas.getContext("2d").drawImage(img, 0, 0);
+done(canvas.toDataURL("image/png"));
+"""
+
+
+def _image(browser: webdriver.Chrome, element: object) -> PIL.Image.Image:
+    data = browser.execute_async_script(_PIXELS, element)
+    return PIL.Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB")
+
+
+def test_type_a_prompt_generate_and_see_the_image(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+    assert browser.find_element(By.ID, "width").get_attribute("placeholder") == "128"
+    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+    browser.find_element(By.ID, "seed").send_keys("3")
+    assert not browser.find_element(By.ID, "random-seed").is_selected()
+    browser.find_element(By.ID, "generate").click()
+    image = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#result img.output"))[0]
+    wait.until(lambda b: b.execute_script("return arguments[0].naturalWidth", image) > 0)
+    wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
+    assert float(browser.find_element(By.ID, "progress").get_attribute("value")) == 1.0
+    pixels = _image(browser, image)
+    assert pixels.size == (128, 128)
+    summary = score([pixels], [PROMPT]).summary()
+    assert (summary["colour"], summary["position"], summary["background"]) == (1.0, 1.0, 1.0), summary
+    card = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery .card img"))[0]
+    assert "Seed: 3" in card.get_attribute("title")
+    if SCREENSHOT:
+        browser.save_screenshot(SCREENSHOT)
+
+
+def test_reuse_parameters_fills_the_form(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    reuse = wait.until(lambda b: b.find_elements(By.XPATH, "//button[text()='Reuse parameters']"))[0]
+    browser.find_element(By.ID, "prompt").clear()
+    reuse.click()
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == PROMPT
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == "3"
+    assert browser.find_element(By.ID, "prior_steps").get_attribute("value") == "20"
+
+
+def test_cancel_stops_a_running_job(server: ServerProcess, browser: webdriver.Chrome) -> None:
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+    browser.find_element(By.ID, "count").clear()
+    browser.find_element(By.ID, "count").send_keys("100")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: "step" in b.find_element(By.ID, "progress-text").text)
+    browser.find_element(By.ID, "cancel").click()
+    wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "cancelled")
+
+
+def test_an_upload_for_img2img(server: ServerProcess, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    picture = tmp_path / "input.png"
+    PIL.Image.new("RGB", (128, 128), "white").save(picture)
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+    Select(browser.find_element(By.ID, "task")).select_by_value("img2img")
+    browser.find_element(By.ID, "image").send_keys(str(picture))
+    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
+    assert browser.find_elements(By.CSS_SELECTOR, "#result img.output")
+
+
+def test_the_page_asks_for_the_api_key(tmp_path: Path, browser: webdriver.Chrome) -> None:
+    with ServerProcess(tmp_path / "data", api_key="page-key") as guarded:
+        browser.get(guarded.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "key-box").is_displayed())
+        assert "API key" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "api-key").send_keys("page-key")
+        browser.find_element(By.ID, "save-key").click()
+        wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+        browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+        browser.find_element(By.ID, "prior_steps").send_keys("5")
+        browser.find_element(By.ID, "generate").click()
+        image = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#result img.output"))[0]
+        wait.until(lambda b: b.execute_script("return arguments[0].naturalWidth", image) == 128)
+        browser.execute_script("localStorage.clear()")

@@ -1,0 +1,128 @@
+"""The server's parts without a running server: settings checks, the A1111 field mapping, the store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stable_cascade.cli.main import main
+from stable_cascade.server import ServerConfig
+from stable_cascade.server.a1111 import job_arguments, model_name, our_sampler
+from stable_cascade.server.store import CANCELLED, DONE, FAILED, MAX_ATTEMPTS, RUNNING, QueueFull, Store
+
+
+def test_binding_beyond_this_machine_needs_a_key_or_insecure(tmp_path: Path) -> None:
+    ServerConfig(host="127.0.0.1", data=tmp_path).validate()
+    ServerConfig(host="::1", data=tmp_path).validate()
+    with pytest.raises(ValueError, match=r"refusing to serve on 0\.0\.0\.0 without --api-key"):
+        ServerConfig(host="0.0.0.0", data=tmp_path).validate()
+    ServerConfig(host="0.0.0.0", api_key="k", data=tmp_path).validate()
+    ServerConfig(host="0.0.0.0", insecure=True, data=tmp_path).validate()
+    for wrong, message in (({"api_key": " "}, "must not be empty"), ({"workers": 0}, "--workers")):
+        with pytest.raises(ValueError, match=message):
+            ServerConfig(data=tmp_path, **wrong).validate()  # type: ignore[arg-type]
+
+
+def test_serve_refuses_with_one_line_and_exit_code_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--host", "0.0.0.0", "--data", str(tmp_path), "--model", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "refusing to serve on 0.0.0.0" in err
+
+
+def test_the_parser_imports_neither_the_server_stack_nor_torch() -> None:
+    code = "import sys; from stable_cascade.cli.main import build_parser; build_parser(); "
+    heavy = "('fastapi', 'uvicorn', 'torch', 'stable_cascade.server')"
+    code += f"print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a1111_sampler_and_model_names() -> None:
+    names = {"Euler a": "euler_ancestral", "DDIM": "ddim", "DPM++ 2M": "dpmpp_2m", "DDPM": "ddpm"}
+    for a1111, ours in names.items():
+        assert our_sampler(a1111) == ours == our_sampler(ours) == our_sampler(a1111.lower())
+    assert our_sampler("k_euler_a") == "euler_ancestral"
+    with pytest.raises(ValueError, match="unknown sampler 'Heun'; expected one of Euler a"):
+        our_sampler("Heun")
+    assert model_name("demo [0123abcd]") == model_name("demo") == "demo"
+    with pytest.raises(ValueError, match="unknown model 'sd15'"):
+        model_name("sd15")
+
+
+def test_a1111_fields_map_to_job_arguments() -> None:
+    body = {
+        "prompt": "p",
+        "negative_prompt": "n",
+        "seed": -1,
+        "steps": 12,
+        "cfg_scale": 5.0,
+        "width": 256,
+        "height": 128,
+        "batch_size": 2,
+        "n_iter": 3,
+        "sampler_name": "DPM++ 2M",
+        "decoder_guidance": 1.5,
+        "override_settings": {"decoder_steps": 7, "sd_model_checkpoint": "demo"},
+        "enable_hr": True,  # unknown to us: ignored
+    }
+    arguments = job_arguments(body, "full", None)
+    assert arguments.pop("models").model == "demo"
+    assert arguments == {
+        "prompt": "p",
+        "negative_prompt": "n",
+        "seed": None,
+        "prior_steps": 12,
+        "prior_guidance": 5.0,
+        "width": 256,
+        "height": 128,
+        "batch_size": 2,
+        "count": 3,
+        "prior_sampler": "dpmpp_2m",
+        "decoder_guidance": 1.5,
+        "decoder_steps": 7,
+    }
+    assert job_arguments({"seed": 4}, "lite", None)["models"].model == "lite"
+    assert job_arguments({"seed": 4}, "lite", None)["seed"] == 4
+
+
+def test_store_is_fifo_bounded_and_recovers_running_jobs_in_place(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_queue=3)
+    ids = [store.add({"n": i}).id for i in range(3)]
+    with pytest.raises(QueueFull, match="the queue is full"):
+        store.add({"n": 3})
+    first = store.claim()
+    assert first is not None and first.id == ids[0] and first.state == RUNNING
+    assert store.position(store.get(ids[2])) == 1  # type: ignore[arg-type]
+    assert store.cancel_queued(ids[1]) and not store.cancel_queued(ids[0])
+    store.close()
+
+    reopened = Store(tmp_path, max_queue=3)  # as after a crash: the first job was running
+    assert reopened.recover() == 1
+    assert [reopened.claim().id, reopened.claim().id] == [ids[0], ids[2]]  # type: ignore[union-attr]
+    reopened.finish(ids[0], DONE)
+    assert reopened.claim() is None
+    assert [reopened.get(i).state for i in ids] == [DONE, CANCELLED, RUNNING]  # type: ignore[union-attr]
+
+
+def test_a_job_that_keeps_killing_the_server_is_given_up(tmp_path: Path) -> None:
+    store = Store(tmp_path, max_queue=3)
+    job_id = store.add({}).id
+    for _ in range(MAX_ATTEMPTS):
+        assert store.claim() is not None
+        store.recover()
+    assert store.claim() is None
+    stored = store.get(job_id)
+    assert stored is not None and stored.state == FAILED and "given up" in str(stored.error)
+
+
+def test_serve_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: stable-cascade serve" in out and "--api-key" in out and "--insecure" in out
