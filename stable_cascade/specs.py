@@ -386,5 +386,5 @@ EFFNET_VARIANTS: dict[str, EffNetConfig] = {
 #: of 128×128 images → 24×24 previews).
 PREVIEWER_VARIANTS: dict[str, PreviewerConfig] = {
     "previewer": PreviewerConfig(),
-    "demo_previewer": PreviewerConfig(c_hidden=64),
+    "demo_previewer": PreviewerConfig(c_hidden=96),
 }
