@@ -4,13 +4,17 @@ latent's size out; its inputs, export, exact resume, command line and mistakes (
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import TINY_EFFNET, TINY_PREVIEWER, write_images
+from test_training import (  # one_thread: its autouse fixture (one thread for tiny models)
+    TINY_EFFNET,
+    TINY_PREVIEWER,
+    one_thread,  # noqa: F401
+    write_images,
+)
 
 from stable_cascade.cli.main import main
 from stable_cascade.conditioning.pixels import prepare_images
@@ -18,14 +22,6 @@ from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.training import Components, TrainConfig, fresh_model, make_task, train
 from stable_cascade.training.data import bucketed_dataset, collate, find_examples
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
