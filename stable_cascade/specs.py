@@ -404,3 +404,10 @@ EFFNET_VARIANTS: dict[str, EffNetConfig] = {
         stage_channels=(16, 24, 32, 48, 64, 96), stage_depths=(1, 1, 1, 1, 1, 1), head_channels=128
     ),
 }
+
+#: The released previewer (``previewer.safetensors``) and the demo cascade's small one (3×3 latents
+#: of 128×128 images → 24×24 previews).
+PREVIEWER_VARIANTS: dict[str, PreviewerConfig] = {
+    "previewer": PreviewerConfig(),
+    "demo_previewer": PreviewerConfig(c_hidden=96),
+}

@@ -28,11 +28,12 @@ from stable_cascade.cli.main import main
 from stable_cascade.diffusion.schedule import noise_cond
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.prior import StableCascadePriorPipeline
-from stable_cascade.specs import EffNetConfig
+from stable_cascade.specs import EffNetConfig, PreviewerConfig
 from stable_cascade.training import Components, Task, TrainConfig, make_task, train
 from stable_cascade.training.components import init_stage_a, init_unet, load_components
 from stable_cascade.training.data import (
@@ -48,8 +49,15 @@ from stable_cascade.training.objective import LossWeights, diffuse, drop_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EFFNET = EffNetConfig(stage_channels=(8, 8, 8, 8, 8, 8), stage_depths=(1,) * 6, head_channels=16)
+TINY_PREVIEWER = PreviewerConfig(c_hidden=16)
 #: Per task: image side and learning rate for the fixed-batch runs.
-SETTINGS = {"stage-c": (128, 3e-3), "stage-b": (64, 3e-3), "stage-a": (32, 3e-3), "lora": (128, 1e-2)}
+SETTINGS = {
+    "stage-c": (128, 3e-3),
+    "stage-b": (64, 3e-3),
+    "stage-a": (32, 3e-3),
+    "lora": (128, 1e-2),
+    "previewer": (128, 3e-3),
+}
 
 
 def write_images(folder: Path, sizes: list[tuple[int, int]], captions: bool = True) -> list[str]:
@@ -81,6 +89,7 @@ def components(tmp: Path, fresh_prior: bool = True) -> Components:
         text_encoder=tiny.text_encoder(),
         image_encoder=tiny.image_encoder(),
         feature_extractor=tiny.feature_extractor(),
+        previewer=Previewer(TINY_PREVIEWER),
     )
 
 
@@ -269,7 +278,7 @@ def fixed_loss(task: Task, batch: Batch, draws: int = 16) -> float:
     return float(torch.stack(losses).mean())
 
 
-@pytest.mark.parametrize("name", ["stage-c", "stage-b", "stage-a", "lora"])
+@pytest.mark.parametrize("name", ["stage-c", "stage-b", "stage-a", "lora", "previewer"])
 def test_a_few_steps_lower_the_loss(name: str, data: Path, tmp_path: Path) -> None:
     extra = (
         {"train_effnet": True, "train_text_encoder": True}
@@ -291,7 +300,9 @@ def test_a_few_steps_lower_the_loss(name: str, data: Path, tmp_path: Path) -> No
         exported_text = StableCascadeDecoderPipeline.from_pretrained(final).text_encoder
         assert not torch.equal(exported_text.text_projection.weight, text_before)
     exported = {p.name for p in final.iterdir()}
-    expected = {"stage-a": {"config.json"}, "lora": {"lora.safetensors"}}.get(name, {"model_index.json"})
+    expected = {"stage-a": {"config.json"}, "lora": {"lora.safetensors"}, "previewer": {"config.json"}}.get(
+        name, {"model_index.json"}
+    )
     assert expected <= exported
     assert PIL.Image.open(tmp_path / "run" / "samples" / "step-000030.png").size[0] > 0
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stable_cascade.demo.settings import Recipe
+from stable_cascade.demo.settings import PREVIEWER_FILE, Recipe
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -26,7 +26,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="retrain the demo cascade from scratch",
         description="Render the shapes data set and train Stage A, Stage B (with the EfficientNet and "
-        "text encoders) and Stage C, in that order; writes OUT_DIR/model/{prior,decoder}.",
+        "text encoders), Stage C and the previewer, in that order; writes OUT_DIR/model/{prior,decoder} "
+        "and OUT_DIR/model/previewer.safetensors.",
     )
     train.add_argument("out_dir", metavar="OUT_DIR", help="where data, checkpoints and the model go")
     defaults = Recipe()
@@ -74,7 +75,10 @@ def run_train(args: argparse.Namespace) -> int:
         for name in ("prior", "decoder"):
             shutil.rmtree(DEMO_DIR / name, ignore_errors=True)
             shutil.copytree(model / name, DEMO_DIR / name)
-        shutil.copy2(model / "training.json", DEMO_DIR / "training.json")
+        (DEMO_DIR / PREVIEWER_FILE).unlink(missing_ok=True)
+        for name in ("training.json", PREVIEWER_FILE):
+            if (model / name).is_file():
+                shutil.copy2(model / name, DEMO_DIR / name)
         print(f"installed into {DEMO_DIR}")
     return 0
 

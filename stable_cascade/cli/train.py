@@ -1,4 +1,4 @@
-"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora --data PATH [options]``.
+"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer --data PATH [options]``.
 
 Every option defaults to "not given" (None), so the defaults live in one place, :class:`TrainConfig`.
 Multi-GPU and multi-node: run the same command under ``accelerate launch`` (or ``torchrun``).
@@ -29,6 +29,7 @@ _TASKS = {
     "stage-b": "the decoder (EfficientNet latent → Stage A latent), optionally with the EfficientNet encoder",
     "stage-a": "the VQGAN autoencoder (reconstruction + codebook losses)",
     "lora": "LoRA adapters on a pretrained Stage C (and optionally its text encoder)",
+    "previewer": "the latent previewer (EfficientNet latent → the image at 8× the latent's size)",
 }
 
 
@@ -36,7 +37,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "train",
         parents=[common],
-        help="train Stage C, Stage B, Stage A or a Stage C LoRA on images with captions",
+        help="train Stage C, Stage B, Stage A, a Stage C LoRA or the previewer on images with captions",
         description="Train a stage of the cascade with the original objective (ε-prediction on the cosine "
         "schedule; P2 or adaptive loss weights) on a folder of images with .txt captions, a .jsonl "
         "manifest or .tar shards. Tasks: " + "; ".join(f"{k}: {v}" for k, v in _TASKS.items()) + ". "
@@ -65,9 +66,11 @@ def _model_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--stage-a", help="Stage A (VQGAN): model folder, pipeline folder or single file")
     group.add_argument("--effnet", help="EfficientNet encoder: folder or single file (a .json: a fresh one)")
     group.add_argument("--text-encoder", help="a folder with text_encoder/ and tokenizer/ (or both in one)")
+    group.add_argument("--previewer", help="latent previewer: model folder, pipeline folder or single file")
     group.add_argument(
         "--init-config",
-        help="start the trained model fresh: a variant (tiny_prior, decoder_lite, …) or config.json",
+        help="start the trained model fresh: a variant (tiny_prior, decoder_lite, demo_previewer, …) "
+        "or config.json",
     )
     group.add_argument(
         "--train-text-encoder",
@@ -137,7 +140,7 @@ def _output_options(group: argparse._ArgumentGroup) -> None:
 
 
 _OPTIONS = (
-    "pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "init_config",
+    "pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "previewer", "init_config",
     "train_text_encoder", "train_effnet", "lora_rank", "lora_alpha", "lora_text_encoder", "resolution",
     "batch_size", "effnet_scale", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
     "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",

@@ -12,7 +12,10 @@
    Stage C it merged the words Stage C had not yet learned to use ("left"/"right", "circle"/"square"),
    and Stage C never learned positions.
 5. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
-The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them.
+6. The previewer learns to draw the image, at 8× the size of the (final) EfficientNet latent, from
+   that latent: 24×24 previews of Stage C's 3×3 latents (``--preview``).
+The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them, and the
+previewer as one file beside them, ``previewer.safetensors``, as the released model ships it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from stable_cascade.checkpoint import read_json_object
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo.pipeline import DemoCascadePipeline
-from stable_cascade.demo.settings import DEMO_SIZE, Recipe
+from stable_cascade.demo.settings import DEMO_SIZE, PREVIEWER_FILE, Recipe
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -162,9 +165,24 @@ def stage_b_config(recipe: Recipe, data: Path, out: Path, **changes: Any) -> Tra
     )
 
 
+def previewer_config(recipe: Recipe, data: Path, decoder: Path, out: Path) -> TrainConfig:
+    """The previewer, fresh, on the EfficientNet encoder of the decoder pipeline ``decoder``."""
+    return _config(
+        recipe,
+        "previewer",
+        data,
+        out,
+        pretrained=decoder,
+        init_config="demo_previewer",
+        steps=recipe.previewer_steps,
+        loss_weighting="none",
+    )
+
+
 def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     """Train the demo cascade from scratch under ``out``; returns ``out/model`` (``prior/`` and
-    ``decoder/`` pipeline folders, as in the package). Logs how long each stage took."""
+    ``decoder/`` pipeline folders and ``previewer.safetensors``, as in the package). Logs how long
+    each stage took."""
     recipe = recipe or Recipe()
     out = Path(out)
     times: dict[str, float] = {}
@@ -206,6 +224,10 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     for name, folder in (("prior", prior), ("decoder", decoder)):
         shutil.rmtree(model / name, ignore_errors=True)
         shutil.copytree(folder, model / name)
+    (model / PREVIEWER_FILE).unlink(missing_ok=True)
+    if recipe.previewer_steps:
+        previewer = timed("previewer", previewer_config(recipe, data, decoder, out / "previewer"))
+        shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", model / PREVIEWER_FILE)
     times["total"] = time.perf_counter() - start
     (model / "training.json").write_text(
         json.dumps({"recipe": dataclasses.asdict(recipe), "seconds": times}, indent=2)
@@ -218,14 +240,17 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
 
 def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> DemoCascadePipeline:
     """The demo cascade as a combined pipeline (128² images by default): the shipped one, or the
-    folders a training run wrote."""
+    folders a training run wrote; with the previewer (the prior pipeline's ``previewer``) if any."""
     if model is None:
-        pipeline = load_models(ModelSources(model="demo"), torch_dtype=dtype).pipeline
+        pipeline = load_models(ModelSources(model="demo"), torch_dtype=dtype, previewer=True).pipeline
     else:
-        pipeline = load_models(
-            ModelSources(prior=str(Path(model) / "prior"), decoder=str(Path(model) / "decoder")),
-            torch_dtype=dtype,
-        ).pipeline
+        previewer = Path(model) / PREVIEWER_FILE
+        sources = ModelSources(
+            prior=str(Path(model) / "prior"),
+            decoder=str(Path(model) / "decoder"),
+            previewer=str(previewer) if previewer.is_file() else None,
+        )
+        pipeline = load_models(sources, torch_dtype=dtype).pipeline
     assert isinstance(pipeline, StableCascadeCombinedPipeline)
     return DemoCascadePipeline(**pipeline.components)
 
@@ -300,4 +325,13 @@ def sample_grid(rows: list[list[tuple[Any, str]]], side: int = DEMO_SIZE, captio
     return grid
 
 
-__all__ = ["DEMO_DIR", "DEMO_SIZE", "Recipe", "evaluate_demo", "load_demo", "sample_grid", "train_demo"]
+__all__ = [
+    "DEMO_DIR",
+    "DEMO_SIZE",
+    "PREVIEWER_FILE",
+    "Recipe",
+    "evaluate_demo",
+    "load_demo",
+    "sample_grid",
+    "train_demo",
+]

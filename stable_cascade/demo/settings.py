@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
+PREVIEWER_FILE = "previewer.safetensors"  # beside the prior and decoder folders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Recipe:
     stage_b_steps: int = 5_000
     stage_b_refine_steps: int = 54_000  # on the final (frozen) encoders
     stage_c_steps: int = 6_000
+    previewer_steps: int = 2_500
     batch_size: int = 16
     stage_c_batch_size: int = 32
     lr: float = 1e-3

@@ -59,7 +59,6 @@ DEFAULT_ENTRIES = {
     "feature_extractor": ("transformers", "CLIPImageProcessor"),
     "scheduler": ("diffusers", "DDPMWuerstchenScheduler"),
 }
-_PREVIEWER_OUT = "blocks.24.weight"  # the final 1×1 conv of the previewer's Sequential
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +149,8 @@ def effnet_config(tensors: Tensors, source: str) -> EffNetConfig:
 
 
 def previewer_config(tensors: Tensors, source: str) -> PreviewerConfig:
-    """A previewer's widths: the first conv's input and output channels, the last conv's output."""
-    if "blocks.0.weight" not in tensors or _PREVIEWER_OUT not in tensors:
-        raise CheckpointError(f"{source} is not a previewer: it lacks blocks.0.weight or {_PREVIEWER_OUT}")
-    c_hidden, c_in = tensors["blocks.0.weight"].shape[:2]
-    return PreviewerConfig(c_in=c_in, c_hidden=c_hidden, c_out=tensors[_PREVIEWER_OUT].shape[0])
+    """A previewer's widths (:meth:`Previewer.config_from_single_file`)."""
+    return Previewer.config_from_single_file(tensors, source)
 
 
 def _count(tensors: Tensors, prefix: str) -> int:

@@ -12,8 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.pretrained import PretrainedModel
 from stable_cascade.specs import PreviewerConfig
+
+_FIRST, _LAST = "blocks.0.weight", "blocks.24.weight"  # the first and the final 1×1 conv
 
 
 def _stage(conv: nn.Module, channels: int) -> list[nn.Module]:
@@ -43,6 +46,14 @@ class Previewer(PretrainedModel):
             *_stage(nn.Conv2d(quarter, quarter, kernel_size=3, padding=1), quarter),
             nn.Conv2d(quarter, c_out, kernel_size=1),
         )
+
+    @classmethod
+    def config_from_single_file(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> PreviewerConfig:
+        """The widths of a checkpoint: the first conv's input and output channels, the last conv's output."""
+        if _FIRST not in state_dict or _LAST not in state_dict:
+            raise CheckpointError(f"{source} is not a previewer: it lacks {_FIRST} or {_LAST}")
+        c_hidden, c_in = state_dict[_FIRST].shape[:2]
+        return PreviewerConfig(c_in=c_in, c_hidden=c_hidden, c_out=state_dict[_LAST].shape[0])
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """The raw network output (B, c_out, 8h, 8w), as the original returns it: an image only

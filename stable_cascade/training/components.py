@@ -1,10 +1,11 @@
 """The models a training run uses: loaded from a pipeline folder and/or single pieces, or fresh ones.
 
 ``--pretrained`` is a pipeline folder as our (and diffusers') ``save_pretrained`` writes it; the pieces
-(``--prior``, ``--decoder``, ``--stage-a``, ``--effnet``) are model folders, pipeline folders or
-original single files and override it; ``--text-encoder`` is a folder with ``text_encoder/`` and
+(``--prior``, ``--decoder``, ``--stage-a``, ``--effnet``, ``--previewer``) are model folders, pipeline
+folders or original single files and override it; ``--text-encoder`` is a folder with ``text_encoder/`` and
 ``tokenizer/`` (any pipeline folder) or one holding both. ``--init-config`` replaces the trained model
-with a fresh one, initialised as the original ``StageC``/``StageB``/``StageA`` constructors do.
+with a fresh one, initialised as the original ``StageC``/``StageB``/``StageA`` constructors do (a
+previewer: PyTorch's default init, as the original ``Previewer``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ from stable_cascade.nn.layers import ResBlock, TimestepBlock
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import MixingBlock, PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
-from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
+from stable_cascade.specs import (
+    PREVIEWER_VARIANTS,
+    UNET_VARIANTS,
+    VQ_VARIANTS,
+    ConfigBase,
+    PreviewerConfig,
+    UNetConfig,
+    VQConfig,
+)
 from stable_cascade.training.config import TrainConfig
 
 M = TypeVar("M", bound=PretrainedModel)
@@ -62,6 +71,15 @@ _NEEDED = {
     "lora": _PRIOR_PARTS,
     "stage-b": ("decoder", "vqgan", "effnet", "text_encoder", "tokenizer"),
     "stage-a": ("vqgan",),
+    "previewer": ("effnet", "previewer"),
+}
+#: The model each task trains: its Components field, config class and named variants.
+_TRAINED: dict[str, tuple[str, type[ConfigBase], dict[str, Any]]] = {
+    "stage-c": ("prior", UNetConfig, UNET_VARIANTS),
+    "lora": ("prior", UNetConfig, UNET_VARIANTS),
+    "stage-b": ("decoder", UNetConfig, UNET_VARIANTS),
+    "stage-a": ("stage_a", VQConfig, VQ_VARIANTS),
+    "previewer": ("previewer", PreviewerConfig, PREVIEWER_VARIANTS),
 }
 
 
@@ -90,6 +108,7 @@ def load_components(config: TrainConfig) -> Components:
         "decoder": (config.decoder, StableCascadeUNet, "decoder"),
         "stage_a": (config.stage_a, PaellaVQModel, "vqgan"),
         "effnet": (config.effnet, EfficientNetEncoder, "effnet"),
+        "previewer": (config.previewer, Previewer, "previewer"),
     }
     for field, (path, cls, name) in pieces.items():
         # Stage C and LoRA runs take --decoder as a decoder pipeline for sample images (samples.py).
@@ -98,12 +117,7 @@ def load_components(config: TrainConfig) -> Components:
     if config.text_encoder is not None:
         found.tokenizer, found.text_encoder = load_text_encoder(config.text_encoder)
     if config.init_config is not None:
-        model = fresh_model(config.task, config.init_config, config.seed)
-        setattr(
-            found,
-            "stage_a" if config.task == "stage-a" else "decoder" if config.task == "stage-b" else "prior",
-            model,
-        )
+        setattr(found, _TRAINED[config.task][0], fresh_model(config.task, config.init_config, config.seed))
     return found
 
 
@@ -147,13 +161,13 @@ def load_text_encoder(folder: Path) -> tuple[CLIPTokenizer, CLIPTextModelWithPro
 
 def fresh_model(task: str, init_config: str, seed: int) -> PretrainedModel:
     """A new model of ``init_config`` (a variant name or a config.json), seeded by ``seed``."""
-    variants: dict[str, Any] = VQ_VARIANTS if task == "stage-a" else UNET_VARIANTS
+    _, config_class, variants = _TRAINED[task]
     path = Path(init_config)
     if init_config in variants:
         config = variants[init_config]
     elif path.is_file():
         data = read_json_object(path)
-        config = (VQConfig if task == "stage-a" else UNetConfig).from_dict(data, source=str(path))
+        config = config_class.from_dict(data, source=str(path))
     else:
         raise ValueError(
             f"--init-config {init_config!r} is neither a variant ({', '.join(variants)}) nor a config file"
@@ -165,6 +179,8 @@ def fresh_model(task: str, init_config: str, seed: int) -> PretrainedModel:
         )
     if task == "stage-a":
         return _seeded(lambda: init_stage_a(PaellaVQModel(config)), seed)
+    if task == "previewer":
+        return _seeded(lambda: Previewer(config), seed)
     return _seeded(lambda: init_unet(StableCascadeUNet(config)), seed)
 
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Task = Literal["stage-c", "stage-b", "stage-a", "lora"]
+Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer"]
 LossWeighting = Literal["p2", "adaptive", "none"]
 MixedPrecision = Literal["no", "bf16"]
 ReconstructionLoss = Literal["mse", "l1"]
@@ -35,7 +35,8 @@ class TrainConfig:
     stage_a: Path | None = None
     effnet: Path | None = None
     text_encoder: Path | None = None
-    init_config: str | None = None  # a variant name (UNET_VARIANTS / VQ_VARIANTS) or a config.json
+    previewer: Path | None = None
+    init_config: str | None = None  # a variant name (UNET/VQ/PREVIEWER_VARIANTS) or a config.json
     # Data
     resolution: int = 1024
     buckets: tuple[float, ...] | None = None  # aspect ratios (w / h); None: square center crops
@@ -75,7 +76,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("data", "output_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder"):
+        for name in ("pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "previewer"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -127,8 +128,8 @@ class TrainConfig:
                 "lora trains adapters on a pretrained Stage C; --init-config (a fresh model) makes no "
                 "sense with it: pass --pretrained or --prior"
             )
-        if self.task == "stage-a" and self.loss_weighting == "adaptive":
-            raise ValueError("stage-a has no noise levels to weight; drop --loss-weighting adaptive")
+        if self.task in ("stage-a", "previewer") and self.loss_weighting == "adaptive":
+            raise ValueError(f"{self.task} has no noise levels to weight; drop --loss-weighting adaptive")
 
     @property
     def bucket_ratios(self) -> tuple[float, ...]:

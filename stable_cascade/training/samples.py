@@ -4,7 +4,8 @@
   images), decoded by the decoder pipeline given as ``--decoder`` (a pipeline folder) when there is one,
   else previewed (the previewer's RGB, or the latent's principal components);
 * ``stage-b``: reconstructions of the first images (EfficientNet latent → Stage B → Stage A);
-* ``stage-a``: the first images and their Stage A round trips, interleaved.
+* ``stage-a``: the first images and their Stage A round trips, interleaved;
+* ``previewer``: the first images and their previews (nearest-neighbour enlarged), interleaved.
 
 Sampling runs with its own seeded generator inside ``torch.random.fork_rng``: it changes no random
 state of training, so runs with and without samples train identically.
@@ -20,6 +21,7 @@ from typing import Any, cast
 import PIL.Image
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.components import MODEL_INDEX
@@ -77,6 +79,10 @@ class Sampler:
             vqgan = trainee.vqgan
             decoded = vqgan.decode(vqgan.encode(images).latents).sample
             return torch.stack([images, decoded.to(images.dtype)], dim=1).flatten(0, 1)
+        if task.config.task == "previewer":
+            latents = task.prepare(self.reference, generator)["latents"]
+            previews = F.interpolate(trainee.previewer.preview(latents), size=(height, width), mode="nearest")
+            return torch.stack([images, previews.to(images.dtype)], dim=1).flatten(0, 1)
         text_encoder: Any = parts.text_encoder
         if task.config.task == "stage-b":
             pipeline = StableCascadeDecoderPipeline(

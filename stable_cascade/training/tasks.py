@@ -16,6 +16,9 @@ drawing every random choice from the given generator. One training loop (``train
   dropout; ``pixels`` zeros as at inference (the 8×8 image for ``pixels_conditioning`` of the samples).
   ``train_effnet`` trains the encoder jointly (needed when there is no pretrained one).
 * ``stage-a``: the VQGAN as an autoencoder (:class:`~stable_cascade.training.trainees.Autoencoder`).
+* ``previewer``: the latent previewer (:class:`~stable_cascade.training.trainees.PreviewFit`): input =
+  the frozen EfficientNet encoder's latent of the image at ``effnet_input_size`` (what Stage C learns to
+  generate), target = the image resized to 8× the latent's size, the preview's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.conditioning.text import embed_tokens, tokenize
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
@@ -40,7 +44,7 @@ from stable_cascade.training.components import Components
 from stable_cascade.training.config import TrainConfig
 from stable_cascade.training.data import Batch
 from stable_cascade.training.objective import diffuse, drop_captions, keep, pyramid_noise, uniform
-from stable_cascade.training.trainees import Autoencoder, Denoiser, encode_latents, rebuild
+from stable_cascade.training.trainees import Autoencoder, Denoiser, PreviewFit, encode_latents, rebuild
 
 Inputs = dict[str, Tensor]
 
@@ -252,6 +256,39 @@ class StageA(Task):
         rebuild(self.vqgan, state, "vqgan.").save_pretrained(directory)
 
 
+class PreviewerTask(Task):
+    name = "previewer"
+
+    def __init__(self, config: TrainConfig, parts: Components) -> None:
+        super().__init__(config, parts)
+        hint = (
+            "pass --effnet (or --pretrained PIPELINE) and --init-config demo_previewer|previewer (a fresh "
+            "previewer) or --previewer FILE"
+        )
+        _require(parts, config.task, ("effnet", "previewer"), hint)
+        assert parts.effnet is not None and parts.previewer is not None
+        self.effnet: EfficientNetEncoder = parts.effnet.eval().requires_grad_(False)
+        self.previewer: Previewer = parts.previewer.requires_grad_(True)
+        latent, c_in = self.effnet.config.c_latent, self.previewer.config.c_in
+        if latent != c_in:
+            raise ValueError(
+                f"the previewer's c_in is {c_in} but the EfficientNet latent has {latent} channels; use "
+                "matching models (or a previewer config whose c_in fits)"
+            )
+        self.trainee = PreviewFit(self.previewer).train()
+
+    @torch.no_grad()
+    def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
+        images = batch.images.to(self.device)
+        pixels = prepare_images(images, *effnet_input_size(*images.shape[-2:]))
+        latents = self.effnet.encode(pixels).float()  # (B, 16, ⌈H/42.67⌉, ⌈W/42.67⌉)
+        height, width = (8 * side for side in latents.shape[-2:])
+        return {"latents": latents, "target": prepare_images(images, height, width)}  # (B, 3, 8h, 8w)
+
+    def export(self, directory: Path, state: dict[str, Tensor]) -> None:
+        rebuild(self.previewer, state, "previewer.").save_pretrained(directory)
+
+
 def _require(parts: Components, task: str, names: tuple[str, ...], hint: str) -> None:
     missing = [n for n in names if getattr(parts, n) is None]
     if missing:
@@ -275,6 +312,8 @@ def make_task(config: TrainConfig, parts: Components) -> Task:
         return StageB(config, parts)
     if config.task == "stage-a":
         return StageA(config, parts)
+    if config.task == "previewer":
+        return PreviewerTask(config, parts)
     from stable_cascade.training.lora_task import LoRAStageC  # the one task needing stable_cascade.lora
 
     return LoRAStageC(config, parts)

@@ -1,6 +1,7 @@
 """The modules a training step runs with gradients: the trained model(s) and the per-sample loss.
 
-A trainee's ``forward(**inputs)`` returns ``{"loss": (B,), "logsnr": (B,)}`` (Stage A: no ``logsnr``):
+A trainee's ``forward(**inputs)`` returns ``{"loss": (B,), "logsnr": (B,)}`` (Stage A and the
+previewer: no ``logsnr``):
 one module, so that DDP and FSDP wrap everything that trains, encoders trained jointly included.
 """
 
@@ -15,6 +16,7 @@ from transformers import CLIPTextModelWithProjection
 from stable_cascade.checkpoint import PretrainedModel
 from stable_cascade.conditioning.text import embed_tokens
 from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import DecoderOutput, PaellaVQModel, VQEncoderOutput
 from stable_cascade.nn.unet import StableCascadeUNet, StableCascadeUNetOutput
 from stable_cascade.training.config import ReconstructionLoss
@@ -82,6 +84,20 @@ class Autoencoder(nn.Module):
         error = decode_latents(self.vqgan, straight_through).float() - images.float()
         distance = error.abs() if self.reconstruction == "l1" else error.pow(2)
         return {"loss": distance.flatten(1).mean(1) + codebook + 0.25 * commitment}
+
+
+class PreviewFit(nn.Module):
+    """The previewer: EfficientNet latents (B, 16, h, w) → RGB (B, 3, 8h, 8w); per-sample MSE to the
+    image resized to that size (``target``, in [0, 1]). The raw output is compared, unclamped, so that
+    the loss keeps its gradient where the network overshoots [0, 1]."""
+
+    def __init__(self, previewer: Previewer) -> None:
+        super().__init__()
+        self.previewer = previewer
+
+    def forward(self, latents: Tensor, target: Tensor) -> Outputs:
+        error = self.previewer(latents).float() - target.float()
+        return {"loss": error.pow(2).flatten(1).mean(1)}
 
 
 def encode_latents(vqgan: PaellaVQModel, images: Tensor) -> Tensor:
