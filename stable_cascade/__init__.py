@@ -2,6 +2,7 @@
 
 from stable_cascade.checkpoint import CheckpointError
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
+from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet, StableCascadeUNetOutput
 from stable_cascade.pipelines import (
@@ -22,6 +23,7 @@ __all__ = [
     "UNET_VARIANTS",
     "VQ_VARIANTS",
     "CheckpointError",
+    "ControlNet",
     "DDPMWuerstchenScheduler",
     "DDPMWuerstchenSchedulerOutput",
     "ImagePipelineOutput",
