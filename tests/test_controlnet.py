@@ -23,12 +23,12 @@ TINY_EFFNET = {
     "embedding_channels": 32,
 }
 TINY = {
-    "effnet": ControlNetConfig(in_channels=1, out_channels=16, proj_blocks=(0, 3, 5), **TINY_EFFNET),
-    "effnet_rgb": ControlNetConfig(in_channels=3, out_channels=16, proj_blocks=(1,), **TINY_EFFNET),
+    "effnet": ControlNetConfig(in_channels=1, out_channels=32, proj_blocks=(0, 3, 5), **TINY_EFFNET),
+    "effnet_rgb": ControlNetConfig(in_channels=3, out_channels=32, proj_blocks=(1,), **TINY_EFFNET),
     "large": ControlNetConfig(
         backbone="large",
         in_channels=4,
-        out_channels=16,
+        out_channels=32,
         embedding_channels=24,
         large_hidden_channels=32,
         large_channels=8,
@@ -36,7 +36,7 @@ TINY = {
         proj_blocks=(0, 2, 7),
     ),
     "simple": ControlNetConfig(
-        backbone="simple", in_channels=5, embedding_channels=5, out_channels=16, proj_blocks=(2, 6)
+        backbone="simple", in_channels=5, embedding_channels=5, out_channels=32, proj_blocks=(2, 6)
     ),
 }
 
@@ -91,7 +91,7 @@ def test_forward_places_residuals_at_the_targets() -> None:
     residuals = model(torch.rand(1, 4, 6, 6))
     assert len(residuals) == 8 == model.num_residuals
     assert [i for i, r in enumerate(residuals) if r is not None] == [0, 2, 7]
-    assert all(r is None or r.shape == (1, 16, 6, 6) for r in residuals)
+    assert all(r is None or r.shape == (1, 32, 6, 6) for r in residuals)
 
 
 def test_new_controlnet_projects_to_zero() -> None:

@@ -6,7 +6,7 @@ C, ``effnet`` for B) and in their latent shape; everything else runs through :fu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -40,8 +40,11 @@ def build_schedule(settings: StageSettings, scheduler: SchedulerConfig, device: 
     )
 
 
-def unet_noise_model(unet: StableCascadeUNet, conditioning: Conditioning) -> NoiseModel:
-    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``).
+def unet_noise_model(
+    unet: StableCascadeUNet, conditioning: Conditioning, control: Sequence[Tensor | None] | None = None
+) -> NoiseModel:
+    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``) and optional
+    ControlNet residuals (tiled over the rows; with guidance both branches get them).
 
     The step-invariant work (:meth:`StableCascadeUNet.prepare`) is done once, on the first call, for
     x's batch and size, and reused on every later step.
@@ -51,7 +54,7 @@ def unet_noise_model(unet: StableCascadeUNet, conditioning: Conditioning) -> Noi
     def eps(x: Tensor, ratio: Tensor) -> Tensor:
         nonlocal cache
         if cache is None or cache.batch != x.shape[0] or cache.size != tuple(x.shape[-2:]):
-            cache = unet.prepare(x.shape[-2:], **conditioning)
+            cache = unet.prepare(x.shape[-2:], controlnet_residuals=control, **conditioning)
         return unet(x, ratio, cache=cache, return_dict=False)[0]
 
     return eps
@@ -135,6 +138,7 @@ def run_stage(
     progress: Progress | None = None,
     init: Tensor | None = None,
     strength: float = 1.0,
+    control: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """Sample one stage from ``latents`` and return what it hands on (final sample or last x0).
 
@@ -142,6 +146,7 @@ def run_stage(
     clean ``init`` latent and ``strength`` < 1 (image-to-image), ``init`` is noised with ``latents``
     to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
     left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
+    ``control``: ControlNet residuals for Stage C, used by both guidance branches.
     A prediction with NaN/Inf (e.g. float16 overflow) raises ``FloatingPointError`` after sampling,
     naming the stage, the first bad step and the dtype.
     """
@@ -149,7 +154,7 @@ def run_stage(
     if guided and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional conditioning")
     conditioning = guided_conditioning(cond, uncond if guided else None, unet.dtype)
-    eps = unet_noise_model(unet, conditioning)
+    eps = unet_noise_model(unet, conditioning, control)
     eps = classifier_free_guidance(eps, settings.guidance_scale, settings.guidance_rescale)
     schedule = build_schedule(settings, scheduler, latents.device)
     if init is not None and strength < 1:
