@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from test_controlnet import TINY, random_controlnet
 from torch import nn
 
 from stable_cascade.nn.controlnet import ControlNet
@@ -21,7 +22,6 @@ from stable_cascade.nn.layers import ResBlock, TimestepBlock, timestep_embedding
 from stable_cascade.nn.unet import StableCascadeUNet, UNetCache
 from stable_cascade.nn.unet_state import resblock_widths
 from stable_cascade.specs import UNET_VARIANTS, UNetConfig
-from tests.test_controlnet import TINY, random_controlnet
 
 PRIOR = UNET_VARIANTS["tiny_prior"].replace(
     down_num_layers_per_block=(2, 1),
