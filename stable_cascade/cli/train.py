@@ -15,6 +15,7 @@ from typing import Any, get_args
 
 from stable_cascade.training.config import (
     DEFAULT_BUCKET_RATIOS,
+    ControlNetKind,
     LossWeighting,
     MixedPrecision,
     ReconstructionLoss,
@@ -28,6 +29,7 @@ _TASKS = {
     "stage-b": "the decoder (EfficientNet latent → Stage A latent), optionally with the EfficientNet encoder",
     "stage-a": "the VQGAN autoencoder (reconstruction + codebook losses)",
     "lora": "LoRA adapters on a pretrained Stage C (and optionally its text encoder)",
+    "controlnet": "a Stage C ControlNet (canny, inpainting, super_resolution or simple) on a frozen Stage C",
 }
 
 
@@ -76,6 +78,12 @@ def _model_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--train-effnet", action="store_true", default=None, help="stage-b: train the encoder too"
+    )
+    group.add_argument(
+        "--controlnet-type", choices=get_args(ControlNetKind), help="controlnet: the control input (canny)"
+    )
+    group.add_argument(
+        "--controlnet-blocks", type=int, nargs="+", metavar="K", help="controlnet: ResBlock calls fed"
     )
     group.add_argument("--lora-rank", type=int, help="lora: adapter rank (4)")
     group.add_argument("--lora-alpha", type=float, help="lora: adapter alpha (the rank)")
@@ -143,7 +151,7 @@ _OPTIONS = (
     "batch_size", "effnet_scale", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
     "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
     "reconstruction_loss", "mixed_precision", "gradient_checkpointing", "seed", "checkpoint_every",
-    "resume", "sample_every", "sample_prompts", "log_every",
+    "resume", "sample_every", "sample_prompts", "log_every", "controlnet_type", "controlnet_blocks",
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from stable_cascade.conditioning.control import (
     SUPER_RESOLUTION_FACTOR,
@@ -101,6 +102,8 @@ def control_residuals(
         control = control_input(
             control_type, image, *control_size(control_type, height, width), request.mask, encode
         )
+        if controlnet.config.backbone == "simple":  # no downsampling: control on the 1/32 grid
+            control = F.adaptive_avg_pool2d(control, (-(-height // 32), -(-width // 32)))
     residuals = controlnet(control.to(device, controlnet.dtype))
     return [None if r is None else r * request.scale for r in residuals], control_type
 
