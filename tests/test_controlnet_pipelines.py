@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import PIL.Image
 import pytest
@@ -116,19 +115,7 @@ def test_control_errors_say_what_to_do(prior: StableCascadePriorPipeline) -> Non
 
 
 def test_combined_inpainting_keeps_the_unmasked_region(tmp_path: Path) -> None:
-    prior = tiny.diffusers_prior_pipeline(tmp_path / "p")
-    decoder = tiny.diffusers_decoder_pipeline(tmp_path / "d")
-    reference = diffusers.StableCascadeCombinedPipeline(
-        tokenizer=decoder.tokenizer,
-        text_encoder=decoder.text_encoder,
-        decoder=decoder.decoder,
-        scheduler=decoder.scheduler,
-        vqgan=decoder.vqgan,
-        prior_prior=prior.prior,
-        prior_text_encoder=prior.text_encoder,
-        prior_tokenizer=prior.tokenizer,
-        prior_scheduler=prior.scheduler,
-    )
+    reference = tiny.diffusers_combined_pipeline(tmp_path, image_encoding=False)
     reference.save_pretrained(tmp_path / "combined")
     controlnet = random_controlnet(INPAINT)
     pipe = StableCascadeCombinedPipeline.from_pretrained(tmp_path / "combined", prior_controlnet=controlnet)

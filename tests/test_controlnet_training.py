@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import components, fixed_loss, write_images
+from test_training import components, fixed_loss, one_thread, write_images  # noqa: F401  (one_thread: autouse)
 
 from stable_cascade.cli.train import config_from_args
 from stable_cascade.nn.controlnet import ControlNet
@@ -16,17 +15,9 @@ from stable_cascade.training import TrainConfig, make_task, train
 from stable_cascade.training.data import bucketed_dataset, collate, find_examples
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
+    folder = tmp_path_factory.mktemp("controlnet_data")
     write_images(folder, [(96, 96), (80, 112)])
     return folder
 
