@@ -1,4 +1,4 @@
-"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora --data PATH [options]``.
+"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|controlnet --data PATH [options]``.
 
 Every option defaults to "not given" (None), so the defaults live in one place, :class:`TrainConfig`.
 Multi-GPU and multi-node: run the same command under ``accelerate launch`` (or ``torchrun``).
@@ -37,7 +37,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "train",
         parents=[common],
-        help="train Stage C, Stage B, Stage A or a Stage C LoRA on images with captions",
+        help="train Stage C, Stage B, Stage A, a Stage C LoRA or ControlNet on images with captions",
         description="Train a stage of the cascade with the original objective (ε-prediction on the cosine "
         "schedule; P2 or adaptive loss weights) on a folder of images with .txt captions, a .jsonl "
         "manifest or .tar shards. Tasks: " + "; ".join(f"{k}: {v}" for k, v in _TASKS.items()) + ". "

@@ -27,7 +27,7 @@ from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
-from stable_cascade.pipelines.control import ControlRequest, control_residuals
+from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.presets import get_preset
@@ -287,7 +287,8 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
                     "to the pipeline"
                 )
             return None
-        effnet = self.activate("effnet") if self.effnet is not None else None
+        wants_effnet = resolve_control_type(self.controlnet, request.control_type) == "super_resolution"
+        effnet = self.activate("effnet") if wants_effnet and self.effnet is not None else None
         result = control_residuals(
             self.activate("controlnet"), request, height, width, effnet, self.execution_device
         )
