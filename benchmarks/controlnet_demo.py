@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -27,7 +28,16 @@ from stable_cascade.demo import load_demo
 from stable_cascade.demo.recipe import DEMO_DIR, DEMO_SIZE, sample_grid
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.pipelines.outputs import postprocess
-from stable_cascade.shapes.dataset import Scene, Shape, held_out_prompts, parse_caption, render, write_dataset
+from stable_cascade.shapes.dataset import (
+    POSITIONS,
+    Scene,
+    Shape,
+    caption,
+    held_out_prompts,
+    parse_caption,
+    render,
+    write_dataset,
+)
 from stable_cascade.shapes.evaluate import detect
 from stable_cascade.training import TrainConfig, train
 
@@ -36,6 +46,7 @@ MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 def train_controlnet(out: Path, steps: int, images: int, batch_size: int, lr: float) -> Path:
     data = write_dataset(out / "data", images, size=DEMO_SIZE, seed=1, two_object_fraction=0.0)
+    misplace_captions(data, share=0.5)
     config = TrainConfig(
         task="controlnet",
         data=data,
@@ -54,6 +65,23 @@ def train_controlnet(out: Path, steps: int, images: int, batch_size: int, lr: fl
     final = train(config)
     print(json.dumps({"trained": str(final), "seconds": round(time.perf_counter() - start)}))
     return final
+
+
+def misplace_captions(data: Path, share: float, seed: int = 0) -> None:
+    """Give ``share`` of the captions another object position than the image's, so that the
+    ControlNet learns what this demo measures: the control image wins over the prompt's position."""
+    rng = random.Random(seed)
+    lines = []
+    for line in (data / "metadata.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        scene = parse_caption(entry["text"])
+        obj = scene.objects[0]
+        if rng.random() < share:
+            other = rng.choice([p for p in POSITIONS if p != obj.position])
+            entry["text"] = caption(Scene((Shape(obj.shape, obj.colour, other),), scene.background))
+            (data / entry["file_name"]).with_suffix(".txt").write_text(entry["text"] + "\n")
+        lines.append(json.dumps(entry))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def cases(limit: int | None) -> list[tuple[str, Scene, str]]:
