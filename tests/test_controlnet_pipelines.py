@@ -129,3 +129,17 @@ def test_combined_inpainting_keeps_the_unmasked_region(tmp_path: Path) -> None:
     assert (out[..., 64:] - source[..., 64:]).abs().max() > 0.05
     pil = pipe("a cat", control_image=picture(), mask_image=mask, **steps).images[0]
     assert isinstance(pil, PIL.Image.Image) and pil.size == (128, 128)
+
+
+def test_shipped_demo_controlnet_fits_the_demo_prior() -> None:
+    from stable_cascade.demo.recipe import DEMO_DIR
+    from stable_cascade.nn.unet import StableCascadeUNet
+    from stable_cascade.nn.unet_state import resblock_widths
+
+    controlnet = ControlNet.from_pretrained(DEMO_DIR / "controlnet")
+    prior = StableCascadeUNet.from_pretrained(DEMO_DIR / "prior", subfolder="prior")
+    assert controlnet.config.control_type == "canny"
+    assert controlnet.num_residuals == len(resblock_widths(prior.config)) == 8
+    edges = control_input("canny", picture(size=(128, 128)), **SIZE)
+    residuals = controlnet(edges)
+    assert all(r is not None and r.shape == (1, 192, 4, 4) and r.abs().max() > 0 for r in residuals)
