@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from stable_cascade.checkpoint import CheckpointError
     from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
+    from stable_cascade.nn.controlnet import ControlNet
     from stable_cascade.nn.effnet import EfficientNetEncoder
     from stable_cascade.nn.previewer import Previewer
     from stable_cascade.nn.stage_a import PaellaVQModel
@@ -34,6 +35,7 @@ _EXPORTS = {
     "CheckpointError": "stable_cascade.checkpoint",
     "DDPMWuerstchenScheduler": "stable_cascade.diffusion.scheduler",
     "DDPMWuerstchenSchedulerOutput": "stable_cascade.diffusion.scheduler",
+    "ControlNet": "stable_cascade.nn.controlnet",
     "EfficientNetEncoder": "stable_cascade.nn.effnet",
     "Previewer": "stable_cascade.nn.previewer",
     "PaellaVQModel": "stable_cascade.nn.stage_a",
@@ -71,6 +73,7 @@ __all__ = [
     "UNET_VARIANTS",
     "VQ_VARIANTS",
     "CheckpointError",
+    "ControlNet",
     "DDPMWuerstchenScheduler",
     "DDPMWuerstchenSchedulerOutput",
     "EfficientNetEncoder",

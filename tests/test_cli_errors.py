@@ -232,6 +232,7 @@ def test_the_command_line_choices_are_the_librarys() -> None:
     assert choices.DEFAULT_BUNDLE == DEFAULT_BUNDLE and choices.DTYPES == DTYPES
     assert tuple(f.name for f in dataclasses.fields(ModelSources)) == choices.MODEL_FLAGS
     assert typing.get_args(config.Task) == choices.TRAIN_TASKS
+    assert typing.get_args(config.ControlNetKind) == choices.CONTROLNET_KINDS
     assert typing.get_args(config.LossWeighting) == choices.LOSS_WEIGHTINGS
     assert typing.get_args(config.MixedPrecision) == choices.MIXED_PRECISIONS
     assert typing.get_args(config.ReconstructionLoss) == choices.RECONSTRUCTION_LOSSES

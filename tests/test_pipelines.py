@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import PIL.Image
 import pytest
@@ -151,21 +150,7 @@ def test_decoder_matches_diffusers(decoder_pair: tuple[Any, Any], case: str) -> 
 
 
 def test_combined_matches_diffusers(tmp_path: Path) -> None:
-    prior = tiny.diffusers_prior_pipeline(tmp_path / "p")
-    decoder = tiny.diffusers_decoder_pipeline(tmp_path / "d")
-    reference = diffusers.StableCascadeCombinedPipeline(
-        tokenizer=decoder.tokenizer,
-        text_encoder=decoder.text_encoder,
-        decoder=decoder.decoder,
-        scheduler=decoder.scheduler,
-        vqgan=decoder.vqgan,
-        prior_prior=prior.prior,
-        prior_text_encoder=prior.text_encoder,
-        prior_tokenizer=prior.tokenizer,
-        prior_scheduler=prior.scheduler,
-        prior_feature_extractor=prior.feature_extractor,
-        prior_image_encoder=prior.image_encoder,
-    )
+    reference = tiny.diffusers_combined_pipeline(tmp_path)
     reference.set_progress_bar_config(disable=True)
     reference.save_pretrained(tmp_path / "combined")
     ours = StableCascadeCombinedPipeline.from_pretrained(tmp_path / "combined")

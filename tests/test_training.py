@@ -27,6 +27,7 @@ import tiny
 from stable_cascade.cli.main import main
 from stable_cascade.diffusion.schedule import noise_cond
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -494,17 +495,18 @@ class Launcher:
         self.runs: dict[str, Path] = {}
 
     def __call__(
-        self, name: str, env: dict[str, str], *options: str, fails: str | None = None
+        self, name: str, env: dict[str, str], *options: str, fails: str | None = None, task: str = "stage-c"
     ) -> dict[str, tuple[str, ...]]:
         """Train into ``folder/name``; per process, the checksum of the weights it ends with and
         whether it trained a sharded model. ``fails``: the run must fail with this message instead."""
         out = self.folder / name
         # --standalone: the rendezvous picks a free port itself (no race with other processes)
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        launch += [str(self.folder / "worker.py"), "train", "stage-c"]
+        launch += [str(self.folder / "worker.py"), "train", task]
         launch += ["--data", str(self.data), "--pretrained", str(self.folder / "pipeline")]
         launch += ["--resolution", "64", "--batch-size", "1", "--steps", "3", "--lr", "1e-3"]
-        launch += ["--train-text-encoder", "--checkpoint-every", "2", "-o", str(out), *options]
+        launch += ["--train-text-encoder"] if task == "stage-c" else []
+        launch += ["--checkpoint-every", "2", "-o", str(out), *options]
         cpu = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         env = {**os.environ, **cpu, **env}
         done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=240, check=False)
@@ -536,6 +538,16 @@ def test_two_processes_train_as_one(launcher: Launcher) -> None:
         if k.startswith("unet.")
     )
     assert StableCascadePriorPipeline.from_pretrained(out / "final").prior.config == tiny.TINY_PRIOR
+
+
+@pytest.mark.slow
+def test_controlnet_trains_on_two_processes(launcher: Launcher) -> None:
+    """``train controlnet`` under DDP: both processes end with the same ControlNet, the prior frozen."""
+    ends = launcher("controlnet", {}, task="controlnet")
+    assert ends.keys() == {"0", "1"} and ends["0"] == ends["1"], ends
+    trained = launcher.weights("controlnet", 3)
+    assert trained and all(k.startswith("controlnet.") for k in trained)
+    assert ControlNet.from_pretrained(launcher.runs["controlnet"] / "final").config.control_type == "canny"
 
 
 # An attention key bias adds the same q·b to all logits of a query, which softmax ignores: its gradient

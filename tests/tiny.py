@@ -185,3 +185,24 @@ def lora_file(path: Path, seed: int) -> str:
                     layer.down.copy_(torch.randn(layer.down.shape, generator=generator) * 0.3)
                     layer.up.copy_(torch.randn(layer.up.shape, generator=generator) * 0.3)
     return str(save_lora(path, unet, encoder))
+
+
+def diffusers_combined_pipeline(folder: Path, image_encoding: bool = True) -> Any:
+    """diffusers' StableCascadeCombinedPipeline of the tiny prior and decoder pipelines above."""
+    import diffusers
+
+    prior = diffusers_prior_pipeline(folder / "p", image_encoding=image_encoding)
+    decoder = diffusers_decoder_pipeline(folder / "d")
+    return diffusers.StableCascadeCombinedPipeline(
+        tokenizer=decoder.tokenizer,
+        text_encoder=decoder.text_encoder,
+        decoder=decoder.decoder,
+        scheduler=decoder.scheduler,
+        vqgan=decoder.vqgan,
+        prior_prior=prior.prior,
+        prior_text_encoder=prior.text_encoder,
+        prior_tokenizer=prior.tokenizer,
+        prior_scheduler=prior.scheduler,
+        prior_feature_extractor=prior.feature_extractor,
+        prior_image_encoder=prior.image_encoder,
+    )

@@ -21,8 +21,10 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 #: ``pipelines.sources.ModelSources``' fields: the model flags
 MODEL_FLAGS = ("model", "prior", "decoder", "stage_a", "effnet", "previewer", "components")
 OFFLOADS = ("none", "model", "sequential")
-#: ``training.config``: ``Task``, ``LossWeighting``, ``MixedPrecision``, ``ReconstructionLoss``
-TRAIN_TASKS = ("stage-c", "stage-b", "stage-a", "lora")
+#: ``training.config``: ``Task``, ``ControlNetKind``, ``LossWeighting``, ``MixedPrecision``,
+#: ``ReconstructionLoss``
+TRAIN_TASKS = ("stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet")
+CONTROLNET_KINDS = ("canny", "inpainting", "super_resolution", "simple")
 LOSS_WEIGHTINGS = ("p2", "adaptive", "none")
 MIXED_PRECISIONS = ("no", "bf16")
 RECONSTRUCTION_LOSSES = ("mse", "l1")

@@ -1,4 +1,4 @@
-"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer --data PATH [options]``.
+"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer|controlnet --data PATH ...``.
 
 Every option defaults to "not given" (None), so the defaults live in one place, :class:`TrainConfig`.
 Multi-GPU and multi-node: run the same command under ``accelerate launch`` (or ``torchrun``).
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stable_cascade.cli.choices import (
+    CONTROLNET_KINDS,
     DEFAULT_BUCKET_RATIOS,
     LOSS_WEIGHTINGS,
     MIXED_PRECISIONS,
@@ -30,6 +31,7 @@ _TASKS = {
     "stage-a": "the VQGAN autoencoder (reconstruction + codebook losses)",
     "lora": "LoRA adapters on a pretrained Stage C (and optionally its text encoder)",
     "previewer": "the latent previewer (EfficientNet latent → the image at 8× the latent's size)",
+    "controlnet": "a Stage C ControlNet (canny, inpainting, super_resolution or simple) on a frozen Stage C",
 }
 
 
@@ -37,7 +39,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "train",
         parents=[common],
-        help="train Stage C, Stage B, Stage A, a Stage C LoRA or the previewer on images with captions",
+        help="train Stage C, Stage B, Stage A, a Stage C LoRA or ControlNet, or the previewer",
         description="Train a stage of the cascade with the original objective (ε-prediction on the cosine "
         "schedule; P2 or adaptive loss weights) on a folder of images with .txt captions, a .jsonl "
         "manifest or .tar shards. Tasks: " + "; ".join(f"{k}: {v}" for k, v in _TASKS.items()) + ". "
@@ -80,6 +82,12 @@ def _model_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--train-effnet", action="store_true", default=None, help="stage-b: train the encoder too"
+    )
+    group.add_argument(
+        "--controlnet-type", choices=CONTROLNET_KINDS, help="controlnet: the control input (canny)"
+    )
+    group.add_argument(
+        "--controlnet-blocks", type=int, nargs="+", metavar="K", help="controlnet: ResBlock calls fed"
     )
     group.add_argument("--lora-rank", type=int, help="lora: adapter rank (4)")
     group.add_argument("--lora-alpha", type=float, help="lora: adapter alpha (the rank)")
@@ -145,7 +153,7 @@ _OPTIONS = (
     "batch_size", "effnet_scale", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
     "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
     "reconstruction_loss", "mixed_precision", "gradient_checkpointing", "seed", "checkpoint_every",
-    "resume", "sample_every", "sample_prompts", "log_every",
+    "resume", "sample_every", "sample_prompts", "log_every", "controlnet_type", "controlnet_blocks",
 )  # fmt: skip
 
 

@@ -49,7 +49,7 @@ _LOADERS = {
     Kind.STAGE_A: "PaellaVQModel.from_single_file",
     Kind.EFFNET: "EfficientNetEncoder",
     Kind.PREVIEWER: "Previewer",
-    Kind.CONTROLNET: "a ControlNet loader (ControlNets are an extension, not a UNet)",
+    Kind.CONTROLNET: "ControlNet.from_single_file (the Stage C ControlNet; pass it as controlnet=)",
     Kind.COMFY_BUNDLE: "split_bundle, then the loader of each part",
     Kind.UNKNOWN: "nothing in stable_cascade: check the file",
 }

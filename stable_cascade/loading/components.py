@@ -32,6 +32,7 @@ from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
 from stable_cascade.checkpoint.safetensors_io import align_module
 from stable_cascade.checkpoint.safety import check_transformers_folder
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -48,7 +49,7 @@ OUR_CLASSES: dict[str, type[PretrainedConfigMixin]] = {
 }
 #: Components diffusers never had (written as ``["stable_cascade", class]``).
 EXTRA_CLASSES: dict[str, type[PretrainedConfigMixin]] = {
-    cls.config_class.diffusers_class_name: cls for cls in (EfficientNetEncoder, Previewer)
+    cls.config_class.diffusers_class_name: cls for cls in (EfficientNetEncoder, Previewer, ControlNet)
 }
 #: Libraries an index may name for them; "wuerstchen" is how older diffusers wrote PaellaVQModel while it
 #: was a class of the Würstchen pipeline module, so indexes written then may still say so.

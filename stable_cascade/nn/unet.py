@@ -11,7 +11,7 @@ cache for that one call, so both give the same result.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -43,30 +43,10 @@ from stable_cascade.nn.layers import (
     set_fast_math,
     timestep_embedding,
 )
+from stable_cascade.nn.unet_state import LevelStates, StableCascadeUNetOutput, UNetCache, check_residuals
 from stable_cascade.specs import BlockType, UNetConfig
 
-
-@dataclasses.dataclass
-class StableCascadeUNetOutput:
-    sample: torch.Tensor  # (B, out_channels, H, W)
-
-
-LevelStates = tuple[BlockState, ...]  # one entry per block of a level
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetCache:
-    """The step-invariant part of the forward pass for one generation (``StableCascadeUNet.prepare``).
-
-    Valid for samples of ``batch`` rows and spatial ``size`` only; with classifier-free guidance it
-    is built for the doubled ``[cond; uncond]`` batch the UNet is called on.
-    """
-
-    batch: int
-    size: tuple[int, int]  # (H, W) of the sample
-    added: tuple[torch.Tensor, ...]  # (B, c0, H/p, W/p) each: Stage B's effnet, pixels mapper outputs
-    down: tuple[LevelStates, ...]  # per down level (shallow first)
-    up: tuple[LevelStates, ...]  # per up level (deep first)
+__all__ = ["StableCascadeUNet", "StableCascadeUNetOutput", "UNetCache"]
 
 
 class StableCascadeUNet(PretrainedModel):
@@ -176,12 +156,14 @@ class StableCascadeUNet(PretrainedModel):
         crp: TensorLike | None = None,
         return_dict: bool = True,
         cache: UNetCache | None = None,
+        controlnet_residuals: Sequence[torch.Tensor | None] | None = None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
         """Predict the noise in ``sample`` (B, in_channels, H, W) at ``timestep_ratio`` (scalar or (B,)).
 
         Pass the conditioning (as diffusers' ``StableCascadeUNet``) or a ``cache`` from :meth:`prepare`,
         not both. ``sca``/``crp`` may be scalars or one value per sample; missing ones are embedded as
-        0, as in the original. Stage C without ``clip_img`` uses one zero image embedding (as pipelines).
+        0, as in the original. Stage C without ``clip_img`` uses one zero image embedding, as the
+        pipelines do. ``controlnet_residuals``: a ControlNet's output (see ``nn/unet_state.py``).
         """
         check_sample(self.config, sample)
         if cache is None:
@@ -200,6 +182,9 @@ class StableCascadeUNet(PretrainedModel):
             )
         if cache.batch != sample.shape[0] or cache.size != tuple(sample.shape[-2:]):
             raise ValueError(what)
+        if controlnet_residuals is not None:
+            down, up = check_residuals(self.config, controlnet_residuals, sample.shape[0])
+            cache = dataclasses.replace(cache, control_down=down, control_up=up)
         out = (self._compiled_denoise or self._denoise)(sample, timestep_ratio, cache)
         return StableCascadeUNetOutput(sample=out) if return_dict else (out,)
 
@@ -213,6 +198,7 @@ class StableCascadeUNet(PretrainedModel):
         pixels: torch.Tensor | None = None,
         sca: TensorLike | None = None,
         crp: TensorLike | None = None,
+        controlnet_residuals: Sequence[torch.Tensor | None] | None = None,
     ) -> UNetCache:
         """The step-invariant work for samples of spatial ``size`` (H, W) with this conditioning.
 
@@ -230,7 +216,8 @@ class StableCascadeUNet(PretrainedModel):
         added = self._added_conditioning(effnet, pixels, batch, embedded_size, clip)
         down = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.down_blocks)
         up = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.up_blocks)
-        return UNetCache(batch, (height, width), added, down, up)
+        residuals = check_residuals(cfg, controlnet_residuals, batch) if controlnet_residuals else ((), ())
+        return UNetCache(batch, (height, width), added, down, up, *residuals)
 
     def clip_tokens(
         self, pooled: torch.Tensor, text: torch.Tensor | None = None, image: torch.Tensor | None = None
@@ -282,27 +269,31 @@ class StableCascadeUNet(PretrainedModel):
         x = self.embedding(sample).contiguous(memory_format=torch.channels_last)
         for term in cache.added:  # added one by one, in the reference's order
             x = x + term
-        skips = self._down(x, r_embed, cache.down)
-        x = self._up(skips, r_embed, cache.up)
+        skips = self._down(x, r_embed, cache)
+        x = self._up(skips, r_embed, cache)
         return cast(torch.Tensor, self.clf(x.to(_dtype_of(self.clf)))).to(sample.dtype)
 
     def _run_level(
-        self, level: int, direction: str, x: Tensor, r_embed: Tensor, states: LevelStates, skip: Tensor | None
+        self, level: int, direction: str, x: Tensor, r_embed: Tensor, cache: UNetCache, skip: Tensor | None
     ) -> Tensor:
         down = direction == "down"
+        states = (cache.down if down else cache.up)[level]
+        control = cache.control_down if down else cache.control_up
         blocks = cast(nn.ModuleList, (self.down_blocks if down else self.up_blocks)[level])
         mappers = cast(nn.ModuleList, (self.down_repeat_mappers if down else self.up_repeat_mappers)[level])
         dtype = _dtype_of(blocks)  # the model's, or another one kept by enable_fp16_safety
         x, r_embed = x.to(dtype), r_embed.to(dtype)  # no-ops unless the dtypes differ
         skip = None if skip is None else skip.to(dtype)
+        calls = iter(control[level] if control else ())  # ControlNet residuals, one per ResBlock call
         for repeat in range(len(mappers) + 1):
             for k, block in enumerate(blocks):
                 if isinstance(block, ResBlock):
-                    if k == 0 and skip is not None:
-                        x = resize_like(x, skip.shape[-2:])  # odd sizes: match the skip first
-                        x = self._call(block, x, skip)
-                    else:
-                        x = self._call(block, x)
+                    block_skip = skip if k == 0 else None
+                    if block_skip is not None:
+                        x = resize_like(x, block_skip.shape[-2:])  # odd sizes: match the skip first
+                    if (residual := next(calls, None)) is not None:  # added after that resize
+                        x = x + resize_like(residual, x.shape[-2:]).to(x.dtype)
+                    x = self._call(block, x) if block_skip is None else self._call(block, x, block_skip)
                 elif isinstance(block, TimestepBlock):
                     x = self._call(block, x, r_embed, states[k])
                 else:
@@ -316,19 +307,19 @@ class StableCascadeUNet(PretrainedModel):
             return checkpoint(block, x, *args, use_reentrant=False)  # type: ignore[no-any-return]
         return block(x, *args)  # type: ignore[no-any-return]
 
-    def _down(self, x: Tensor, r_embed: Tensor, states: tuple[LevelStates, ...]) -> list[Tensor]:
+    def _down(self, x: Tensor, r_embed: Tensor, cache: UNetCache) -> list[Tensor]:
         """Each down level's output, deepest first."""
         outputs: list[torch.Tensor] = []
         for level, downscaler in enumerate(self.down_downscalers):
-            x = self._run_level(level, "down", downscaler(x), r_embed, states[level], None)
+            x = self._run_level(level, "down", downscaler(x), r_embed, cache, None)
             outputs.insert(0, x)
         return outputs
 
-    def _up(self, skips: list[Tensor], r_embed: Tensor, states: tuple[LevelStates, ...]) -> Tensor:
+    def _up(self, skips: list[Tensor], r_embed: Tensor, cache: UNetCache) -> Tensor:
         x = skips[0]
         for level, upscaler in enumerate(self.up_upscalers):
             skip = skips[level] if level > 0 else None
-            x = upscaler(self._run_level(level, "up", x, r_embed, states[level], skip))
+            x = upscaler(self._run_level(level, "up", x, r_embed, cache, skip))
         return x
 
     # -- speed and precision ------------------------------------------------------------------------

@@ -14,20 +14,29 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from stable_cascade.conditioning.control import MaskInput
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.single_file import LoadOptions, combined_components
+from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback
+from stable_cascade.pipelines.control import ControlRequest, paste_unmasked
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.lora import LoraLoaderMixin
-from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, StableCascadePriorPipelineOutput
+from stable_cascade.pipelines.outputs import (
+    ImagePipelineOutput,
+    Images,
+    StableCascadePriorPipelineOutput,
+    postprocess,
+)
 from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
+from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
     from transformers import CLIPImageProcessor
@@ -42,11 +51,18 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
     diffusers_class_name = "StableCascadeCombinedPipeline"
     lora_components = ("prior_prior", "prior_text_encoder")
     optional_components = frozenset(
-        {"prior_feature_extractor", "prior_image_encoder", "prior_effnet", "prior_previewer"}
+        {
+            "prior_feature_extractor",
+            "prior_image_encoder",
+            "prior_effnet",
+            "prior_previewer",
+            "prior_controlnet",
+        }
     )
     extra_components = frozenset({"prior_effnet", "prior_previewer"})
     offload_order = (
         "prior_effnet",
+        "prior_controlnet",
         "prior_image_encoder",
         "prior_text_encoder",
         "prior_prior",
@@ -71,6 +87,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
         prior_image_encoder: CLIPVisionModelWithProjection | None = None,
         prior_effnet: EfficientNetEncoder | None = None,
         prior_previewer: Previewer | None = None,
+        prior_controlnet: ControlNet | None = None,
     ) -> None:
         super().__init__()
         self.register_components(
@@ -87,6 +104,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             prior_image_encoder=prior_image_encoder,
             prior_effnet=prior_effnet,
             prior_previewer=prior_previewer,
+            prior_controlnet=prior_controlnet,
         )
         self.prior_pipe = StableCascadePriorPipeline(
             tokenizer=prior_tokenizer,
@@ -97,6 +115,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             image_encoder=prior_image_encoder,
             effnet=prior_effnet,
             previewer=prior_previewer,
+            controlnet=prior_controlnet,
         )
         self.decoder_pipe = StableCascadeDecoderPipeline(
             decoder=decoder,
@@ -251,13 +270,19 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
         shift: float | None = None,
         prior_guidance_rescale: float | None = None,
         guidance_rescale: float | None = None,
+        control_image: ImageInput | None = None,
+        mask_image: MaskInput | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_type: ControlType | None = None,
     ) -> ImagePipelineOutput | tuple[Images]:
         """Text (and optionally images) → images of exactly ``height`` × ``width``.
 
         Arguments and defaults are diffusers'; ``preset="reference"`` runs Stability's sampler with its
         settings (Stage C 20 steps, cfg 4, shift 2, rescale 0.7; Stage B 10 steps, cfg 1.1).
         ``image`` + ``strength`` is image-to-image (needs ``prior_effnet``), ``images`` / ``image_embeds``
-        are CLIP image prompts, as in :class:`StableCascadePriorPipeline`.
+        are CLIP image prompts, as in :class:`StableCascadePriorPipeline`. ``control_image``,
+        ``mask_image``, ``controlnet_conditioning_scale`` and ``control_type`` drive ``prior_controlnet``
+        (:mod:`stable_cascade.pipelines.control`); inpainting keeps the input image outside the mask.
         """
         stages = get_preset(preset, COMBINED_PRESETS)
         prior_out = self.prior_pipe(
@@ -285,10 +310,15 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             sampler=prior_sampler,
             shift=prior_shift,
             guidance_rescale=prior_guidance_rescale,
+            control_image=control_image,
+            mask_image=mask_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_type=control_type,
         )
         assert isinstance(prior_out, StableCascadePriorPipelineOutput)
+        paste = mask_image is not None and output_type != "latent"  # inpainting: restore the unmasked
         # As diffusers: Stage B takes the prior's text embeddings (both stages use the same CLIP model).
-        return self.decoder_pipe(
+        decoded = self.decoder_pipe(
             image_embeddings=prior_out.image_embeddings,  # type: ignore[arg-type]
             prompt_embeds=prior_out.prompt_embeds,  # type: ignore[arg-type]
             prompt_embeds_pooled=prior_out.prompt_embeds_pooled,  # type: ignore[arg-type]
@@ -297,8 +327,8 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             num_inference_steps=num_inference_steps or stages.decoder.num_inference_steps,
             guidance_scale=_first(decoder_guidance_scale, stages.decoder.guidance_scale),
             generator=generator,
-            output_type=output_type,
-            return_dict=return_dict,
+            output_type="pt" if paste else output_type,
+            return_dict=return_dict or paste,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             height=height,
@@ -308,6 +338,12 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             shift=shift,
             guidance_rescale=guidance_rescale,
         )
+        if not paste:
+            return decoded
+        assert isinstance(decoded, ImagePipelineOutput) and isinstance(decoded.images, Tensor)
+        request = ControlRequest(control_image, mask_image)
+        pasted = postprocess(paste_unmasked(decoded.images, request, height, width), output_type)
+        return ImagePipelineOutput(pasted) if return_dict else (pasted,)
 
 
 def _first(value: float | None, default: float) -> float:

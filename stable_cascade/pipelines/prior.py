@@ -20,17 +20,20 @@ from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.single_file import PRIOR_REPO, LoadOptions, prior_components
+from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.layers import resize_like
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
 from stable_cascade.pipelines.stage import initial_latents, run_stage
+from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
     from transformers import CLIPImageProcessor
@@ -42,9 +45,11 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
     """Stage C text-to-latent (and image variation) pipeline; LoRAs adapt ``prior`` and ``text_encoder``."""
 
     diffusers_class_name = "StableCascadePriorPipeline"
-    optional_components = frozenset({"feature_extractor", "image_encoder", "effnet", "previewer"})
-    extra_components = frozenset({"effnet", "previewer"})
-    offload_order = ("effnet", "image_encoder", "text_encoder", "prior", "previewer")
+    optional_components = frozenset(
+        {"feature_extractor", "image_encoder", "effnet", "previewer", "controlnet"}
+    )
+    extra_components = frozenset({"effnet", "previewer", "controlnet"})
+    offload_order = ("effnet", "controlnet", "image_encoder", "text_encoder", "prior", "previewer")
     _callback_tensor_inputs = ("latents", "denoised", "text_encoder_hidden_states", "negative_prompt_embeds")
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModelWithProjection
@@ -54,6 +59,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
     image_encoder: CLIPVisionModelWithProjection | None
     effnet: EfficientNetEncoder | None
     previewer: Previewer | None
+    controlnet: ControlNet | None
 
     def __init__(
         self,
@@ -66,6 +72,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         image_encoder: CLIPVisionModelWithProjection | None = None,
         effnet: EfficientNetEncoder | None = None,
         previewer: Previewer | None = None,
+        controlnet: ControlNet | None = None,
     ) -> None:
         super().__init__()
         self.register_components(
@@ -77,6 +84,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             image_encoder=image_encoder,
             effnet=effnet,
             previewer=previewer,
+            controlnet=controlnet,
         )
         self.register_config(resolution_multiple=resolution_multiple)
 
@@ -145,6 +153,10 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         sampler: str | None = None,
         shift: float | None = None,
         guidance_rescale: float | None = None,
+        control_image: ImageInput | None = None,
+        mask_image: PIL.Image.Image | Tensor | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        control_type: ControlType | None = None,
     ) -> StableCascadePriorPipelineOutput | tuple[Any, ...]:
         """Generate Stage C latents (B·num_images_per_prompt, 16, ⌈H/42.67⌉, ⌈W/42.67⌉).
 
@@ -156,6 +168,10 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         output size, noised to the time of ``strength`` and sampled for the last
         ``round(steps · strength)`` steps (the reference: strength 0.8, 16 of 20 steps). ``images``
         are CLIP image prompts (variation), as in diffusers.
+
+        ControlNet (``controlnet`` component): ``control_image`` (an image, or a preprocessed control
+        tensor), ``mask_image`` for inpainting (white = generate), ``controlnet_conditioning_scale``
+        and ``control_type`` (default: the ControlNet's own); see :mod:`stable_cascade.pipelines.control`.
         """
         settings = get_preset(preset).prior.override(
             num_inference_steps=num_inference_steps,
@@ -202,6 +218,8 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             torch.cat([text.cond.hidden, text.uncond.hidden]) if text.uncond is not None else text.cond.hidden
         )
         tensors = {"text_encoder_hidden_states": hidden, "negative_prompt_embeds": _hidden(text.uncond)}
+        request = ControlRequest(control_image, mask_image, controlnet_conditioning_scale, control_type)
+        residuals = self._control(request, height, width, text.batch_size, num_images_per_prompt)
         x = run_stage(
             prior,
             cond,
@@ -215,6 +233,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             init=init,
             strength=strength,
             control=self._loop,
+            residuals=residuals,
         )
         self.offload_all()
         numpy = output_type == "np"
@@ -259,6 +278,29 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
                 f"image_embeds must have {width} channels (B, N, {width}); got {tuple(image_embeds.shape)}"
             )
         return per_image(image_embeds, batch_size, per_prompt, "image_embeds").to(self.execution_device)
+
+    def _control(
+        self, request: ControlRequest, height: int, width: int, batch_size: int, per_prompt: int
+    ) -> list[Tensor | None] | None:
+        """The ControlNet residuals for this call, one row per generated image (None without control)."""
+        if self.controlnet is None:
+            if request.image is not None or request.mask is not None:
+                raise ValueError(
+                    "control_image needs a ControlNet: pass controlnet=ControlNet.from_single_file(...) "
+                    "to the pipeline"
+                )
+            return None
+        wants_effnet = resolve_control_type(self.controlnet, request.control_type) == "super_resolution"
+        effnet = self.activate("effnet") if wants_effnet and self.effnet is not None else None
+        result = control_residuals(
+            self.activate("controlnet"), request, height, width, effnet, self.execution_device
+        )
+        if result is None:
+            return None
+        rows = [
+            None if r is None else per_image(r, batch_size, per_prompt, "control_image") for r in result[0]
+        ]
+        return [None if r is None else r.to(self.prior.dtype) for r in rows]
 
     def _init_latents(
         self,

@@ -6,7 +6,7 @@ C, ``effnet`` for B) and in their latent shape; everything else runs through :fu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -41,8 +41,11 @@ def build_schedule(settings: StageSettings, scheduler: SchedulerConfig, device: 
     )
 
 
-def unet_noise_model(unet: StableCascadeUNet, conditioning: Conditioning) -> NoiseModel:
-    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``).
+def unet_noise_model(
+    unet: StableCascadeUNet, conditioning: Conditioning, residuals: Sequence[Tensor | None] | None = None
+) -> NoiseModel:
+    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``) and optional
+    ControlNet residuals (tiled over the rows; with guidance both branches get them).
 
     The step-invariant work (:meth:`StableCascadeUNet.prepare`) is done once, on the first call, for
     x's batch and size, and reused on every later step.
@@ -52,7 +55,7 @@ def unet_noise_model(unet: StableCascadeUNet, conditioning: Conditioning) -> Noi
     def eps(x: Tensor, ratio: Tensor) -> Tensor:
         nonlocal cache
         if cache is None or cache.batch != x.shape[0] or cache.size != tuple(x.shape[-2:]):
-            cache = unet.prepare(x.shape[-2:], **conditioning)
+            cache = unet.prepare(x.shape[-2:], controlnet_residuals=residuals, **conditioning)
         return unet(x, ratio, cache=cache, return_dict=False)[0]
 
     return eps
@@ -110,13 +113,16 @@ def guided_noise_model(
     uncond: Conditioning | None,
     rescale: float,
     control: LoopControl,
+    residuals: Sequence[Tensor | None] | None = None,
 ) -> NoiseModel:
     """``unet`` guided with ``control.guidance_scale``, read before every step: a pipeline callback may
     change it (diffusers' ``pipe._guidance_scale = 0.0``); at most 1, the conditional branch runs alone."""
     both = (
-        unet_noise_model(unet, guided_conditioning(cond, uncond, unet.dtype)) if uncond is not None else None
+        unet_noise_model(unet, guided_conditioning(cond, uncond, unet.dtype), residuals)
+        if uncond is not None
+        else None
     )
-    alone = unet_noise_model(unet, guided_conditioning(cond, None, unet.dtype))
+    alone = unet_noise_model(unet, guided_conditioning(cond, None, unet.dtype), residuals)
 
     def eps(x: Tensor, ratio: Tensor) -> Tensor:
         scale = control.guidance_scale
@@ -202,6 +208,7 @@ def run_stage(
     init: Tensor | None = None,
     strength: float = 1.0,
     control: LoopControl | None = None,
+    residuals: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """Sample one stage from ``latents`` and return what it hands on (final sample or last x0).
 
@@ -209,6 +216,7 @@ def run_stage(
     clean ``init`` latent and ``strength`` < 1 (image-to-image), ``init`` is noised with ``latents``
     to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
     left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
+    ``residuals``: ControlNet residuals for Stage C, used by both guidance branches.
     A prediction with NaN/Inf (e.g. float16 overflow) raises ``FloatingPointError`` after sampling,
     naming the stage, the first bad step and the dtype. ``control`` (a pipeline's) receives the
     guidance scale and the number of steps run, and may change the scale between steps.
@@ -217,7 +225,7 @@ def run_stage(
         raise ValueError("classifier-free guidance needs the unconditional conditioning")
     control = control or LoopControl()
     control.guidance_scale = settings.guidance_scale
-    eps = guided_noise_model(unet, cond, uncond, settings.guidance_rescale, control)
+    eps = guided_noise_model(unet, cond, uncond, settings.guidance_rescale, control, residuals)
     guided = settings.guidance_scale > 1
     negative = {f"negative {name}": value for name, value in (uncond or {}).items()} if guided else {}
     conditions = {**cond, **negative}

@@ -69,6 +69,7 @@ _PRIOR_PARTS = (
 _NEEDED = {
     "stage-c": _PRIOR_PARTS,
     "lora": _PRIOR_PARTS,
+    "controlnet": _PRIOR_PARTS,
     "stage-b": ("decoder", "vqgan", "effnet", "text_encoder", "tokenizer"),
     "stage-a": ("vqgan",),
     "previewer": ("effnet", "previewer"),
@@ -112,7 +113,7 @@ def load_components(config: TrainConfig) -> Components:
     }
     for field, (path, cls, name) in pieces.items():
         # Stage C and LoRA runs take --decoder as a decoder pipeline for sample images (samples.py).
-        if path is not None and not (field == "decoder" and config.task in ("stage-c", "lora")):
+        if path is not None and not (field == "decoder" and config.task in ("stage-c", "lora", "controlnet")):
             setattr(found, field, load_model(cls, path, name, seed=config.seed))
     if config.text_encoder is not None:
         found.tokenizer, found.text_encoder = load_text_encoder(config.text_encoder)

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer"]
+Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet"]
+ControlNetKind = Literal["canny", "inpainting", "super_resolution", "simple"]
 LossWeighting = Literal["p2", "adaptive", "none"]
 MixedPrecision = Literal["no", "bf16"]
 ReconstructionLoss = Literal["mse", "l1"]
@@ -66,6 +67,8 @@ class TrainConfig:
     lora_rank: int = 4
     lora_alpha: float | None = None
     lora_text_encoder: bool = False
+    controlnet_type: ControlNetKind = "canny"
+    controlnet_blocks: tuple[int, ...] | None = None  # ResBlock calls fed (default: see controlnet_task)
     # Checkpoints, samples, logs
     checkpoint_every: int = 500
     resume: str | None = None  # a checkpoint folder or "latest"
@@ -84,10 +87,13 @@ class TrainConfig:
             object.__setattr__(self, "buckets", tuple(float(r) for r in self.buckets))
         object.__setattr__(self, "effnet_scale", tuple(float(r) for r in self.effnet_scale))
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
+        if self.controlnet_blocks is not None:
+            object.__setattr__(self, "controlnet_blocks", tuple(int(b) for b in self.controlnet_blocks))
         self._check()
 
     def _check(self) -> None:
         _choice("task", self.task, Task)
+        _choice("controlnet_type", self.controlnet_type, ControlNetKind)
         _choice("loss_weighting", self.loss_weighting, LossWeighting)
         _choice("mixed_precision", self.mixed_precision, MixedPrecision)
         _choice("reconstruction_loss", self.reconstruction_loss, ReconstructionLoss)
@@ -123,9 +129,9 @@ class TrainConfig:
         _only_for(self, "train_text_encoder", ("stage-c", "stage-b"), "the text encoder, jointly")
         _only_for(self, "train_effnet", ("stage-b",), "the EfficientNet encoder, jointly with Stage B")
         _only_for(self, "lora_text_encoder", ("lora",), "LoRA adapters on the text encoder")
-        if self.task == "lora" and self.init_config is not None:
+        if self.task in ("lora", "controlnet") and self.init_config is not None:
             raise ValueError(
-                "lora trains adapters on a pretrained Stage C; --init-config (a fresh model) makes no "
+                f"{self.task} trains on a pretrained Stage C; --init-config (a fresh model) makes no "
                 "sense with it: pass --pretrained or --prior"
             )
         if self.task in ("stage-a", "previewer") and self.loss_weighting == "adaptive":

@@ -44,7 +44,7 @@ class Sampler:
         self.folder = task.config.output_dir / "samples"
         self._decoder: StableCascadeDecoderPipeline | None = None
         decoder = task.config.decoder
-        if task.config.task in ("stage-c", "lora") and decoder is not None:
+        if task.config.task in ("stage-c", "lora", "controlnet") and decoder is not None:
             if not (decoder / MODEL_INDEX).is_file():
                 raise ValueError(
                     f"--decoder {decoder}: samples of {task.name} need a decoder pipeline folder"
@@ -98,15 +98,22 @@ class Sampler:
             out = pipeline.reconstruct(images, captions, height, width, generator=generator, output_type="pt")
             return cast(Tensor, out[0])
         prompts = list(task.config.sample_prompts) or self.reference.captions
+        controlnet = getattr(trainee, "controlnet", None)
         prior = StableCascadePriorPipeline(
             tokenizer=parts.tokenizer,
             text_encoder=text_encoder,
             prior=trainee.unet,
             scheduler=DDPMWuerstchenScheduler(),
             previewer=parts.previewer,
+            controlnet=controlnet,
         )
         prior.set_progress_bar_config(disable=True)
-        generated = prior(prompts, height=height, width=width, generator=generator, output_type="pt")
+        control = {}
+        if controlnet is not None:  # the first image's control for every prompt
+            control = {"control_image": task.control(images[:1], generator)}  # type: ignore[attr-defined]
+        generated = prior(
+            prompts, height=height, width=width, generator=generator, output_type="pt", **control
+        )
         latents = cast(Tensor, generated[0])  # image_embeddings
         if self._decoder is None:
             return latent_to_rgb(latents, parts.previewer)

@@ -314,6 +314,10 @@ def make_task(config: TrainConfig, parts: Components) -> Task:
         return StageA(config, parts)
     if config.task == "previewer":
         return PreviewerTask(config, parts)
+    if config.task == "controlnet":
+        from stable_cascade.training.controlnet_task import ControlNetStageC  # imports this module
+
+        return ControlNetStageC(config, parts)
     from stable_cascade.training.lora_task import LoRAStageC  # the one task needing stable_cascade.lora
 
     return LoRAStageC(config, parts)
