@@ -39,7 +39,8 @@ class UnitRunner:
         self, images: Sequence[tuple[int, int]], items: Sequence[PlannedItem], batched: bool
     ) -> Iterator[tuple[int, int, PIL.Image.Image, ImageRecord]]:
         if not batched:
-            (entry,) = {items[i] for i, _ in images}
+            (index,) = {i for i, _ in images}  # one item: its job
+            entry = items[index]
             input_image = open_image(entry.item.overrides["image"]) if entry.job.task != "txt2img" else None
             for event in self.engine.run(entry.job, input_image):
                 if isinstance(event, ImageDone):
