@@ -129,7 +129,7 @@ def test_seeds_come_from_the_item_index_and_units_from_the_items_alone(prompts: 
         ((5, 1), (5, 2)),
         ((6, 0),),  # another size: its own unit
     ]
-    with pytest.raises(ValueError, match="prompts.txt:5: width must be a multiple of 8"):
+    with pytest.raises(ValueError, match=r"prompts\.txt:5: width must be a multiple of 8"):
         plan_items([*items[:3], BatchItem("bad", {"width": 100}, "prompts.txt:5")], SETTINGS, 40)
 
 

@@ -91,6 +91,11 @@ def generate_batch(
 class _Run:
     def __init__(self, processes: Processes, folder: Path, batch_size: int, start: float) -> None:
         self.processes, self.folder, self.batch_size, self.start = processes, folder, batch_size, start
+        self._recorded = Job()
+
+    def expected(self, job: Job) -> Job:
+        """``job`` as its images record it (the dtype it runs in, the LoRAs' sha256: the run's)."""
+        return dataclasses.replace(job, dtype=self._recorded.dtype, loras=self._recorded.loras)
 
     def run(
         self,
@@ -113,43 +118,16 @@ class _Run:
         units = plan_units(planned, self.batch_size)
         engine = Engine(device=self.processes.device(device), dtype="auto", offload=offload)
         self.processes.share_cpu()
-        recorded = engine.record_job(base)
-        self.expected: Callable[[Job], Job] = lambda job: dataclasses.replace(
-            job, dtype=recorded.dtype, loras=recorded.loras
-        )
+        self._recorded = engine.record_job(base)
         left, skipped = self._left(units, planned)
         if self.processes.main:
             store.store_settings(self.folder, stored, base_seed, source)
             store.remove_temporaries(self.folder)
-        run_id = self.processes.broadcast(f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
         total = sum(entry.job.count for entry in planned)
         bar = tqdm(total=total, initial=skipped, unit="image", disable=not (progress and self.processes.main))
-        load_start = time.perf_counter()
-        if left:
-            engine.load(base.models, base.dtype)
-        runner = UnitRunner(engine, self.expected)
-        generation_start = time.perf_counter()
-        made = self._rounds(
-            left, planned, runner, store.Journal(self.folder, run_id, self.processes.rank), bar
-        )
-        generation = time.perf_counter() - generation_start
-        bar.close()
-        per_process = tuple(self.processes.gather(made))
-        encoded = self.processes.total(runner.encoded)
-        summary = BatchSummary(
-            output_dir=str(self.folder),
-            images=total,
-            generated=sum(per_process),
-            skipped=skipped,
-            seconds=time.perf_counter() - self.start,
-            load_seconds=generation_start - load_start,
-            generation_seconds=generation,
-            images_per_second=sum(per_process) / generation if generation > 0 else 0.0,
-            processes=self.processes.world,
-            per_process=per_process,
-            batch_size=self.batch_size,
-            texts_encoded=encoded,
-        )
+        with bar:
+            summary = self._make(engine, base, planned, left, bar)
+        summary = dataclasses.replace(summary, images=total, skipped=skipped)
         if self.processes.main:
             missing = _write_manifest(self.folder, planned, self.expected)
             store.write_summary(self.folder, {**dataclasses.asdict(summary), "missing": missing})
@@ -159,6 +137,36 @@ class _Run:
                 )
         self.processes.agree(None)  # the others wait until the manifest is written
         return summary
+
+    def _make(
+        self, engine: Engine, base: Job, planned: list[PlannedItem], left: list[Unit], bar: Any
+    ) -> BatchSummary:
+        """Load the models (when anything is left) and make this process's share of ``left``."""
+        run_id = self.processes.broadcast(f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        load_start = time.perf_counter()
+        if left:
+            engine.load(base.models, base.dtype)
+        runner = UnitRunner(engine, self.expected)
+        generation_start = time.perf_counter()
+        made = self._rounds(
+            left, planned, runner, store.Journal(self.folder, run_id, self.processes.rank), bar
+        )
+        generation = time.perf_counter() - generation_start
+        per_process = tuple(self.processes.gather(made))
+        return BatchSummary(
+            output_dir=str(self.folder),
+            images=0,
+            generated=sum(per_process),
+            skipped=0,
+            seconds=time.perf_counter() - self.start,
+            load_seconds=generation_start - load_start,
+            generation_seconds=generation,
+            images_per_second=sum(per_process) / generation if generation > 0 else 0.0,
+            processes=self.processes.world,
+            per_process=per_process,
+            batch_size=self.batch_size,
+            texts_encoded=self.processes.total(runner.encoded),
+        )
 
     def _base_seed(self, stored: dict[str, Any], seed: int | None) -> int:
         error = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import PIL.Image
 import torch
@@ -18,7 +19,7 @@ import torch
 from stable_cascade.batch.plan import PlannedItem
 from stable_cascade.conditioning.text import TextEmbeddings
 from stable_cascade.engine import Engine, ImageDone, ImageRecord, Job, attached_loras, open_image
-from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput
+from stable_cascade.pipelines.outputs import ImagePipelineOutput, StableCascadePriorPipelineOutput
 from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 
 #: Distinct texts whose embeddings are kept (a negative prompt shared by all items stays).
@@ -60,18 +61,23 @@ class UnitRunner:
         seeds = [entry.job.seed + k for entry, k in rows]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         cond = self._embeddings(prior, [entry.job.prompt for entry, _ in rows])
-        texts = {"prompt_embeds": cond.hidden, "prompt_embeds_pooled": cond.pooled}
+        arguments: dict[str, Any] = {"prompt_embeds": cond.hidden, "prompt_embeds_pooled": cond.pooled}
         if job.prior.guidance > 1:
             uncond = self._embeddings(prior, [entry.job.negative_prompt for entry, _ in rows])
-            texts.update(negative_prompt_embeds=uncond.hidden, negative_prompt_embeds_pooled=uncond.pooled)
-        size = {"height": job.height, "width": job.width}
+            arguments.update(
+                negative_prompt_embeds=uncond.hidden, negative_prompt_embeds_pooled=uncond.pooled
+            )
+        arguments.update(height=job.height, width=job.width, generator=generators)
         with attached_loras(models, job.loras):
-            out = prior(**texts, **size, generator=generators, **job.prior.arguments(job.preset))
+            out = prior(**arguments, **job.prior.arguments(job.preset))
         assert isinstance(out, StableCascadePriorPipelineOutput)
-        handed_on = {field.name: getattr(out, field.name) for field in dataclasses.fields(out)}
-        decoded = models.decoder_pipe(
-            **handed_on, **size, generator=generators, **job.decoder.arguments(job.preset)
-        )
+        handed_on: dict[str, Any] = {
+            field.name: getattr(out, field.name) for field in dataclasses.fields(out)
+        }
+        handed_on.update(height=job.height, width=job.width, generator=generators)
+        decoded = models.decoder_pipe(**handed_on, **job.decoder.arguments(job.preset))
+        assert isinstance(decoded, ImagePipelineOutput)
+        pictures = cast(list[PIL.Image.Image], decoded.images)  # output_type "pil", the default
         hashes = self.engine.model_sha256(models)
         records = [
             ImageRecord(
@@ -82,9 +88,9 @@ class UnitRunner:
                 height=picture.height,
                 model_sha256=hashes,
             )
-            for (entry, k), seed, picture in zip(rows, seeds, decoded.images, strict=True)
+            for (entry, k), seed, picture in zip(rows, seeds, pictures, strict=True)
         ]
-        return list(zip(decoded.images, records, strict=True))
+        return list(zip(pictures, records, strict=True))
 
     def _embeddings(self, prior: StableCascadePriorPipeline, texts: list[str]) -> TextEmbeddings:
         """Each text's embeddings (one row each), encoded once per distinct text."""
