@@ -137,7 +137,7 @@ def test_seeds_come_from_the_item_index_and_units_from_the_items_alone(prompts: 
 
 
 def test_a_run_writes_images_manifest_and_summary_and_a_rerun_skips_them(
-    prompts: Path, tmp_path: Path
+    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
     summary = generate_batch(prompts, out, settings=SETTINGS, seed=7, batch_size=2, progress=False)
@@ -154,6 +154,7 @@ def test_a_run_writes_images_manifest_and_summary_and_a_rerun_skips_them(
     assert json.loads((out / "summary.json").read_text())["generated"] == 5
     assert not list(out.glob(".*"))  # no temporary file or journal left
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    refuse_loading(monkeypatch)  # nothing left: no model loads, no unit runs
     again = generate_batch(prompts, out, settings=SETTINGS, batch_size=3, progress=False)  # the stored seed
     assert (again.generated, again.skipped) == (0, 5)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == before
@@ -223,12 +224,17 @@ def test_conflicting_reruns_are_refused(prompts: Path, tmp_path: Path) -> None:
 # -- errors before any model loads ------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+def refuse_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("models were loaded")
 
     monkeypatch.setattr("stable_cascade.engine.engine.load_models", refuse)
+    monkeypatch.setattr("stable_cascade.batch.sampling.UnitRunner.run", refuse)
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    refuse_loading(monkeypatch)
 
 
 @pytest.mark.usefixtures("no_loading")

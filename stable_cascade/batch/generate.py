@@ -128,14 +128,13 @@ class _Run:
         with bar:
             summary = self._make(engine, base, planned, left, bar)
         summary = dataclasses.replace(summary, images=total, skipped=skipped)
+        error = None
         if self.processes.main:
             missing = _write_manifest(self.folder, planned, self.expected)
             store.write_summary(self.folder, {**dataclasses.asdict(summary), "missing": missing})
             if missing:
-                raise RuntimeError(
-                    f"{len(missing)} images are missing in {self.folder} ({missing[0]}, …); rerun"
-                )
-        self.processes.agree(None)  # the others wait until the manifest is written
+                error = f"{len(missing)} images are missing in {self.folder} ({missing[0]}, …); run again"
+        self.processes.agree(error)  # the others wait until the manifest is written
         return summary
 
     def _make(
