@@ -107,11 +107,15 @@ def _model_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     )
 
 
-def _sampling_options(parser: argparse.ArgumentParser, prior: bool) -> None:
+def _sampling_options(parser: argparse.ArgumentParser, prior: bool, batch: bool = False) -> None:
+    """The sampling flags; ``batch``: as ``batch`` means ``--seed`` and ``--count``."""
     group = parser.add_argument_group("sampling (default: the preset's values)")
     group.add_argument("--width", type=int, help="image width, a multiple of 8 (1024; --model demo: 128)")
     group.add_argument("--height", type=int, help="image height, a multiple of 8 (1024; --model demo: 128)")
-    group.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (random)")
+    seed = "base seed: item i gets seed + 100000·i (the one OUT stores, else random)"
+    group.add_argument(
+        "--seed", type=int, help=seed if batch else "seed of the first image; image i gets seed + i (random)"
+    )
     group.add_argument("--preset", choices=PRESETS, help="sampler settings of both stages (reference)")
     group.add_argument("--sampler", choices=SAMPLERS, help="sampler of both stages (ddpm)")
     if prior:
@@ -123,7 +127,7 @@ def _sampling_options(parser: argparse.ArgumentParser, prior: bool) -> None:
         "--decoder-guidance", type=float, help="Stage B guidance scale (reference preset: 1.1)"
     )
     group.add_argument("--batch-size", type=int, help="images per batch (1)")
-    group.add_argument("--count", type=int, help="number of batches (1)")
+    group.add_argument("--count", type=int, help="images per item (1)" if batch else "number of batches (1)")
 
 
 def _run_options(parser: argparse.ArgumentParser, prior: bool) -> None:

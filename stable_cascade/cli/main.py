@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from stable_cascade import __version__
-from stable_cascade.cli import demo, generate, models, serve, shapes, train
+from stable_cascade.cli import batch, demo, generate, models, serve, shapes, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -39,6 +39,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.add_commands(commands, common)
+    batch.add_commands(commands, common)
     models.add_commands(commands, common)
     shapes.add_commands(commands, common)
     train.add_commands(commands, common)

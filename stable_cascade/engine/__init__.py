@@ -2,7 +2,7 @@
 on cached models. Every front end (command line, server, batch generation) builds a :class:`Job`,
 runs it with :meth:`Engine.run` and saves what :class:`ImageDone` events carry with :func:`save_png`."""
 
-from stable_cascade.engine.engine import Engine, check_inputs
+from stable_cascade.engine.engine import Engine, attached_loras, check_inputs
 from stable_cascade.engine.events import (
     Event,
     Finished,
@@ -37,6 +37,7 @@ __all__ = [
     "Progress",
     "StageJob",
     "Task",
+    "attached_loras",
     "check_inputs",
     "configure_cpu_threads",
     "image_sha256",

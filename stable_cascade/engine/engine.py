@@ -185,15 +185,21 @@ class Engine:
                 job.width,
                 job.height,
             )
-        record_job = dataclasses.replace(
-            job, dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype), loras=_hashed(job.loras)
-        )
-        hashes = {role: self.hasher.sha256(path) for role, path in models.local_files.items()}
-        run = JobRun(job, record_job, models, hashes, emit, stop)
-        with _loras(models, job.loras):
+        run = JobRun(job, self.record_job(job), models, self.model_sha256(models), emit, stop)
+        with attached_loras(models, job.loras):
             run.check_stop()
             run.run(image, previews)
         emit(Finished(run.seconds["prior"], run.seconds["decoder"], load_seconds))
+
+    def record_job(self, job: Job) -> Job:
+        """The job as its images record it: the dtype it runs in named, the LoRA files' sha256."""
+        return dataclasses.replace(
+            job, dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype), loras=_hashed(job.loras)
+        )
+
+    def model_sha256(self, models: LoadedModels) -> dict[str, str]:
+        """The sha256 of the local files of ``models`` by role (what records cite)."""
+        return {role: self.hasher.sha256(path) for role, path in models.local_files.items()}
 
     def _load(
         self,
@@ -280,7 +286,7 @@ def _hashed(loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
     return tuple(hashed)
 
 
-class _loras:  # a context manager used as a function
+class attached_loras:  # a context manager used as a function
     """Attach a job's LoRAs to the prior for the job and remove exactly those afterwards."""
 
     def __init__(self, models: LoadedModels, loras: tuple[LoraRef, ...]) -> None:

@@ -1,0 +1,163 @@
+"""The items of a batch run, read from a PROMPTS file: ``.txt``, ``.jsonl`` or ``.csv``.
+
+* ``.txt``: one prompt a line. Blank lines and lines starting with ``#`` are skipped.
+* ``.jsonl``: one JSON object a line (blank lines skipped): ``prompt`` and any per-item overrides.
+* ``.csv``: a header row with a ``prompt`` column and any override columns; an empty cell is "not given".
+
+Overrides (the names of :meth:`Job.create <stable_cascade.engine.Job.create>`'s arguments):
+``negative_prompt``, ``seed``, ``width``, ``height``, ``count`` (images of the item), ``task``,
+``image`` (the input image of img2img / variation / reconstruct, relative to the PROMPTS file's folder),
+``strength``, ``preset``, ``prior_steps``, ``prior_guidance``, ``prior_sampler``, ``prior_shift``,
+``prior_rescale`` and the same five for ``decoder_``. Item ``i`` is the ``i``-th item read (0-based),
+whatever line it is on. A line that cannot be read raises a ``ValueError`` naming ``file:line``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+_STAGE_KEYS = {"steps": "int", "guidance": "float", "sampler": "str", "shift": "float", "rescale": "float"}
+#: Override name → the type its value must have ("int", "float" or "str").
+OVERRIDES: dict[str, str] = {
+    "negative_prompt": "str",
+    "seed": "int",
+    "width": "int",
+    "height": "int",
+    "count": "int",
+    "task": "str",
+    "image": "str",
+    "strength": "float",
+    "preset": "str",
+    **{f"{stage}_{key}": kind for stage in ("prior", "decoder") for key, kind in _STAGE_KEYS.items()},
+}
+SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One line of PROMPTS: its prompt and overrides (``image`` an absolute path when given)."""
+
+    prompt: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    where: str = ""  # "file:line", for messages
+
+    def __post_init__(self) -> None:
+        where = f"{self.where}: " if self.where else ""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"{where}the prompt must be text, got {self.prompt!r}")
+        for key, value in self.overrides.items():
+            if key not in OVERRIDES:
+                raise ValueError(
+                    f"{where}unknown key {key!r}; expected prompt or one of {', '.join(OVERRIDES)}"
+                )
+            _check_type(key, value, where)
+
+
+def read_items(path: str | Path) -> list[BatchItem]:
+    """Every item of the PROMPTS file ``path`` (see the module's docstring), checked line by line."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"PROMPTS {path} must be a {', '.join(SUFFIXES)} file, got {suffix or 'no suffix'!r}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"PROMPTS file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    rows = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](text, path.name)
+    items = [_item(prompt, overrides, f"{path.name}:{line}", path.parent) for line, prompt, overrides in rows]
+    if not items:
+        raise ValueError(f"PROMPTS {path} has no items; write one prompt a line")
+    return items
+
+
+def _txt_rows(text: str, name: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    for line, row in enumerate(text.splitlines(), 1):
+        prompt = row.strip()
+        if prompt and not prompt.startswith("#"):
+            yield line, prompt, {}
+
+
+def _jsonl_rows(text: str, name: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    for line, row in enumerate(text.splitlines(), 1):
+        if not row.strip():
+            continue
+        try:
+            data = json.loads(row)
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise ValueError(f"{name}:{line}: not a JSON object ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{name}:{line}: expected a JSON object with a prompt, got {type(data).__name__}"
+            )
+        if "prompt" not in data:
+            raise ValueError(f'{name}:{line}: the object has no "prompt"')
+        prompt = data.pop("prompt")
+        yield line, prompt, data
+
+
+def _csv_rows(text: str, name: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    reader = csv.DictReader(text.splitlines(), strict=True)
+    try:
+        header = reader.fieldnames or []
+        if "prompt" not in header:
+            raise ValueError(
+                f"{name}:1: the CSV header has no prompt column (got {', '.join(header) or 'none'})"
+            )
+        for row in reader:
+            line = reader.line_num
+            if None in row or None in row.values():
+                raise ValueError(f"{name}:{line}: expected {len(header)} cells as in the header")
+            values = {key: _from_cell(key, cell, f"{name}:{line}") for key, cell in row.items() if cell != ""}
+            yield line, values.pop("prompt", ""), values
+    except csv.Error as error:
+        raise ValueError(f"{name}:{reader.line_num}: not valid CSV ({error})") from None
+
+
+def _from_cell(key: str, cell: str, where: str) -> Any:
+    """A CSV cell as its override's type."""
+    kind = OVERRIDES.get(key, "str")
+    try:
+        if kind == "int":
+            return int(cell)
+        if kind == "float":
+            return float(cell)
+    except ValueError:
+        raise ValueError(
+            f"{where}: {key} must be a {'whole number' if kind == 'int' else 'number'}, got {cell!r}"
+        ) from None
+    return cell
+
+
+def _item(prompt: object, overrides: dict[str, Any], where: str, folder: Path) -> BatchItem:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: the prompt must be non-empty text, got {prompt!r}")
+    if "image" in overrides and isinstance(overrides["image"], str):
+        image = folder / overrides["image"]
+        if not image.is_file():
+            raise ValueError(
+                f"{where}: image {image} does not exist (paths are relative to the PROMPTS file)"
+            )
+        overrides = {**overrides, "image": str(image.resolve())}
+    return BatchItem(prompt, overrides, where)
+
+
+def _check_type(key: str, value: object, where: str) -> None:
+    kind = OVERRIDES[key]
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{where}{key} must be a whole number, got {value!r}")
+    if kind == "float" and (
+        not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+    ):
+        raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
+    if kind == "str" and not isinstance(value, str):
+        raise ValueError(f"{where}{key} must be text, got {value!r}")

@@ -1,0 +1,195 @@
+"""The output folder of a batch run: images written atomically, the run's settings, and its manifest.
+
+``OUT/`` holds the images (see :attr:`PlannedItem.files <stable_cascade.batch.plan.PlannedItem.files>`),
+``batch.json`` (the settings and base seed every rerun must share), ``manifest.jsonl`` (one line per
+image: item, image, where, prompt, seed, file, sha256 and the record the PNG carries), ``summary.json``
+and, while a run is going, ``.journal/`` (what each process has written, read into the manifest at the
+end). Every file is written to a temporary name and renamed, so a killed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+
+from stable_cascade.engine import ImageRecord, Job, read_png, save_png, sha256_file
+
+logger = logging.getLogger(__name__)
+SETTINGS = "batch.json"
+MANIFEST = "manifest.jsonl"
+SUMMARY = "summary.json"
+JOURNALS = ".journal"
+_TEMPORARY = ".tmp"
+
+
+def check_writable(folder: Path) -> None:
+    """Make ``folder`` and write a file in it, or raise a ``ValueError`` saying why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{uuid.uuid4().hex}{_TEMPORARY}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(
+            f"cannot write into the output folder {folder} ({reason}); choose another -o"
+        ) from None
+
+
+def _atomic(path: Path) -> Path:
+    """A temporary name beside ``path`` for this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}{_TEMPORARY}")
+
+
+def write_text(path: Path, text: str) -> None:
+    temporary = _atomic(path)
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_image(path: Path, image: PIL.Image.Image, record: ImageRecord) -> str:
+    """Save ``image`` with ``record`` at ``path`` atomically; the file's sha256."""
+    temporary = _atomic(path)
+    try:
+        save_png(image, temporary, record)
+        digest = sha256_file(temporary)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    return digest
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete what killed runs left half written (``.NAME.PID.tmp``)."""
+    for path in folder.glob(f".*{_TEMPORARY}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def check_settings(
+    folder: Path, settings: Mapping[str, Any], seed: int | None
+) -> tuple[int | None, str | None]:
+    """The stored base seed (None if no run stored one) and an error when ``settings`` differ."""
+    path = folder / SETTINGS
+    if not path.is_file():
+        return None, None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        old, old_seed = stored["settings"], stored["seed"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"{path} is not a batch run's settings ({error}); remove it or choose another -o"
+    if seed is not None and seed != old_seed:
+        return (
+            old_seed,
+            f"{folder} was made with --seed {old_seed}, not {seed}; rerun with it or choose another -o",
+        )
+    difference = first_difference(old, settings)
+    if difference:
+        return old_seed, (
+            f"{folder} was made with other settings ({difference}; see {path}); rerun with the same "
+            "settings or choose another -o"
+        )
+    return old_seed, None
+
+
+def first_difference(old: Any, new: Any, key: str = "") -> str | None:
+    """``"prior.steps is 4 there, 5 now"`` for the first value that differs, None when none does."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for name in sorted(set(old) | set(new), key=str):
+            found = first_difference(old.get(name), new.get(name), f"{key}.{name}" if key else str(name))
+            if found:
+                return found
+        return None
+    return None if old == new else f"{key or 'the value'} is {old!r} there, {new!r} now"
+
+
+def store_settings(folder: Path, settings: Mapping[str, Any], seed: int, prompts: str) -> None:
+    data = {"settings": dict(settings), "seed": seed, "prompts": prompts}
+    write_text(folder / SETTINGS, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def image_state(path: Path, job: Job, index: int) -> str | None:
+    """``"done"`` when ``path`` holds image ``index`` of ``job``, None when there is no usable file,
+    else how it differs (a conflict)."""
+    if not path.is_file():
+        return None
+    try:
+        record = read_png(path)
+    except (ValueError, OSError) as error:
+        logger.warning("%s is unreadable (%s); it will be made again", path, error)
+        return None
+    if record.job == job and record.index == index:
+        return "done"
+    return (
+        first_difference({**record.job.to_dict(), "index": record.index}, {**job.to_dict(), "index": index})
+        or "the record differs"
+    )
+
+
+class Journal:
+    """The lines this process adds to the manifest, appended as each image is written."""
+
+    def __init__(self, folder: Path, run: str, rank: int) -> None:
+        (folder / JOURNALS).mkdir(exist_ok=True)
+        self._file = (folder / JOURNALS / f"{run}-{rank}.jsonl").open("a", encoding="utf-8")
+
+    def add(self, entry: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def entry(item: int, image: int, where: str, file: str, digest: str, record: ImageRecord) -> dict[str, Any]:
+    """One manifest line."""
+    return {
+        "item": item,
+        "image": image,
+        "where": where,
+        "prompt": record.job.prompt,
+        "seed": record.seed,
+        "file": file,
+        "sha256": digest,
+        "record": record.to_dict(),
+    }
+
+
+def read_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """Manifest and journal lines by file name (the latest wins; a line cut short by a kill is skipped)."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path in [folder / MANIFEST, *sorted((folder / JOURNALS).glob("*.jsonl"))]:
+        for line in _lines(path):
+            try:
+                data = json.loads(line)
+                entries[data["file"]] = data
+            except (ValueError, KeyError, TypeError):
+                continue
+    return entries
+
+
+def _lines(path: Path) -> Iterator[str]:
+    if path.is_file():
+        yield from path.read_text(encoding="utf-8").splitlines()
+
+
+def write_manifest(folder: Path, entries: list[dict[str, Any]]) -> None:
+    """``manifest.jsonl`` with ``entries`` (in item order), then the journals are no longer needed."""
+    write_text(folder / MANIFEST, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    for path in (folder / JOURNALS).glob("*.jsonl"):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        (folder / JOURNALS).rmdir()
+
+
+def write_summary(folder: Path, summary: Mapping[str, Any]) -> None:
+    write_text(folder / SUMMARY, json.dumps(dict(summary), indent=1, sort_keys=True) + "\n")
