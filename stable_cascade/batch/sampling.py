@@ -101,7 +101,7 @@ class UnitRunner:
             if text in self._texts:
                 self._texts.move_to_end(text)
                 continue
-            self._texts[text] = prior.encode_prompt(prompt=text, guidance=False).cond
+            self._texts[text] = prior.text_conditioning(prompt=text, guidance=False).cond
             self.encoded += 1
             while len(self._texts) > CACHED_TEXTS:
                 self._texts.popitem(last=False)
