@@ -270,6 +270,20 @@ def test_from_single_file_loads_the_original_layout(tmp_path: Path, cls: type, n
     assert half.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    "model",
+    [EfficientNetEncoder(TINY_EFFNET, c_latent=8), Previewer(TINY_PREVIEWER)],
+    ids=["effnet", "previewer"],
+)
+def test_from_single_file_infers_other_widths(tmp_path: Path, model: nn.Module) -> None:
+    """A file of a non-released size loads with the widths and depths its tensors have."""
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    loaded = type(model).from_single_file(path)
+    assert loaded.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 @pytest.mark.parametrize("model", [EfficientNetEncoder(TINY_EFFNET), Previewer(TINY_PREVIEWER)])
 def test_save_and_from_pretrained_round_trip(tmp_path: Path, model: nn.Module) -> None:
     _randomize(model)

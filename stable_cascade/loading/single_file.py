@@ -133,32 +133,13 @@ _PART = {
 
 
 def effnet_config(tensors: Tensors, source: str) -> EffNetConfig:
-    """An EfficientNet encoder's widths and depths, read off its keys: a stage's width is the input
-    width of the next module (the first conv of the next stage, or the head conv ``backbone.7``)."""
-    try:
-        depths = tuple(_count(tensors, f"backbone.{stage}.") for stage in range(1, 7))
-        following = [
-            *(f"backbone.{stage}.0.block.0.0.weight" for stage in range(2, 7)),
-            "backbone.7.0.weight",
-        ]
-        widths = tuple(tensors[key].shape[1] for key in following)  # conv weights (out, in, k, k)
-        head, c_latent = tensors["backbone.7.0.weight"].shape[0], tensors["mapper.0.weight"].shape[0]
-    except KeyError as error:
-        raise CheckpointError(f"{source} is not an EfficientNet encoder: it lacks {error}") from error
-    return EffNetConfig(c_latent=c_latent, stage_channels=widths, stage_depths=depths, head_channels=head)
+    """An EfficientNet encoder's widths and depths (:meth:`EfficientNetEncoder.config_from_single_file`)."""
+    return EfficientNetEncoder.config_from_single_file(tensors, source)
 
 
 def previewer_config(tensors: Tensors, source: str) -> PreviewerConfig:
     """A previewer's widths (:meth:`Previewer.config_from_single_file`)."""
     return Previewer.config_from_single_file(tensors, source)
-
-
-def _count(tensors: Tensors, prefix: str) -> int:
-    """How many blocks ``prefix<i>.`` there are."""
-    blocks = {k.removeprefix(prefix).split(".")[0] for k in tensors if k.startswith(prefix)}
-    if not blocks:
-        raise KeyError(f"{prefix}*")
-    return len(blocks)
 
 
 def _build(cls: type[M], config: ConfigBase, tensors: Tensors, source: str, options: LoadOptions) -> M:

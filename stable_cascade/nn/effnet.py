@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.pretrained import PretrainedModel
 from stable_cascade.specs import EffNetConfig
 
@@ -140,6 +141,25 @@ class EfficientNetEncoder(PretrainedModel):
             nn.BatchNorm2d(cfg.c_latent, affine=False),
         )
 
+    @classmethod
+    def config_from_single_file(cls, state_dict: Mapping[str, torch.Tensor], source: str) -> EffNetConfig:
+        """The widths and depths of a checkpoint, read off its keys: a stage's width is the input width
+        of the next module (the first conv of the next stage, or the head conv ``backbone.7``)."""
+        following = [
+            *(f"backbone.{stage}.0.block.0.0.weight" for stage in range(2, 7)),
+            "backbone.7.0.weight",
+        ]
+        try:
+            depths = tuple(_blocks(state_dict, f"backbone.{stage}.") for stage in range(1, 7))
+            widths = tuple(state_dict[key].shape[1] for key in following)  # conv weights (out, in, k, k)
+            head, c_latent = (
+                state_dict["backbone.7.0.weight"].shape[0],
+                state_dict["mapper.0.weight"].shape[0],
+            )
+        except KeyError as error:
+            raise CheckpointError(f"{source} is not an EfficientNet encoder: it lacks {error}") from error
+        return EffNetConfig(c_latent=c_latent, stage_channels=widths, stage_depths=depths, head_channels=head)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised images (B, 3, H, W) → (B, c_latent, ⌈H/32⌉, ⌈W/32⌉).
 
@@ -157,3 +177,11 @@ class EfficientNetEncoder(PretrainedModel):
         mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         return self((images - mean) / std)
+
+
+def _blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """How many blocks ``prefix<i>.`` a checkpoint has."""
+    blocks = {k.removeprefix(prefix).split(".")[0] for k in state_dict if k.startswith(prefix)}
+    if not blocks:
+        raise KeyError(f"{prefix}*")
+    return len(blocks)
