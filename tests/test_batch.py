@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from stable_cascade.batch import BatchItem, generate_batch, item_seed, read_items
+from stable_cascade.batch import BatchItem, generate_batch, item_seed, read_items, store
 from stable_cascade.batch.plan import plan_items, plan_units
 from stable_cascade.cli.main import main
 from stable_cascade.engine import Engine, ImageDone, ModelSources, read_png
@@ -152,7 +152,7 @@ def test_a_run_writes_images_manifest_and_summary_and_a_rerun_skips_them(
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert entry["record"] == read_png(path).to_dict()
     assert json.loads((out / "summary.json").read_text())["generated"] == 5
-    assert not list(out.glob(".*"))  # no temporary file or journal left
+    assert {p.name for p in out.glob(".*")} == {store.LOCK}  # no temporary file or journal left
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     refuse_loading(monkeypatch)  # nothing left: no model loads, no unit runs
     again = generate_batch(prompts, out, settings=SETTINGS, batch_size=3, progress=False)  # the stored seed
@@ -201,7 +201,7 @@ def test_an_interrupted_run_finishes_the_same_images(prompts: Path, tmp_path: Pa
     assert pngs(cut).keys() == pngs(whole).keys()
     assert all(np.array_equal(a, pngs(whole)[name]) for name, a in pngs(cut).items())
     assert [e["sha256"] for e in manifest(cut)] == [e["sha256"] for e in manifest(whole)]
-    assert not list(cut.glob(".*"))
+    assert {p.name for p in cut.glob(".*")} == {store.LOCK}
 
 
 def test_conflicting_reruns_are_refused(prompts: Path, tmp_path: Path) -> None:
@@ -253,6 +253,18 @@ def test_an_unwritable_output_fails_before_loading(
     (tmp_path / "file").write_text("")
     assert main(["batch", str(prompts), "-o", str(tmp_path / "file" / "out"), *FLAGS]) == 2
     assert "cannot write into the output folder" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_loading")
+def test_a_second_run_into_the_same_folder_is_refused(prompts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with store.run_lock(out, hold=True) as busy:  # a run going on in another process
+        assert busy is None
+        with pytest.raises(ValueError, match="another batch run is writing into"):
+            generate_batch(prompts, out, settings=SETTINGS, seed=7, progress=False)
+    with store.run_lock(out, hold=True) as busy:  # released when that run ends
+        assert busy is None
 
 
 # -- two processes ----------------------------------------------------------------------------------
@@ -334,7 +346,7 @@ def test_killed_processes_and_a_rerun_finish_the_set(many: tuple[Path, Path], tm
     launch(prompts, out, 2, *SLOW)
     lines = manifest(out)
     assert sorted(e["file"] for e in lines) == sorted(pngs(one)) == sorted(p.name for p in out.glob("*.png"))
-    assert len({e["file"] for e in lines}) == 13 and not list(out.glob(".*"))
+    assert len({e["file"] for e in lines}) == 13 and {p.name for p in out.glob(".*")} == {store.LOCK}
     assert all(np.array_equal(image, pixels(out / name)) for name, image in pngs(one).items())
 
 

@@ -111,6 +111,20 @@ class _Run:
         if not items:
             raise ValueError("there are no items to make; give at least one prompt")
         self.processes.agree(_writable(self.folder))
+        with store.run_lock(self.folder, self.processes.main) as busy:
+            self.processes.agree(busy)
+            return self._run(items, source, settings, seed, device, offload, progress)
+
+    def _run(
+        self,
+        items: list[BatchItem],
+        source: str,
+        settings: dict[str, Any],
+        seed: int | None,
+        device: str,
+        offload: str,
+        progress: bool,
+    ) -> BatchSummary:
         base = Job.create(**{**settings, "seed": 0})
         stored = json.loads(json.dumps({k: v for k, v in base.to_dict().items() if k != "seed"}))
         base_seed = self._base_seed(stored, seed)

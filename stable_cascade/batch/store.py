@@ -4,7 +4,8 @@
 ``batch.json`` (the settings and base seed every rerun must share), ``manifest.jsonl`` (one line per
 image: item, image, where, prompt, seed, file, sha256 and the record the PNG carries), ``summary.json``
 and, while a run is going, ``.journal/`` (what each process has written, read into the manifest at the
-end). Every file is written to a temporary name and renamed, so a killed run leaves no partial file.
+end) and ``.batch.lock`` (held by the run's main process, so two runs never write one folder). Every
+file is written to a temporary name and renamed, so a killed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SETTINGS = "batch.json"
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
 JOURNALS = ".journal"
+LOCK = ".batch.lock"
 _TEMPORARY = ".tmp"
 
 
@@ -42,6 +44,33 @@ def check_writable(folder: Path) -> None:
         raise ValueError(
             f"cannot write into the output folder {folder} ({reason}); choose another -o"
         ) from None
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, hold: bool) -> Iterator[str | None]:
+    """Hold ``folder``'s lock while the block runs (when ``hold``: the main process); yields the error
+    line to raise when another run holds it. The operating system drops the lock when its process
+    ends, however it ends, so a killed run never blocks its rerun. Without ``fcntl`` (Windows) no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        hold = False
+    if not hold:
+        yield None
+        return
+    with (folder / LOCK).open("a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield (
+                f"another batch run is writing into {folder}; wait for it to finish (its images are "
+                "kept and a rerun skips them) or choose another -o"
+            )
+            return
+        try:
+            yield None
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def _atomic(path: Path) -> Path:
