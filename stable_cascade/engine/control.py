@@ -89,9 +89,8 @@ def check_controls(job: Job) -> None:
 def resolve_control(
     control: ControlRef, hasher: FileHasher | None = None
 ) -> tuple[ControlRef, tuple[int, int]]:
-    """``control`` with absolute paths, sha256s and its control type, and the control image's size.
-
-    Opens the images (a missing or unreadable file raises ``ValueError``); no model is loaded.
+    """``control`` with absolute paths, sha256s (of the files as they are now) and its control type, and
+    the control image's size. Opens the images (a missing or unreadable file raises ``ValueError``); no model is loaded.
     """
     values: dict[str, object] = {}
     if not isinstance(control.controlnet, str) or not control.controlnet:
@@ -99,7 +98,7 @@ def resolve_control(
     if not is_released(control.controlnet):
         path = Path(local_controlnet(control.controlnet)).resolve()
         digest = (hasher or FileHasher()).sha256(path)
-        values.update(controlnet=str(path), controlnet_sha256=control.controlnet_sha256 or digest)
+        values.update(controlnet=str(path), controlnet_sha256=digest)
     known = controlnet_type(str(values.get("controlnet", control.controlnet)))
     if control.control_type is None and known is None:
         raise ValueError(
