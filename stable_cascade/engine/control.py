@@ -90,7 +90,8 @@ def resolve_control(
     control: ControlRef, hasher: FileHasher | None = None
 ) -> tuple[ControlRef, tuple[int, int]]:
     """``control`` with absolute paths, sha256s (of the files as they are now) and its control type, and
-    the control image's size. Opens the images (a missing or unreadable file raises ``ValueError``); no model is loaded.
+    the control image's size. Opens the images (a missing or unreadable file raises ``ValueError``);
+    no model is loaded.
     """
     values: dict[str, object] = {}
     if not isinstance(control.controlnet, str) or not control.controlnet:
