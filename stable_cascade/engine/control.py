@@ -81,9 +81,9 @@ def check_controls(job: Job) -> None:
             f"ControlNets steer Stage C, which {job.task} does not run; use {', '.join(CONTROL_TASKS)}"
         )
     for control in job.controls:
-        control.validate()
-        if is_released(control.controlnet):
+        if is_released(control.controlnet):  # the model has it (before the control's own checks)
             controlnet_spec(control.controlnet, get_bundle(job.models.model or DEFAULT_BUNDLE))
+        control.validate()
 
 
 def resolve_control(
