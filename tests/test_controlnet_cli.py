@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from test_cli_errors import DEMO, messages, pixels, run
 from test_controlnet_engine import half_mask, shape_picture
 
@@ -89,3 +90,40 @@ def test_the_control_choices_are_the_librarys() -> None:
     from stable_cascade.pipelines.control import CONTROL_TYPES
 
     assert choices.CONTROL_TYPES == CONTROL_TYPES == RELEASED_CONTROLNETS
+
+
+def test_convert_and_inspect_know_controlnet_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from stable_cascade.loading.bundles import DEMO_DIR
+    from stable_cascade.nn.controlnet import ControlNet
+
+    demo = ControlNet.from_pretrained(DEMO_DIR / "controlnet")
+    original = tmp_path / "canny.safetensors"  # the original layout: the module's own state dict
+    save_file({k: v.contiguous() for k, v in demo.state_dict().items()}, original)
+    code, out, err = run(["inspect", original], capsys)
+    assert code == 0, err
+    for fact in (
+        "ControlNet",
+        "original single file",
+        "backbone: effnet",
+        "control: canny",
+        "projections: 8",
+    ):
+        assert fact in out, out
+    blocks = ["--controlnet-blocks", *range(8)]
+    code, out, err = run(["convert", original, tmp_path / "folder", *blocks], capsys)
+    assert code == 0 and "ControlNet" in out, err
+    converted = ControlNet.from_pretrained(tmp_path / "folder")
+    assert converted.config == demo.config
+    code, _, err = run(["convert", tmp_path / "folder", tmp_path / "back.safetensors"], capsys)
+    assert code == 0, err
+    back = load_file(tmp_path / "back.safetensors")
+    assert back.keys() == demo.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in demo.state_dict().items())
+    code, _, err = run(["convert", original, tmp_path / "released"], capsys)  # released targets assumed
+    assert code == 0 and ControlNet.from_pretrained(tmp_path / "released").config.proj_blocks[-1] == 63
+    code, _, err = run(["convert", original, tmp_path / "x", "--controlnet-blocks", "0", "1"], capsys)
+    assert code == 2 and "8 projections but proj_blocks lists 2 targets" in err
