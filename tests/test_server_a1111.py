@@ -118,9 +118,12 @@ def test_bad_fields_get_422_with_the_job_checks_message(server: ServerProcess) -
         assert answer.status_code == 422, (fields, answer.text)
         assert message in answer.json()["detail"], answer.json()
         assert "\n" not in answer.json()["detail"]
-    inpaint = {"init_images": ["AAAA"], "mask": "AAAA"}
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    inpaint = {"init_images": [picture], "mask": picture}  # the demo has no inpainting ControlNet
     answer = httpx.post(f"{server.url}/sdapi/v1/img2img", json=inpaint, timeout=30)
-    assert answer.status_code == 422 and "inpainting" in answer.json()["detail"]
+    assert answer.status_code == 422 and "needs an inpainting ControlNet" in answer.json()["detail"]
 
 
 def test_progress_shows_the_running_job_and_interrupt_stops_it(api: webuiapi.WebUIApi) -> None:

@@ -21,6 +21,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 #: ``pipelines.sources.ModelSources``' fields: the model flags
 MODEL_FLAGS = ("model", "prior", "decoder", "stage_a", "effnet", "previewer", "components")
 OFFLOADS = ("none", "model", "sequential")
+#: ``pipelines.control.CONTROL_TYPES``, also ``loading.bundles.RELEASED_CONTROLNETS`` (the released names)
+CONTROL_TYPES = ("canny", "inpainting", "super_resolution")
 #: ``training.config``: ``Task``, ``ControlNetKind``, ``LossWeighting``, ``MixedPrecision``,
 #: ``ReconstructionLoss``
 TRAIN_TASKS = ("stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet")

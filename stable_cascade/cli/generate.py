@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stable_cascade.cli import controls
 from stable_cascade.cli.choices import (
     BUNDLES,
     DEFAULT_BUNDLE,
@@ -78,6 +79,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
                 help="how much of the image to replace: 0 keeps it, 1 ignores it (0.8)",
             )
         _model_options(parser, prior)
+        if prior:
+            controls.add_options(parser)
         _sampling_options(parser, prior)
         _run_options(parser, prior)
         parser.set_defaults(handler=run)
@@ -274,13 +277,17 @@ def _job(
         values.update(
             input_image=Path(args.image).name, input_image_sha256=image_sha256(image), image_size=image.size
         )
-    return Job.create(
+    recorded_controls = recorded.job.controls if recorded is not None and task != "reconstruct" else ()
+    job = Job.create(
         task=task,
         models=ModelSources(**{**sources.__dict__, **given}),
         loras=loras,
         dtype=args.dtype or dtype,
+        controls=controls.from_flags(args, recorded_controls),
         **values,
     )
+    controls.compare(recorded_controls, job.controls, args.from_png)
+    return job
 
 
 def _announce_models(recorded: ImageRecord, path: str) -> None:

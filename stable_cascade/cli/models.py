@@ -11,7 +11,8 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "convert",
         parents=[common],
         help="a single model file ↔ a diffusers model folder",
-        description="Convert one component (Stage C, Stage B, Stage A, EfficientNet encoder, previewer): "
+        description="Convert one component (Stage C, Stage B, Stage A, EfficientNet encoder, previewer, "
+        "Stage C ControlNet): "
         "an original single file (or one in diffusers keys) → a diffusers model folder, or a diffusers "
         "model folder → an original single .safetensors file.",
     )
@@ -19,6 +20,14 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     convert.add_argument("destination", metavar="DST", help="a model folder, or a .safetensors file")
     convert.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the weights (default: keep)")
     convert.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    convert.add_argument(
+        "--controlnet-blocks",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="a ControlNet file's target ResBlock calls, one per projection (default: the released "
+        "0 4 8 12 51 55 59 63)",
+    )
     convert.set_defaults(handler=run_convert)
 
     inspect = commands.add_parser(
@@ -39,7 +48,13 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from stable_cascade.loading.conversion import convert_checkpoint
 
-    done = convert_checkpoint(args.source, args.destination, dtype=args.dtype, overwrite=args.force)
+    done = convert_checkpoint(
+        args.source,
+        args.destination,
+        dtype=args.dtype,
+        overwrite=args.force,
+        proj_blocks=args.controlnet_blocks,
+    )
     dtype = str(done.dtype).removeprefix("torch.")
     print(f"wrote {done.destination}: {done.kind.value}, {dtype}, {done.parameters:,} parameters")
     return 0

@@ -2,6 +2,7 @@
 on cached models. Every front end (command line, server, batch generation) builds a :class:`Job`,
 runs it with :meth:`Engine.run` and saves what :class:`ImageDone` events carry with :func:`save_png`."""
 
+from stable_cascade.engine.control import ControlRef
 from stable_cascade.engine.engine import Engine, attached_loras, check_inputs
 from stable_cascade.engine.events import (
     Event,
@@ -22,6 +23,7 @@ from stable_cascade.pipelines.sources import ModelSources
 __all__ = [
     "DTYPES",
     "TASKS",
+    "ControlRef",
     "Engine",
     "Event",
     "FileHasher",

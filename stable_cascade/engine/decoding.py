@@ -62,6 +62,16 @@ def _fields(
 
 _STAGE = {"steps": "int", "guidance": "float", "sampler": "str", "shift": "float", "rescale": "float"}
 _LORA = {"path": "str", "scale": "float", "sha256": "str?"}
+_CONTROL = {
+    "controlnet": "str",
+    "image": "str",
+    "image_sha256": "str?",
+    "mask": "str?",
+    "mask_sha256": "str?",
+    "scale": "float",
+    "control_type": "str?",
+    "controlnet_sha256": "str?",
+}
 _MODELS = {field.name: "str?" for field in dataclasses.fields(ModelSources)}
 _SCALARS = {
     "task": "str",
@@ -82,10 +92,11 @@ _SCALARS = {
 
 def decode_job(cls: type[Job], data: Mapping[str, Any], source: str) -> Job:
     """A :class:`Job` of ``data`` (not yet validated)."""
+    from stable_cascade.engine.control import ControlRef
     from stable_cascade.engine.job import LoraRef, StageJob
 
     data = _object("the job", data, source)
-    known = {**_SCALARS, "prior": "", "decoder": "", "models": "", "loras": ""}
+    known = {**_SCALARS, "prior": "", "decoder": "", "models": "", "loras": "", "controls": ""}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(known)}")
@@ -104,12 +115,17 @@ def decode_job(cls: type[Job], data: Mapping[str, Any], source: str) -> Job:
         values["models"] = ModelSources(
             **_fields(ModelSources, _object("models", data["models"], source), _MODELS, "models", source)
         )
-    if "loras" in data:
-        loras = data["loras"]
-        if not isinstance(loras, (list, tuple)):
-            raise ValueError(f"{source}: loras must be a list, got {_kind(loras)}")
-        values["loras"] = tuple(
-            LoraRef(**_fields(LoraRef, _object(f"loras[{i}]", lora, source), _LORA, f"loras[{i}]", source))
-            for i, lora in enumerate(loras)
-        )
+    for key, ref, types in (("loras", LoraRef, _LORA), ("controls", ControlRef, _CONTROL)):
+        if key in data:
+            values[key] = _list(key, data[key], ref, types, source)
     return cls(**values)
+
+
+def _list(key: str, items: object, ref: type[Any], types: Mapping[str, str], source: str) -> tuple[Any, ...]:
+    """A tuple of flat dataclasses ``ref`` from a JSON list."""
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{source}: {key} must be a list, got {_kind(items)}")
+    return tuple(
+        ref(**_fields(ref, _object(f"{key}[{i}]", item, source), types, f"{key}[{i}]", source))
+        for i, item in enumerate(items)
+    )

@@ -14,6 +14,7 @@ that step events arrive while a stage samples, and ``cancel`` stops a job betwee
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -26,12 +27,16 @@ from typing import NamedTuple
 import PIL.Image
 import torch
 
+from stable_cascade.engine.control import ControlImages, ControlRef, open_control
 from stable_cascade.engine.events import Event, Finished, Loading
 from stable_cascade.engine.hashing import FileHasher, image_sha256, sha256_file
 from stable_cascade.engine.job import DEFAULT_SIZE, DTYPES, Job, LoraRef, native_size
 from stable_cascade.engine.record import model_label
 from stable_cascade.engine.running import JobRun
 from stable_cascade.engine.threads import configure_cpu_threads
+from stable_cascade.loading.controlnets import controlnet_spec, load_controlnet
+from stable_cascade.nn.controlnet import ControlNet
+from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 from stable_cascade.pipelines.sources import (
     LoadedModels,
     ModelSources,
@@ -91,6 +96,9 @@ class Engine:
         self.progress_bars = progress_bars
         self.hasher = FileHasher()
         self._cache: collections.OrderedDict[_Key, _Entry] = collections.OrderedDict()
+        self._controlnets: collections.OrderedDict[tuple[str, torch.dtype], tuple[ControlNet, Path]] = (
+            collections.OrderedDict()
+        )
         self._lock = threading.Lock()
         configure_cpu_threads()
 
@@ -113,6 +121,7 @@ class Engine:
     def unload(self) -> None:
         """Forget every loaded model (and free their memory)."""
         self._cache.clear()
+        self._controlnets.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -126,6 +135,7 @@ class Engine:
     ) -> Iterator[Event]:
         """The events of ``job`` (see :mod:`~stable_cascade.engine.events`); checked before any work."""
         image = check_inputs(job, image)
+        controls = [(control, open_control(control)) for control in job.controls]
         stop, taken = threading.Event(), threading.Semaphore(0)
         events: queue.Queue[object] = queue.Queue()
 
@@ -137,7 +147,7 @@ class Engine:
 
         def work() -> None:
             try:
-                self._job(job, image, previews, stop, emit)
+                self._job(job, image, controls, previews, stop, emit)
             except BaseException as error:  # handed to the consumer's thread, which raises it
                 events.put(error)
             events.put(_DONE)
@@ -161,19 +171,25 @@ class Engine:
         self,
         job: Job,
         image: PIL.Image.Image | None,
+        controls: list[tuple[ControlRef, ControlImages]],
         previews: bool,
         stop: threading.Event,
         emit: Callable[[Event], None],
     ) -> None:
         start = time.perf_counter()
+        super_resolution = any(control.control_type == "super_resolution" for control, _ in controls)
         models, loaded = self._load(
             job.models,
             job.dtype,
             job.task != "reconstruct",
-            job.task in ("img2img", "reconstruct"),
+            job.task in ("img2img", "reconstruct") or super_resolution,
             previews,
             emit,
         )
+        controlnet = None
+        if controls:
+            controlnet, controlnet_loaded = self._controlnet(controls[0][0], job, emit)
+            loaded = loaded or controlnet_loaded
         load_seconds = time.perf_counter() - start if loaded else 0.0
         native = native_size(job.models)
         if native is not None and native != DEFAULT_SIZE and (job.width, job.height) != (native, native):
@@ -185,8 +201,9 @@ class Engine:
                 job.width,
                 job.height,
             )
-        run = JobRun(job, self.record_job(job), models, self.model_sha256(models), emit, stop)
-        with attached_loras(models, job.loras):
+        hashes = self.model_sha256(models, controlnet[1] if controlnet is not None else None)
+        run = JobRun(job, self.record_job(job), models, hashes, emit, stop, controls[0] if controls else None)
+        with attached_loras(models, job.loras), _attached(models.prior_pipe, controlnet):
             run.check_stop()
             run.run(image, previews)
         emit(Finished(run.seconds["prior"], run.seconds["decoder"], load_seconds))
@@ -197,9 +214,12 @@ class Engine:
             job, dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype), loras=_hashed(job.loras)
         )
 
-    def model_sha256(self, models: LoadedModels) -> dict[str, str]:
-        """The sha256 of the local files of ``models`` by role (what records cite)."""
-        return {role: self.hasher.sha256(path) for role, path in models.local_files.items()}
+    def model_sha256(self, models: LoadedModels, controlnet: Path | None = None) -> dict[str, str]:
+        """The sha256 of the local files of ``models`` and a job's ControlNet by role (what records cite)."""
+        files = dict(models.local_files)
+        if controlnet is not None:
+            files["controlnet"] = controlnet
+        return {role: self.hasher.sha256(path) for role, path in files.items()}
 
     def _load(
         self,
@@ -238,6 +258,24 @@ class Engine:
         self._cache[key] = _Entry(models, prior, effnet, previewer)
         return models, True
 
+    def _controlnet(
+        self, control: ControlRef, job: Job, emit: Callable[[Event], None]
+    ) -> tuple[tuple[ControlNet, Path], bool]:
+        """The job's ControlNet (cached by its file and dtype) and its local path; whether it loaded."""
+        spec = controlnet_spec(control.controlnet, job.models.bundle)
+        key = (spec, self.torch_dtype(job.dtype))
+        if key in self._controlnets:
+            self._controlnets.move_to_end(key)
+            return self._controlnets[key], False
+        while len(self._controlnets) >= self.max_loaded:
+            self._controlnets.popitem(last=False)
+        emit(Loading(f"ControlNet {control.controlnet}"))
+        model, path = load_controlnet(spec, key[1])
+        if self.offload != "model":  # with model offload the pipeline moves it when it runs
+            model.to(self.device)
+        self._controlnets[key] = (model.eval(), path)
+        return self._controlnets[key], True
+
 
 def _next(events: queue.Queue[object], cancel: threading.Event | None, stop: threading.Event) -> object:
     """The worker's next item, setting ``stop`` as soon as ``cancel`` is set meanwhile."""
@@ -250,8 +288,11 @@ def _next(events: queue.Queue[object], cancel: threading.Event | None, stop: thr
 
 
 def check_inputs(job: Job, image: PIL.Image.Image | None) -> PIL.Image.Image | None:
-    """Validate ``job`` and its input image (given when needed, the one the job names); the image in RGB."""
+    """Validate ``job``, its control images and its input image (given when needed, the one the job
+    names); the image in RGB."""
     job.validate()
+    for control in job.controls:
+        open_control(control)
     if job.task == "txt2img":
         if image is not None:
             raise ValueError("txt2img takes no input image; use img2img, variation or reconstruct")
@@ -284,6 +325,22 @@ def _hashed(loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
             logger.warning("LoRA %s differs from the one recorded (sha256 %s…)", lora.path, lora.sha256[:12])
         hashed.append(dataclasses.replace(lora, sha256=digest))
     return tuple(hashed)
+
+
+@contextlib.contextmanager
+def _attached(
+    pipe: StableCascadePriorPipeline | None, controlnet: tuple[ControlNet, Path] | None
+) -> Iterator[None]:
+    """The prior with the job's ControlNet for the job; what it held before afterwards."""
+    if controlnet is None or pipe is None:
+        yield
+        return
+    before = pipe.controlnet
+    pipe.register_components(controlnet=controlnet[0])
+    try:
+        yield
+    finally:
+        pipe.register_components(controlnet=before)
 
 
 class attached_loras:  # a context manager used as a function

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 from stable_cascade.diffusion.samplers import SAMPLERS
 from stable_cascade.engine import checks
+from stable_cascade.engine.control import ControlRef, check_controls, resolve_control, super_resolution_size
 from stable_cascade.engine.hashing import sha256_file
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.pipelines.presets import PRESETS, StageSettings, get_preset
@@ -114,6 +115,7 @@ class Job:
     models: ModelSources = dataclasses.field(default_factory=ModelSources)
     loras: tuple[LoraRef, ...] = ()
     dtype: str = "auto"
+    controls: tuple[ControlRef, ...] = ()
 
     @classmethod
     def create(
@@ -145,15 +147,22 @@ class Job:
         input_image: str | None = None,
         input_image_sha256: str | None = None,
         image_size: tuple[int, int] | None = None,
+        controls: Sequence[ControlRef] = (),
     ) -> Job:
         """A resolved, validated job; ``None`` values take their defaults (see the module's docstring).
 
         ``image_size`` (width, height): the input image's size, which reconstruct keeps (rounded down to
-        multiples of 8) when no size is given. No model is loaded; LoRA files are hashed.
+        multiples of 8) when no size is given. No model is loaded; LoRA files are hashed. ``controls``
+        are resolved by :func:`~stable_cascade.engine.control.resolve_control` (images opened and hashed);
+        super-resolution's size defaults to twice its control image's.
         """
         checks.check_choice("task", task, TASKS)
         checks.check_choice("preset", preset, PRESETS)
         sources = _absolute(models or ModelSources())
+        resolved = [resolve_control(control) for control in controls]
+        for control, size in resolved:
+            if control.control_type == "super_resolution" and width is None and height is None:
+                width, height = super_resolution_size(size)
         width, height = _size(task, width, height, sources, image_size)
         given = {
             "prior": (prior_steps, prior_guidance, prior_sampler, prior_shift, prior_rescale),
@@ -182,6 +191,7 @@ class Job:
             models=sources,
             loras=tuple(_lora(lora) for lora in loras),
             dtype=dtype,
+            controls=tuple(control for control, _ in resolved),
         )
         job.validate()
         return job
@@ -223,6 +233,7 @@ class Job:
             )
         if self.loras and self.task == "reconstruct":
             raise ValueError("LoRAs adapt Stage C, which reconstruct does not run")
+        check_controls(self)
 
     @property
     def seeds(self) -> list[int]:
@@ -236,6 +247,7 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["loras"] = [dataclasses.asdict(lora) for lora in self.loras]
+        data["controls"] = [dataclasses.asdict(control) for control in self.controls]
         return data
 
     def to_json(self) -> str:

@@ -121,6 +121,10 @@ class ImageRecord:
             fields["Task"] = job.task
         if job.loras:
             fields["Lora"] = _joined(f"{Path(lora.path).stem}:{lora.scale:g}" for lora in job.loras)
+        for control in job.controls:
+            fields["ControlNet"] = Path(control.controlnet).stem
+            fields["Control type"] = control.control_type
+            fields["Control scale"] = f"{control.scale:g}"
         fields["Version"] = f"stable-cascade {self.version}"
         lines = [job.prompt]
         if job.negative_prompt:

@@ -16,10 +16,12 @@ from typing import Any, Literal
 import PIL.Image
 import torch
 
+from stable_cascade.engine.control import ControlImages, ControlRef
 from stable_cascade.engine.events import Event, ImageDone, JobCancelled, Preview, Progress
 from stable_cascade.engine.job import Job, StageJob
 from stable_cascade.engine.record import ImageRecord
-from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput
+from stable_cascade.pipelines.control import ControlRequest, paste_unmasked
+from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, postprocess
 from stable_cascade.pipelines.previews import PreviewCallback
 from stable_cascade.pipelines.sources import LoadedModels
 
@@ -55,8 +57,10 @@ class JobRun:
         model_sha256: dict[str, str],
         emit: Emit,
         stop: threading.Event,
+        control: tuple[ControlRef, ControlImages] | None = None,
     ) -> None:
         self.job, self.record_job, self.models = job, record_job, models
+        self.control = control
         self.model_sha256 = model_sha256
         self.emit, self.stop = emit, stop
         self.seconds = {"prior": 0.0, "decoder": 0.0}
@@ -124,6 +128,14 @@ class JobRun:
             arguments.update(image=image, strength=job.strength)
         elif job.task == "variation":
             arguments["images"] = [image]
+        if self.control is not None:
+            ref, control = self.control
+            arguments.update(
+                control_image=control.image,
+                mask_image=control.mask,
+                controlnet_conditioning_scale=ref.scale,
+                control_type=ref.control_type,
+            )
         preview = None
         if previews:
 
@@ -148,15 +160,27 @@ class JobRun:
     def _decoder(
         self, handed_on: dict[str, Any], generators: list[torch.Generator], batch: int
     ) -> list[PIL.Image.Image]:
+        """Stage B + A; inpainting restores the control image outside the mask, as the combined pipeline."""
         job = self.job
-        arguments = {**handed_on, "height": job.height, "width": job.width}
-        return self._decode(self.models.decoder_pipe, arguments, generators, batch, job.decoder)
+        arguments: dict[str, Any] = {**handed_on, "height": job.height, "width": job.width}
+        control = self.control[1] if self.control is not None else None
+        if control is None or control.mask is None:
+            images: list[PIL.Image.Image] = self._decode(
+                self.models.decoder_pipe, arguments, generators, batch, job.decoder
+            )
+            return images
+        arguments["output_type"] = "pt"
+        decoded = self._decode(self.models.decoder_pipe, arguments, generators, batch, job.decoder)
+        pasted = paste_unmasked(decoded, ControlRequest(control.image, control.mask), job.height, job.width)
+        result = postprocess(pasted, "pil")
+        assert isinstance(result, list)
+        return result
 
     def _reconstruct(
         self, image: PIL.Image.Image, generators: list[torch.Generator], batch: int
     ) -> list[PIL.Image.Image]:
         job = self.job
-        arguments = {
+        arguments: dict[str, Any] = {
             "image": image,
             "prompt": job.prompt,
             "negative_prompt": job.negative_prompt or None,
@@ -173,13 +197,12 @@ class JobRun:
         generators: list[torch.Generator],
         batch: int,
         settings: StageJob,
-    ) -> list[PIL.Image.Image]:
-        """Stage B and Stage A for every item of the batch."""
+    ) -> Any:
+        """Stage B and Stage A for every item of the batch (PIL images unless ``output_type`` says)."""
         arguments.update(settings.arguments(self.job.preset))
         arguments["callback_on_step_end"] = self._callback("decoder", batch, settings.steps, None)
         arguments["callback_on_step_end_tensor_inputs"] = ()
-        images: list[PIL.Image.Image] = self._timed("decoder", call, generator=generators, **arguments).images
-        return images
+        return self._timed("decoder", call, generator=generators, **arguments).images
 
     def _timed(self, stage: Stage, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()

@@ -24,9 +24,24 @@ class ModelBundle:
     previewer: str = f"{DECODER_REPO}/previewer.safetensors"
     default_size: int = 1024  # output side when none is given
     image_encoder: bool = True  # whether the prior has a CLIP image encoder (variation)
+    #: The released ControlNets that fit the bundle's Stage C: name → Hub file or local model folder.
+    controlnets: tuple[tuple[str, str], ...] = ()
+
+    def controlnet(self, name: str) -> str | None:
+        """Where the bundle's ControlNet ``name`` (canny, inpainting, super_resolution) is, if any."""
+        return dict(self.controlnets).get(name)
 
 
-_FULL = ModelBundle("full", "Stable Cascade: Stage C 3.6B + Stage B 1.5B (Hub)")
+#: The ControlNets Stability released for the 3.6B Stage C (``controlnet/<name>.safetensors``).
+CONTROLNET_REPO = DECODER_REPO
+RELEASED_CONTROLNETS = ("canny", "inpainting", "super_resolution")
+_FULL = ModelBundle(
+    "full",
+    "Stable Cascade: Stage C 3.6B + Stage B 1.5B (Hub)",
+    controlnets=tuple(
+        (name, f"{CONTROLNET_REPO}/controlnet/{name}.safetensors") for name in RELEASED_CONTROLNETS
+    ),
+)
 #: The small demo cascade shipped inside the package (two pipeline folders; trained on shapes).
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo" / "model"
 _DEMO = ModelBundle(
@@ -39,6 +54,7 @@ _DEMO = ModelBundle(
     previewer=str(DEMO_DIR / "previewer.safetensors"),
     default_size=128,
     image_encoder=False,
+    controlnets=(("canny", str(DEMO_DIR / "controlnet")),),
 )
 BUNDLES: dict[str, ModelBundle] = {
     bundle.name: bundle
@@ -50,6 +66,7 @@ BUNDLES: dict[str, ModelBundle] = {
             description="Stable Cascade lite: Stage C 1B + Stage B 700M (Hub)",
             prior_subfolder="prior_lite",
             decoder_subfolder="decoder_lite",
+            controlnets=(),  # the released ControlNets are 2048 wide: they fit the 3.6B Stage C only
         ),
         _DEMO,
     )

@@ -1,16 +1,18 @@
 """One component between its original single file and a diffusers model folder, both ways.
 
-A single file (Stage C, Stage B, Stage A, EfficientNet encoder or previewer; original or diffusers
-keys) becomes a model folder through the model's ``save_pretrained``; a model folder becomes an
-original single file through :func:`convert.to_original_state_dict`. Tensors keep their dtype
-unless one is asked for; nothing is overwritten unless asked.
+A single file (Stage C, Stage B, Stage A, EfficientNet encoder, previewer or Stage C ControlNet;
+original or diffusers keys) becomes a model folder through the model's ``save_pretrained``; a model
+folder becomes an original single file through :func:`convert.to_original_state_dict`. Tensors keep
+their dtype unless one is asked for; nothing is overwritten unless asked. A ControlNet's single file
+does not say which ResBlock calls it feeds (``proj_blocks``): the released
+``[0, 4, 8, 12, 51, 55, 59, 63]`` unless given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,21 +30,24 @@ from stable_cascade.convert import (
     vq_config_from_single_file,
     vq_state_dict_from_single_file,
 )
+from stable_cascade.convert.controlnet import controlnet_config_from_state_dict
 from stable_cascade.convert.detect import wrong_kind_message
 from stable_cascade.convert.infer import ORIGINAL_STAGE_A_SCALE
 from stable_cascade.loading.inspection import read_header, weight_files
 from stable_cascade.loading.single_file import effnet_config, previewer_config
+from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
+from stable_cascade.specs.controlnet import RELEASED_PROJ_BLOCKS
 
 logger = logging.getLogger(__name__)
 
 #: Model classes by the ``_class_name`` of their ``config.json``, and the kind they export as.
 _FOLDER_CLASSES: dict[str, type[PretrainedModel]] = {
     cls.config_class.diffusers_class_name: cls
-    for cls in (StableCascadeUNet, PaellaVQModel, EfficientNetEncoder, Previewer)
+    for cls in (StableCascadeUNet, PaellaVQModel, EfficientNetEncoder, Previewer, ControlNet)
 }
 _NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,8 +68,10 @@ def convert_checkpoint(
     *,
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    proj_blocks: Sequence[int] | None = None,
 ) -> Conversion:
-    """A single file → a diffusers model folder, or a model folder → an original single file."""
+    """A single file → a diffusers model folder, or a model folder → an original single file
+    (``proj_blocks``: a ControlNet file's ResBlock targets)."""
     source, destination = Path(source), Path(destination)
     target = parse_dtype(dtype)
     if destination.exists() and not overwrite:
@@ -76,13 +83,15 @@ def convert_checkpoint(
             raise ValueError(
                 f"{source} is a single file, so the destination is a model folder; {destination} names a file"
             )
-        model, kind = model_from_single_file(source, target)
+        model, kind = model_from_single_file(source, target, proj_blocks)
         model.save_pretrained(destination)
     elif (source / "config.json").is_file():
         if destination.suffix != ".safetensors":
             raise ValueError(
                 f"{source} is a model folder, so the destination is a .safetensors file; got {destination}"
             )
+        if proj_blocks is not None:
+            raise ValueError("proj_blocks is for ControlNet single files; a model folder's config has them")
         model, kind = model_from_folder(source, target)
         destination.parent.mkdir(parents=True, exist_ok=True)
         tensors = _original_state_dict(model, kind)
@@ -96,12 +105,16 @@ def convert_checkpoint(
     return Conversion(kind, model.dtype, parameters, destination)
 
 
-def model_from_single_file(path: Path, dtype: torch.dtype | None) -> tuple[PretrainedModel, Kind]:
+def model_from_single_file(
+    path: Path, dtype: torch.dtype | None, proj_blocks: Sequence[int] | None = None
+) -> tuple[PretrainedModel, Kind]:
     """The model in a single file, in ``dtype`` (default: the file's own floating dtype)."""
     tensors = read_single_file(path)
     kind = identify(tensors).kind
     source = str(path)
     dtype = dtype or _dominant_dtype(tensors.values())
+    if proj_blocks is not None and kind is not Kind.CONTROLNET:
+        raise ValueError(f"proj_blocks is for ControlNet files; {path} is a {kind.value} file")
     if kind is Kind.COMFY_BUNDLE:
         parts = ", ".join(split_bundle(tensors))
         raise ValueError(
@@ -123,8 +136,11 @@ def model_from_single_file(path: Path, dtype: torch.dtype | None) -> tuple[Pretr
         )
     elif kind is Kind.PREVIEWER:
         model = Previewer.from_state_dict(previewer_config(tensors, source), tensors, source, dtype, False)
+    elif kind is Kind.CONTROLNET:
+        cnet_config = controlnet_config_from_state_dict(tensors, source, proj_blocks)
+        model = ControlNet.from_state_dict(cnet_config, tensors, source, dtype, False)
     else:
-        expected = "a Stage C, Stage B, Stage A, EfficientNet encoder or previewer"
+        expected = "a Stage C, Stage B, Stage A, EfficientNet encoder, previewer or ControlNet"
         raise CheckpointError(wrong_kind_message(source, kind, expected, tensors))
     return model, kind
 
@@ -153,15 +169,19 @@ def model_from_folder(folder: Path, dtype: torch.dtype | None) -> tuple[Pretrain
     if isinstance(model, StableCascadeUNet):
         kind = Kind.STAGE_B if model.config.is_stage_b else Kind.STAGE_C
     else:
-        kind = {PaellaVQModel: Kind.STAGE_A, EfficientNetEncoder: Kind.EFFNET}.get(
-            type(model), Kind.PREVIEWER
-        )
+        kinds = {PaellaVQModel: Kind.STAGE_A, EfficientNetEncoder: Kind.EFFNET, ControlNet: Kind.CONTROLNET}
+        kind = kinds.get(type(model), Kind.PREVIEWER)
     return model, kind
 
 
 def _original_state_dict(model: PretrainedModel, kind: Kind) -> Mapping[str, torch.Tensor]:
     state = model.state_dict()
-    if kind in (Kind.EFFNET, Kind.PREVIEWER):
+    if isinstance(model, ControlNet) and model.config.proj_blocks != RELEASED_PROJ_BLOCKS:
+        logger.warning(
+            "a ControlNet single file does not record its targets: load it with proj_blocks=%s",
+            list(model.config.proj_blocks),
+        )
+    if kind in (Kind.EFFNET, Kind.PREVIEWER, Kind.CONTROLNET):
         return state  # our keys are the original ones
     if isinstance(model, PaellaVQModel) and model.config.scale_factor != ORIGINAL_STAGE_A_SCALE:
         logger.warning(

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from stable_cascade.checkpoint import CheckpointError, read_json_object
 from stable_cascade.convert import Identity, Kind, identify, split_bundle
+from stable_cascade.convert.controlnet import controlnet_config_from_state_dict
 from stable_cascade.convert.keys import is_original_unet_layout
 from stable_cascade.loading.components import MODEL_INDEX, is_component_entry
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -148,7 +149,21 @@ def _describe(header: Header, identity: Identity) -> tuple[str, dict[str, str]]:
         kind is Kind.STAGE_A and _CODEBOOK_ORIGINAL not in header.shapes
     )
     facts.update(_totals(header, "diffusers keys" if diffusers_keys else "original single file"))
+    if kind is Kind.CONTROLNET:
+        facts.update(_controlnet_facts(header))
     return kind.value, facts
+
+
+def _controlnet_facts(header: Header) -> dict[str, str]:
+    """A ControlNet's backbone, control input, width and projections, read from its shapes."""
+    projections = sum(1 for k in header.shapes if re.match(r"^projections\.\d+\.0\.weight$", k))
+    config = controlnet_config_from_state_dict(header.shapes, "the file", tuple(range(projections)))
+    return {
+        "backbone": config.backbone,
+        "control": config.control_type or f"unknown ({config.in_channels} input channels)",
+        "Stage C width": str(config.out_channels),
+        "projections": str(projections),
+    }
 
 
 def _totals(header: Header, layout: str) -> dict[str, str]:

@@ -4,10 +4,12 @@ Mapping (fields not named here are ignored, as A1111 ignores what its scripts do
 ``prompt``, ``negative_prompt``, ``seed`` (-1: random), ``width``, ``height``, ``batch_size``,
 ``n_iter`` (→ count), ``steps`` and ``cfg_scale`` (→ Stage C), ``sampler_name`` (or the older
 ``sampler_index``; A1111 names such as "Euler a", or ours; → Stage C's sampler), ``init_images`` +
-``denoising_strength`` (img2img's strength). Our own settings — ``preset``, ``prior_shift``,
-``prior_rescale``, ``decoder_steps``, ``decoder_guidance``, ``decoder_sampler``, ``decoder_shift``,
-``decoder_rescale`` — may be top-level fields or keys of ``override_settings``, which also takes
-``sd_model_checkpoint`` (the model for this request only).
+``denoising_strength`` (img2img's strength), ``mask`` + ``inpainting_mask_invert`` (the model's
+inpainting ControlNet) and the ControlNet extension's ``alwayson_scripts.controlnet.args[0]``
+(``input_image``, ``module`` canny, ``weight``; see :mod:`stable_cascade.server.controls`). Our own
+settings — ``preset``, ``prior_shift``, ``prior_rescale``, ``decoder_steps``, ``decoder_guidance``,
+``decoder_sampler``, ``decoder_shift``, ``decoder_rescale`` — may be top-level fields or keys of
+``override_settings``, which also takes ``sd_model_checkpoint`` (the model for this request only).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from stable_cascade.engine import Job, ModelSources
 from stable_cascade.loading.bundles import BUNDLES
-from stable_cascade.server.inputs import Upload
+from stable_cascade.server.uploads import Upload
 
 #: A1111's sampler names → ours (A1111 lists "name" and "aliases"; ours are aliases too).
 SAMPLER_NAMES: dict[str, str] = {
@@ -126,9 +128,7 @@ def job_arguments(body: Mapping[str, Any], default_model: str, upload: Upload | 
 
 
 def check_img2img(body: Mapping[str, Any]) -> object:
-    """The one init image of an img2img request (inpainting and several init images are refused)."""
-    if body.get("mask"):
-        raise ValueError("inpainting (mask) is not supported; send init_images without a mask")
+    """The one init image of an img2img request (several init images are refused)."""
     images = body.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
         raise ValueError("init_images must be a list of one base64 image")

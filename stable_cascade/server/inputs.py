@@ -2,59 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import inspect
-import os
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import PIL.Image
-
-from stable_cascade.engine import Job, ModelSources, check_inputs, image_sha256, open_image
+from stable_cascade.engine import Job, ModelSources, check_inputs
+from stable_cascade.server.controls import attach_uploads, check_served_controls, native_controls
 from stable_cascade.server.store import Store
+from stable_cascade.server.uploads import Upload, decode_image
 
-#: The keyword arguments of Job.create a request may give (models and LoRAs have their own fields).
+#: The keyword arguments of Job.create a request may give (models, LoRAs and controls have their own
+#: fields).
 CREATE_FIELDS = tuple(
-    name for name in inspect.signature(Job.create).parameters if name not in ("models", "loras", "image_size")
+    name
+    for name in inspect.signature(Job.create).parameters
+    if name not in ("models", "loras", "image_size", "controls")
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Upload:
-    """An uploaded input image, stored under the store's inputs/ as ``name``."""
-
-    image: PIL.Image.Image
-    name: str
-    sha256: str
-
-
-def decode_image(data: object, store: Store, field: str = "image") -> Upload:
-    """A base64 image (a ``data:`` URL prefix allowed), checked like the CLI's input images and kept."""
-    if not isinstance(data, str):
-        raise ValueError(f"{field} must be a base64-encoded image, got {type(data).__name__}")
-    text = data.split(",", 1)[1] if data.startswith("data:") else data
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{field} is not valid base64; send the image file's bytes base64-encoded") from None
-    upload = store.inputs_dir / f".upload-{uuid.uuid4().hex}"
-    upload.write_bytes(raw)
-    try:
-        image = open_image(upload)
-    except ValueError as error:
-        raise ValueError(str(error).replace(str(upload), field)) from None
-    finally:
-        upload.unlink()
-    digest = image_sha256(image)
-    name = f"{digest}.png"
-    if not (store.inputs_dir / name).exists():
-        partial = store.inputs_dir / f".{name}.partial.png"
-        image.save(partial, format="PNG")
-        os.replace(partial, store.inputs_dir / name)
-    return Upload(image, name, digest)
 
 
 def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upload | None]:
@@ -65,35 +29,42 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
     fields = dict(body)
     upload = decode_image(fields.pop("image"), store) if "image" in fields else None
     if "job" in fields:
-        extra = set(fields) - {"job"}
+        extra = set(fields) - {"job", "control_image", "mask"}
         if extra:
             raise ValueError(
-                f"with 'job', give only 'image' besides it; unexpected: {', '.join(sorted(extra))}"
+                "with 'job', give only 'image', 'control_image' and 'mask' besides it; unexpected: "
+                + ", ".join(sorted(extra))
             )
         if not isinstance(fields["job"], Mapping):
             raise ValueError("'job' must be a JSON object (a job as GET /v1/jobs/{id} shows it)")
-        job = Job.from_dict(fields["job"], "job")
+        job = attach_uploads(Job.from_dict(fields["job"], "job"), fields, store)
         if upload is not None:
             job = dataclasses.replace(job, input_image=job.input_image or "upload")
     else:
-        return created_job(fields, default_model, upload), upload
-    check_served(job)
+        controls = native_controls(fields, store)
+        return created_job(fields, default_model, upload, store, controls), upload
+    check_served(job, store)
     check_inputs(job, None if upload is None else upload.image)
     return job, upload
 
 
-def check_served(job: Job) -> None:
-    """Refuse what would make the server read files a client names: model files and LoRAs."""
+def check_served(job: Job, store: Store) -> None:
+    """Refuse what would make the server read files a client names: model files, LoRAs, ControlNet
+    files and control images other than uploads."""
     if job.models != ModelSources(model=job.models.model):
         raise ValueError(
             "the server runs named models only (see GET /sdapi/v1/sd-models); remove model paths"
         )
     if job.loras:
         raise ValueError("the server takes no LoRA files from requests; remove 'loras'")
+    check_served_controls(job, store)
 
 
-def created_job(fields: dict[str, Any], default_model: str, upload: Upload | None) -> Job:
-    """``Job.create(**fields)`` with ``model`` (a bundle name) and the upload's name and sha256."""
+def created_job(
+    fields: dict[str, Any], default_model: str, upload: Upload | None, store: Store, controls: list[Any]
+) -> Job:
+    """``Job.create(**fields)`` with ``model`` (a bundle name), the upload's name and sha256, and the
+    controls."""
     model = fields.pop("model", default_model)
     unknown = set(fields) - set(CREATE_FIELDS)
     if unknown:
@@ -110,16 +81,16 @@ def created_job(fields: dict[str, Any], default_model: str, upload: Upload | Non
             raise ValueError(
                 "an image was sent with a txt2img job; set task to img2img, variation or reconstruct"
             )
-    return checked_job({**fields, "models": ModelSources(model=model)}, upload)
+    return checked_job({**fields, "models": ModelSources(model=model), "controls": controls}, upload, store)
 
 
-def checked_job(arguments: dict[str, Any], upload: Upload | None) -> Job:
+def checked_job(arguments: dict[str, Any], upload: Upload | None, store: Store) -> Job:
     """``Job.create(**arguments)`` for ``upload`` (or none), checked as the server runs it."""
     try:
         job = Job.create(image_size=None if upload is None else upload.image.size, **arguments)
     except TypeError as error:  # a value of a type the job's arithmetic cannot take
         raise ValueError(f"a field has the wrong type: {error}") from None
-    check_served(job)
+    check_served(job, store)
     check_inputs(job, None if upload is None else upload.image)
     return job
 

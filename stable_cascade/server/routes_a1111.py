@@ -13,8 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from stable_cascade.engine import Job
 from stable_cascade.server import a1111
 from stable_cascade.server.app import RequestError, Server, error_response, read_json
-from stable_cascade.server.inputs import Upload, checked_job, decode_image
+from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
+from stable_cascade.server.inputs import checked_job
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
+from stable_cascade.server.uploads import Upload, decode_image
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
@@ -47,7 +49,7 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
         return error_response(500, stored.error or "the job failed", "JobFailed")
     images = server.store.images(stored.id)
     encoded = [base64.b64encode(image.file.read_bytes()).decode() for image in images]
-    parameters = {k: v for k, v in body.items() if k != "init_images"}
+    parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask", "alwayson_scripts")}
     infotexts = [image.infotext for image in images]
     return JSONResponse(
         {"images": encoded, "parameters": parameters, "info": a1111.info(job, infotexts, stored.id)}
@@ -56,7 +58,17 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
 
 def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
     upload = decode_image(a1111.check_img2img(body), server.store, "init_images[0]") if img2img else None
-    return checked_job(a1111.job_arguments(body, server.model, upload), upload), upload
+    arguments = a1111.job_arguments(body, server.model, upload)
+    model = arguments["models"].model
+    controls = [
+        control
+        for control in (
+            a1111_inpainting(body, upload, server.store, model) if upload is not None else None,
+            a1111_controlnet(body, server.store),
+        )
+        if control is not None
+    ]
+    return checked_job({**arguments, "controls": controls}, upload, server.store), upload
 
 
 async def wait(server: Server, stored: StoredJob) -> StoredJob:
