@@ -110,8 +110,8 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         h = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C), a view for channels-last x
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6)
-        if use_fused(x) and not self.training:
-            first, _, grn, _, second = self.channelwise
+        first, _, grn, _, second = self.channelwise
+        if use_fused(x) and not self.training and type(first) is type(second) is nn.Linear:  # not FP8
             assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
             assert isinstance(grn, GlobalResponseNorm)
             return grn_mlp_residual(x, h, skip, first, (grn.gamma, grn.beta), second, grn.fast)

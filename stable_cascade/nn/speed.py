@@ -17,12 +17,15 @@ from stable_cascade.nn.cuda_graphs import (
     capturing,
     require_cuda,
 )
+from stable_cascade.nn.fp8 import disable_fp8, enable_fp8, fp8_supported
+from stable_cascade.nn.layers import AttnBlock, ResBlock
 
 logger = logging.getLogger(__name__)
 
 
 class SpeedSwitches(nn.Module):
-    """CUDA graphs (:meth:`enable_cuda_graphs`) for :class:`~stable_cascade.nn.unet.StableCascadeUNet`."""
+    """CUDA graphs (:meth:`enable_cuda_graphs`) and FP8 linears (:meth:`enable_fp8`) for
+    :class:`~stable_cascade.nn.unet.StableCascadeUNet`."""
 
     cuda_graphs: GraphSet | None = None
     _graphed_weights: tuple[int, ...] = ()  # where the weights were when the graphs were captured
@@ -46,6 +49,30 @@ class SpeedSwitches(nn.Module):
     def disable_cuda_graphs(self) -> None:
         """Run every step eagerly again and free the captured graphs."""
         self.cuda_graphs = None
+
+    def enable_fp8(self, min_features: int = 1024, emulate: bool = False) -> int:
+        """Run the ResBlock and attention linears with both sides at least ``min_features`` wide in
+        FP8 (e4m3, per-row scales; :mod:`stable_cascade.nn.fp8`); returns how many were converted.
+
+        Meant for Stage C's big linears on H100/H200 (compute capability 9.0). The quantized weights are
+        an extra copy (one byte per weight) next to the original ones, which stay for :meth:`disable_fp8`
+        and saving; call again after changing the weights (LoRA fusing). ``emulate``: the same
+        quantization with a float32 matmul, on any device, to measure the quality effect.
+        """
+        device = next(self.parameters()).device
+        if not emulate and not fp8_supported(device):
+            raise ValueError(
+                f"FP8 matmuls need an NVIDIA GPU of compute capability 9.0 or newer (H100/H200); this "
+                f"model is on {device.type}. Use bfloat16 instead (model.to(torch.bfloat16)), or "
+                "enable_fp8(emulate=True) to measure FP8's effect on the outputs"
+            )
+        disable_fp8(self)  # re-quantize from the current weights
+        blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttnBlock))]
+        return enable_fp8(blocks, min_features, emulate)
+
+    def disable_fp8(self) -> None:
+        """Back to the original linears (the weights were kept)."""
+        disable_fp8(self)
 
     def graphed(
         self, name: Any, fn: Callable[..., torch.Tensor], invariant: tuple[int, ...] = ()
