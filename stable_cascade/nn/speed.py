@@ -19,6 +19,7 @@ from stable_cascade.nn.cuda_graphs import (
 )
 from stable_cascade.nn.fp8 import disable_fp8, enable_fp8, fp8_supported
 from stable_cascade.nn.layers import AttnBlock, ResBlock
+from stable_cascade.nn.regional import compile_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,20 @@ class SpeedSwitches(nn.Module):
     :class:`~stable_cascade.nn.unet.StableCascadeUNet`."""
 
     cuda_graphs: GraphSet | None = None
+    _compiled_denoise: Callable[..., torch.Tensor] | None = None
+    _denoise: Callable[..., torch.Tensor]  # the per-step pass (the UNet's)
     _graphed_weights: tuple[int, ...] = ()  # where the weights were when the graphs were captured
+
+    def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
+        """``torch.compile`` the per-step pass; ``regional=True``: each block, one graph per block shape
+        (:mod:`stable_cascade.nn.regional`; options by keyword). Combines with :meth:`enable_cuda_graphs`."""
+        if regional and args:
+            raise TypeError("compile(regional=True) takes torch.compile's options by keyword, e.g. mode=...")
+        if regional:
+            compile_blocks(self, **kwargs)  # first: it refuses CUDA-graph modes
+        self._compiled_denoise = None if regional else torch.compile(self._denoise, *args, **kwargs)
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.clear()  # captured from the uncompiled blocks
 
     def enable_cuda_graphs(self, make_graph: GraphFactory | None = None) -> None:
         """Replay each denoising step from a CUDA graph captured on its first call (per shape).

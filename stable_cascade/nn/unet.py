@@ -35,7 +35,6 @@ from stable_cascade.nn.layers import (
     UpDownBlock2d,
     check_conditioning,
     check_sample,
-    compile_blocks,
     condition_embeddings,
     conditioning_mapper,
     per_sample,
@@ -65,7 +64,6 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         super().__init__()
         self.config = cfg = self.resolve_config(config, kwargs)
         self.fp16_safety: torch.dtype | None = None if cfg.is_stage_b else torch.float32
-        self._compiled_denoise: Callable[..., torch.Tensor] | None = None
         c0 = cfg.block_out_channels[0]
         if cfg.effnet_in_channels is not None:
             self.effnet_mapper = conditioning_mapper(cfg.effnet_in_channels, c0)
@@ -330,12 +328,6 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         return x
 
     # -- speed and precision ------------------------------------------------------------------------
-
-    def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
-        """``torch.compile`` the per-step pass; ``regional=True``: each block, one graph per kind of block."""
-        if regional:
-            compile_blocks(self, *args, **kwargs)  # first: it refuses CUDA graphs
-        self._compiled_denoise = None if regional else torch.compile(self._denoise, *args, **kwargs)
 
     def set_fast_math(self, enabled: bool = True) -> None:
         """Fuse the GRN and timestep modulation passes (faster; no longer bit-identical to diffusers,
