@@ -5,9 +5,9 @@
 # GPU (nothing is downloaded). Two time-boxed routes, each printing its tables when done:
 #   1. eager vs CUDA graphs (`enable_cuda_graphs`, no compiler) vs FP8 Stage C (`enable_fp8`, with
 #      graphs; its max error vs bf16 ours on the same seed is the "max |output - ours|" row),
-#      batch 1 and 4 (capped at 250 s);
+#      batch 1 and 4 (capped at 290 s);
 #   2. regional compile (`compile(regional=True)`, one graph per block shape) alone and with CUDA
-#      graphs, batch 1 (capped at 200 s).
+#      graphs, batch 1 (capped at 170 s).
 # Every table reports seconds per image and × diffusers, the first call's compile/capture seconds
 # per stage, and Stage C's share of the bf16 peak. Text and JSON go to $OUT (else benchmarks/).
 #
@@ -41,17 +41,17 @@ if [[ "${1:-}" == "--tiny" ]]; then
     compiled_variants=(regional regional+graphs)
 else
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_device.txt"
-    common=(--device cuda --dtype bfloat16 --setups full --repeats 3)
+    common=(--device cuda --dtype bfloat16 --setups full --repeats 2)
 fi
 
 start=$SECONDS
-timeout 250 python3 "$here/cascade.py" "${common[@]}" --batches 1 4 --variants "${race_variants[@]}" \
+timeout 290 python3 "$here/cascade.py" "${common[@]}" --batches 1 4 --variants "${race_variants[@]}" \
     --json "$out/gpu_cascade.json" 2>&1 | tee "$out/gpu_cascade.txt"
 status=${PIPESTATUS[0]}
 echo "route 1, eager / CUDA graphs / FP8: exit $status after $((SECONDS - start)) s (124: timed out)"
 
 start=$SECONDS
-timeout 200 python3 "$here/cascade.py" "${common[@]}" --batches 1 --variants "${compiled_variants[@]}" \
+timeout 170 python3 "$here/cascade.py" "${common[@]}" --batches 1 --variants "${compiled_variants[@]}" \
     --json "$out/gpu_compiled.json" 2>&1 | tee "$out/gpu_compiled.txt"
 echo "route 2, regional compile: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (124: timed out)"
 exit "$status"
