@@ -149,6 +149,9 @@ def test_graphs_are_dropped_when_the_weights_move_and_unused_with_autograd() -> 
         got = model(x, 0.5, **cond).sample
         assert model.cuda_graphs.captures == 2  # the old graph read the old tensors: captured again
         assert torch.equal(got, other(x, 0.5, **cond).sample)
+        model.set_fast_math()  # a setting baked into the captured step
+        torch.testing.assert_close(model(x, 0.5, **cond).sample, got, atol=1e-5, rtol=1e-5)
+        assert model.cuda_graphs.captures == 3
         model.double()
         model(x.double(), 0.5, **{k: v.double() for k, v in cond.items()})
         assert [len(f.graphs) for f in model.cuda_graphs.functions.values()] == [1]  # float32's dropped

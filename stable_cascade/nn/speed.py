@@ -31,7 +31,7 @@ class SpeedSwitches(nn.Module):
     cuda_graphs: GraphSet | None = None
     _compiled_denoise: Callable[..., torch.Tensor] | None = None
     _denoise: Callable[..., torch.Tensor]  # the per-step pass (the UNet's)
-    _graphed_weights: tuple[int, ...] = ()  # where the weights were when the graphs were captured
+    _graphed_state: tuple[Any, ...] = ()  # the model's state when the graphs were captured
 
     def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
         """``torch.compile`` the per-step pass; ``regional=True``: each block, one graph per block shape
@@ -50,15 +50,16 @@ class SpeedSwitches(nn.Module):
         Without autograd, ``unet(x, ratio, cache=…)`` and the pipelines' sampling loop (UNet and
         guidance as one graph) copy their inputs into static buffers and replay; a new batch, size or
         dtype captures a new graph (a few eager passes: seconds, no compiler). The conditioning cache
-        is copied into the graph's buffers once per generation. Graphs are dropped when the weights
-        move (``.to``, loading a LoRA that replaces tensors). ``make_graph``: the capture mechanism
-        (default: CUDA graphs, which need the model on a CUDA device).
+        is copied into the graph's buffers once per generation. Graphs are captured again when weights
+        move or are replaced (``.to``, a LoRA) or a module setting changes (:meth:`set_fast_math`, a
+        LoRA's scale); weights changed in place (fusing a LoRA) are simply read by the next replay.
+        ``make_graph``: the capture mechanism (default: CUDA graphs, needing the model on a CUDA device).
         """
         if make_graph is None:
             require_cuda(next(self.parameters()).device)
             make_graph = CudaGraph
         self.cuda_graphs = GraphSet(make_graph)
-        self._graphed_weights = self._weight_addresses()
+        self._graphed_state = self._graph_state()
 
     def disable_cuda_graphs(self) -> None:
         """Run every step eagerly again and free the captured graphs."""
@@ -98,15 +99,24 @@ class SpeedSwitches(nn.Module):
         return self.cuda_graphs.function(name, fn, invariant)
 
     def check_graphs(self) -> None:
-        """Drop the captured graphs when a weight tensor was replaced since they were captured."""
+        """Drop the captured graphs when a weight tensor was replaced or a module setting changed."""
         if self.cuda_graphs is None:
             return
-        addresses = self._weight_addresses()
-        if addresses != self._graphed_weights:
+        state = self._graph_state()
+        if state != self._graphed_state:
             if self.cuda_graphs.captures:
-                logger.info("weights moved or were replaced: capturing the CUDA graphs again")
+                logger.info("weights or settings changed: capturing the CUDA graphs again")
             self.cuda_graphs.clear()
-            self._graphed_weights = addresses
+            self._graphed_state = state
 
-    def _weight_addresses(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+    def _graph_state(self) -> tuple[Any, ...]:
+        """What a captured graph bakes in: where every weight is, and every module's plain settings
+        (``fast`` math, a LoRA adapter's ``scale`` and ``fused``, ``training``, ...)."""
+        addresses = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))
+        settings = tuple(
+            (name, key, value)
+            for name, module in self.named_modules()
+            for key, value in vars(module).items()
+            if isinstance(value, (bool, int, float, str))
+        )
+        return addresses, settings
