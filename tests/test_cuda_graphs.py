@@ -131,6 +131,11 @@ def test_guided_sampling_loop_replays_one_graph_per_stage_and_equals_eager() -> 
     assert list(model.cuda_graphs.functions) == [("guided", 4.0, 0.7)]  # UNet and guidance in one graph
     assert model.cuda_graphs.captures == 1
     assert ReplayingGraph.made[-1].replays == 8
+    with torch.no_grad():
+        for scale in (2.0, 3.0, 5.0, 6.0):  # a graph per guidance scale, the oldest dropped past four
+            run_stage(model, cond, uncond, x, StageSettings(1, scale), SchedulerConfig(), torch.Generator())
+    assert len(model.cuda_graphs.functions) == 4 and ("guided", 4.0, 0.7) not in model.cuda_graphs.functions
+    assert model.cuda_graphs.captures == 5
 
 
 def test_graphs_are_dropped_when_the_weights_move_and_unused_with_autograd() -> None:

@@ -208,23 +208,30 @@ class GraphedFunction:
 
 
 class GraphSet:
-    """A model's graphed functions by name, all made with one graph factory."""
+    """A model's graphed functions by name (e.g. one per guidance scale), all made with one graph
+    factory; at most ``max_functions`` are kept, the least recently used dropped first."""
 
-    def __init__(self, make_graph: GraphFactory) -> None:
-        self.make_graph = make_graph
-        self.functions: dict[Any, GraphedFunction] = {}
+    def __init__(self, make_graph: GraphFactory, max_functions: int = 4) -> None:
+        self.make_graph, self.max_functions = make_graph, max_functions
+        self.functions: OrderedDict[Any, GraphedFunction] = OrderedDict()
+        self.dropped_captures = 0  # captures of functions dropped since
 
     def function(
         self, name: Any, fn: Callable[..., torch.Tensor], invariant: tuple[int, ...] = ()
     ) -> GraphedFunction:
         """The graphed ``fn`` stored under ``name`` (made on first use: ``fn`` must be the same each time)."""
-        if name not in self.functions:
-            self.functions[name] = GraphedFunction(fn, self.make_graph, invariant)
+        if name in self.functions:
+            self.functions.move_to_end(name)
+            return self.functions[name]
+        if len(self.functions) >= self.max_functions:
+            self.dropped_captures += self.functions.popitem(last=False)[1].captures
+        self.functions[name] = GraphedFunction(fn, self.make_graph, invariant)
         return self.functions[name]
 
     @property
     def captures(self) -> int:
-        return sum(f.captures for f in self.functions.values())
+        """How many graphs were captured so far."""
+        return self.dropped_captures + sum(f.captures for f in self.functions.values())
 
     def clear(self) -> None:
         for function in self.functions.values():
