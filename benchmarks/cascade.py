@@ -23,6 +23,7 @@ import harness  # first: it puts this checkout on sys.path
 import torch
 
 from stable_cascade import StableCascadeUNet
+from stable_cascade.nn.fp8 import fp8_supported
 from stable_cascade.specs import UNetConfig
 
 Result = dict[str, Any]
@@ -39,18 +40,63 @@ def _twin(unet: StableCascadeUNet) -> StableCascadeUNet:
     return twin.eval().requires_grad_(False)
 
 
+#: What a ``--variants`` entry may combine with "+": set_fast_math, CUDA graphs, regional compile, FP8.
+FEATURES = ("fast", "graphs", "regional", "fp8")
+
+
+def skip_reason(features: set[str], device: torch.device) -> str | None:
+    """Why a variant cannot run here, or None."""
+    if features & {"graphs", "fp8"} and device.type != "cuda":
+        return "no CUDA"
+    if "fp8" in features and not fp8_supported(device):
+        return "this GPU has no FP8 matmuls (compute capability 9.0 needed)"
+    return None
+
+
+def variant(ours: StableCascadeUNet, features: set[str], args: argparse.Namespace) -> StableCascadeUNet:
+    """A twin of ours with the features on; FP8 applies to Stage C only (its big linears)."""
+    twin = _twin(ours)
+    if "fast" in features:
+        twin.set_fast_math()
+    if "fp8" in features and not twin.config.is_stage_b:
+        twin.enable_fp8()
+    if "regional" in features:
+        twin.compile(mode=args.compile or "default", dynamic=False, regional=True)
+    if "graphs" in features:
+        twin.enable_cuda_graphs()
+    return twin
+
+
 def unets(config: UNetConfig, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The UNets to race: diffusers', ours on the same weights and the variants asked for."""
-    theirs, ours = harness.twin_unets(config, torch.device(args.device), getattr(torch, args.dtype), seed)
+    device = torch.device(args.device)
+    theirs, ours = harness.twin_unets(config, device, getattr(torch, args.dtype), seed)
     models: dict[str, Any] = {"ours": ours, "diffusers": theirs}
     if args.fast_math:
         models["ours, fast math"] = _twin(ours)
         models["ours, fast math"].set_fast_math()
-    if args.compile:
+    if args.compile and not args.variants:
         name = "ours, regional" if args.regional else "ours, compiled"
         models[name] = _twin(ours)
         models[name].compile(mode=args.compile, dynamic=False, regional=args.regional)
+    for spec in args.variants:
+        features = set(spec.split("+"))
+        if unknown := features - set(FEATURES):
+            raise SystemExit(f"unknown variant feature(s) {sorted(unknown)} in {spec!r}; use {FEATURES}")
+        if reason := skip_reason(features, device):
+            print(f"ours, {spec}: skipped: {reason}")
+            continue
+        models[f"ours, {spec}"] = variant(ours, features, args)
     return models
+
+
+def max_differences(runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Each run's largest absolute difference from ours (same inputs, same seed); ours: its own scale."""
+    outputs = {name: run().float() for name, run in runs.items()}
+    reference = outputs["ours"]
+    differences = {name: (out - reference).abs().max().item() for name, out in outputs.items()}
+    differences["ours"] = reference.abs().max().item()
+    return differences
 
 
 def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: argparse.Namespace) -> Result:
@@ -72,6 +118,7 @@ def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: 
         first: dict[str, float] = {}
         samples = harness.interleaved(runs, args.repeats, device, first_calls=first)
         memory = {name: harness.peak_memory(run, device) for name, run in runs.items()}
+        differences = max_differences(runs)
         cache = ours.prepare(x2.shape[-2:], **doubled)
         flops = {
             "diffusers": harness.count_flops(lambda: theirs(x2, r2, **doubled)),
@@ -88,6 +135,7 @@ def bench_prior(setup: harness.Setup, models: dict[str, Any], batch: int, args: 
         "first_call_s": first,
         "step_ms": {k: v / steps * 1e3 for k, v in harness.medians(samples).items()},
         "peak_mib": memory,
+        "max_abs_diff": differences,
         "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
     }
 
@@ -128,6 +176,7 @@ def bench_decoder(
         }
         seconds, loop_s, decode_s = (harness.medians(part[kind]) for kind in ("B+A", "B", "A"))
         memory = {name: harness.peak_memory(run, device) for name, run in runs.items()}
+        differences = max_differences(runs)
         decode_memory = {name: harness.peak_memory(run, device) for name, run in decodes.items()}
         decode_memory["ours, tiled"] = harness.peak_memory(tiled["ours"], device)
         cache = ours.prepare(x.shape[-2:], **cond)
@@ -150,6 +199,7 @@ def bench_decoder(
         "stage_a_s": decode_s,
         "stage_a_tile": tile,
         "peak_mib": memory,
+        "max_abs_diff": differences,
         "stage_a_peak_mib": decode_memory,
         "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
         "stage_a_gflop": decode_flops / 1e9,
@@ -188,9 +238,9 @@ def print_result(result: dict[str, Any], ceiling: float) -> None:
     header = "".join(f"{n:>17}" for n in names) + "".join(f"{n + ' / diff.':>24}" for n in ours)
     print(f"  {'':34}{header}")
 
-    def row(label: str, values: dict[str, float], fmt: str = "{:17.1f}") -> None:
+    def row(label: str, values: dict[str, float], fmt: str = "{:17.1f}", ratios: bool = True) -> None:
         cells = "".join(fmt.format(values[n]) if n in values else f"{'':>17}" for n in names)
-        base = values.get("diffusers")
+        base = values.get("diffusers") if ratios else None
         ratios = "".join(f"{values[n] / base:24.3f}" if n in values and base else f"{'':>24}" for n in ours)
         print(f"  {label:34}{cells}{ratios}")
 
@@ -200,12 +250,13 @@ def print_result(result: dict[str, Any], ceiling: float) -> None:
         "{:17.3f}",
     )
     row("loop, best run (s)", result["loop_best_s"], "{:17.3f}")
-    row("first call, compiling (s)", result["first_call_s"], "{:17.3f}")
+    row("first call: compile/capture (s)", result["first_call_s"], "{:17.3f}")
     if "stage_a_s" in result:
         row("  Stage B alone (s)", result["stage_b_s"], "{:17.3f}")
         row("  Stage A decode alone (s)", result["stage_a_s"], "{:17.3f}")
     row("time per UNet step (ms)", result["step_ms"])
     row("peak memory added (MiB)", result["peak_mib"])
+    row("max |output - ours| (ours: max |out|)", result["max_abs_diff"], "{:17.2e}", ratios=False)
     row("GFLOP per step executed", result["gflop_per_step"], "{:17.2f}")
     achieved = {n: work / (ms / 1e3) for n, ms in result["step_ms"].items()}
     row("useful GFLOP/s per step", achieved)
@@ -240,6 +291,7 @@ def cascade_summary(results: list[dict[str, Any]], args: argparse.Namespace) -> 
             if side not in stages["B+A"]["loop_s"]:
                 continue
             total = stages["C"]["loop_s"][side] + stages["B+A"]["loop_s"][side]
+            theirs = stages["C"]["loop_s"]["diffusers"] + stages["B+A"]["loop_s"]["diffusers"]
             c = stages["C"]
             c_flops = c["gflop_per_step"]["diffusers"] * 1e9 / (c["step_ms"][side] / 1e3)
             rows.append(
@@ -249,6 +301,7 @@ def cascade_summary(results: list[dict[str, Any]], args: argparse.Namespace) -> 
                     "side": side,
                     "s_per_image": total / batch,
                     "images_per_s": batch / total,
+                    "speedup_vs_diffusers": theirs / total,
                     "stage_c_tflops": c_flops / 1e12,
                     "stage_c_pct_of_peak": 100 * c_flops / (peak * 1e12) if peak else None,
                 }
@@ -257,9 +310,9 @@ def cascade_summary(results: list[dict[str, Any]], args: argparse.Namespace) -> 
     for row in rows:
         pct = f"{row['stage_c_pct_of_peak']:.1f}%" if row["stage_c_pct_of_peak"] is not None else "n/a"
         print(
-            f"  {row['setup']:5} batch {row['batch']}  {row['side']:16} {row['s_per_image']:7.3f} s/image  "
-            f"{row['images_per_s']:6.3f} images/s  Stage C {row['stage_c_tflops']:7.2f} TFLOP/s "
-            f"({pct} of peak)"
+            f"  {row['setup']:5} batch {row['batch']}  {row['side']:28} {row['s_per_image']:7.3f} s/image  "
+            f"{row['speedup_vs_diffusers']:5.2f}x diffusers  {row['images_per_s']:6.3f} images/s  "
+            f"Stage C {row['stage_c_tflops']:7.2f} TFLOP/s ({pct} of peak)"
         )
     return rows
 
@@ -276,15 +329,25 @@ def main() -> None:
     parser.add_argument("--fast-math", action="store_true", help="also time ours with unet.set_fast_math()")
     parser.add_argument("--compile", metavar="MODE", help="also time ours with unet.compile(mode=MODE)")
     parser.add_argument("--regional", action="store_true", help="with --compile: compile block by block")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        metavar="A+B",
+        help=f"also time ours with these features combined, e.g. fast+graphs ({', '.join(FEATURES)}; "
+        "regional compiles in --compile's mode, default 'default'; fp8: Stage C only)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for the dtype")
     parser.add_argument("--json", help="write all numbers to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ceiling = harness.matmul_ceiling(device, dtype)
+    # CPUs without bfloat16 matmul units take minutes for 4096^3 in bfloat16: measure a smaller one there.
+    n = 4096 if device.type == "cuda" or dtype == torch.float32 else 1024
+    ceiling = harness.matmul_ceiling(device, dtype, n)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}, {where}, {args.dtype}, medians of {args.repeats} interleaved runs")
-    print(f"dense {args.dtype} matmul ceiling (4096^3 mm): {ceiling / 1e9:.0f} GFLOP/s")
+    print(f"dense {args.dtype} matmul ceiling ({n}^3 mm): {ceiling / 1e9:.0f} GFLOP/s")
     results = [result for name in args.setups for result in run_setup(name, args, ceiling)]
     summary = cascade_summary(results, args)
     if args.json:

@@ -13,7 +13,7 @@ and on CPUs a ResBlock's channel MLP runs as a cache-sized kernel (:mod:`stable_
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +110,8 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         h = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C), a view for channels-last x
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6)
-        if use_fused(x) and not self.training:
-            first, _, grn, _, second = self.channelwise
+        first, _, grn, _, second = self.channelwise
+        if use_fused(x) and not self.training and type(first) is type(second) is nn.Linear:  # not FP8
             assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
             assert isinstance(grn, GlobalResponseNorm)
             return grn_mlp_residual(x, h, skip, first, (grn.gamma, grn.beta), second, grn.fast)
@@ -231,21 +231,6 @@ def set_fast_math(model: nn.Module, enabled: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, (GlobalResponseNorm, TimestepBlock)):
             module.fast = enabled
-
-
-def compile_blocks(model: nn.Module, *args: Any, **kwargs: Any) -> None:
-    """``torch.compile`` every res, timestep and attention block of ``model``: blocks of one kind share
-    a graph. CUDA graphs are refused: a shared graph's next run overwrites the block's output."""
-    options = kwargs.get("options") or {}
-    if kwargs.get("mode") in ("reduce-overhead", "max-autotune") or options.get("triton.cudagraphs"):
-        raise ValueError(
-            f"compile(mode={kwargs.get('mode')!r}, regional=True): CUDA graphs need the whole pass "
-            "(blocks sharing one graph overwrite each other's outputs); use regional=False with that "
-            "mode, or regional=True with mode='default' or 'max-autotune-no-cudagraphs'"
-        )
-    for block in model.modules():
-        if isinstance(block, (ResBlock, TimestepBlock, AttnBlock)):
-            block.compile(*args, **kwargs)
 
 
 # -- the UNet's input conventions ------------------------------------------------------------------

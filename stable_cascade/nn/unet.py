@@ -35,7 +35,6 @@ from stable_cascade.nn.layers import (
     UpDownBlock2d,
     check_conditioning,
     check_sample,
-    compile_blocks,
     condition_embeddings,
     conditioning_mapper,
     per_sample,
@@ -43,17 +42,19 @@ from stable_cascade.nn.layers import (
     set_fast_math,
     timestep_embedding,
 )
+from stable_cascade.nn.speed import SpeedSwitches
 from stable_cascade.nn.unet_state import LevelStates, StableCascadeUNetOutput, UNetCache, check_residuals
 from stable_cascade.specs import BlockType, UNetConfig
 
 __all__ = ["StableCascadeUNet", "StableCascadeUNetOutput", "UNetCache"]
 
 
-class StableCascadeUNet(PretrainedModel):
+class StableCascadeUNet(SpeedSwitches, PretrainedModel):
     """ε-predicting UNet of Stage B / Stage C; ``StableCascadeUNet(**diffusers_config)`` or from a config.
 
     Mixed precision: Stage C keeps its last up level and ``clf`` in float32 whenever the rest of the
-    model is float16 (:meth:`enable_fp16_safety`). Speed: :meth:`set_fast_math`, :meth:`compile`.
+    model is float16 (:meth:`enable_fp16_safety`). Speed: :meth:`set_fast_math`, :meth:`compile`,
+    :meth:`enable_cuda_graphs`.
     """
 
     config_class = UNetConfig
@@ -63,7 +64,6 @@ class StableCascadeUNet(PretrainedModel):
         super().__init__()
         self.config = cfg = self.resolve_config(config, kwargs)
         self.fp16_safety: torch.dtype | None = None if cfg.is_stage_b else torch.float32
-        self._compiled_denoise: Callable[..., torch.Tensor] | None = None
         c0 = cfg.block_out_channels[0]
         if cfg.effnet_in_channels is not None:
             self.effnet_mapper = conditioning_mapper(cfg.effnet_in_channels, c0)
@@ -185,7 +185,11 @@ class StableCascadeUNet(PretrainedModel):
         if controlnet_residuals is not None:
             down, up = check_residuals(self.config, controlnet_residuals, sample.shape[0])
             cache = dataclasses.replace(cache, control_down=down, control_up=up)
-        out = (self._compiled_denoise or self._denoise)(sample, timestep_ratio, cache)
+        denoise = self._compiled_denoise or self._denoise
+        if graphed := self.graphed(("denoise", denoise), denoise, invariant=(2,)):
+            timestep_ratio = per_sample(timestep_ratio, sample.shape[0], sample.device)  # a tensor input
+            denoise = graphed
+        out = denoise(sample, timestep_ratio, cache)
         return StableCascadeUNetOutput(sample=out) if return_dict else (out,)
 
     def prepare(
@@ -207,6 +211,7 @@ class StableCascadeUNet(PretrainedModel):
         pixels_mapper(pixels))`` (each ignored without its mapper, as diffusers); batch: clip_text_pooled's.
         """
         cfg, batch = self.config, clip_text_pooled.shape[0]
+        self.check_graphs()  # once per generation: weights replaced since the capture?
         effnet = effnet if cfg.effnet_in_channels is not None else None  # no mapper: ignored, as pixels
         check_conditioning(cfg, clip_text_pooled, clip_text, clip_img, effnet)
         height, width = int(size[0]), int(size[1])
@@ -323,12 +328,6 @@ class StableCascadeUNet(PretrainedModel):
         return x
 
     # -- speed and precision ------------------------------------------------------------------------
-
-    def compile(self, *args: Any, regional: bool = False, **kwargs: Any) -> None:
-        """``torch.compile`` the per-step pass; ``regional=True``: each block, one graph per kind of block."""
-        if regional:
-            compile_blocks(self, *args, **kwargs)  # first: it refuses CUDA graphs
-        self._compiled_denoise = None if regional else torch.compile(self._denoise, *args, **kwargs)
 
     def set_fast_math(self, enabled: bool = True) -> None:
         """Fuse the GRN and timestep modulation passes (faster; no longer bit-identical to diffusers,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
+from stable_cascade.nn.cuda_graphs import GraphFactory
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines import offload
 from stable_cascade.pipelines.compat import DiffusersPipelineMixin, LoopControl
@@ -129,6 +130,25 @@ class Pipeline(PipelineLoading, DiffusersPipelineMixin):
     def execution_device(self) -> torch.device:
         """Where inputs must be and models run: the offload device when offload is on, else :attr:`device`."""
         return self._offload.device if self._offload is not None else self.device
+
+    # -- speed -------------------------------------------------------------------------------------
+
+    def enable_cuda_graphs(self, make_graph: GraphFactory | None = None) -> None:
+        """Replay every UNet's sampling steps from CUDA graphs (see
+        :meth:`StableCascadeUNet.enable_cuda_graphs`); the models must be on a CUDA device."""
+        if self._offload is not None:
+            raise ValueError(
+                f"CUDA graphs replay fixed weight addresses, which CPU offload ({self._offload.mode}) moves; "
+                "call disable_offload() and .to('cuda') first"
+            )
+        for model in self._models().values():
+            if isinstance(model, StableCascadeUNet):
+                model.enable_cuda_graphs(make_graph)
+
+    def disable_cuda_graphs(self) -> None:
+        for model in self._models().values():
+            if isinstance(model, StableCascadeUNet):
+                model.disable_cuda_graphs()
 
     # -- offload -----------------------------------------------------------------------------------
 

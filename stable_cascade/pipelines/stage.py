@@ -6,7 +6,7 @@ C, ``effnet`` for B) and in their latent shape; everything else runs through :fu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -41,24 +41,57 @@ def build_schedule(settings: StageSettings, scheduler: SchedulerConfig, device: 
     )
 
 
-def unet_noise_model(
-    unet: StableCascadeUNet, conditioning: Conditioning, residuals: Sequence[Tensor | None] | None = None
-) -> NoiseModel:
+class PreparedUNet:
     """``eps(x, ratio)`` of ``unet`` with fixed conditioning (one row per row of ``x``) and optional
     ControlNet residuals (tiled over the rows; with guidance both branches get them).
 
     The step-invariant work (:meth:`StableCascadeUNet.prepare`) is done once, on the first call, for
-    x's batch and size, and reused on every later step.
+    x's batch and size, and reused on every later step. With :meth:`StableCascadeUNet.enable_cuda_graphs`
+    a guided step (both branches and the guidance arithmetic) is replayed as one graph.
     """
-    cache: UNetCache | None = None
 
-    def eps(x: Tensor, ratio: Tensor) -> Tensor:
-        nonlocal cache
-        if cache is None or cache.batch != x.shape[0] or cache.size != tuple(x.shape[-2:]):
-            cache = unet.prepare(x.shape[-2:], controlnet_residuals=residuals, **conditioning)
-        return unet(x, ratio, cache=cache, return_dict=False)[0]
+    def __init__(
+        self, unet: StableCascadeUNet, conditioning: Conditioning, residuals: Sequence[Tensor | None] | None
+    ) -> None:
+        self.unet, self.conditioning, self.residuals = unet, conditioning, residuals
+        self.cache: UNetCache | None = None
 
-    return eps
+    def cache_for(self, rows: int, size: tuple[int, int]) -> UNetCache:
+        if self.cache is None or self.cache.batch != rows or self.cache.size != size:
+            self.cache = self.unet.prepare(size, controlnet_residuals=self.residuals, **self.conditioning)
+        return self.cache
+
+    def __call__(self, x: Tensor, ratio: Tensor) -> Tensor:
+        cache = self.cache_for(x.shape[0], (x.shape[-2], x.shape[-1]))
+        return self.unet(x, ratio, cache=cache, return_dict=False)[0]  # type: ignore[no-any-return]
+
+    def guided(self, x: Tensor, ratio: Tensor, scale: float, rescale: float) -> Tensor:
+        """The guided prediction for ``x`` (B, ...); the conditioning holds ``[cond; uncond]`` (2B rows)."""
+        cache = self.cache_for(2 * x.shape[0], (x.shape[-2], x.shape[-1]))
+        step = guided_step(self.unet, scale, rescale)
+        graphed = self.unet.graphed(("guided", scale, rescale), step, invariant=(2,))
+        return (graphed or step)(x, ratio, cache)
+
+
+def guided_step(
+    unet: StableCascadeUNet, scale: float, rescale: float
+) -> Callable[[Tensor, Tensor, UNetCache], Tensor]:
+    """``step(x, ratio, cache)``: classifier-free guidance of ``unet`` with a cache of the doubled batch."""
+
+    def step(x: Tensor, ratio: Tensor, cache: UNetCache) -> Tensor:
+        def eps(doubled: Tensor, ratios: Tensor) -> Tensor:
+            return unet(doubled, ratios, cache=cache, return_dict=False)[0]  # type: ignore[no-any-return]
+
+        return classifier_free_guidance(eps, scale, rescale)(x, ratio)
+
+    return step
+
+
+def unet_noise_model(
+    unet: StableCascadeUNet, conditioning: Conditioning, residuals: Sequence[Tensor | None] | None = None
+) -> PreparedUNet:
+    """``eps(x, ratio)`` of ``unet`` with fixed conditioning (see :class:`PreparedUNet`)."""
+    return PreparedUNet(unet, conditioning, residuals)
 
 
 class FiniteWatch:
@@ -133,7 +166,7 @@ def guided_noise_model(
                 f"guidance_scale was raised to {scale} during sampling, but the call ran without "
                 "classifier-free guidance (no negative embeddings); pass guidance_scale > 1 to the call"
             )
-        return classifier_free_guidance(both, scale, rescale)(x, ratio)
+        return both.guided(x, ratio, scale, rescale)
 
     return eps
 
