@@ -2,7 +2,9 @@
 # Stable Cascade on one lent H100/H200, issue 19's measurements in one call (< 8 minutes): the
 # released full models at 1024x1024, bfloat16, batch 1 and 4, Stage C 20 steps with CFG + Stage B
 # 10 steps + Stage A decode, diffusers vs ours interleaved on identical random weights built on the
-# GPU (nothing is downloaded). Two time-boxed routes, each printing its tables when done:
+# GPU (nothing is downloaded). Time-boxed routes, each printing its tables when done:
+#   0. which SDPA kernel (flash, memory-efficient, cuDNN, math) Stage C's attention shapes get in
+#      bf16, and each one's time (`sdpa.py`, capped at 60 s);
 #   1. eager vs CUDA graphs (`enable_cuda_graphs`, no compiler) vs FP8 Stage C (`enable_fp8`, with
 #      graphs; its max error vs bf16 ours on the same seed is the "max |output - ours|" row),
 #      batch 1 and 4 (capped at 290 s);
@@ -43,6 +45,9 @@ else
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_device.txt"
     common=(--device cuda --dtype bfloat16 --setups full --repeats 2)
 fi
+
+timeout 60 python3 "$here/sdpa.py" 2>&1 | tee "$out/gpu_sdpa.txt"  # the attention kernel Stage C gets
+echo "route 0, SDPA backends: exit ${PIPESTATUS[0]}"
 
 start=$SECONDS
 timeout 290 python3 "$here/cascade.py" "${common[@]}" --batches 1 4 --variants "${race_variants[@]}" \
