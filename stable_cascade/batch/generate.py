@@ -113,43 +113,33 @@ class _Run:
         self.processes.agree(_writable(self.folder))
         with store.run_lock(self.folder, self.processes.main) as busy:
             self.processes.agree(busy)
-            return self._run(items, source, settings, seed, device, offload, progress)
-
-    def _run(
-        self,
-        items: list[BatchItem],
-        source: str,
-        settings: dict[str, Any],
-        seed: int | None,
-        device: str,
-        offload: str,
-        progress: bool,
-    ) -> BatchSummary:
-        base = Job.create(**{**settings, "seed": 0})
-        stored = json.loads(json.dumps({k: v for k, v in base.to_dict().items() if k != "seed"}))
-        base_seed = self._base_seed(stored, seed)
-        planned = plan_items(items, settings, base_seed)
-        units = plan_units(planned, self.batch_size)
-        engine = Engine(device=self.processes.device(device), dtype="auto", offload=offload)
-        self.processes.share_cpu()
-        self._recorded = engine.record_job(base)
-        left, skipped = self._left(units, planned)
-        if self.processes.main:
-            store.store_settings(self.folder, stored, base_seed, source)
-            store.remove_temporaries(self.folder)
-        total = sum(entry.job.count for entry in planned)
-        bar = tqdm(total=total, initial=skipped, unit="image", disable=not (progress and self.processes.main))
-        with bar:
-            summary = self._make(engine, base, planned, left, bar)
-        summary = dataclasses.replace(summary, images=total, skipped=skipped)
-        error = None
-        if self.processes.main:
-            missing = _write_manifest(self.folder, planned, self.expected)
-            store.write_summary(self.folder, {**dataclasses.asdict(summary), "missing": missing})
-            if missing:
-                error = f"{len(missing)} images are missing in {self.folder} ({missing[0]}, …); run again"
-        self.processes.agree(error)  # the others wait until the manifest is written
-        return summary
+            base = Job.create(**{**settings, "seed": 0})
+            stored = json.loads(json.dumps({k: v for k, v in base.to_dict().items() if k != "seed"}))
+            base_seed = self._base_seed(stored, seed)
+            planned = plan_items(items, settings, base_seed)
+            units = plan_units(planned, self.batch_size)
+            engine = Engine(device=self.processes.device(device), dtype="auto", offload=offload)
+            self.processes.share_cpu()
+            self._recorded = engine.record_job(base)
+            left, skipped = self._left(units, planned)
+            if self.processes.main:
+                store.store_settings(self.folder, stored, base_seed, source)
+                store.remove_temporaries(self.folder)
+            total = sum(entry.job.count for entry in planned)
+            bar = tqdm(
+                total=total, initial=skipped, unit="image", disable=not (progress and self.processes.main)
+            )
+            with bar:
+                summary = self._make(engine, base, planned, left, bar)
+            summary = dataclasses.replace(summary, images=total, skipped=skipped)
+            error = None
+            if self.processes.main:
+                missing = _write_manifest(self.folder, planned, self.expected)
+                store.write_summary(self.folder, {**dataclasses.asdict(summary), "missing": missing})
+                if missing:
+                    error = f"{len(missing)} images are missing in {self.folder} ({missing[0]}, …); run again"
+            self.processes.agree(error)  # the others wait until the manifest is written
+            return summary
 
     def _make(
         self, engine: Engine, base: Job, planned: list[PlannedItem], left: list[Unit], bar: Any
