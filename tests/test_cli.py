@@ -357,7 +357,7 @@ MISTAKES = {
         ["img2img", "{r}/input.png", "x", "--strength", "2"],
         "strength must be in [0, 1]",
     ),
-    "unreadable image": (["img2img", "{r}/not_an_image.png", "x"], "not a readable image"),
+    "unreadable image": (["img2img", "{r}/not_an_image.png", "x"], "is not an image file that PIL can read"),
     "missing image": (["variation", "{r}/nothing.png"], "does not exist"),
     "no prompt": (["generate"], "needs a PROMPT"),
     "one file, two images": (["generate", "x", "--batch-size", "2", "-o", "one.png"], "names one file"),
