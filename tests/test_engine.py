@@ -13,6 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import tiny
@@ -31,7 +32,9 @@ from stable_cascade.engine import (
     read_png,
     save_png,
 )
+from stable_cascade.nn.previewer import Previewer
 from stable_cascade.pipelines.sources import load_models
+from stable_cascade.specs import PreviewerConfig
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +215,13 @@ def test_cancel_stops_between_steps_and_the_engine_runs_on(sources: ModelSources
     assert len(images_of(engine, fast_job(sources))) == 1
 
 
-def test_previews_and_the_checks_before_any_work(sources: ModelSources) -> None:
+def test_previews_and_the_checks_before_any_work(sources: ModelSources, tmp_path: Path) -> None:
+    previewer = tmp_path / "previewer.safetensors"  # else the bundle's, from the Hub
+    torch.manual_seed(0)
+    save_file(Previewer(PreviewerConfig(c_hidden=8)).state_dict(), previewer)
     engine = Engine(device="cpu")
-    previews = [e for e in engine.run(fast_job(sources), previews=True) if isinstance(e, Preview)]
+    with_previewer = dataclasses.replace(sources, previewer=str(previewer))
+    previews = [e for e in engine.run(fast_job(with_previewer), previews=True) if isinstance(e, Preview)]
     assert [(p.index, p.step) for p in previews] == [(0, 0), (0, 1)]
     image = PIL.Image.new("RGB", (64, 64), "red")
     variation = fast_job(sources, task="variation", input_image_sha256=image_sha256(image))
