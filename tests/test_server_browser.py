@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import numpy as np
 import PIL.Image
 import pytest
 from serving import PROMPT, ServerProcess
@@ -29,6 +31,7 @@ pytestmark = [
         reason="no browser found: apt-get install chromium chromium-driver (Debian)",
     ),
 ]
+RIGHT = "a red circle on the right, on a white background"
 #: Where to save a screenshot of the page (the README's is made this way).
 SCREENSHOT = os.environ.get("STABLE_CASCADE_SCREENSHOT")
 
@@ -123,6 +126,52 @@ def test_an_upload_for_img2img(server: ServerProcess, browser: webdriver.Chrome,
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
     assert browser.find_elements(By.CSS_SELECTOR, "#result img.output")
+
+
+def test_canny_controlnet_moves_the_object_where_the_control_image_has_it(
+    server: ServerProcess, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """The prompt says right, the control image's circle is on the left: the demo ControlNet wins."""
+    control = tmp_path / "control.png"
+    pixels = np.zeros((128, 128, 3), np.uint8)
+    ys, xs = np.mgrid[:128, :128]
+    pixels[(xs - 32) ** 2 + (ys - 64) ** 2 < 18**2] = 255
+    PIL.Image.fromarray(pixels).save(control)
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+    controlnets = Select(browser.find_element(By.ID, "controlnet"))
+    assert [o.get_attribute("value") for o in controlnets.options] == ["", "canny"]
+    browser.find_element(By.CSS_SELECTOR, "#control-box summary").click()
+    controlnets.select_by_value("canny")
+    assert not browser.find_element(By.ID, "mask").is_displayed()  # inpainting only
+    browser.find_element(By.ID, "control_image").send_keys(str(control))
+    wait.until(lambda b: b.find_element(By.ID, "control-thumb").is_displayed())
+    browser.find_element(By.ID, "prompt").send_keys(RIGHT)
+    browser.find_element(By.ID, "seed").send_keys("3")
+    Select(browser.find_element(By.ID, "decoder_sampler")).select_by_value("euler_ancestral")
+    browser.find_element(By.ID, "generate").click()
+    image = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#result img.output"))[0]
+    wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
+    summary = score([_image(browser, image)], [RIGHT.replace("right", "left")]).summary()
+    assert (summary["colour"], summary["position"], summary["background"]) == (1.0, 1.0, 1.0), summary
+    job = httpx.get(server.url + "/v1/jobs?limit=1", timeout=10).json()["jobs"][0]["job"]
+    assert job["decoder"]["sampler"] == "euler_ancestral" != job["prior"]["sampler"]
+    assert [(c["controlnet"], c["scale"]) for c in job["controls"]] == [("canny", 1.0)]
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    browser.find_element(By.ID, "control_image").send_keys(str(broken))
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda b: "control_image is not an image" in b.find_element(By.ID, "error").text)
+
+    browser.get(server.url + "/")
+    reuse = wait.until(lambda b: b.find_elements(By.XPATH, "//button[text()='Reuse parameters']"))[0]
+    reuse.click()
+    assert Select(browser.find_element(By.ID, "controlnet")).first_selected_option.text == "canny"
+    assert browser.find_element(By.ID, "control_scale").get_attribute("value") == "1"
+    assert "re-upload" in browser.find_element(By.ID, "control-hint").text
+    assert Select(browser.find_element(By.ID, "decoder_sampler")).first_selected_option.text == "Euler a"
 
 
 def test_the_page_asks_for_the_api_key(tmp_path: Path, browser: webdriver.Chrome) -> None:

@@ -126,3 +126,17 @@ def test_serve_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: stable-cascade serve" in out and "--api-key" in out and "--insecure" in out
+
+
+def test_info_lists_each_models_controlnets(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from stable_cascade.server.app import create_app
+
+    app = create_app(ServerConfig(model="demo", data=tmp_path, device="cpu"))
+    answer = TestClient(app).get("/v1/info")  # no lifespan: no worker starts
+    assert answer.status_code == 200, answer.text
+    models = answer.json()["models"]
+    assert models["demo"]["controlnets"] == ["canny"]
+    assert models["full"]["controlnets"] == ["canny", "inpainting", "super_resolution"]
+    assert models["lite"]["controlnets"] == []

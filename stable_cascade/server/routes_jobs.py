@@ -154,7 +154,8 @@ def _sse(message: dict[str, Any]) -> str:
 
 @router.get("/v1/info")
 async def info(request: Request) -> dict[str, Any]:
-    """What the page offers: models (and their native sizes), presets, samplers and the defaults."""
+    """What the page offers: models (their native sizes and ControlNets), presets, samplers and the
+    defaults."""
     presets = {
         name: {stage: dataclasses.asdict(getattr(preset, stage)) for stage in ("prior", "decoder")}
         for name, preset in PRESETS.items()
@@ -162,7 +163,11 @@ async def info(request: Request) -> dict[str, Any]:
     return {
         "model": _server(request).model,
         "models": {
-            name: {"description": b.description, "size": native_size(ModelSources(model=name))}
+            name: {
+                "description": b.description,
+                "size": native_size(ModelSources(model=name)),
+                "controlnets": [controlnet for controlnet, _ in b.controlnets],
+            }
             for name, b in BUNDLES.items()
         },
         "presets": presets,

@@ -41,7 +41,10 @@ async function loadInfo() {
     return option;
   }));
   $("preset").replaceChildren(...Object.keys(info.presets).map((name) => new Option(name, name, false, name === "reference")));
-  for (const sampler of info.samplers) $("sampler").append(new Option(sampler.name, sampler.aliases[0]));
+  for (const sampler of info.samplers) {
+    $("sampler").append(new Option(sampler.name, sampler.aliases[0]));
+    $("decoder_sampler").append(new Option(sampler.name, sampler.aliases[0]));
+  }
   applyPreset();
   applyModel();
 }
@@ -55,9 +58,32 @@ function applyPreset() {
 }
 
 function applyModel() {
-  const size = info.models[$("model").value].size || 1024;
+  const model = info.models[$("model").value];
+  const size = model.size || 1024;
   $("width").placeholder = size;
   $("height").placeholder = size;
+  const chosen = $("controlnet").value;
+  const names = model.controlnets || [];
+  $("controlnet").replaceChildren(new Option("none", ""), ...names.map((name) => new Option(name, name)));
+  $("controlnet").value = names.includes(chosen) ? chosen : "";
+  $("controlnet").disabled = names.length === 0;
+  $("control-none").hidden = names.length > 0;
+  applyControl();
+}
+
+// The control inputs show once a ControlNet is chosen; the mask only for inpainting.
+function applyControl() {
+  const controlnet = $("controlnet").value;
+  $("control-inputs").hidden = controlnet === "";
+  $("mask-box").hidden = controlnet !== "inpainting";
+}
+
+function showThumb(input, thumb) {
+  const file = $(input).files[0];
+  if ($(thumb).src) URL.revokeObjectURL($(thumb).src);
+  $(thumb).hidden = !file;
+  if (file) $(thumb).src = URL.createObjectURL(file);
+  else $(thumb).removeAttribute("src");
 }
 
 function applyTask() {
@@ -85,13 +111,29 @@ async function formJob() {
   }
   if (!$("random-seed").checked && $("seed").value.trim() !== "") job.seed = parseInt($("seed").value, 10);
   if ($("sampler").value) { job.prior_sampler = $("sampler").value; job.decoder_sampler = $("sampler").value; }
+  if ($("decoder_sampler").value) job.decoder_sampler = $("decoder_sampler").value;
   if (task !== "txt2img") {
     const file = $("image").files[0];
     if (!file) throw new Error("choose an input image for " + task);
     job.image = await readFile(file);
     job.input_image = file.name;
   }
+  await addControl(job);
   return job;
+}
+
+// The native API's control fields: controlnet, control_image and mask (data URLs), control_scale.
+async function addControl(job) {
+  const controlnet = $("controlnet").value;
+  if (!controlnet) return;
+  const image = $("control_image").files[0];
+  if (!image) throw new Error(`choose a control image for the ${controlnet} ControlNet (or set ControlNet to none)`);
+  job.controlnet = controlnet;
+  job.control_image = await readFile(image);
+  const scale = $("control_scale").value.trim();
+  if (scale !== "") job.control_scale = parseFloat(scale);
+  const mask = $("mask").files[0];
+  if (controlnet === "inpainting" && mask) job.mask = await readFile(mask);
 }
 
 async function generate(event) {
@@ -183,9 +225,24 @@ function reuse(job) {
   $("random-seed").checked = false;
   const sampler = job.prior ? job.prior.sampler : job.decoder.sampler;
   $("sampler").value = [...$("sampler").options].some((o) => o.value === sampler) ? sampler : "";
+  $("decoder_sampler").value = job.decoder.sampler !== $("sampler").value ? job.decoder.sampler : "";
+  reuseControl(job.controls || []);
   applyTask();
   applyPreset();
   window.scrollTo(0, 0);
+}
+
+// The ControlNet and its scale come back; its images cannot (the browser may not set a file input).
+function reuseControl(controls) {
+  const control = controls[0];
+  const offered = control && [...$("controlnet").options].some((o) => o.value === control.controlnet);
+  $("controlnet").value = offered ? control.controlnet : "";
+  $("control_scale").value = control ? control.scale : 1;
+  applyControl();
+  if (control) $("control-box").open = true;
+  $("control-hint").textContent = !control ? "" : offered
+    ? `re-upload the control image${control.mask ? " and the mask" : ""} of the job you reuse`
+    : `this model has no ${control.controlnet} ControlNet`;
 }
 
 function button(label, action) {
@@ -249,6 +306,9 @@ function start() {
   $("task").addEventListener("change", applyTask);
   $("preset").addEventListener("change", applyPreset);
   $("model").addEventListener("change", applyModel);
+  $("controlnet").addEventListener("change", applyControl);
+  $("control_image").addEventListener("change", () => { showThumb("control_image", "control-thumb"); $("control-hint").textContent = ""; });
+  $("mask").addEventListener("change", () => showThumb("mask", "mask-thumb"));
   $("random-seed").addEventListener("change", () => { if ($("random-seed").checked) $("seed").value = ""; });
   $("seed").addEventListener("input", () => { $("random-seed").checked = $("seed").value === ""; });
   $("cancel").addEventListener("click", () => currentJob && cancel(currentJob));
