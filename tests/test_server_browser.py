@@ -87,6 +87,7 @@ def test_type_a_prompt_generate_and_see_the_image(server: ServerProcess, browser
     card = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#gallery .card img"))[0]
     assert "Seed: 3" in card.get_attribute("title")
     if SCREENSHOT:
+        browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(SCREENSHOT)
 
 
