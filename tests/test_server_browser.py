@@ -144,6 +144,16 @@ def test_canny_controlnet_moves_the_object_where_the_control_image_has_it(
     controlnets = Select(browser.find_element(By.ID, "controlnet"))
     assert [o.get_attribute("value") for o in controlnets.options] == ["", "canny"]
     browser.find_element(By.CSS_SELECTOR, "#control-box summary").click()
+    models = Select(browser.find_element(By.ID, "model"))
+    models.select_by_value("full")
+    controlnets.select_by_value("inpainting")
+    assert browser.find_element(By.ID, "mask").is_displayed()
+    models.select_by_value("lite")  # no ControlNet: back to none
+    assert controlnets.first_selected_option.text == "none"
+    assert not browser.find_element(By.ID, "controlnet").is_enabled()
+    assert not browser.find_element(By.ID, "control_image").is_displayed()
+    assert browser.find_element(By.ID, "control-none").is_displayed()
+    models.select_by_value("demo")
     controlnets.select_by_value("canny")
     assert not browser.find_element(By.ID, "mask").is_displayed()  # inpainting only
     browser.find_element(By.ID, "control_image").send_keys(str(control))
