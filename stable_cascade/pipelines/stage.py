@@ -55,6 +55,7 @@ class PreparedUNet:
     ) -> None:
         self.unet, self.conditioning, self.residuals = unet, conditioning, residuals
         self.cache: UNetCache | None = None
+        self.steps: dict[tuple[float, float], Callable[[Tensor, Tensor, UNetCache], Tensor]] = {}
 
     def cache_for(self, rows: int, size: tuple[int, int]) -> UNetCache:
         if self.cache is None or self.cache.batch != rows or self.cache.size != size:
@@ -68,7 +69,8 @@ class PreparedUNet:
     def guided(self, x: Tensor, ratio: Tensor, scale: float, rescale: float) -> Tensor:
         """The guided prediction for ``x`` (B, ...); the conditioning holds ``[cond; uncond]`` (2B rows)."""
         cache = self.cache_for(2 * x.shape[0], (x.shape[-2], x.shape[-1]))
-        step = guided_step(self.unet, scale, rescale)
+        if (step := self.steps.get((scale, rescale))) is None:  # made once per guidance setting
+            step = self.steps[scale, rescale] = guided_step(self.unet, scale, rescale)
         graphed = self.unet.graphed(("guided", scale, rescale), step, invariant=(2,))
         return (graphed or step)(x, ratio, cache)
 
