@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import PIL.Image
 
 from stable_cascade.conditioning.control import SUPER_RESOLUTION_FACTOR
-from stable_cascade.conditioning.image_files import open_image
 from stable_cascade.engine import checks
 from stable_cascade.engine.hashing import FileHasher, image_sha256
+from stable_cascade.engine.images import open_image
 from stable_cascade.loading.bundles import DEFAULT_BUNDLE, get_bundle
 from stable_cascade.loading.controlnets import controlnet_spec, controlnet_type, is_released, local_controlnet
 from stable_cascade.pipelines.control import CONTROL_TYPES
@@ -156,6 +156,6 @@ def _checked(what: str, path: str, digest: str | None) -> PIL.Image.Image:
 
 def _open(what: str, path: str) -> PIL.Image.Image:
     try:
-        return open_image(path).convert("RGB")
+        return open_image(path)
     except FileNotFoundError as error:
         raise ValueError(f"the {what} {path} does not exist; pass an existing image file") from error

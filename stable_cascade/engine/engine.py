@@ -134,8 +134,7 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> Iterator[Event]:
         """The events of ``job`` (see :mod:`~stable_cascade.engine.events`); checked before any work."""
-        image = check_inputs(job, image)
-        controls = [(control, open_control(control)) for control in job.controls]
+        image, controls = _checked_inputs(job, image)
         stop, taken = threading.Event(), threading.Semaphore(0)
         events: queue.Queue[object] = queue.Queue()
 
@@ -290,13 +289,19 @@ def _next(events: queue.Queue[object], cancel: threading.Event | None, stop: thr
 def check_inputs(job: Job, image: PIL.Image.Image | None) -> PIL.Image.Image | None:
     """Validate ``job``, its control images and its input image (given when needed, the one the job
     names); the image in RGB."""
+    return _checked_inputs(job, image)[0]
+
+
+def _checked_inputs(
+    job: Job, image: PIL.Image.Image | None
+) -> tuple[PIL.Image.Image | None, list[tuple[ControlRef, ControlImages]]]:
+    """:func:`check_inputs`, and the job's control images, opened and checked once."""
     job.validate()
-    for control in job.controls:
-        open_control(control)
+    controls = [(control, open_control(control)) for control in job.controls]
     if job.task == "txt2img":
         if image is not None:
             raise ValueError("txt2img takes no input image; use img2img, variation or reconstruct")
-        return None
+        return None, controls
     if image is None:
         raise ValueError(f"{job.task} needs an input image; pass the image the job was made for")
     if not isinstance(image, PIL.Image.Image):
@@ -309,7 +314,7 @@ def check_inputs(job: Job, image: PIL.Image.Image | None) -> PIL.Image.Image | N
     for lora in job.loras:
         if not _exists(lora):
             raise ValueError(f"LoRA file {lora.path} does not exist")
-    return image.convert("RGB")
+    return image.convert("RGB"), controls
 
 
 def _exists(lora: LoraRef) -> bool:
