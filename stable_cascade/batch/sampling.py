@@ -9,7 +9,6 @@ prompt's embeddings and its own generator (``seed + k``). Each distinct text is 
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -71,10 +70,12 @@ class UnitRunner:
         with attached_loras(models, job.loras):
             out = prior(**arguments, **job.prior.arguments(job.preset))
         assert isinstance(out, StableCascadePriorPipelineOutput)
-        handed_on: dict[str, Any] = {
-            field.name: getattr(out, field.name) for field in dataclasses.fields(out)
+        handed_on = {
+            **out.decoder_arguments(),
+            "height": job.height,
+            "width": job.width,
+            "generator": generators,
         }
-        handed_on.update(height=job.height, width=job.width, generator=generators)
         decoded = models.decoder_pipe(**handed_on, **job.decoder.arguments(job.preset))
         assert isinstance(decoded, ImagePipelineOutput)
         pictures = cast(list[PIL.Image.Image], decoded.images)  # output_type "pil", the default

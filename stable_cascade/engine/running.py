@@ -25,14 +25,6 @@ from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, p
 from stable_cascade.pipelines.previews import PreviewCallback
 from stable_cascade.pipelines.sources import LoadedModels
 
-#: The prior outputs the decoder takes (the combined pipeline hands them on the same way).
-_HANDED_ON = (
-    "image_embeddings",
-    "prompt_embeds",
-    "prompt_embeds_pooled",
-    "negative_prompt_embeds",
-    "negative_prompt_embeds_pooled",
-)
 Emit = Callable[[Event], None]
 Stage = Literal["prior", "decoder"]
 
@@ -155,7 +147,7 @@ class JobRun:
             **arguments,
         )
         assert isinstance(out, StableCascadePriorPipelineOutput)
-        return {name: getattr(out, name) for name in _HANDED_ON}
+        return out.decoder_arguments()
 
     def _decoder(
         self, handed_on: dict[str, Any], generators: list[torch.Generator], batch: int

@@ -34,6 +34,11 @@ class StableCascadePriorPipelineOutput(PipelineOutput):
     negative_prompt_embeds: Tensor | np.ndarray | None
     negative_prompt_embeds_pooled: Tensor | np.ndarray | None
 
+    def decoder_arguments(self) -> dict[str, Any]:
+        """Every field as the decoder pipeline's keyword argument of the same name (how a cascade
+        hands Stage C's latents and the text embeddings on)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
 
 @dataclasses.dataclass
 class ImagePipelineOutput(PipelineOutput):
