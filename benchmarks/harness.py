@@ -30,8 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 from stable_cascade import PaellaVQModel, StableCascadeUNet
-from stable_cascade.pipelines.presets import StageSettings
-from stable_cascade.pipelines.stage import run_stage
+from stable_cascade.diffusion.presets import StageSettings
+from stable_cascade.sampling.loop import run_stage
 from stable_cascade.specs import (
     UNET_VARIANTS,
     VQ_VARIANTS,

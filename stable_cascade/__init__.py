@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from stable_cascade.checkpoint import CheckpointError
-    from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
+    from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
     from stable_cascade.nn.controlnet import ControlNet
     from stable_cascade.nn.effnet import EfficientNetEncoder
     from stable_cascade.nn.previewer import Previewer
@@ -33,8 +33,8 @@ __version__ = "0.1.0"
 #: Exported name → the module that defines it.
 _EXPORTS = {
     "CheckpointError": "stable_cascade.checkpoint",
-    "DDPMWuerstchenScheduler": "stable_cascade.diffusion.scheduler",
-    "DDPMWuerstchenSchedulerOutput": "stable_cascade.diffusion.scheduler",
+    "DDPMWuerstchenScheduler": "stable_cascade.diffusion.ddpm_scheduler",
+    "DDPMWuerstchenSchedulerOutput": "stable_cascade.diffusion.ddpm_scheduler",
     "ControlNet": "stable_cascade.nn.controlnet",
     "EfficientNetEncoder": "stable_cascade.nn.effnet",
     "Previewer": "stable_cascade.nn.previewer",

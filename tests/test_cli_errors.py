@@ -221,10 +221,10 @@ def test_the_parser_imports_no_model_library_and_version_works() -> None:
 
 
 def test_the_command_line_choices_are_the_librarys() -> None:
+    from stable_cascade.diffusion.presets import PRESETS
     from stable_cascade.diffusion.samplers import SAMPLERS
     from stable_cascade.engine import DTYPES, ModelSources
     from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
-    from stable_cascade.pipelines.presets import PRESETS
     from stable_cascade.training import config
 
     assert tuple(sorted(SAMPLERS)) == choices.SAMPLERS and tuple(sorted(PRESETS)) == choices.PRESETS

@@ -12,7 +12,7 @@ import tiny
 from stable_cascade import SchedulerConfig, StableCascadeUNet, StageSettings
 from stable_cascade.nn.cuda_graphs import GraphedFunction, capturing
 from stable_cascade.nn.layers import KeyValue
-from stable_cascade.pipelines.stage import run_stage
+from stable_cascade.sampling.loop import run_stage
 from stable_cascade.specs import UNET_VARIANTS
 
 PRIOR = UNET_VARIANTS["tiny_prior"]

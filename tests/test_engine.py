@@ -32,8 +32,8 @@ from stable_cascade.engine import (
     read_png,
     save_png,
 )
+from stable_cascade.engine.models import load_models
 from stable_cascade.nn.previewer import Previewer
-from stable_cascade.pipelines.sources import load_models
 from stable_cascade.specs import PreviewerConfig
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from stable_cascade.diffusion.guidance import classifier_free_guidance
 from stable_cascade.diffusion.samplers import ddpm
-from stable_cascade.diffusion.sampling import diffusers_schedule
+from stable_cascade.diffusion.timesteps import diffusers_schedule
 
 SHAPE = (2, 3, 4, 4)
 

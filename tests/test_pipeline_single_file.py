@@ -34,7 +34,7 @@ from stable_cascade.conditioning.clip_weights import (
     clip_vision_model,
 )
 from stable_cascade.convert import ORIGINAL_STAGE_A_SCALE, Kind, to_original_state_dict
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.single_file import effnet_config, previewer_config, resolve_checkpoint
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer

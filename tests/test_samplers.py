@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from stable_cascade.diffusion.cosine import alpha_cumprod
 from stable_cascade.diffusion.samplers import (
     SAMPLERS,
     SamplerResult,
@@ -20,8 +21,7 @@ from stable_cascade.diffusion.samplers import (
     euler_ancestral,
     get_sampler,
 )
-from stable_cascade.diffusion.sampling import Schedule, diffusers_schedule, reference_schedule
-from stable_cascade.diffusion.schedule import alpha_cumprod
+from stable_cascade.diffusion.timesteps import Schedule, diffusers_schedule, reference_schedule
 
 SHAPE = (2, 4, 6, 6)
 Sampler = Callable[..., SamplerResult]

@@ -12,7 +12,8 @@ from diffusers import StableCascadeUNet as DiffusersUNet
 
 import tiny
 from stable_cascade import PaellaVQModel, SchedulerConfig, StableCascadeUNet, StageSettings
-from stable_cascade.pipelines.stage import guided_conditioning, run_stage
+from stable_cascade.sampling.loop import run_stage
+from stable_cascade.sampling.noise_model import guided_conditioning
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig
 
 PRIOR = UNET_VARIANTS["tiny_prior"].replace(down_num_layers_per_block=(1, 2), up_num_layers_per_block=(2, 1))

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 import tiny
 from stable_cascade.cli.main import main
-from stable_cascade.diffusion.schedule import noise_cond
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.cosine import noise_cond
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer

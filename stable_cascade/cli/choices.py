@@ -6,7 +6,7 @@ from __future__ import annotations
 
 #: ``diffusion.samplers.SAMPLERS``
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "euler_ancestral")
-#: ``pipelines.presets.PRESETS``
+#: ``diffusion.presets.PRESETS``
 PRESETS = ("diffusers", "reference")
 #: ``loading.bundles.BUNDLES``: name → description
 BUNDLES = {
@@ -18,7 +18,7 @@ BUNDLES = {
 DEFAULT_BUNDLE = "full"
 #: ``engine.DTYPES``
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-#: ``pipelines.sources.ModelSources``' fields: the model flags
+#: ``loading.sources.ModelSources``' fields: the model flags
 MODEL_FLAGS = ("model", "prior", "decoder", "stage_a", "effnet", "previewer", "components")
 OFFLOADS = ("none", "model", "sequential")
 #: ``pipelines.control.CONTROL_TYPES``, also ``loading.bundles.RELEASED_CONTROLNETS`` (the released names)

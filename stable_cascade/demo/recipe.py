@@ -36,11 +36,12 @@ from stable_cascade.checkpoint import read_json_object
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo.pipeline import DemoCascadePipeline
 from stable_cascade.demo.settings import DEMO_SIZE, PREVIEWER_FILE, Recipe
+from stable_cascade.engine.models import load_models
 from stable_cascade.loading.bundles import DEMO_DIR
+from stable_cascade.loading.sources import ModelSources
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
-from stable_cascade.pipelines.sources import ModelSources, load_models
 from stable_cascade.shapes import Score, all_scenes, caption, held_out_prompts, score_by_kind, write_dataset
 from stable_cascade.specs import EFFNET_VARIANTS
 from stable_cascade.training import Components, TrainConfig, fresh_model, train

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stable_cascade.diffusion.sampling import NoiseModel
+from stable_cascade.diffusion.timesteps import NoiseModel
 
 
 def classifier_free_guidance(eps_model: NoiseModel, scale: float, rescale: float = 0.0) -> NoiseModel:

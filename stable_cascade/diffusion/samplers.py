@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from stable_cascade.diffusion.noise import Generators, randn
-from stable_cascade.diffusion.sampling import NoiseModel, Progress, SamplerResult, Schedule, StepCallback
+from stable_cascade.diffusion.timesteps import NoiseModel, Progress, SamplerResult, Schedule, StepCallback
 
 SamplerName = Literal["ddpm", "ddim", "euler_ancestral", "dpmpp_2m"]
 

@@ -18,7 +18,7 @@ from stable_cascade.engine.images import open_image
 from stable_cascade.engine.job import DTYPES, TASKS, Job, LoraRef, StageJob, Task, native_size
 from stable_cascade.engine.record import ImageRecord, read_png, save_png
 from stable_cascade.engine.threads import configure_cpu_threads
-from stable_cascade.pipelines.sources import ModelSources
+from stable_cascade.loading.sources import ModelSources
 
 __all__ = [
     "DTYPES",

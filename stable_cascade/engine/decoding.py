@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from stable_cascade.pipelines.sources import ModelSources
+from stable_cascade.loading.sources import ModelSources
 
 if TYPE_CHECKING:
     from stable_cascade.engine.job import Job

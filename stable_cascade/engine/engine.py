@@ -31,21 +31,21 @@ from stable_cascade.engine.control import ControlImages, ControlRef, open_contro
 from stable_cascade.engine.events import Event, Finished, Loading
 from stable_cascade.engine.hashing import FileHasher, image_sha256, sha256_file
 from stable_cascade.engine.job import DEFAULT_SIZE, DTYPES, Job, LoraRef, native_size
-from stable_cascade.engine.record import model_label
-from stable_cascade.engine.running import JobRun
-from stable_cascade.engine.threads import configure_cpu_threads
-from stable_cascade.loading.controlnets import controlnet_spec, load_controlnet
-from stable_cascade.nn.controlnet import ControlNet
-from stable_cascade.pipelines.prior import StableCascadePriorPipeline
-from stable_cascade.pipelines.sources import (
+from stable_cascade.engine.models import (
     LoadedModels,
-    ModelSources,
     Offload,
     load_models,
     place,
     resolve_device,
     resolve_dtype,
 )
+from stable_cascade.engine.record import model_label
+from stable_cascade.engine.running import JobRun
+from stable_cascade.engine.threads import configure_cpu_threads
+from stable_cascade.loading.controlnets import controlnet_spec, load_controlnet
+from stable_cascade.loading.sources import ModelSources
+from stable_cascade.nn.controlnet import ControlNet
+from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 
 logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

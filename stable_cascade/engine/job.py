@@ -16,13 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from stable_cascade.diffusion.presets import PRESETS, StageSettings, get_preset
 from stable_cascade.diffusion.samplers import SAMPLERS
 from stable_cascade.engine import checks
 from stable_cascade.engine.control import ControlRef, check_controls, resolve_control, super_resolution_size
 from stable_cascade.engine.hashing import sha256_file
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
-from stable_cascade.pipelines.presets import PRESETS, StageSettings, get_preset
-from stable_cascade.pipelines.sources import ModelSources
+from stable_cascade.loading.sources import ModelSources
 
 Task = Literal["txt2img", "img2img", "variation", "reconstruct"]
 TASKS: tuple[str, ...] = get_args(Task)

@@ -8,9 +8,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from stable_cascade.diffusion.presets import PRESETS, get_preset
 from stable_cascade.engine.job import TASKS, Job, StageJob
-from stable_cascade.pipelines.presets import PRESETS, get_preset
-from stable_cascade.pipelines.sources import ModelSources
+from stable_cascade.loading.sources import ModelSources
 
 _FIELD = re.compile(r'\s*([\w .\-]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 UNKNOWN_IMAGE = "unknown"  # the input image's hash when a record has none

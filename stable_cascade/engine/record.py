@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 from stable_cascade.engine.decoding import _object, _typed
 from stable_cascade.engine.job import Job, StageJob
 from stable_cascade.engine.legacy import parse_infotext, schema_1_record
-from stable_cascade.pipelines.sources import ModelSources
+from stable_cascade.loading.sources import ModelSources
 
 INFOTEXT_KEY = "parameters"
 JSON_KEY = "stable_cascade"

@@ -19,11 +19,11 @@ import torch
 from stable_cascade.engine.control import ControlImages, ControlRef
 from stable_cascade.engine.events import Event, ImageDone, JobCancelled, Preview, Progress
 from stable_cascade.engine.job import Job, StageJob
+from stable_cascade.engine.models import LoadedModels
 from stable_cascade.engine.record import ImageRecord
 from stable_cascade.pipelines.control import ControlRequest, paste_unmasked
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, postprocess
 from stable_cascade.pipelines.previews import PreviewCallback
-from stable_cascade.pipelines.sources import LoadedModels
 
 Emit = Callable[[Event], None]
 Stage = Literal["prior", "decoder"]

@@ -31,7 +31,7 @@ from stable_cascade.checkpoint import (
 from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
 from stable_cascade.checkpoint.safetensors_io import align_module
 from stable_cascade.checkpoint.safety import check_transformers_folder
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer

@@ -37,7 +37,7 @@ from stable_cascade.checkpoint import (
 from stable_cascade.checkpoint.safetensors_io import read_single_file
 from stable_cascade.conditioning.clip_weights import clip_text_model, clip_vision_model, normalize_clip_keys
 from stable_cascade.convert import Kind, expect_kind, identify, split_bundle
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.components import is_component_entry, load_component, read_model_index
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer

@@ -21,8 +21,9 @@ from stable_cascade.conditioning.text import PromptConditioning, encode_prompts
 from stable_cascade.nn.cuda_graphs import GraphFactory
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines import offload
-from stable_cascade.pipelines.compat import DiffusersPipelineMixin, LoopControl
+from stable_cascade.pipelines.compat import DiffusersPipelineMixin
 from stable_cascade.pipelines.persistence import PipelineLoading
+from stable_cascade.sampling.noise_model import LoopControl
 
 logger = logging.getLogger(__name__)
 

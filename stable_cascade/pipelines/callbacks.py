@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from stable_cascade.diffusion.sampling import StepCallback
+from stable_cascade.diffusion.timesteps import StepCallback
 
 #: ``callback(pipeline, step_index, timestep, tensors) -> dict`` whose "latents" replaces the latents.
 PipelineCallback = Callable[[Any, int, Tensor, dict[str, Any]], Mapping[str, Any] | None]

@@ -15,8 +15,9 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from stable_cascade.conditioning.control import MaskInput
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.loading.single_file import LoadOptions, combined_components
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
@@ -34,7 +35,6 @@ from stable_cascade.pipelines.outputs import (
     StableCascadePriorPipelineOutput,
     postprocess,
 )
-from stable_cascade.pipelines.presets import COMBINED_PRESETS, get_preset
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
 from stable_cascade.specs.controlnet import ControlType
 

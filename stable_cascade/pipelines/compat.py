@@ -9,7 +9,6 @@ attention switches (documented no-ops: every attention block already runs PyTorc
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+
+from stable_cascade.sampling.noise_model import LoopControl
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,6 @@ def has_variant(path_or_repo_id: str | Path, variant: str) -> bool:
         return True
     pattern = re.compile(rf"\.{re.escape(variant)}(\.|-\d)")
     return any(pattern.search(p.name) for p in root.glob("*/*") if p.is_file())
-
-
-@dataclasses.dataclass
-class LoopControl:
-    """What a pipeline's sampling loop shares with its callbacks: the guidance scale, which a callback
-    may change between steps (``pipe._guidance_scale = 0.0`` turns CFG off), and the steps run."""
-
-    guidance_scale: float = 1.0
-    num_timesteps: int = 0
 
 
 class DiffusersPipelineMixin:

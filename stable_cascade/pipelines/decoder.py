@@ -17,8 +17,9 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.conditioning.text import TextEmbeddings
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.presets import get_preset
 from stable_cascade.loading.single_file import DECODER_REPO, LoadOptions, decoder_components
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -27,10 +28,9 @@ from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
-from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.prior import ImageInput
 from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
-from stable_cascade.pipelines.stage import initial_latents, run_stage
+from stable_cascade.sampling.loop import initial_latents, run_stage
 
 
 class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):

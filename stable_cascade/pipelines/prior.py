@@ -17,8 +17,9 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.presets import get_preset
 from stable_cascade.loading.single_file import PRIOR_REPO, LoadOptions, prior_components
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
@@ -30,9 +31,8 @@ from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_
 from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
-from stable_cascade.pipelines.presets import get_preset
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
-from stable_cascade.pipelines.stage import initial_latents, run_stage
+from stable_cascade.sampling.loop import initial_latents, run_stage
 from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning

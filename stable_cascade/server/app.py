@@ -6,7 +6,6 @@ import asyncio
 import base64
 import binascii
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -17,11 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from stable_cascade.server import routes_a1111, routes_jobs
 from stable_cascade.server.config import ServerConfig
-from stable_cascade.server.hub import Hub
 from stable_cascade.server.inputs import one_line
-from stable_cascade.server.store import QueueFull, Store
-from stable_cascade.server.worker import Workers
+from stable_cascade.server.shared import RequestError, Server, error_response
+from stable_cascade.server.store import QueueFull
 
 logger = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
@@ -31,40 +30,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: What anyone may fetch without the key: the page and its files (they hold no data).
 PUBLIC_PATHS = ("/", "/favicon.ico")
 PUBLIC_PREFIX = "/static/"
-MODEL_SETTING = "sd_model_checkpoint"
-
-
-class Server:
-    """What the routes share: the settings, the store, the live news and the workers."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.store = Store(config.data, config.max_queue)
-        self.hub = Hub()
-        self.workers = Workers(self.store, self.hub, config.devices(), config.dtype)
-
-    @property
-    def model(self) -> str:
-        """The model requests get when they name none (``sd_model_checkpoint``; kept across restarts)."""
-        return self.store.setting(MODEL_SETTING) or self.config.model
-
-    @model.setter
-    def model(self, name: str) -> None:
-        self.store.set_setting(MODEL_SETTING, name)
-
-
-class RequestError(Exception):
-    """A request the server refuses with ``status`` and a one-line ``message``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The application serving ``config``; its workers run while the application does."""
-    from stable_cascade.server import routes_a1111, routes_jobs
-
     config.validate()
     server = Server(config)
     if config.model != server.model:
@@ -100,20 +69,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     for kind in (RequestError, ValueError, QueueFull):
         app.add_exception_handler(kind, refused)
-
-
-def error_response(status: int, message: str, kind: str = "Error") -> JSONResponse:
-    """A1111's error shape (``error``, ``detail``) with our one-line message."""
-    return JSONResponse({"error": kind, "detail": message}, status_code=status)
-
-
-async def read_json(request: Request) -> Any:
-    """The request body as JSON (``RequestError`` 400 when it is not)."""
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise RequestError(400, f"the request body is not valid JSON: {error}") from None
 
 
 class _Guard:

@@ -12,9 +12,9 @@ from starlette.concurrency import run_in_threadpool
 
 from stable_cascade.engine import Job
 from stable_cascade.server import a1111
-from stable_cascade.server.app import RequestError, Server, error_response, read_json
 from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
 from stable_cascade.server.inputs import checked_job
+from stable_cascade.server.shared import RequestError, Server, error_response, read_json
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
 from stable_cascade.server.uploads import Upload, decode_image
 

@@ -13,13 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from stable_cascade.diffusion.presets import PRESETS
 from stable_cascade.engine import ModelSources, native_size
 from stable_cascade.engine.record import package_version
 from stable_cascade.loading.bundles import BUNDLES
-from stable_cascade.pipelines.presets import PRESETS
 from stable_cascade.server import a1111
-from stable_cascade.server.app import RequestError, Server, read_json
 from stable_cascade.server.inputs import native_job
+from stable_cascade.server.shared import RequestError, Server, read_json
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
 
 router = APIRouter(tags=["jobs"])

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
 from enum import Enum
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
-from stable_cascade.limits import check_limits
+from stable_cascade.specs.base import ConfigBase
+from stable_cascade.specs.encoders import EFFNET_VARIANTS as EFFNET_VARIANTS
+from stable_cascade.specs.encoders import PREVIEWER_VARIANTS as PREVIEWER_VARIANTS
+from stable_cascade.specs.encoders import EffNetConfig as EffNetConfig
+from stable_cascade.specs.encoders import PreviewerConfig as PreviewerConfig
 
 logger = logging.getLogger(__name__)
 
 TimestepCondition = Literal["sca", "crp"]
-C = TypeVar("C", bound="ConfigBase")
 
 
 class BlockType(str, Enum):
@@ -28,70 +30,6 @@ class BlockType(str, Enum):
     RES = "SDCascadeResBlock"
     TIMESTEP = "SDCascadeTimestepBlock"
     ATTENTION = "SDCascadeAttnBlock"
-
-
-def _tuple(value: Any) -> Any:
-    """Lists (as read from JSON) become tuples, recursively, so configs stay hashable."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuple(v) for v in value)
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class ConfigBase:
-    """Shared behaviour: dict round trip in the diffusers ``config.json`` format."""
-
-    diffusers_class_name: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _tuple(getattr(self, field.name)))
-        check_limits(type(self).__name__, {name: getattr(self, name) for name in self.keys()})
-
-    def __getitem__(self, key: str) -> Any:
-        """``config["in_channels"]`` as well as ``config.in_channels``, as diffusers' FrozenDict allows."""
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.keys() else default
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: _jsonable(getattr(self, name)) for name in self.keys()}
-
-    @classmethod
-    def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config") -> C:
-        """Build from a diffusers-style dict; ``_``-prefixed metadata is skipped, unknown keys are logged."""
-        known = set(cls.keys())
-        unknown = sorted(k for k in data if not k.startswith("_") and k not in known)
-        if unknown:
-            logger.warning("%s: ignoring keys unknown to %s: %s", source, cls.__name__, ", ".join(unknown))
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (TypeError, ValueError) as error:  # name the file the bad value came from
-            raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{source}: {error}") from error
-
-    def replace(self: C, **changes: Any) -> C:
-        unknown = sorted(set(changes) - set(self.keys()))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} has no field(s) {', '.join(unknown)}; "
-                f"valid fields: {', '.join(self.keys())}"
-            )
-        return dataclasses.replace(self, **changes)
 
 
 _CTA = (BlockType.RES, BlockType.TIMESTEP, BlockType.ATTENTION)
@@ -348,7 +286,3 @@ def unet_variant(name: str) -> UNetConfig:
         raise ValueError(
             f"unknown UNet variant {name!r}; choose one of: {', '.join(UNET_VARIANTS)}"
         ) from None
-
-
-# The encoders' configurations live in their own module (they build on ConfigBase above).
-from stable_cascade.specs.encoders import EFFNET_VARIANTS, PREVIEWER_VARIANTS, EffNetConfig, PreviewerConfig  # noqa: E402, F401

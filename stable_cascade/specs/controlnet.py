@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Literal
 
-from stable_cascade.specs import ConfigBase
+from stable_cascade.specs.base import ConfigBase
 
 ControlNetBackbone = Literal["effnet", "large", "simple"]
 ControlType = Literal["canny", "inpainting", "super_resolution"]

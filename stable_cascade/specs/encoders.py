@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from stable_cascade.specs import ConfigBase
+from stable_cascade.specs.base import ConfigBase
 
 
 @dataclasses.dataclass(frozen=True)

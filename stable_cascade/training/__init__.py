@@ -9,7 +9,8 @@ from stable_cascade.training.config import DEFAULT_BUCKET_RATIOS, TrainConfig
 from stable_cascade.training.data import BucketBatchSampler, find_examples
 from stable_cascade.training.ema import EMA
 from stable_cascade.training.objective import LossWeights, diffuse
-from stable_cascade.training.tasks import Task, make_task
+from stable_cascade.training.registry import make_task
+from stable_cascade.training.tasks import Task
 from stable_cascade.training.trainer import train
 
 __all__ = [

@@ -39,7 +39,7 @@ from stable_cascade.training.components import Components
 from stable_cascade.training.config import TrainConfig
 from stable_cascade.training.data import Batch
 from stable_cascade.training.objective import diffuse, epsilon_loss, keep, uniform
-from stable_cascade.training.tasks import Inputs, _TextConditioned
+from stable_cascade.training.tasks import Inputs, TextConditioned
 from stable_cascade.training.trainees import Outputs, rebuild
 
 OUTPAINT_SHARE = 0.4  # the original InpaintFilter's p_outpaint
@@ -71,7 +71,7 @@ def default_blocks(unet: StableCascadeUNet) -> tuple[int, ...]:
     return RELEASED_PROJ_BLOCKS if calls == 64 else tuple(range(min(calls, 8)))
 
 
-class ControlNetStageC(_TextConditioned):
+class ControlNetStageC(TextConditioned):
     name = "controlnet"
 
     def __init__(self, config: TrainConfig, parts: Components) -> None:

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from stable_cascade.diffusion.schedule import logsnr as cosine_logsnr
-from stable_cascade.diffusion.schedule import noise_cond
+from stable_cascade.diffusion.cosine import logsnr as cosine_logsnr
+from stable_cascade.diffusion.cosine import noise_cond
 from stable_cascade.training.config import LossWeighting
 
 

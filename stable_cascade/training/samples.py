@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.components import MODEL_INDEX
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.outputs import postprocess

@@ -33,7 +33,7 @@ from transformers import CLIPTextModelWithProjection
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.conditioning.text import embed_tokens, tokenize
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.stage_a import PaellaVQModel
@@ -80,7 +80,7 @@ class Task:
         raise NotImplementedError
 
 
-class _TextConditioned(Task):
+class TextConditioned(Task):
     """Stage C and Stage B: a UNet conditioned on CLIP text, with caption dropout."""
 
     tokenizer: Any
@@ -108,7 +108,7 @@ class _TextConditioned(Task):
         return {"clip_text": text.hidden, "clip_text_pooled": text.pooled}
 
 
-class StageC(_TextConditioned):
+class StageC(TextConditioned):
     name = "stage-c"
 
     def __init__(self, config: TrainConfig, parts: Components) -> None:
@@ -166,7 +166,7 @@ class StageC(_TextConditioned):
         pipeline.save_pretrained(directory)
 
 
-class StageB(_TextConditioned):
+class StageB(TextConditioned):
     name = "stage-b"
 
     def __init__(self, config: TrainConfig, parts: Components) -> None:
@@ -302,22 +302,3 @@ def _check_width(unet: StableCascadeUNet, given: int | None, field: str, what: s
             f"the UNet's {field} is {expected} but {what} has {given} channels; use matching models "
             "(or a config whose widths fit)"
         )
-
-
-def make_task(config: TrainConfig, parts: Components) -> Task:
-    """The task ``config.task`` on ``parts`` (which it modifies: freezing, LoRA adapters)."""
-    if config.task == "stage-c":
-        return StageC(config, parts)
-    if config.task == "stage-b":
-        return StageB(config, parts)
-    if config.task == "stage-a":
-        return StageA(config, parts)
-    if config.task == "previewer":
-        return PreviewerTask(config, parts)
-    if config.task == "controlnet":
-        from stable_cascade.training.controlnet_task import ControlNetStageC  # imports this module
-
-        return ControlNetStageC(config, parts)
-    from stable_cascade.training.lora_task import LoRAStageC  # the one task needing stable_cascade.lora
-
-    return LoRAStageC(config, parts)

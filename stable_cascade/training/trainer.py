@@ -40,8 +40,9 @@ from stable_cascade.training.config import TrainConfig
 from stable_cascade.training.data import BucketBatchSampler, bucketed_dataset, collate, find_examples
 from stable_cascade.training.ema import EMA
 from stable_cascade.training.objective import LossWeights
+from stable_cascade.training.registry import make_task
 from stable_cascade.training.samples import Sampler
-from stable_cascade.training.tasks import Task, make_task
+from stable_cascade.training.tasks import Task
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

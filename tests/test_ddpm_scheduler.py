@@ -10,9 +10,9 @@ import diffusers
 import pytest
 import torch
 
+from stable_cascade.diffusion.cosine import alpha_cumprod
+from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import randn
-from stable_cascade.diffusion.schedule import alpha_cumprod
-from stable_cascade.diffusion.scheduler import DDPMWuerstchenScheduler
 from stable_cascade.specs import SchedulerConfig
 
 SHAPE = (2, 4, 6, 6)

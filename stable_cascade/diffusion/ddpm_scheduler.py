@@ -1,7 +1,7 @@
 """``DDPMWuerstchenScheduler``: diffusers' Stable Cascade scheduler, same numerics and config files.
 
 Continuous timesteps t ∈ [1, 0]; each step takes the DDPM posterior from t to the next timestep with
-the clamped cosine ᾱ of :func:`~stable_cascade.diffusion.schedule.alpha_cumprod`.
+the clamped cosine ᾱ of :func:`~stable_cascade.diffusion.cosine.alpha_cumprod`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from stable_cascade.checkpoint import PretrainedConfigMixin
+from stable_cascade.diffusion.cosine import alpha_cumprod
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.samplers import ddpm_posterior
-from stable_cascade.diffusion.sampling import diffusers_timesteps
-from stable_cascade.diffusion.schedule import alpha_cumprod
+from stable_cascade.diffusion.timesteps import diffusers_timesteps
 from stable_cascade.specs import SchedulerConfig
 
 

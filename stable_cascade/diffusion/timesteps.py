@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from stable_cascade.diffusion.schedule import alpha_cumprod, noise_cond, reference_timesteps
+from stable_cascade.diffusion.cosine import alpha_cumprod, noise_cond, reference_timesteps
 
 #: ``eps_model(x (B, ...), ratio (B,)) -> ε (B, ...)``: a network predicting the noise.
 NoiseModel = Callable[[Tensor, Tensor], Tensor]

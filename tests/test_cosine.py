@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import stable_cascade.diffusion
-from stable_cascade.diffusion.schedule import (
+from stable_cascade.diffusion.cosine import (
     alpha_cumprod,
     logsnr,
     noise_cond,

@@ -1,19 +1,14 @@
-"""Where the models come from: named model bundles (data) and prior / decoder specs, loaded into pipelines.
+"""Loading what a job's :class:`~stable_cascade.loading.sources.ModelSources` name into pipelines, and
+placing them on a device.
 
-A spec is a Hub repo id (``stabilityai/stable-cascade-prior``), a local pipeline folder (with
-``model_index.json``), a local model folder (``config.json``: the UNet alone, the other components
-come from the components repo), or a single file: an original Stability checkpoint or a ComfyUI
-bundle, local or on the Hub as ``owner/repo/file.safetensors``. What no spec names comes from the
-bundle (default ``full``); the EfficientNet encoder, the previewer and Stage A are fetched from the
-bundle's files only when a task needs them and the loaded models lack them.
+The EfficientNet encoder, the previewer and Stage A are fetched from the bundle's files only when a task
+needs them and the loaded models lack them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -23,21 +18,10 @@ from torch import nn
 
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.convert import Kind, identify, split_bundle
-from stable_cascade.loading.bundles import (
-    DEFAULT_BUNDLE,
-    OFFLINE_HINT,
-    ModelBundle,
-    get_bundle,
-)
-from stable_cascade.loading.components import MODEL_INDEX
-from stable_cascade.loading.inspection import PICKLE_SUFFIXES, read_header
-from stable_cascade.loading.single_file import (
-    DECODER_REPO,
-    PRIOR_REPO,
-    LoadOptions,
-    SingleFile,
-    auxiliary,
-)
+from stable_cascade.loading.bundles import OFFLINE_HINT
+from stable_cascade.loading.inspection import read_header
+from stable_cascade.loading.single_file import DECODER_REPO, PRIOR_REPO, LoadOptions, SingleFile, auxiliary
+from stable_cascade.loading.sources import ModelSources, SourceKind, classify
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
@@ -46,70 +30,6 @@ from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 logger = logging.getLogger(__name__)
 
 Offload = Literal["none", "model", "sequential"]
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
-
-
-class SourceKind(enum.Enum):
-    HUB = "Hub repo"
-    PIPELINE = "pipeline folder"
-    MODEL = "model folder"
-    FILE = "single file"
-
-
-def classify(spec: str, argument: str) -> SourceKind:
-    """What a spec names; a ``FileNotFoundError`` / ``ValueError`` naming ``argument`` when nothing fits."""
-    path = Path(spec)
-    if path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"{argument} {spec} is a pickle file, which can run arbitrary code; only .safetensors files are "
-            "read: convert it with a tool you trust"
-        )
-    if path.is_file():
-        return SourceKind.FILE
-    if path.is_dir():
-        if (path / MODEL_INDEX).is_file():
-            return SourceKind.PIPELINE
-        if (path / "config.json").is_file():
-            return SourceKind.MODEL
-        raise ValueError(
-            f"{argument} {spec} is a folder without {MODEL_INDEX} or config.json: pass a diffusers "
-            "pipeline or model folder, or a checkpoint file"
-        )
-    if _REPO_ID.match(spec) and not spec.startswith("."):
-        return SourceKind.HUB
-    if spec.endswith(".safetensors") and spec.count("/") >= 2 and not path.is_absolute():
-        return SourceKind.FILE  # owner/repo/[folder/]file.safetensors on the Hub
-    raise FileNotFoundError(f"{argument} {spec} does not exist (neither a file, a folder nor a Hub repo id)")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSources:
-    """The model options of a run; None: from the bundle ``model`` (default ``full``)."""
-
-    model: str | None = None
-    prior: str | None = None
-    decoder: str | None = None
-    stage_a: str | None = None
-    effnet: str | None = None
-    previewer: str | None = None
-    components: str | None = None
-
-    @property
-    def bundle(self) -> ModelBundle:
-        return get_bundle(self.model or DEFAULT_BUNDLE)
-
-    def record(self) -> dict[str, str]:
-        """What images record: the bundle name and every spec given, local paths made absolute."""
-        record = {"model": self.bundle.name}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is not None and field.name != "model":
-                record[field.name] = str(Path(value).resolve()) if Path(value).exists() else value
-        return record
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, str]) -> ModelSources:
-        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
 
 
 @dataclasses.dataclass
@@ -117,7 +37,6 @@ class LoadedModels:
     """The loaded pipeline (combined, or the decoder alone) and the local files it came from."""
 
     pipeline: StableCascadeCombinedPipeline | StableCascadeDecoderPipeline
-    models: dict[str, str]
     local_files: dict[str, Path]
 
     @property
@@ -163,7 +82,7 @@ def load_models(
         logger.warning(
             "--components %s was not needed: every model came with its components", sources.components
         )
-    return LoadedModels(pipeline, sources.record(), loader.local_files)
+    return LoadedModels(pipeline, loader.local_files)
 
 
 def combine(
