@@ -1,4 +1,7 @@
-"""The library's one-way layering (README, "Layout"), checked on every library module's imports."""
+"""The library's one-way layering (README, "Layout"; docs/ARCHITECTURE.md), checked on every library
+module's imports: layers import only the layers below them (front ends: the engine and the field table
+only), no module imports another module's private names, and no import loop exists anywhere, counting
+imports inside functions and under TYPE_CHECKING too."""
 
 from __future__ import annotations
 
@@ -25,11 +28,17 @@ ALLOWED: dict[str, set[str]] = {
     "loading": _MODELS,
     "pipelines": _MODELS | {"sampling", "loading"},
     "training": _MODELS | {"sampling", "loading", "pipelines", "shapes"},
-    "engine": _MODELS | {"sampling", "loading", "pipelines"},
+    # The job field table: light (no torch), below the engine; it reads the presets, the named models
+    # and the control types, which are light modules too (test_the_field_table_is_light).
+    "fields": {"specs", "diffusion", "loading"},
+    "engine": _MODELS | {"sampling", "loading", "pipelines", "fields"},
     "demo": _MODELS | {"sampling", "loading", "pipelines", "shapes", "training", "engine"},
-    "server": _MODELS | {"loading", "pipelines", "engine"},
-    "batch": _MODELS | {"loading", "pipelines", "engine"},
-    "cli": _MODELS | {"loading", "pipelines", "shapes", "training", "demo", "engine", "server", "batch"},
+    # Front ends: the engine and the field table only.
+    "server": {"engine", "fields"},
+    "batch": {"engine", "fields"},
+    # The command line also fronts the tools: training, the demo, the shapes data, and loading's
+    # conversion and inspection of checkpoint files.
+    "cli": {"engine", "fields", "server", "batch", "training", "demo", "shapes", "loading"},
 }
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
@@ -80,3 +89,71 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command in (root / "README.md").read_text()
     assert "pytest" in command and command.startswith("pip install torch==2.13.0")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULE_NAMES = {_module(path): path for path in MODULES}
+
+
+def _resolve(name: str) -> str | None:
+    """The package module ``name`` is (or is in), None outside the package."""
+    while name and name not in MODULE_NAMES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(path: Path) -> list[tuple[str, str]]:
+    """(module imported, name imported from it) for every import of the package in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(module, "") for alias in node.names if (module := _resolve(alias.name))]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                module = full if full in MODULE_NAMES else _resolve(node.module)
+                if module:
+                    found.append((module, "" if module == full else alias.name))
+    return found
+
+
+def test_no_import_loops() -> None:
+    graph = {name: {m for m, _ in _imports(path)} - {name} for name, path in MODULE_NAMES.items()}
+    loops = []
+    for start in graph:  # a depth-first search from each module back to itself
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for after in graph[node]:
+                if after == start:
+                    loops.append(" → ".join([*trail, start]))
+                elif after not in seen:
+                    seen.add(after)
+                    stack.append((after, [*trail, after]))
+    assert not loops, f"import loops: {loops[:3]}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_another_modules_private_names(path: Path) -> None:
+    own = _module(path)
+    private = [
+        f"{name} from {module}"
+        for module, name in _imports(path)
+        if name.startswith("_") and not name.startswith("__") and module != own
+    ]
+    assert not private, f"{path} imports private names: {private}"
+
+
+def test_the_field_table_is_light() -> None:
+    """The command line parses its arguments from the field table: importing it loads no torch."""
+    import subprocess
+    import sys
+
+    modules = "stable_cascade.fields.schema, stable_cascade.fields.infotext"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

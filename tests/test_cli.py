@@ -245,20 +245,22 @@ def test_generate_writes_images_with_parameters_and_previews(runs: dict[str, Fin
     job = record["job"]
     assert record["seed"] == 6 and record["index"] == 1 and record["width"] == record["height"] == 128
     assert job["seed"] == 5 and job["count"] == 2 and job["width"] == job["height"] == 128
-    assert job["prior"] == {"steps": 2, "guidance": 4.0, "sampler": "ddpm", "shift": 2.0, "rescale": 0.7}
-    assert job["decoder"] == {"steps": 2, "guidance": 1.1, "sampler": "ddpm", "shift": 1.0, "rescale": 0.0}
-    assert job["models"]["prior"] == str(files / "prior")
+    stage = {name: {k: job[f"{name}_{k}"] for k in ("steps", "guidance", "sampler", "shift", "rescale")}
+             for name in ("prior", "decoder")}  # fmt: skip
+    assert stage["prior"] == {"steps": 2, "guidance": 4.0, "sampler": "ddpm", "shift": 2.0, "rescale": 0.7}
+    assert stage["decoder"] == {"steps": 2, "guidance": 1.1, "sampler": "ddpm", "shift": 1.0, "rescale": 0.0}
+    assert job["prior"] == str(files / "prior")
     hashes = record["model_sha256"]
     assert set(hashes) == {"prior", "decoder", "previewer"}  # type: ignore[arg-type]
     assert hashes["previewer"] == sha256_file(files / "previewer.safetensors")  # type: ignore[index]
     assert record["version"] and job["dtype"] == "fp32"
     parsed = parse_infotext(text)["job"]  # the infotext alone gives the settings back, too
     stored = read_png(files / "singles" / "00001-6.png")
-    assert (parsed.prompt, parsed.negative_prompt, parsed.seed, parsed.prior) == (
+    assert (parsed.prompt, parsed.negative_prompt, parsed.seed, parsed.prior_settings) == (
         stored.job.prompt,
         stored.job.negative_prompt,
         stored.seed,
-        stored.job.prior,
+        stored.job.prior_settings,
     )
 
 

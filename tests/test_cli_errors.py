@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -221,16 +220,17 @@ def test_the_parser_imports_no_model_library_and_version_works() -> None:
 
 
 def test_the_command_line_choices_are_the_librarys() -> None:
-    from stable_cascade.diffusion.presets import PRESETS
+    from stable_cascade.diffusion.presets import COMBINED_PRESETS
     from stable_cascade.diffusion.samplers import SAMPLERS
-    from stable_cascade.engine import DTYPES, ModelSources
-    from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
+    from stable_cascade.engine import BUNDLES, DEFAULT_BUNDLE
+    from stable_cascade.engine.models import Offload
+    from stable_cascade.fields import BY_NAME
     from stable_cascade.training import config
 
-    assert tuple(sorted(SAMPLERS)) == choices.SAMPLERS and tuple(sorted(PRESETS)) == choices.PRESETS
-    assert {name: bundle.description for name, bundle in BUNDLES.items()} == choices.BUNDLES
-    assert choices.DEFAULT_BUNDLE == DEFAULT_BUNDLE and choices.DTYPES == DTYPES
-    assert tuple(f.name for f in dataclasses.fields(ModelSources)) == choices.MODEL_FLAGS
+    assert BY_NAME["prior_sampler"].choices == tuple(sorted(SAMPLERS)) == BY_NAME["decoder_sampler"].choices
+    assert BY_NAME["preset"].choices == tuple(COMBINED_PRESETS)
+    assert BY_NAME["model"].choices == tuple(BUNDLES) and BY_NAME["model"].default == DEFAULT_BUNDLE
+    assert typing.get_args(Offload) == choices.OFFLOADS
     assert typing.get_args(config.Task) == choices.TRAIN_TASKS
     assert typing.get_args(config.ControlNetKind) == choices.CONTROLNET_KINDS
     assert typing.get_args(config.LossWeighting) == choices.LOSS_WEIGHTINGS

@@ -12,7 +12,6 @@ import torch
 from test_cli_errors import DEMO, messages, pixels, run
 from test_controlnet_engine import half_mask, shape_picture
 
-from stable_cascade.cli import choices
 from stable_cascade.engine import read_png
 
 
@@ -86,10 +85,11 @@ def test_controlnet_mistakes_stop_before_any_work(
 
 
 def test_the_control_choices_are_the_librarys() -> None:
+    from stable_cascade.fields import BY_NAME
     from stable_cascade.loading.bundles import RELEASED_CONTROLNETS
     from stable_cascade.pipelines.control import CONTROL_TYPES
 
-    assert choices.CONTROL_TYPES == CONTROL_TYPES == RELEASED_CONTROLNETS
+    assert BY_NAME["control_type"].choices == CONTROL_TYPES == RELEASED_CONTROLNETS
 
 
 def test_convert_and_inspect_know_controlnet_files(

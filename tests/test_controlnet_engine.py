@@ -3,7 +3,6 @@ attachment, inpainting's kept region, super-resolution's doubled size, and the r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -113,14 +112,14 @@ def test_controls_resolve_round_trip_and_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reconstruct does not run"):
         Job.create(task="reconstruct", input_image_sha256="ab", image_size=(64, 64), controls=[control])
     data = job.to_dict()
-    for controls, expected in (
-        ([{**data["controls"][0], "weight": 1}], r"unknown key 'weight' in controls\[0\]"),
-        ([{**data["controls"][0], "scale": "1"}], r"controls\[0\].scale must be a number"),
-        ([{**data["controls"][0], "image_sha256": None}], "needs its sha256"),
-        ({}, "controls must be a list"),
+    for change, expected in (
+        ({"weight": 1}, r"unknown key 'weight'"),
+        ({"control_scale": "1"}, r"control_scale must be a number"),
+        ({"control_image_sha256": None}, "needs the control image sha256"),
+        ({"controls": {}}, "controls must be a list"),  # an earlier, nested job
     ):
         with pytest.raises(ValueError, match=expected):
-            Job.from_dict({**data, "controls": controls})
+            Job.from_dict({**data, **change})
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -186,5 +185,5 @@ def test_super_resolution_doubles_the_control_image(tiny_sources: ModelSources, 
     assert (job.width, job.height) == (128, 96)
     (out,), _ = run_images(Engine(device="cpu"), job)
     assert out.shape == (96, 128, 3)
-    plain = dataclasses.replace(job, controls=())
+    plain = job.replace(controls=())
     assert not np.array_equal(run_images(Engine(device="cpu"), plain)[0][0], out)

@@ -78,8 +78,12 @@ def test_native_jobs_take_control_fields_and_rerun_bit_for_bit(server: ServerPro
     assert answer.status_code == 201, answer.text
     first = wait_for_job(server, answer.json()["id"])
     assert first["state"] == "done", first["error"]
-    (ref,) = first["job"]["controls"]
-    assert (ref["controlnet"], ref["scale"], ref["image_sha256"]) == ("canny", 0.9, image_sha256(square()))
+    ref = first["job"]
+    assert (ref["controlnet"], ref["control_scale"], ref["control_image_sha256"]) == (
+        "canny",
+        0.9,
+        image_sha256(square()),
+    )
     again = httpx.post(f"{server.url}/v1/jobs", json={"job": first["job"]}, timeout=60).json()
     plain = httpx.post(f"{server.url}/v1/jobs", json=fields, timeout=60).json()
     again, plain = wait_for_job(server, again["id"]), wait_for_job(server, plain["id"])
@@ -89,7 +93,7 @@ def test_native_jobs_take_control_fields_and_rerun_bit_for_bit(server: ServerPro
         ({**fields, "control_image": control["control_image"]}, "control fields need 'controlnet'"),
         ({**fields, **control, "controlnet": "/etc/x.safetensors"}, "the models' own ControlNets only"),
         ({**fields, **control, "controlnet": "inpainting"}, "demo model has no inpainting"),
-        ({"job": {**first["job"], "controls": [{**ref, "image": "/etc/hosts"}]}}, "as uploads"),
+        ({"job": {**first["job"], "control_image": "/etc/hosts"}}, "as uploads"),
         ({"job": first["job"], "control_image": encoded(square(10))}, "sha256 differs"),
     ):
         refused = httpx.post(f"{server.url}/v1/jobs", json=body, timeout=60)
@@ -106,9 +110,7 @@ def test_a1111_controlnet_unit_and_mask(server: ServerProcess) -> None:
     assert all(a.status_code == 200 for a in answers), answers[0].text
     images = [PIL.Image.open(io.BytesIO(base64.b64decode(a.json()["images"][0]))) for a in answers]
     record = json.loads(images[0].info["stable_cascade"])
-    assert (
-        record["job"]["controls"][0]["controlnet"] == "canny" and record["job"]["controls"][0]["scale"] == 0.7
-    )
+    assert record["job"]["controlnet"] == "canny" and record["job"]["control_scale"] == 0.7
     assert (
         images[0].tobytes() != images[1].tobytes()
         and "alwayson_scripts" not in answers[0].json()["parameters"]

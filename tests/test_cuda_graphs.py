@@ -119,7 +119,7 @@ def test_graphed_function_view_and_structure_errors() -> None:
 def test_guided_sampling_loop_replays_one_graph_per_stage_and_equals_eager() -> None:
     model, eager = unet(), unet()
     model.enable_cuda_graphs(ReplayingGraph)
-    settings = StageSettings(4, 4.0, guidance_rescale=0.7)
+    settings = StageSettings(4, 4.0, rescale=0.7)
     x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for seed in (1, 2):  # a second generation with other prompts: no new capture

@@ -60,14 +60,15 @@ def images_of(engine: Engine, job: Job, **options: object) -> list[np.ndarray]:
 def test_create_resolves_every_default_once() -> None:
     job = Job.create(prompt="x", models=ModelSources(model="demo"))
     assert (job.width, job.height) == (128, 128)  # the demo's native size
-    assert job.prior is not None and (job.prior.steps, job.prior.guidance, job.prior.shift) == (20, 4.0, 2.0)
-    assert (job.decoder.steps, job.decoder.guidance) == (10, 1.1)
+    prior = job.prior_settings
+    assert prior is not None and (prior.steps, prior.guidance, prior.shift) == (20, 4.0, 2.0)
+    assert (job.decoder_steps, job.decoder_guidance) == (10, 1.1)
     assert 0 <= job.seed < 2**32 and job.models.model == "demo"
     assert (Job.create(prompt="x").width, Job.create(prompt="x").height) == (1024, 1024)
     img2img = Job.create(task="img2img", prompt="x", seed=3, batch_size=2, count=2, input_image_sha256="ab")
     assert img2img.strength == 0.8 and img2img.seeds == [3, 4, 5, 6]
     reconstruct = Job.create(task="reconstruct", input_image_sha256="ab", image_size=(130, 97))
-    assert reconstruct.prior is None and (reconstruct.width, reconstruct.height) == (128, 96)
+    assert reconstruct.prior_settings is None and (reconstruct.width, reconstruct.height) == (128, 96)
 
 
 LIMITS = {
@@ -109,9 +110,9 @@ def test_from_dict_round_trips_and_is_strict() -> None:
     for change, expected in (
         ({"colour": "red"}, "unknown key 'colour'"),
         ({"width": "128"}, "width must be a whole number"),
-        ({"prior": {**data["prior"], "steps": 2.5}}, "prior.steps must be a whole number"),
-        ({"prior": {"steps": 2}}, "prior lacks 'guidance'"),
-        ({"models": {"model": 3}}, "models.model must be text"),
+        ({"prior_steps": 2.5}, "prior_steps must be a whole number"),
+        ({"prior": {"steps": 2.5}}, "prior_steps must be a whole number"),  # an earlier, nested job
+        ({"model": 3}, "model must be text"),
         ({"loras": [{"path": "x", "size": 1}]}, "unknown key 'size' in loras[0]"),
         ({"height": 4}, "height must be a multiple of 8"),
     ):
@@ -134,7 +135,7 @@ def test_records_round_trip_through_png_and_schema_1_stays_readable(tmp_path: Pa
     old["prior"] = {"steps": 3, "guidance": 4.0, "sampler": "ddpm", "shift": 2.0, "rescale": 0.7}
     old["decoder"] = {"steps": 2, "guidance": 1.1, "sampler": "ddim", "shift": 1.0, "rescale": 0.0}
     read = ImageRecord.from_json(json.dumps(old))
-    assert read.seed == 9 and read.job.models.model == "demo" and read.job.decoder.sampler == "ddim"
+    assert read.seed == 9 and read.job.models.model == "demo" and read.job.decoder_sampler == "ddim"
     with pytest.raises(ValueError, match="is not in its job"):
         ImageRecord.from_json(json.dumps({**record.to_dict(), "seed": 99}))
 
@@ -148,7 +149,7 @@ def test_images_equal_the_combined_pipeline_called_directly(sources: ModelSource
     events = list(engine.run(job))
     pipeline = load_models(sources, torch_dtype=torch.float32).pipeline
     pipeline.set_progress_bar_config(disable=True)
-    assert job.prior is not None
+    assert job.prior_settings is not None
     direct = pipeline(  # type: ignore[call-arg]
         "a red cat",
         negative_prompt="blurry",

@@ -28,8 +28,8 @@ from stable_cascade import (
     StableCascadePriorPipeline,
     StableCascadeUNet,
 )
-from stable_cascade.cli.generate import lora_spec
 from stable_cascade.cli.main import main
+from stable_cascade.cli.options import lora_spec
 from stable_cascade.convert.keys import unet_diffusers_to_original, unet_original_to_diffusers
 from stable_cascade.lora import (
     DEFAULT_TEXT_TARGETS,

@@ -58,8 +58,8 @@ def test_txt2img_maps_a1111_fields_and_answers_in_a1111_shape(api: webuiapi.WebU
     assert result.parameters["prompt"] == PROMPT
     record = _record(result.images[1])
     assert record["seed"] == 6 and record["job"]["negative_prompt"] == "blue"
-    assert record["job"]["prior"]["sampler"] == "ddim" and record["job"]["prior"]["guidance"] == 3.5
-    assert record["job"]["decoder"]["steps"] == 4 and record["job"]["models"]["model"] == "demo"
+    assert record["job"]["prior_sampler"] == "ddim" and record["job"]["prior_guidance"] == 3.5
+    assert record["job"]["decoder_steps"] == 4 and record["job"]["model"] == "demo"
     assert result.images[0].info["parameters"].startswith(PROMPT)
     assert score([result.images[0].convert("RGB")], [PROMPT]).summary()["background"] == 1.0
 
@@ -71,7 +71,7 @@ def test_same_seed_same_image_and_minus_one_is_random(api: webuiapi.WebUIApi) ->
     other = api.txt2img(seed=12, **settings)
     assert first.image.tobytes() == again.image.tobytes()
     assert first.image.tobytes() != other.image.tobytes()
-    assert _record(first.image)["job"]["prior"]["sampler"] == "euler_ancestral"
+    assert _record(first.image)["job"]["prior_sampler"] == "euler_ancestral"
     randoms = [api.txt2img(seed=-1, **settings).info["seed"] for _ in range(2)]
     assert all(seed >= 0 for seed in randoms) and randoms[0] != randoms[1]
 
@@ -95,14 +95,14 @@ def test_models_options_and_samplers(api: webuiapi.WebUIApi, server: ServerProce
     api.set_options({"sd_model_checkpoint": "lite", "an_option_we_do_not_have": 1})
     assert api.get_options()["sd_model_checkpoint"] == "lite"
     queued = httpx.post(f"{server.url}/v1/jobs", json={"prompt": PROMPT}).json()  # names no model
-    assert queued["job"]["models"]["model"] == "lite"
+    assert queued["job"]["model"] == "lite"
     httpx.delete(f"{server.url}/v1/jobs/{queued['id']}")
     refused = httpx.post(f"{server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
     assert refused.status_code == 422 and "unknown model 'nope'" in refused.json()["detail"]
     api.util_set_model("demo")
     assert api.util_get_current_model() == "demo"
     result = api.txt2img(prompt=PROMPT, seed=1, width=128, height=128, steps=4)
-    assert _record(result.image)["job"]["models"]["model"] == "demo"
+    assert _record(result.image)["job"]["model"] == "demo"
 
 
 def test_bad_fields_get_422_with_the_job_checks_message(server: ServerProcess) -> None:

@@ -167,8 +167,8 @@ def test_canny_controlnet_moves_the_object_where_the_control_image_has_it(
     summary = score([_image(browser, image)], [RIGHT.replace("right", "left")]).summary()
     assert (summary["colour"], summary["position"], summary["background"]) == (1.0, 1.0, 1.0), summary
     job = httpx.get(server.url + "/v1/jobs?limit=1", timeout=10).json()["jobs"][0]["job"]
-    assert job["decoder"]["sampler"] == "euler_ancestral" != job["prior"]["sampler"]
-    assert [(c["controlnet"], c["scale"]) for c in job["controls"]] == [("canny", 1.0)]
+    assert job["decoder_sampler"] == "euler_ancestral" != job["prior_sampler"]
+    assert (job["controlnet"], job["control_scale"]) == ("canny", 1.0)
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a picture")

@@ -47,7 +47,7 @@ def test_a_job_from_fields_runs_and_serves_its_images(server: ServerProcess) -> 
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     image = PIL.Image.open(io.BytesIO(png.content))
     record = json.loads(image.info["stable_cascade"])
-    assert record["seed"] == 8 and record["job"]["prior"]["steps"] == 6 and image.size == (128, 128)
+    assert record["seed"] == 8 and record["job"]["prior_steps"] == 6 and image.size == (128, 128)
 
 
 def test_a_whole_job_reruns_bit_for_bit(server: ServerProcess) -> None:

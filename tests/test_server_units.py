@@ -71,7 +71,7 @@ def test_a1111_fields_map_to_job_arguments() -> None:
         "enable_hr": True,  # unknown to us: ignored
     }
     arguments = job_arguments(body, "full", None)
-    assert arguments.pop("models").model == "demo"
+    assert arguments.pop("model") == "demo"
     assert arguments == {
         "prompt": "p",
         "negative_prompt": "n",
@@ -86,7 +86,7 @@ def test_a1111_fields_map_to_job_arguments() -> None:
         "decoder_guidance": 1.5,
         "decoder_steps": 7,
     }
-    assert job_arguments({"seed": 4}, "lite", None)["models"].model == "lite"
+    assert job_arguments({"seed": 4}, "lite", None)["model"] == "lite"
     assert job_arguments({"seed": 4}, "lite", None)["seed"] == 4
 
 

@@ -149,7 +149,7 @@ class _Run:
         load_start = time.perf_counter()
         if left:
             engine.load(base.models, base.dtype)
-        runner = UnitRunner(engine, self.expected)
+        runner = UnitRunner(engine)
         generation_start = time.perf_counter()
         made = self._rounds(
             left, planned, runner, store.Journal(self.folder, run_id, self.processes.rank), bar

@@ -4,12 +4,13 @@
 * ``.jsonl``: one JSON object a line (blank lines skipped): ``prompt`` and any per-item overrides.
 * ``.csv``: a header row with a ``prompt`` column and any override columns; an empty cell is "not given".
 
-Overrides (the names of :meth:`Job.create <stable_cascade.engine.Job.create>`'s arguments):
-``negative_prompt``, ``seed``, ``width``, ``height``, ``count`` (images of the item), ``task``,
-``image`` (the input image of img2img / variation / reconstruct, relative to the PROMPTS file's folder),
-``strength``, ``preset``, ``prior_steps``, ``prior_guidance``, ``prior_sampler``, ``prior_shift``,
-``prior_rescale`` and the same five for ``decoder_``. Item ``i`` is the ``i``-th item read (0-based),
-whatever line it is on. A line that cannot be read raises a ``ValueError`` naming ``file:line``.
+Overrides are the job fields a batch file carries (:data:`COLUMNS`: the field table's names, such as
+``negative_prompt``, ``seed``, ``width``, ``count`` — images of the item —, ``task``, ``strength``,
+``preset``, ``prior_steps`` … ``decoder_rescale``, ``controlnet``, ``control_scale``); image fields
+(``input_image``, also ``image``; ``control_image``, ``mask``) are paths relative to the PROMPTS
+file's folder. Item ``i`` is the ``i``-th item read (0-based), whatever line it is on. A line that
+cannot be read raises a ``ValueError`` naming ``file:line``. Files may start with a UTF-8 BOM (as
+spreadsheets write them).
 """
 
 from __future__ import annotations
@@ -22,26 +23,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-_STAGE_KEYS = {"steps": "int", "guidance": "float", "sampler": "str", "shift": "float", "rescale": "float"}
-#: Override name → the type its value must have ("int", "float" or "str").
-OVERRIDES: dict[str, str] = {
-    "negative_prompt": "str",
-    "seed": "int",
-    "width": "int",
-    "height": "int",
-    "count": "int",
-    "task": "str",
-    "image": "str",
-    "strength": "float",
-    "preset": "str",
-    **{f"{stage}_{key}": kind for stage in ("prior", "decoder") for key, kind in _STAGE_KEYS.items()},
+from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, Field
+
+#: Override name → its field (the fields a batch file carries, and their earlier names).
+COLUMNS: dict[str, Field] = {
+    **{field.name: field for field in FIELDS if field.carried_by("batch") and field.name != "prompt"},
+    **{alias: BY_NAME[name] for alias, name in ALIASES.items()},
 }
+OVERRIDES = tuple(COLUMNS)
 SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchItem:
-    """One line of PROMPTS: its prompt and overrides (``image`` an absolute path when given)."""
+    """One line of PROMPTS: its prompt and overrides by field name (image fields as absolute paths)."""
 
     prompt: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -52,11 +47,13 @@ class BatchItem:
         if not isinstance(self.prompt, str):
             raise ValueError(f"{where}the prompt must be text, got {self.prompt!r}")
         for key, value in self.overrides.items():
-            if key not in OVERRIDES:
+            if key not in COLUMNS:
                 raise ValueError(
                     f"{where}unknown key {key!r}; expected prompt or one of {', '.join(OVERRIDES)}"
                 )
             _check_type(key, value, where)
+        named = {COLUMNS[key].name: value for key, value in self.overrides.items()}
+        object.__setattr__(self, "overrides", named)  # earlier names → the fields'
 
 
 def read_items(path: str | Path) -> list[BatchItem]:
@@ -70,7 +67,7 @@ def read_items(path: str | Path) -> list[BatchItem]:
     if not path.is_file():
         raise FileNotFoundError(f"PROMPTS file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as spreadsheets write it, is dropped
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
     rows = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](text, path.name)
@@ -109,6 +106,11 @@ def _csv_rows(text: str, name: str) -> Iterator[tuple[int, str, dict[str, Any]]]
     reader = csv.DictReader(text.splitlines(), strict=True)
     try:
         header = reader.fieldnames or []
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"{name}:1: the CSV header names {', '.join(repeated)} twice; keep one column each"
+            )
         if "prompt" not in header:
             raise ValueError(
                 f"{name}:1: the CSV header has no prompt column (got {', '.join(header) or 'none'})"
@@ -125,39 +127,38 @@ def _csv_rows(text: str, name: str) -> Iterator[tuple[int, str, dict[str, Any]]]
 
 def _from_cell(key: str, cell: str, where: str) -> Any:
     """A CSV cell as its override's type."""
-    kind = OVERRIDES.get(key, "str")
+    field = COLUMNS.get(key)
+    if field is None or field.kind not in ("int", "float"):
+        return cell
     try:
-        if kind == "int":
-            return int(cell)
-        if kind == "float":
-            return float(cell)
-    except ValueError:
-        raise ValueError(
-            f"{where}: {key} must be a {'whole number' if kind == 'int' else 'number'}, got {cell!r}"
-        ) from None
-    return cell
+        return field.parse(cell)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _item(prompt: object, overrides: dict[str, Any], where: str, folder: Path) -> BatchItem:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: the prompt must be non-empty text, got {prompt!r}")
-    if "image" in overrides and isinstance(overrides["image"], str):
-        image = folder / overrides["image"]
-        if not image.is_file():
-            raise ValueError(
-                f"{where}: image {image} does not exist (paths are relative to the PROMPTS file)"
-            )
-        overrides = {**overrides, "image": str(image.resolve())}
+    overrides = dict(overrides)
+    for key, value in overrides.items():
+        field = COLUMNS.get(key)
+        if field is not None and field.kind == "image" and isinstance(value, str):
+            image = folder / value
+            if not image.is_file():
+                raise ValueError(
+                    f"{where}: {key} {image} does not exist (paths are relative to the PROMPTS file)"
+                )
+            overrides[key] = str(image.resolve())
     return BatchItem(prompt, overrides, where)
 
 
 def _check_type(key: str, value: object, where: str) -> None:
-    kind = OVERRIDES[key]
+    kind = COLUMNS[key].kind
     if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
         raise ValueError(f"{where}{key} must be a whole number, got {value!r}")
     if kind == "float" and (
         not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
     ):
         raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
-    if kind == "str" and not isinstance(value, str):
+    if kind not in ("int", "float") and not isinstance(value, str):
         raise ValueError(f"{where}{key} must be text, got {value!r}")

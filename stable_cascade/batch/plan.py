@@ -19,7 +19,8 @@ from typing import Any
 
 from stable_cascade.batch.items import BatchItem
 from stable_cascade.engine import Job, image_sha256, open_image
-from stable_cascade.engine.checks import MAX_COUNT
+from stable_cascade.fields import BY_NAME
+from stable_cascade.fields.checks import MAX_COUNT
 
 SEED_STRIDE = MAX_COUNT  # the most images one item (job) may have
 
@@ -46,7 +47,8 @@ class PlannedItem:
 
     @property
     def batched(self) -> bool:
-        return self.job.task == "txt2img"
+        """Text-to-image without a ControlNet: its images join other items' in batched calls."""
+        return self.job.task == "txt2img" and not self.job.controls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +78,17 @@ def plan_items(items: Sequence[BatchItem], settings: Mapping[str, Any], base_see
 
 
 def _job(item: BatchItem, common: Mapping[str, Any], seed: int) -> Job:
-    values: dict[str, Any] = {**common, "seed": seed, "prompt": item.prompt, "batch_size": 1}
     overrides = dict(item.overrides)
-    image_path = overrides.pop("image", None)
+    image_path = overrides.pop("input_image", None)
+    task = overrides.get("task", common.get("task") or "txt2img")
+    # The run's settings that apply to the item's task (reconstruct runs no Stage C), then its own.
+    values: dict[str, Any] = {
+        name: value
+        for name, value in common.items()
+        if name not in BY_NAME or BY_NAME[name].applies(task, {**common, **overrides})
+    }
+    values.update(seed=seed, prompt=item.prompt, batch_size=1)
     values.update(overrides)
-    task = values.get("task", "txt2img")
     if task != "txt2img":
         if image_path is None:
             raise ValueError(f"{task} needs an input image: give the item an image")

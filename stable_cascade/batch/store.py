@@ -121,6 +121,10 @@ def check_settings(
             old_seed,
             f"{folder} was made with --seed {old_seed}, not {seed}; rerun with it or choose another -o",
         )
+    try:
+        old = _current_form(old, path)
+    except ValueError as error:
+        return old_seed, f"{error}; remove it or choose another -o"
     difference = first_difference(old, settings)
     if difference:
         return old_seed, (
@@ -128,6 +132,17 @@ def check_settings(
             "settings or choose another -o"
         )
     return old_seed, None
+
+
+def _current_form(settings: Any, path: Path) -> Any:
+    """Settings an earlier version stored (stages, models and controls nested) as this version's."""
+    nested = isinstance(settings, Mapping) and any(
+        isinstance(settings.get(key), Mapping) for key in ("prior", "decoder", "models")
+    )
+    if not nested:
+        return settings
+    data = Job.from_dict({**settings, "seed": 0}, str(path)).to_dict()
+    return json.loads(json.dumps({k: v for k, v in data.items() if k != "seed"}))
 
 
 def first_difference(old: Any, new: Any, key: str = "") -> str | None:

@@ -10,13 +10,12 @@ import argparse
 import os
 from typing import Any
 
-from stable_cascade.cli.choices import DTYPES, MODEL_FLAGS, OFFLOADS
-from stable_cascade.cli.generate import _JOB_FLAGS, _model_options, _sampling_options
+from stable_cascade.cli.choices import OFFLOADS
+from stable_cascade.cli.options import add_field_options, add_sampler_option, given_fields, typed
+from stable_cascade.fields import BY_NAME
 
-#: The flags every item starts from (prompt and seed are per item; --batch-size sets the unit size).
-_SETTING_FLAGS = {
-    flag: fields for flag, fields in _JOB_FLAGS.items() if flag not in ("prompt", "seed", "batch_size")
-}
+#: Per-item fields (a PROMPTS file gives them) and run-wide ones that mean something else here.
+_NOT_OPTIONS = ("prompt", "input_image", "seed", "batch_size")
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -34,17 +33,18 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         description=description,
     )
     parser.add_argument("prompts", metavar="PROMPTS", help="a .txt, .jsonl or .csv file of items")
-    parser.add_argument("--negative-prompt", help="what to avoid, for items that give none (default: none)")
-    parser.add_argument(
-        "--strength", type=float, help="img2img items: how much of the image to replace (0.8)"
-    )
-    _model_options(parser, prior=True)
-    _sampling_options(parser, prior=True, batch=True)
+    add_field_options(parser, None, skip=_NOT_OPTIONS, helps={"count": "images per item (default: 1)"})
+    add_sampler_option(parser)
     group = parser.add_argument_group("running and output")
+    seed = "base seed: item i gets seed + 100000·i (default: the one OUT stores, else random)"
+    group.add_argument("--seed", type=typed(BY_NAME["seed"], BY_NAME["seed"].parse), help=seed)
+    batch_size = BY_NAME["batch_size"]
+    group.add_argument(
+        "--batch-size", type=typed(batch_size, batch_size.parse), help="images per model call (1)"
+    )
     group.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="the folder of images (made if needed)"
     )
-    group.add_argument("--dtype", choices=DTYPES, help="auto: bf16 on CUDA with bf16 support, else fp32")
     group.add_argument(
         "--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N"
     )
@@ -55,18 +55,12 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stable_cascade.batch import generate_batch
-    from stable_cascade.engine import ModelSources
 
-    settings: dict[str, Any] = {
-        field: value
-        for flag, fields in _SETTING_FLAGS.items()
-        if (value := getattr(args, flag, None)) is not None
-        for field in fields
-    }
-    settings["models"] = ModelSources(**{flag: getattr(args, flag) for flag in MODEL_FLAGS})
-    settings["loras"] = [(str(path), scale) for path, scale in args.lora or ()]
-    if args.dtype:
-        settings["dtype"] = args.dtype
+    settings: dict[str, Any] = given_fields(args)
+    for name in _NOT_OPTIONS:
+        settings.pop(name, None)
+    if "loras" in settings:
+        settings["loras"] = [(str(path), scale) for path, scale in settings["loras"]]
     summary = generate_batch(
         args.prompts,
         args.output,

@@ -1,82 +1,56 @@
-"""The ControlNet flags of ``generate``, ``img2img`` and ``variation``: ``--controlnet NAME|FILE
---control-image IMG [--mask MASK] [--control-scale S] [--control-type TYPE]`` → the job's control."""
+"""The ControlNet options of ``generate``, ``img2img`` and ``variation`` (``--controlnet NAME|FILE
+--control-image IMG [--mask MASK] [--control-scale S] [--control-type TYPE]``, from the field table)
+with a rerun's recorded control: the job's control fields."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stable_cascade.cli.choices import CONTROL_TYPES
+from stable_cascade.fields import CONTROL_TYPES
 
 if TYPE_CHECKING:  # the library loads when a command runs, not to parse arguments
-    from stable_cascade.engine import ControlRef
+    from stable_cascade.engine import ControlRef, Job
 
-#: Flag destination → ControlRef field.
-FLAGS = {
-    "controlnet": "controlnet",
-    "control_image": "image",
-    "mask": "mask",
-    "control_scale": "scale",
-    "control_type": "control_type",
-}
+#: The control fields the command line takes; the rest (sha256s) are derived from the files.
+FIELDS = ("controlnet", "control_image", "mask", "control_scale", "control_type")
 _NAMES = "|".join(CONTROL_TYPES)
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("ControlNet (steers Stage C)")
-    group.add_argument(
-        "--controlnet",
-        metavar=f"{_NAMES}|FILE",
-        help="a released ControlNet of the model (--model full: Stability's files; --model demo: canny), "
-        "or a ControlNet file or model folder",
-    )
-    group.add_argument(
-        "--control-image", metavar="IMG", help="the control image (super_resolution: the small image)"
-    )
-    group.add_argument("--mask", metavar="MASK", help="inpainting: white where new content is generated")
-    group.add_argument(
-        "--control-scale", type=float, metavar="S", help="the ControlNet's strength, 0-10 (1.0)"
-    )
-    group.add_argument(
-        "--control-type",
-        choices=CONTROL_TYPES,
-        help="the control a ControlNet file takes (when it cannot tell)",
-    )
-
-
-def from_flags(args: argparse.Namespace, recorded: tuple[ControlRef, ...]) -> list[ControlRef]:
-    """The run's control: the recorded one (``--from-png``) with the given flags, or the flags' own."""
-    from stable_cascade.engine import ControlRef
-
-    given = {
-        field: value for flag, field in FLAGS.items() if (value := getattr(args, flag, None)) is not None
-    }
-    if not recorded:
+def from_flags(args: argparse.Namespace, recorded: Job | None) -> dict[str, Any]:
+    """The run's control fields: the recorded control (``--from-png``) with the given flags, or the
+    flags' own."""
+    given = {name: value for name in FIELDS if (value := getattr(args, name, None)) is not None}
+    old = recorded.controls[0] if recorded is not None and recorded.controls else None
+    if old is None or not hasattr(args, "controlnet"):  # reconstruct takes no control
         if given and "controlnet" not in given:
-            raise ValueError(
-                "--control-image, --mask, --control-scale and --control-type go with --controlnet "
-                f"{_NAMES}|FILE; add it"
-            )
-        if given and "image" not in given:
+            flags = "--control-image, --mask, --control-scale and --control-type"
+            raise ValueError(f"{flags} go with --controlnet {_NAMES}|FILE; add it")
+        if given and "control_image" not in given:
             raise ValueError("--controlnet needs --control-image IMG (the image that steers the result)")
-        return [ControlRef(**given)] if given else []
-    old = recorded[0]
-    for field, what, flag in (
-        ("image", "control image", "--control-image IMG"),
+        return given
+    for name, what, flag in (
+        ("control_image", "control image", "--control-image IMG"),
         ("mask", "mask", "--mask MASK"),
     ):
-        path = getattr(old, field)
-        if path is not None and field not in given and not Path(path).is_file():
+        path = getattr(old, "image" if name == "control_image" else name)
+        if path is not None and name not in given and not Path(path).is_file():
             raise ValueError(
                 f"the {what} {path} recorded in {args.from_png} does not exist; put it back, or pass {flag}"
             )
-    changes: dict[str, Any] = dict(given)
-    if "controlnet" in given:  # another ControlNet: its own control type unless one is given
-        changes.setdefault("control_type", None)
-    return [dataclasses.replace(old, **changes)]
+    merged = {
+        "controlnet": old.controlnet,
+        "control_image": old.image,
+        "mask": old.mask,
+        "control_scale": old.scale,
+        "control_type": old.control_type,
+        **given,
+    }
+    if "controlnet" in given and "control_type" not in given:  # another ControlNet: its own type
+        merged["control_type"] = None
+    return merged
 
 
 def compare(recorded: tuple[ControlRef, ...], made: tuple[ControlRef, ...], png: str | None) -> None:

@@ -8,21 +8,15 @@ settings and nothing here duplicates a default of the library.
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stable_cascade.cli import controls
-from stable_cascade.cli.choices import (
-    BUNDLES,
-    DEFAULT_BUNDLE,
-    DTYPES,
-    MODEL_FLAGS,
-    OFFLOADS,
-    PRESETS,
-    SAMPLERS,
-)
+from stable_cascade.cli.choices import OFFLOADS
+from stable_cascade.cli.options import add_field_options, add_sampler_option, given_fields
+from stable_cascade.fields import BY_NAME
 
 if TYPE_CHECKING:  # the library loads when a command runs, not to parse arguments
     import PIL.Image
@@ -35,24 +29,10 @@ TASKS: dict[str, str] = {
     "variation": "variation",
     "reconstruct": "reconstruct",
 }
-#: Flag destination → Job.create argument(s) it sets.
-_JOB_FLAGS: dict[str, tuple[str, ...]] = {
-    "prompt": ("prompt",),
-    "negative_prompt": ("negative_prompt",),
-    "width": ("width",),
-    "height": ("height",),
-    "seed": ("seed",),
-    "preset": ("preset",),
-    "prior_steps": ("prior_steps",),
-    "prior_guidance": ("prior_guidance",),
-    "shift": ("prior_shift",),
-    "decoder_steps": ("decoder_steps",),
-    "decoder_guidance": ("decoder_guidance",),
-    "sampler": ("prior_sampler", "decoder_sampler"),
-    "strength": ("strength",),
-    "batch_size": ("batch_size",),
-    "count": ("count",),
-}
+#: Fields a rerun (``--from-png``) does not take from the record: the image's own, and what is
+#: derived again from the files.
+NOT_RERUN = ("task", "seed", "batch_size", "count", "input_image", "input_image_sha256",
+             "control_image_sha256", "mask_sha256", "controlnet_sha256")  # fmt: skip
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -65,77 +45,17 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     }
     for command, description in described.items():
         parser = commands.add_parser(command, parents=[common], help=description, description=description)
-        prior = command != "reconstruct"
-        if command != "generate":
-            parser.add_argument("image", metavar="IMAGE", help="the input image")
-        parser.add_argument(
-            "prompt", metavar="PROMPT", nargs="?", help="the text prompt" + ("" if prior else " for Stage B")
-        )
-        parser.add_argument("--negative-prompt", help="what to avoid (default: none)")
-        if command == "img2img":
-            parser.add_argument(
-                "--strength",
-                type=float,
-                help="how much of the image to replace: 0 keeps it, 1 ignores it (0.8)",
-            )
-        _model_options(parser, prior)
-        if prior:
-            controls.add_options(parser)
-        _sampling_options(parser, prior)
-        _run_options(parser, prior)
+        task = TASKS[command]
+        helps = {"prompt": "the text prompt for Stage B"} if task == "reconstruct" else {}
+        add_field_options(parser, task, helps=helps)
+        if task != "reconstruct":
+            add_sampler_option(parser)
+        _run_options(parser, task != "reconstruct")
         parser.set_defaults(handler=run)
-
-
-def _model_options(parser: argparse.ArgumentParser, prior: bool) -> None:
-    group = parser.add_argument_group("models")
-    names = ", ".join(f"{name} ({description})" for name, description in BUNDLES.items())
-    group.add_argument("--model", help=f"a named model: {names}; default {DEFAULT_BUNDLE}")
-    spec = "a Hub repo id, a diffusers pipeline or model folder, or a single file / ComfyUI bundle"
-    if prior:
-        group.add_argument("--prior", help=f"Stage C: {spec}")
-    group.add_argument("--decoder", help=f"Stage B: {spec}")
-    group.add_argument("--stage-a", help="Stage A (VQGAN) single file")
-    group.add_argument("--effnet", help="EfficientNet encoder single file (img2img, reconstruct)")
-    if prior:
-        group.add_argument("--previewer", help="Stage C previewer single file (--preview)")
-        group.add_argument(
-            "--lora",
-            action="append",
-            type=lora_spec,
-            metavar="FILE[:SCALE]",
-            help="a Stage C LoRA (ours, kohya/OneTrainer or Stability's format) at SCALE (1.0); repeatable",
-        )
-    group.add_argument(
-        "--components", help="repo id or folder with the tokenizer and CLIP encoders for single files"
-    )
-
-
-def _sampling_options(parser: argparse.ArgumentParser, prior: bool, batch: bool = False) -> None:
-    """The sampling flags; ``batch``: as ``batch`` means ``--seed`` and ``--count``."""
-    group = parser.add_argument_group("sampling (default: the preset's values)")
-    group.add_argument("--width", type=int, help="image width, a multiple of 8 (1024; --model demo: 128)")
-    group.add_argument("--height", type=int, help="image height, a multiple of 8 (1024; --model demo: 128)")
-    seed = "base seed: item i gets seed + 100000·i (the one OUT stores, else random)"
-    group.add_argument(
-        "--seed", type=int, help=seed if batch else "seed of the first image; image i gets seed + i (random)"
-    )
-    group.add_argument("--preset", choices=PRESETS, help="sampler settings of both stages (reference)")
-    group.add_argument("--sampler", choices=SAMPLERS, help="sampler of both stages (ddpm)")
-    if prior:
-        group.add_argument("--prior-steps", type=int, help="Stage C steps (20)")
-        group.add_argument("--prior-guidance", type=float, help="Stage C guidance scale (4.0)")
-        group.add_argument("--shift", type=float, help="Stage C logSNR shift (reference preset: 2.0)")
-    group.add_argument("--decoder-steps", type=int, help="Stage B steps (10)")
-    group.add_argument(
-        "--decoder-guidance", type=float, help="Stage B guidance scale (reference preset: 1.1)"
-    )
-    group.add_argument("--batch-size", type=int, help="images per batch (1)")
-    group.add_argument("--count", type=int, help="images per item (1)" if batch else "number of batches (1)")
 
 
 def _run_options(parser: argparse.ArgumentParser, prior: bool) -> None:
     group = parser.add_argument_group("running and output")
-    group.add_argument("--dtype", choices=DTYPES, help="auto: bf16 on CUDA with bf16 support, else fp32")
     group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
     group.add_argument("--offload", choices=OFFLOADS, default="none", help="CPU offload")
     group.add_argument(
@@ -157,13 +77,11 @@ def _run_options(parser: argparse.ArgumentParser, prior: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stable_cascade.cli.output import output_paths, preview_path
-    from stable_cascade.engine import Engine, Finished, ImageDone, Preview, read_png, save_png
+    from stable_cascade.engine import Engine, Finished, ImageDone, Preview, save_png
 
     task = TASKS[args.command]
-    recorded = read_png(args.from_png) if args.from_png else None
-    image = _input_image(args, task, recorded)
-    job = _job(args, task, recorded, image)
-    protected = [p for p in (args.from_png, getattr(args, "image", None)) if p]
+    job, image, recorded = job_of(args)
+    protected = [p for p in (args.from_png, getattr(args, "input_image", None)) if p]
     paths = output_paths(args.output, job.seeds, job.prompt, overwrite=args.overwrite, protected=protected)
     engine = Engine(device=args.device, offload=args.offload, progress_bars=True)
     if recorded is not None:
@@ -190,22 +108,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def lora_spec(text: str) -> tuple[Path, float]:
-    """``FILE`` or ``FILE:SCALE`` (a file whose name holds a colon may be given whole) → (path, scale)."""
-    path, scale = text, "1"
-    if not Path(text).is_file() and ":" in text:
-        path, _, scale = text.rpartition(":")
-    try:
-        value = float(scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected FILE or FILE:SCALE with a number SCALE, got {text!r}"
-        ) from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number")
-    if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"LoRA file {path} does not exist")
-    return Path(path), value
+def job_of(args: argparse.Namespace) -> tuple[Job, PIL.Image.Image | None, ImageRecord | None]:
+    """The job of a generation command's arguments, its input image, and the record it reruns."""
+    from stable_cascade.engine import read_png
+
+    task = TASKS[args.command]
+    recorded = read_png(args.from_png) if args.from_png else None
+    image = _input_image(args, task, recorded)
+    return _job(args, task, recorded, image), image, recorded
 
 
 def _input_image(args: argparse.Namespace, task: str, recorded: ImageRecord | None) -> PIL.Image.Image | None:
@@ -221,11 +131,12 @@ def _input_image(args: argparse.Namespace, task: str, recorded: ImageRecord | No
                 f"stable-cascade {made} IMAGE --from-png {args.from_png}"
             )
         return None
-    image = open_image(args.image)
+    image = open_image(args.input_image)
     wanted = recorded.job.input_image_sha256 if recorded is not None else None
     if wanted is not None and wanted != image_sha256(image):
         print(
-            f"warning: {args.image} differs from the input image recorded in {args.from_png}", file=sys.stderr
+            f"warning: {args.input_image} differs from the input image recorded in {args.from_png}",
+            file=sys.stderr,
         )
     return image
 
@@ -234,66 +145,54 @@ def _job(
     args: argparse.Namespace, task: str, recorded: ImageRecord | None, image: PIL.Image.Image | None
 ) -> Job:
     """The run's job: the recorded settings (or the defaults) with the given flags."""
-    from stable_cascade.engine import Job, LoraRef, ModelSources, image_sha256
+    from stable_cascade.engine import Job, image_sha256
 
     values: dict[str, Any] = {}
-    sources, dtype = ModelSources(), "auto"
-    loras: list[LoraRef | tuple[str, float]] = []
     if recorded is not None:
-        old = recorded.job
-        values = {
-            "prompt": old.prompt,
-            "negative_prompt": old.negative_prompt,
-            "width": old.width,
-            "height": old.height,
-            "seed": recorded.seed,
-            "preset": old.preset,
-            "strength": old.strength if task == old.task else None,
-        }
-        for name, stage in (("prior", old.prior), ("decoder", old.decoder)):
-            if stage is not None:
-                values.update({f"{name}_{key}": value for key, value in stage.__dict__.items()})
-        sources, loras, dtype = old.models, list(old.loras), old.dtype
-        for lora in old.loras:
-            if not Path(lora.path).is_file() and not getattr(args, "lora", None):
-                raise ValueError(
-                    f"the LoRA {lora.path} recorded in {args.from_png} does not exist; put it back, or pass "
-                    "--lora FILE[:SCALE] to use another"
-                )
+        values = _recorded_values(recorded, task, args)
     elif task in ("txt2img", "img2img") and args.prompt is None:
         raise ValueError(f"{args.command} needs a PROMPT (or --from-png with an image made by this tool)")
-    values.update(
-        {
-            field: value
-            for flag, fields in _JOB_FLAGS.items()
-            if (value := getattr(args, flag, None)) is not None
-            for field in fields
-        }
-    )
-    given = {flag: value for flag in MODEL_FLAGS if (value := getattr(args, flag, None)) is not None}
-    if getattr(args, "lora", None):
-        loras = [(str(path), scale) for path, scale in args.lora]
+    given = given_fields(args)
+    if "loras" in given:
+        given["loras"] = [(str(path), scale) for path, scale in given["loras"]]
+    values.update({k: v for k, v in given.items() if k not in controls.FIELDS})
+    values.update(controls.from_flags(args, recorded.job if recorded is not None else None))
     if image is not None:
-        values.update(
-            input_image=Path(args.image).name, input_image_sha256=image_sha256(image), image_size=image.size
-        )
-    recorded_controls = recorded.job.controls if recorded is not None and task != "reconstruct" else ()
-    job = Job.create(
-        task=task,
-        models=ModelSources(**{**sources.__dict__, **given}),
-        loras=loras,
-        dtype=args.dtype or dtype,
-        controls=controls.from_flags(args, recorded_controls),
-        **values,
-    )
+        values.update(input_image=Path(args.input_image).name, input_image_sha256=image_sha256(image))
+        values["image_size"] = image.size
+    job = Job.create(task=task, **values)
+    recorded_controls = recorded.job.controls if recorded is not None else ()
     controls.compare(recorded_controls, job.controls, args.from_png)
     return job
 
 
+def _recorded_values(recorded: ImageRecord, task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings an image records that a rerun as ``task`` takes (its seed; not its images')."""
+    old = recorded.job
+    values = {
+        name: value
+        for name, value in old.to_dict().items()
+        if name not in NOT_RERUN and name not in controls.FIELDS and value not in (None, [])
+    }
+    values["seed"] = recorded.seed
+    if task != old.task:
+        values.pop("strength", None)
+    values = {name: value for name, value in values.items() if BY_NAME[name].applies(task, values)}
+    for lora in old.loras:
+        if not Path(lora.path).is_file() and not getattr(args, "loras", None):
+            raise ValueError(
+                f"the LoRA {lora.path} recorded in {args.from_png} does not exist; put it back, or pass "
+                "--lora FILE[:SCALE] to use another"
+            )
+    if "loras" in values:
+        values["loras"] = list(old.loras)
+    return values
+
+
 def _announce_models(recorded: ImageRecord, path: str) -> None:
     """One line naming the recorded models when they are not the default ones."""
-    models = {k: v for k, v in recorded.job.models.__dict__.items() if v is not None}
-    if models != {"model": DEFAULT_BUNDLE} or recorded.job.loras:
+    models = {k: v for k, v in dataclasses.asdict(recorded.job.models).items() if v is not None}
+    if models != {"model": BY_NAME["model"].default} or recorded.job.loras:
         named = ", ".join(f"{k}={v}" for k, v in models.items())
         named += "".join(f", lora={lora.path}:{lora.scale:g}" for lora in recorded.job.loras)
         print(f"models recorded in {path}: {named}")

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stable_cascade.cli.choices import BUNDLES, DEFAULT_BUNDLE, DTYPES
+from stable_cascade.fields import BY_NAME, DTYPES
+
+MODEL = BY_NAME["model"]
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -19,7 +21,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "serve", parents=[common], help="run the HTTP server", description=description
     )
     parser.add_argument(
-        "--model", choices=BUNDLES, default=DEFAULT_BUNDLE, help=f"default model ({DEFAULT_BUNDLE})"
+        "--model", choices=MODEL.choices, default=MODEL.default, help=f"default model ({MODEL.default})"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (7860, A1111's)")

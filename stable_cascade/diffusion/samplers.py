@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from stable_cascade.diffusion.noise import Generators, randn
+from stable_cascade.diffusion.presets import SAMPLER_NAMES
 from stable_cascade.diffusion.timesteps import NoiseModel, Progress, SamplerResult, Schedule, StepCallback
-
-SamplerName = Literal["ddpm", "ddim", "euler_ancestral", "dpmpp_2m"]
 
 
 def ddpm_posterior(
@@ -195,6 +193,7 @@ SAMPLERS: dict[str, Callable[..., SamplerResult]] = {
     "euler_ancestral": euler_ancestral,
     "dpmpp_2m": dpmpp_2m,
 }
+assert set(SAMPLERS) == set(SAMPLER_NAMES), "presets.SAMPLER_NAMES lists the samplers"
 
 
 def get_sampler(name: str) -> Callable[..., SamplerResult]:

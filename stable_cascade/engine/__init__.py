@@ -1,9 +1,14 @@
-"""The engine: jobs (the one shape of a run's settings), their records, and the engine that runs them
-on cached models. Every front end (command line, server, batch generation) builds a :class:`Job`,
-runs it with :meth:`Engine.run` and saves what :class:`ImageDone` events carry with :func:`save_png`."""
+"""The engine: jobs (one attribute per row of the field table), their records, and the engine that runs
+them on cached models. Every front end (command line, server, batch generation) builds a :class:`Job`,
+runs it with :meth:`Engine.run` (a batch run's units: :meth:`Engine.generate`) and saves what
+:class:`ImageDone` events carry with :func:`save_png`. Front ends import this package and
+:mod:`stable_cascade.fields` only: what they need of the models (the named bundles, the presets) is
+re-exported here."""
 
+from stable_cascade.diffusion.presets import COMBINED_PRESETS
+from stable_cascade.engine.attach import attached_loras
 from stable_cascade.engine.control import ControlRef
-from stable_cascade.engine.engine import Engine, attached_loras, check_inputs
+from stable_cascade.engine.engine import Engine
 from stable_cascade.engine.events import (
     Event,
     Finished,
@@ -15,14 +20,27 @@ from stable_cascade.engine.events import (
 )
 from stable_cascade.engine.hashing import FileHasher, image_sha256, sha256_file
 from stable_cascade.engine.images import open_image
-from stable_cascade.engine.job import DTYPES, TASKS, Job, LoraRef, StageJob, Task, native_size
-from stable_cascade.engine.record import ImageRecord, read_png, save_png
-from stable_cascade.engine.threads import configure_cpu_threads
+from stable_cascade.engine.inputs import check_inputs
+from stable_cascade.engine.job import Job, Row, native_size
+from stable_cascade.engine.legacy import UNKNOWN_IMAGE
+from stable_cascade.engine.loras import LoraRef
+from stable_cascade.engine.record import ImageRecord, package_version, read_png, save_png
+from stable_cascade.engine.threads import configure_cpu_threads, default_threads
+from stable_cascade.loading.bundles import (
+    BUNDLES,
+    DEFAULT_BUNDLE,
+    RELEASED_CONTROLNETS,
+    ModelBundle,
+    get_bundle,
+)
 from stable_cascade.loading.sources import ModelSources
 
 __all__ = [
-    "DTYPES",
-    "TASKS",
+    "BUNDLES",
+    "COMBINED_PRESETS",
+    "DEFAULT_BUNDLE",
+    "RELEASED_CONTROLNETS",
+    "UNKNOWN_IMAGE",
     "ControlRef",
     "Engine",
     "Event",
@@ -34,17 +52,20 @@ __all__ = [
     "JobCancelled",
     "Loading",
     "LoraRef",
+    "ModelBundle",
     "ModelSources",
     "Preview",
     "Progress",
-    "StageJob",
-    "Task",
+    "Row",
     "attached_loras",
     "check_inputs",
     "configure_cpu_threads",
+    "default_threads",
+    "get_bundle",
     "image_sha256",
     "native_size",
     "open_image",
+    "package_version",
     "read_png",
     "save_png",
     "sha256_file",

@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import PIL.Image
 
 from stable_cascade.conditioning.control import SUPER_RESOLUTION_FACTOR
-from stable_cascade.engine import checks
 from stable_cascade.engine.hashing import FileHasher, image_sha256
 from stable_cascade.engine.images import open_image
+from stable_cascade.fields import CONTROL_TYPES, checks
 from stable_cascade.loading.bundles import DEFAULT_BUNDLE, get_bundle
 from stable_cascade.loading.controlnets import controlnet_spec, controlnet_type, is_released, local_controlnet
-from stable_cascade.pipelines.control import CONTROL_TYPES
-
-if TYPE_CHECKING:
-    from stable_cascade.engine.job import Job
-
-MAX_SCALE = 10.0  # ComfyUI's strength limit for ControlNets
-CONTROL_TASKS = ("txt2img", "img2img", "variation")  # reconstruct runs no Stage C
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +37,10 @@ class ControlRef:
     control_type: str | None = None
     controlnet_sha256: str | None = None
 
-    def validate(self) -> None:
+    def validate(self, model: str = DEFAULT_BUNDLE) -> None:
+        """The control's own checks, and that ``model`` (a bundle) has the released ControlNet it names."""
+        if is_released(self.controlnet):  # the model has it (before the control's own checks)
+            controlnet_spec(self.controlnet, get_bundle(model))
         if not isinstance(self.controlnet, str) or not self.controlnet:
             raise ValueError(f"a control's controlnet must be a name or a path, got {self.controlnet!r}")
         if not isinstance(self.image, str) or not self.image:
@@ -56,7 +51,7 @@ class ControlRef:
             raise ValueError(
                 "a control's mask needs its sha256 and the sha256 its mask; give both or neither"
             )
-        checks.check_float("the control scale", self.scale, 0.0, MAX_SCALE)
+        checks.check_float("the control scale", self.scale, 0.0, checks.MAX_CONTROL_SCALE)
         checks.check_choice("control type", self.control_type, CONTROL_TYPES)
         if is_released(self.controlnet) and self.control_type != self.controlnet:
             raise ValueError(
@@ -68,22 +63,6 @@ class ControlRef:
             )
         if self.mask is None and self.control_type == "inpainting":
             raise ValueError("inpainting needs a mask (white = the region to generate); pass one")
-
-
-def check_controls(job: Job) -> None:
-    """The job-level checks of ``job.controls`` (one ControlNet, on a task that runs Stage C)."""
-    if not job.controls:
-        return
-    if len(job.controls) > 1:
-        raise ValueError(f"a job takes one ControlNet, got {len(job.controls)}; run one control per job")
-    if job.task not in CONTROL_TASKS:
-        raise ValueError(
-            f"ControlNets steer Stage C, which {job.task} does not run; use {', '.join(CONTROL_TASKS)}"
-        )
-    for control in job.controls:
-        if is_released(control.controlnet):  # the model has it (before the control's own checks)
-            controlnet_spec(control.controlnet, get_bundle(job.models.model or DEFAULT_BUNDLE))
-        control.validate()
 
 
 def resolve_control(

@@ -14,23 +14,25 @@ that step events arrive while a stage samples, and ``cancel`` stops a job betwee
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import PIL.Image
 import torch
 
-from stable_cascade.engine.control import ControlImages, ControlRef, open_control
-from stable_cascade.engine.events import Event, Finished, Loading
-from stable_cascade.engine.hashing import FileHasher, image_sha256, sha256_file
-from stable_cascade.engine.job import DEFAULT_SIZE, DTYPES, Job, LoraRef, native_size
+from stable_cascade.engine.attach import attached_controlnet, attached_loras
+from stable_cascade.engine.control import ControlImages, ControlRef
+from stable_cascade.engine.events import Event, Finished, ImageDone, Loading
+from stable_cascade.engine.hashing import FileHasher
+from stable_cascade.engine.inputs import checked_inputs
+from stable_cascade.engine.job import Job, Row, native_size
+from stable_cascade.engine.loras import hashed
 from stable_cascade.engine.models import (
     LoadedModels,
     Offload,
@@ -39,17 +41,19 @@ from stable_cascade.engine.models import (
     resolve_device,
     resolve_dtype,
 )
-from stable_cascade.engine.record import model_label
-from stable_cascade.engine.running import JobRun
+from stable_cascade.engine.running import Calls, prior_steps
+from stable_cascade.engine.texts import TextCache
 from stable_cascade.engine.threads import configure_cpu_threads
+from stable_cascade.fields import DTYPES
+from stable_cascade.fields.checks import DEFAULT_SIZE
+from stable_cascade.fields.infotext import model_label
 from stable_cascade.loading.controlnets import controlnet_spec, load_controlnet
 from stable_cascade.loading.sources import ModelSources
 from stable_cascade.nn.controlnet import ControlNet
-from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 
 logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_OFFLOADS = ("none", "model", "sequential")
+_OFFLOADS: tuple[str, ...] = get_args(Offload)
 _DONE = object()
 
 
@@ -95,6 +99,7 @@ class Engine:
         self.max_loaded = max_loaded
         self.progress_bars = progress_bars
         self.hasher = FileHasher()
+        self.texts = TextCache()
         self._cache: collections.OrderedDict[_Key, _Entry] = collections.OrderedDict()
         self._controlnets: collections.OrderedDict[tuple[str, torch.dtype], tuple[ControlNet, Path]] = (
             collections.OrderedDict()
@@ -134,7 +139,7 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> Iterator[Event]:
         """The events of ``job`` (see :mod:`~stable_cascade.engine.events`); checked before any work."""
-        image, controls = _checked_inputs(job, image)
+        image, controls = checked_inputs(job, image)
         stop, taken = threading.Event(), threading.Semaphore(0)
         events: queue.Queue[object] = queue.Queue()
 
@@ -176,6 +181,48 @@ class Engine:
         emit: Callable[[Event], None],
     ) -> None:
         start = time.perf_counter()
+        calls, controlnet, loaded = self._calls(job, controls, previews, emit)
+        load_seconds = time.perf_counter() - start if loaded else 0.0
+        _warn_size(job)
+        calls.image, calls.stop, calls.previews = image, stop, previews
+        calls.control = controls[0][1] if controls else None
+        calls.total_steps = (prior_steps(job) + job.decoder_steps) * job.count
+        with (
+            attached_loras(calls.models, job.loras),
+            attached_controlnet(calls.models.prior_pipe, controlnet),
+        ):
+            calls.check_stop()
+            for batch in range(job.count):
+                calls.check_stop()
+                first = batch * job.batch_size
+                rows = [Row(job, first + i) for i in range(job.batch_size)]
+                for done in calls.make(rows, batch, job.count):
+                    emit(done)
+        emit(Finished(calls.seconds["prior"], calls.seconds["decoder"], load_seconds))
+
+    def generate(self, rows: Sequence[Row]) -> list[ImageDone]:
+        """The images of ``rows`` of text-to-image jobs that share all their settings but prompts and
+        seeds, made by one model call per stage (a batch run's unit); no events, no thread."""
+        job = rows[0].job
+        for row in rows:
+            row.job.validate()
+        if job.task != "txt2img" or job.controls:
+            raise ValueError(
+                "rows of one call are text-to-image without a ControlNet; run other jobs one by one"
+            )
+        calls, _, _ = self._calls(job, [], False, None)
+        with attached_loras(calls.models, job.loras):
+            return calls.make(rows)
+
+    def _calls(
+        self,
+        job: Job,
+        controls: list[tuple[ControlRef, ControlImages]],
+        previews: bool,
+        emit: Callable[[Event], None] | None,
+    ) -> tuple[Calls, tuple[ControlNet, Path] | None, bool]:
+        """The models of ``job`` (loaded if need be) and what its calls share; its ControlNet; whether
+        anything loaded."""
         super_resolution = any(control.control_type == "super_resolution" for control, _ in controls)
         models, loaded = self._load(
             job.models,
@@ -187,30 +234,32 @@ class Engine:
         )
         controlnet = None
         if controls:
+            assert emit is not None, "jobs with a ControlNet run with events"
             controlnet, controlnet_loaded = self._controlnet(controls[0][0], job, emit)
             loaded = loaded or controlnet_loaded
-        load_seconds = time.perf_counter() - start if loaded else 0.0
-        native = native_size(job.models)
-        if native is not None and native != DEFAULT_SIZE and (job.width, job.height) != (native, native):
-            logger.warning(
-                "the %s model was trained at %dx%d; at %dx%d its images are poorer",
-                job.models.model,
-                native,
-                native,
-                job.width,
-                job.height,
-            )
         hashes = self.model_sha256(models, controlnet[1] if controlnet is not None else None)
-        run = JobRun(job, self.record_job(job), models, hashes, emit, stop, controls[0] if controls else None)
-        with attached_loras(models, job.loras), _attached(models.prior_pipe, controlnet):
-            run.check_stop()
-            run.run(image, previews)
-        emit(Finished(run.seconds["prior"], run.seconds["decoder"], load_seconds))
+        calls = Calls(models, self.texts, self._record_jobs(), hashes)
+        if emit is not None:
+            calls.emit = emit
+        return calls, controlnet, loaded
+
+    def _record_jobs(self) -> Callable[[Job], Job]:
+        """:meth:`record_job`, once per job of a call."""
+        recorded: dict[int, tuple[Job, Job]] = {}
+
+        def record(job: Job) -> Job:
+            if id(job) not in recorded:
+                recorded[id(job)] = (job, self.record_job(job))
+            return recorded[id(job)][1]
+
+        return record
 
     def record_job(self, job: Job) -> Job:
         """The job as its images record it: the dtype it runs in named, the LoRA files' sha256."""
         return dataclasses.replace(
-            job, dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype), loras=_hashed(job.loras)
+            job,
+            dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype),
+            loras=hashed(job.loras, self.hasher),
         )
 
     def model_sha256(self, models: LoadedModels, controlnet: Path | None = None) -> dict[str, str]:
@@ -246,7 +295,7 @@ class Engine:
         while len(self._cache) >= self.max_loaded:
             self._cache.popitem(last=False)
         if emit is not None:
-            emit(Loading(model_label(sources)))
+            emit(Loading(model_label(dataclasses.asdict(sources))))
         models = load_models(
             sources, torch_dtype=torch_dtype, prior=prior, effnet=effnet, previewer=previewer
         )
@@ -286,88 +335,15 @@ def _next(events: queue.Queue[object], cancel: threading.Event | None, stop: thr
                 stop.set()
 
 
-def check_inputs(job: Job, image: PIL.Image.Image | None) -> PIL.Image.Image | None:
-    """Validate ``job``, its control images and its input image (given when needed, the one the job
-    names); the image in RGB."""
-    return _checked_inputs(job, image)[0]
-
-
-def _checked_inputs(
-    job: Job, image: PIL.Image.Image | None
-) -> tuple[PIL.Image.Image | None, list[tuple[ControlRef, ControlImages]]]:
-    """:func:`check_inputs`, and the job's control images, opened and checked once."""
-    job.validate()
-    controls = [(control, open_control(control)) for control in job.controls]
-    if job.task == "txt2img":
-        if image is not None:
-            raise ValueError("txt2img takes no input image; use img2img, variation or reconstruct")
-        return None, controls
-    if image is None:
-        raise ValueError(f"{job.task} needs an input image; pass the image the job was made for")
-    if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"the input image must be a PIL image, got {type(image).__name__}")
-    if image_sha256(image) != job.input_image_sha256:
-        raise ValueError(
-            f"the input image is not the one the job names (sha256 {str(job.input_image_sha256)[:12]}…); "
-            "create the job with input_image_sha256=image_sha256(image)"
+def _warn_size(job: Job) -> None:
+    """A warning when the job's bundle was trained at another size (the demo: 128²)."""
+    native = native_size(job.models)
+    if native is not None and native != DEFAULT_SIZE and (job.width, job.height) != (native, native):
+        logger.warning(
+            "the %s model was trained at %dx%d; at %dx%d its images are poorer",
+            job.model,
+            native,
+            native,
+            job.width,
+            job.height,
         )
-    for lora in job.loras:
-        if not _exists(lora):
-            raise ValueError(f"LoRA file {lora.path} does not exist")
-    return image.convert("RGB"), controls
-
-
-def _exists(lora: LoraRef) -> bool:
-    return Path(lora.path).is_file()
-
-
-def _hashed(loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
-    """The LoRAs with their files' sha256 (warning where a recorded one differs)."""
-    hashed = []
-    for lora in loras:
-        digest = sha256_file(lora.path)
-        if lora.sha256 is not None and lora.sha256 != digest:
-            logger.warning("LoRA %s differs from the one recorded (sha256 %s…)", lora.path, lora.sha256[:12])
-        hashed.append(dataclasses.replace(lora, sha256=digest))
-    return tuple(hashed)
-
-
-@contextlib.contextmanager
-def _attached(
-    pipe: StableCascadePriorPipeline | None, controlnet: tuple[ControlNet, Path] | None
-) -> Iterator[None]:
-    """The prior with the job's ControlNet for the job; what it held before afterwards."""
-    if controlnet is None or pipe is None:
-        yield
-        return
-    before = pipe.controlnet
-    pipe.register_components(controlnet=controlnet[0])
-    try:
-        yield
-    finally:
-        pipe.register_components(controlnet=before)
-
-
-class attached_loras:  # a context manager used as a function
-    """Attach a job's LoRAs to the prior for the job and remove exactly those afterwards."""
-
-    def __init__(self, models: LoadedModels, loras: tuple[LoraRef, ...]) -> None:
-        self.pipe = models.prior_pipe
-        self.loras = loras
-        self.names: list[str] = []
-
-    def __enter__(self) -> None:
-        if not self.loras:
-            return
-        assert self.pipe is not None, "validation refuses LoRAs for reconstruct"
-        try:
-            for i, lora in enumerate(self.loras):
-                self.names.append(self.pipe.load_lora_weights(lora.path, f"job_lora_{i}", lora.scale))
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        if self.names and self.pipe is not None:
-            self.pipe.delete_adapters(self.names)
-            self.names = []

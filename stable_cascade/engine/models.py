@@ -18,9 +18,9 @@ from torch import nn
 
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.convert import Kind, identify, split_bundle
-from stable_cascade.loading.bundles import OFFLINE_HINT
+from stable_cascade.loading.bundles import DECODER_REPO, OFFLINE_HINT, PRIOR_REPO
 from stable_cascade.loading.inspection import read_header
-from stable_cascade.loading.single_file import DECODER_REPO, PRIOR_REPO, LoadOptions, SingleFile, auxiliary
+from stable_cascade.loading.single_file import LoadOptions, SingleFile, auxiliary
 from stable_cascade.loading.sources import ModelSources, SourceKind, classify
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline

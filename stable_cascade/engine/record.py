@@ -1,15 +1,10 @@
 """What every generated PNG carries, and reading it back.
 
-Two text chunks: ``parameters``, the AUTOMATIC1111 "infotext" that image viewers and web UIs show::
-
-    a photo of a cat
-    Negative prompt: blurry
-    Steps: 20+10, Sampler: ddpm, CFG scale: 4.0+1.1, Seed: 42, Size: 1024x1024, Model: full, ...
-
-(Stage C and Stage B values joined by ``+``), and ``stable_cascade``, the JSON :class:`ImageRecord`:
-the job that made the image (see :class:`~stable_cascade.engine.job.Job`), the image's index in it and
-its seed, its size, the sha256 of the local model files and the package version. Records of schema 1
-(this package's earlier flat layout) and other tools' infotexts are read too.
+Two text chunks: ``parameters``, the AUTOMATIC1111 "infotext" that image viewers and web UIs show
+(:mod:`stable_cascade.fields.infotext`), and ``stable_cascade``, the JSON :class:`ImageRecord`: the job
+that made the image (its fields by name, see :class:`~stable_cascade.engine.job.Job`), the image's
+index in it and its seed, its size, the sha256 of the local model files and the package version.
+Records of schemas 1 and 2 (this package's earlier layouts) and other tools' infotexts are read too.
 """
 
 from __future__ import annotations
@@ -24,14 +19,14 @@ from typing import Any
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
-from stable_cascade.engine.decoding import _object, _typed
-from stable_cascade.engine.job import Job, StageJob
+from stable_cascade.engine.job import Job
 from stable_cascade.engine.legacy import parse_infotext, schema_1_record
-from stable_cascade.loading.sources import ModelSources
+from stable_cascade.engine.stored import kind_of
+from stable_cascade.fields import infotext
 
 INFOTEXT_KEY = "parameters"
 JSON_KEY = "stable_cascade"
-SCHEMA = 2
+SCHEMA = 3
 
 
 def package_version() -> str:
@@ -78,24 +73,27 @@ class ImageRecord:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{source} is not a valid {JSON_KEY} record: {error}") from None
-        data = _object("the record", data, source)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: the record must be an object, got {kind_of(data)}")
         if data.get("schema") == 1:
             return cls(**schema_1_record(data, source))
-        if data.get("schema") != SCHEMA:
+        if data.get("schema") not in (2, SCHEMA):  # schema 2: the job's earlier, nested layout
             raise ValueError(f"{source}: unknown record schema {data.get('schema')!r}; expected {SCHEMA}")
         known = {"schema", "job", "index", "seed", "width", "height", "model_sha256", "version"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown key {unknown[0]!r} in the record")
-        hashes = _object("model_sha256", data.get("model_sha256", {}), source)
+        hashes = data.get("model_sha256", {})
+        if not isinstance(hashes, Mapping) or not all(isinstance(v, str) for v in hashes.values()):
+            raise ValueError(f"{source}: model_sha256 must be an object of sha256 texts")
         record = cls(
-            job=Job.from_dict(_object("job", data.get("job"), source), source),
-            index=_typed("index", data.get("index", 0), "int", source),
-            seed=_typed("seed", data.get("seed", 0), "int", source),
-            width=_typed("width", data.get("width", 0), "int", source),
-            height=_typed("height", data.get("height", 0), "int", source),
-            model_sha256={str(k): _typed(f"model_sha256.{k}", v, "str", source) for k, v in hashes.items()},
-            version=_typed("version", data.get("version", "unknown"), "str", source),
+            job=Job.from_dict(data.get("job"), source),  # type: ignore[arg-type]  # checked there
+            index=_int("index", data.get("index", 0), source),
+            seed=_int("seed", data.get("seed", 0), source),
+            width=_int("width", data.get("width", 0), source),
+            height=_int("height", data.get("height", 0), source),
+            model_sha256={str(k): v for k, v in hashes.items()},
+            version=str(data.get("version", "unknown")),
         )
         if not 0 <= record.index < record.job.images or record.seed != record.job.seed + record.index:
             raise ValueError(f"{source}: image {record.index} with seed {record.seed} is not in its job")
@@ -103,53 +101,13 @@ class ImageRecord:
 
     def infotext(self) -> str:
         """The AUTOMATIC1111-style ``parameters`` text."""
-        job = self.job
-        stages: list[StageJob] = [s for s in (job.prior, job.decoder) if s is not None]
-        fields: dict[str, object] = {
-            "Steps": _joined(s.steps for s in stages),
-            "Sampler": _joined(dict.fromkeys(s.sampler for s in stages)),  # one name when equal
-            "CFG scale": _joined(s.guidance for s in stages),
-            "Seed": self.seed,
-            "Size": f"{self.width}x{self.height}",
-            "Model": model_label(job.models, ("prior", "decoder") if job.prior else ("decoder",)),
-            "Preset": job.preset,
-            "Shift": _joined(s.shift for s in stages if s is stages[0] or s.shift != 1.0),
-        }
-        if job.strength is not None:
-            fields["Denoising strength"] = job.strength
-        if job.task != "txt2img":
-            fields["Task"] = job.task
-        if job.loras:
-            fields["Lora"] = _joined(f"{Path(lora.path).stem}:{lora.scale:g}" for lora in job.loras)
-        for control in job.controls:
-            fields["ControlNet"] = Path(control.controlnet).stem
-            fields["Control type"] = control.control_type
-            fields["Control scale"] = f"{control.scale:g}"
-        fields["Version"] = f"stable-cascade {self.version}"
-        lines = [job.prompt]
-        if job.negative_prompt:
-            lines.append(f"Negative prompt: {job.negative_prompt}")
-        lines.append(", ".join(f"{k}: {_quoted(v)}" for k, v in fields.items()))
-        return "\n".join(lines)
+        return infotext.write(self.job.to_dict(), self.seed, self.version)
 
 
-def model_label(models: ModelSources, roles: tuple[str, ...] = ("prior", "decoder")) -> str:
-    """A short name for the models: the bundle name, or the last parts of the prior and decoder."""
-    bundle = models.model
-    stages = [getattr(models, role) for role in roles]
-    if bundle and not any(stages):
-        return bundle
-    names = [Path(s).name if s else bundle or "default" for s in stages]
-    return " + ".join(names)
-
-
-def _joined(values: Any) -> str:
-    return "+".join(str(v) for v in values)
-
-
-def _quoted(value: object) -> str:
-    text = str(value)
-    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+def _int(key: str, value: object, source: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{source}: {key} must be a whole number, got {kind_of(value)}")
+    return value
 
 
 def png_info(record: ImageRecord) -> PngInfo:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from stable_cascade.loading.single_file import DECODER_REPO, PRIOR_REPO
+#: The Hub repos of the released prior (Stage C) and decoder (Stage B, Stage A and the extra files).
+PRIOR_REPO = "stabilityai/stable-cascade-prior"
+DECODER_REPO = "stabilityai/stable-cascade"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ from stable_cascade.checkpoint.safetensors_io import read_single_file
 from stable_cascade.conditioning.clip_weights import clip_text_model, clip_vision_model, normalize_clip_keys
 from stable_cascade.convert import Kind, expect_kind, identify, split_bundle
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
+from stable_cascade.loading.bundles import DECODER_REPO, PRIOR_REPO
 from stable_cascade.loading.components import is_component_entry, load_component, read_model_index
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
@@ -47,8 +48,6 @@ from stable_cascade.specs import ConfigBase, EffNetConfig, PreviewerConfig
 
 logger = logging.getLogger(__name__)
 
-PRIOR_REPO = "stabilityai/stable-cascade-prior"
-DECODER_REPO = "stabilityai/stable-cascade"
 Tensors = Mapping[str, torch.Tensor]
 M = TypeVar("M", bound=PretrainedModel)
 #: What a components folder without ``model_index.json`` is assumed to hold, by subfolder.

@@ -18,6 +18,7 @@ from stable_cascade.conditioning.control import MaskInput
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, get_preset
+from stable_cascade.loading.bundles import PRIOR_REPO
 from stable_cascade.loading.single_file import LoadOptions, combined_components
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
@@ -26,22 +27,19 @@ from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback
-from stable_cascade.pipelines.control import ControlRequest, paste_unmasked
+from stable_cascade.pipelines.cascade import run_cascade
+from stable_cascade.pipelines.control import ControlRequest
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import (
     ImagePipelineOutput,
     Images,
-    StableCascadePriorPipelineOutput,
-    postprocess,
 )
 from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
 from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
     from transformers import CLIPImageProcessor
-
-PRIOR_REPO = "stabilityai/stable-cascade-prior"
 
 
 class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
@@ -285,65 +283,55 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
         (:mod:`stable_cascade.pipelines.control`); inpainting keeps the input image outside the mask.
         """
         stages = get_preset(preset, COMBINED_PRESETS)
-        prior_out = self.prior_pipe(
-            prompt=prompt if prompt_embeds is None else None,
-            images=images,
+        prior = {
+            "prompt": prompt if prompt_embeds is None else None,
+            "images": images,
+            "num_inference_steps": prior_num_inference_steps or stages.prior.steps,
+            "guidance_scale": _first(prior_guidance_scale, stages.prior.guidance),
+            "negative_prompt": negative_prompt if negative_prompt_embeds is None else None,
+            "prompt_embeds": prompt_embeds,
+            "prompt_embeds_pooled": prompt_embeds_pooled,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "negative_prompt_embeds_pooled": negative_prompt_embeds_pooled,
+            "image_embeds": image_embeds,
+            "image": image,
+            "strength": strength,
+            "num_images_per_prompt": num_images_per_prompt,
+            "generator": generator,
+            "latents": latents,
+            "callback_on_step_end": prior_callback_on_step_end,
+            "callback_on_step_end_tensor_inputs": prior_callback_on_step_end_tensor_inputs,
+            "preset": preset,
+            "sampler": prior_sampler,
+            "shift": prior_shift,
+            "guidance_rescale": prior_guidance_rescale,
+            "control_image": control_image,
+            "mask_image": mask_image,
+            "controlnet_conditioning_scale": controlnet_conditioning_scale,
+            "control_type": control_type,
+        }
+        decoder = {
+            "num_inference_steps": num_inference_steps or stages.decoder.steps,
+            "guidance_scale": _first(decoder_guidance_scale, stages.decoder.guidance),
+            "generator": generator,
+            "callback_on_step_end": callback_on_step_end,
+            "callback_on_step_end_tensor_inputs": callback_on_step_end_tensor_inputs,
+            "preset": preset,
+            "sampler": sampler,
+            "shift": shift,
+            "guidance_rescale": guidance_rescale,
+        }
+        return run_cascade(
+            self.prior_pipe,
+            self.decoder_pipe,
+            prior,
+            decoder,
             height=height,
             width=width,
-            num_inference_steps=prior_num_inference_steps or stages.prior.num_inference_steps,
-            guidance_scale=_first(prior_guidance_scale, stages.prior.guidance_scale),
-            negative_prompt=negative_prompt if negative_prompt_embeds is None else None,
-            prompt_embeds=prompt_embeds,
-            prompt_embeds_pooled=prompt_embeds_pooled,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
-            image_embeds=image_embeds,
-            image=image,
-            strength=strength,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            output_type="pt",
-            callback_on_step_end=prior_callback_on_step_end,
-            callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
-            preset=preset,
-            sampler=prior_sampler,
-            shift=prior_shift,
-            guidance_rescale=prior_guidance_rescale,
-            control_image=control_image,
-            mask_image=mask_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            control_type=control_type,
+            output_type=output_type,
+            paste=ControlRequest(control_image, mask_image),
+            return_dict=return_dict,
         )
-        assert isinstance(prior_out, StableCascadePriorPipelineOutput)
-        paste = mask_image is not None and output_type != "latent"  # inpainting: restore the unmasked
-        # As diffusers: Stage B takes the prior's text embeddings (both stages use the same CLIP model).
-        decoded = self.decoder_pipe(
-            image_embeddings=prior_out.image_embeddings,  # type: ignore[arg-type]
-            prompt_embeds=prior_out.prompt_embeds,  # type: ignore[arg-type]
-            prompt_embeds_pooled=prior_out.prompt_embeds_pooled,  # type: ignore[arg-type]
-            negative_prompt_embeds=prior_out.negative_prompt_embeds,  # type: ignore[arg-type]
-            negative_prompt_embeds_pooled=prior_out.negative_prompt_embeds_pooled,  # type: ignore[arg-type]
-            num_inference_steps=num_inference_steps or stages.decoder.num_inference_steps,
-            guidance_scale=_first(decoder_guidance_scale, stages.decoder.guidance_scale),
-            generator=generator,
-            output_type="pt" if paste else output_type,
-            return_dict=return_dict or paste,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            height=height,
-            width=width,
-            preset=preset,
-            sampler=sampler,
-            shift=shift,
-            guidance_rescale=guidance_rescale,
-        )
-        if not paste:
-            return decoded
-        assert isinstance(decoded, ImagePipelineOutput) and isinstance(decoded.images, Tensor)
-        request = ControlRequest(control_image, mask_image)
-        pasted = postprocess(paste_unmasked(decoded.images, request, height, width), output_type)
-        return ImagePipelineOutput(pasted) if return_dict else (pasted,)
 
 
 def _first(value: float | None, default: float) -> float:

@@ -19,8 +19,9 @@ from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.conditioning.text import TextEmbeddings
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
-from stable_cascade.diffusion.presets import get_preset
-from stable_cascade.loading.single_file import DECODER_REPO, LoadOptions, decoder_components
+from stable_cascade.diffusion.presets import StageSettings, stage_settings
+from stable_cascade.loading.bundles import DECODER_REPO
+from stable_cascade.loading.single_file import LoadOptions, decoder_components
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
@@ -129,7 +130,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         height: int | None = None,
         width: int | None = None,
         timesteps: Sequence[float] | None = None,
-        preset: str = "diffusers",
+        preset: str | StageSettings = "diffusers",
         sampler: str | None = None,
         shift: float | None = None,
         guidance_rescale: float | None = None,
@@ -139,15 +140,15 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         Arguments and defaults are diffusers' (10 steps, no guidance, PIL output); ``preset``,
         ``sampler``, ``shift`` and ``guidance_rescale`` select the sampler as in the prior pipeline.
         """
-        settings = get_preset(preset).decoder.override(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+        settings = stage_settings(preset, "decoder").override(
+            steps=num_inference_steps,
+            guidance=guidance_scale,
             timesteps=timesteps,
             sampler=sampler,
             shift=shift,
-            guidance_rescale=guidance_rescale,
+            rescale=guidance_rescale,
         )
-        self._loop.guidance_scale, self._loop.num_timesteps = settings.guidance_scale, 0
+        self._loop.guidance_scale, self._loop.num_timesteps = settings.guidance, 0
         check_output_type(output_type, ("pt", "np", "pil", "latent"))
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         image_size = self._image_size(height, width)
@@ -168,7 +169,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
             num_images_per_prompt=per_prompt,
-            guidance=settings.guidance_scale > 1,
+            guidance=settings.guidance > 1,
         )
         decoder = self.activate("decoder")
         device, dtype = self.execution_device, decoder.dtype

@@ -19,8 +19,9 @@ from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
-from stable_cascade.diffusion.presets import get_preset
-from stable_cascade.loading.single_file import PRIOR_REPO, LoadOptions, prior_components
+from stable_cascade.diffusion.presets import StageSettings, stage_settings
+from stable_cascade.loading.bundles import PRIOR_REPO
+from stable_cascade.loading.single_file import LoadOptions, prior_components
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.layers import resize_like
@@ -149,7 +150,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         *,
         image: ImageInput | None = None,
         strength: float = 1.0,
-        preset: str = "diffusers",
+        preset: str | StageSettings = "diffusers",
         sampler: str | None = None,
         shift: float | None = None,
         guidance_rescale: float | None = None,
@@ -173,15 +174,15 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         tensor), ``mask_image`` for inpainting (white = generate), ``controlnet_conditioning_scale``
         and ``control_type`` (default: the ControlNet's own); see :mod:`stable_cascade.pipelines.control`.
         """
-        settings = get_preset(preset).prior.override(
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+        settings = stage_settings(preset, "prior").override(
+            steps=num_inference_steps,
+            guidance=guidance_scale,
             timesteps=timesteps,
             sampler=sampler,
             shift=shift,
-            guidance_rescale=guidance_rescale,
+            rescale=guidance_rescale,
         )
-        self._loop.guidance_scale, self._loop.num_timesteps = settings.guidance_scale, 0
+        self._loop.guidance_scale, self._loop.num_timesteps = settings.guidance, 0
         check_image_size(height, width)
         check_output_type(output_type, ("pt", "np", "latent"))  # "latent": tensors, as "pt"
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
@@ -193,7 +194,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
             num_images_per_prompt=num_images_per_prompt,
-            guidance=settings.guidance_scale > 1,
+            guidance=settings.guidance > 1,
         )
         clip_img = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
         prior = self.activate("prior")

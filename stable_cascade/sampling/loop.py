@@ -29,10 +29,8 @@ from stable_cascade.specs import SchedulerConfig
 
 def build_schedule(settings: StageSettings, scheduler: SchedulerConfig, device: torch.device) -> Schedule:
     if settings.schedule == "reference":
-        return reference_schedule(
-            settings.num_inference_steps, shift=settings.shift, s=scheduler.s, device=device
-        )
-    steps = None if settings.timesteps is not None else settings.num_inference_steps
+        return reference_schedule(settings.steps, shift=settings.shift, s=scheduler.s, device=device)
+    steps = None if settings.timesteps is not None else settings.steps
     return diffusers_schedule(
         steps, settings.timesteps, s=scheduler.s, scaler=scheduler.scaler, device=device
     )
@@ -73,7 +71,7 @@ def run_stage(
 ) -> Tensor:
     """Sample one stage from ``latents`` and return what it hands on (final sample or last x0).
 
-    ``uncond`` is the unconditional branch, required when ``settings.guidance_scale > 1``. With a
+    ``uncond`` is the unconditional branch, required when ``settings.guidance > 1``. With a
     clean ``init`` latent and ``strength`` < 1 (image-to-image), ``init`` is noised with ``latents``
     to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
     left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
@@ -82,12 +80,12 @@ def run_stage(
     naming the stage, the first bad step and the dtype. ``control`` (a pipeline's) receives the
     guidance scale and the number of steps run, and may change the scale between steps.
     """
-    if settings.guidance_scale > 1 and uncond is None:
+    if settings.guidance > 1 and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional conditioning")
     control = control or LoopControl()
-    control.guidance_scale = settings.guidance_scale
-    eps = guided_noise_model(unet, cond, uncond, settings.guidance_rescale, control, residuals)
-    guided = settings.guidance_scale > 1
+    control.guidance_scale = settings.guidance
+    eps = guided_noise_model(unet, cond, uncond, settings.rescale, control, residuals)
+    guided = settings.guidance > 1
     negative = {f"negative {name}": value for name, value in (uncond or {}).items()} if guided else {}
     conditions = {**cond, **negative}
     inputs_finite = all_finite(*conditions.values(), latents, *(() if init is None else (init,)))

@@ -1,15 +1,15 @@
 """AUTOMATIC1111's ``/sdapi/v1`` request fields → a job, and a finished job → A1111's response shape.
 
-Mapping (fields not named here are ignored, as A1111 ignores what its scripts don't use):
-``prompt``, ``negative_prompt``, ``seed`` (-1: random), ``width``, ``height``, ``batch_size``,
-``n_iter`` (→ count), ``steps`` and ``cfg_scale`` (→ Stage C), ``sampler_name`` (or the older
-``sampler_index``; A1111 names such as "Euler a", or ours; → Stage C's sampler), ``init_images`` +
-``denoising_strength`` (img2img's strength), ``mask`` + ``inpainting_mask_invert`` (the model's
-inpainting ControlNet) and the ControlNet extension's ``alwayson_scripts.controlnet.args[0]``
-(``input_image``, ``module`` canny, ``weight``; see :mod:`stable_cascade.server.controls`). Our own
-settings — ``preset``, ``prior_shift``, ``prior_rescale``, ``decoder_steps``, ``decoder_guidance``,
-``decoder_sampler``, ``decoder_shift``, ``decoder_rescale`` — may be top-level fields or keys of
-``override_settings``, which also takes ``sd_model_checkpoint`` (the model for this request only).
+The mapping is the field table's (:mod:`stable_cascade.fields`): every field the table lets A1111
+requests carry is taken by its A1111 name (``steps`` and ``cfg_scale`` → Stage C's, ``n_iter`` →
+count, ``sampler_name`` or the older ``sampler_index`` → Stage C's sampler, A1111 names such as
+"Euler a" or ours, ``denoising_strength`` → img2img's strength, ``sd_model_checkpoint`` → the model)
+or by its own name (``decoder_steps``, ``prior_shift``, ``preset``, …), at the top level or in
+``override_settings`` (which wins). ``seed`` -1 is random. The route is the task; img2img's
+``init_images`` is the input image, its ``mask`` (+ ``inpainting_mask_invert``) the model's inpainting
+ControlNet, and the ControlNet extension's ``alwayson_scripts.controlnet.args[0]`` (``input_image``,
+``module`` canny, ``weight``) a control (see :mod:`stable_cascade.server.controls`). Other fields are
+ignored, as A1111 ignores what its scripts don't use.
 """
 
 from __future__ import annotations
@@ -19,59 +19,32 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from stable_cascade.engine import Job, ModelSources
-from stable_cascade.loading.bundles import BUNDLES
+from stable_cascade.engine import BUNDLES, Job
+from stable_cascade.fields import A1111_SAMPLERS, BY_NAME, FIELDS
 from stable_cascade.server.uploads import Upload
 
-#: A1111's sampler names → ours (A1111 lists "name" and "aliases"; ours are aliases too).
-SAMPLER_NAMES: dict[str, str] = {
-    "Euler a": "euler_ancestral",
-    "DDIM": "ddim",
-    "DPM++ 2M": "dpmpp_2m",
-    "DDPM": "ddpm",
+#: The fields an A1111 request may set, by the names it may use (A1111's first, then ours).
+_NAMES = {
+    field.name: tuple(name for name in (field.a1111, field.name) if name)
+    for field in FIELDS
+    if field.carried_by("a1111") and field.kind != "image"
 }
-_ALIASES = {"euler_ancestral": ["k_euler_a", "k_euler_ancestral"], "dpmpp_2m": ["k_dpmpp_2m"]}
-#: Our own fields, accepted at the top level or in override_settings.
-OWN_FIELDS = (
-    "preset",
-    "prior_shift",
-    "prior_rescale",
-    "decoder_steps",
-    "decoder_guidance",
-    "decoder_sampler",
-    "decoder_shift",
-    "decoder_rescale",
-)
-#: A1111 field → Job.create argument, for fields taken as they are.
-_DIRECT = {
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "width": "width",
-    "height": "height",
-    "batch_size": "batch_size",
-    "n_iter": "count",
-    "steps": "prior_steps",
-    "cfg_scale": "prior_guidance",
-}
+_SAMPLER = BY_NAME["prior_sampler"]
 
 
 def sampler_list() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``: A1111's shape."""
+    names: dict[str, list[str]] = {}
+    for name, ours in A1111_SAMPLERS.items():
+        names.setdefault(ours, []).append(name)
     return [
-        {"name": name, "aliases": [ours, *_ALIASES.get(ours, [])], "options": {}}
-        for name, ours in SAMPLER_NAMES.items()
+        {"name": theirs[0], "aliases": [ours, *theirs[1:]], "options": {}} for ours, theirs in names.items()
     ]
 
 
 def our_sampler(name: object) -> str:
     """Our sampler for an A1111 name (case-insensitive) or one of ours."""
-    if isinstance(name, str):
-        lowered = name.strip().lower()
-        for a1111, ours in SAMPLER_NAMES.items():
-            if lowered in (a1111.lower(), ours, *_ALIASES.get(ours, [])):
-                return ours
-    accepted = ", ".join(f"{a} ({o})" for a, o in SAMPLER_NAMES.items())
-    raise ValueError(f"unknown sampler {name!r}; expected one of {accepted}")
+    return _SAMPLER.choice(name, what="sampler")
 
 
 def model_name(title: object) -> str:
@@ -104,26 +77,24 @@ def job_arguments(body: Mapping[str, Any], default_model: str, upload: Upload | 
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, Mapping):
         raise ValueError("override_settings must be a JSON object")
-    arguments: dict[str, Any] = {
-        ours: body[theirs] for theirs, ours in _DIRECT.items() if body.get(theirs) is not None
-    }
-    for field in OWN_FIELDS:
+    arguments: dict[str, Any] = {}
+    for field, names in _NAMES.items():
         for source in (body, overrides):
-            if source.get(field) is not None:
-                arguments[field] = source[field]
-    seed = body.get("seed", -1)
-    arguments["seed"] = None if seed == -1 or seed is None else seed
-    sampler = body.get("sampler_name") or body.get("sampler_index")
-    if sampler:
-        arguments["prior_sampler"] = our_sampler(sampler)
-    if "decoder_sampler" in arguments:
-        arguments["decoder_sampler"] = our_sampler(arguments["decoder_sampler"])
-    model = overrides.get("sd_model_checkpoint") or body.get("sd_model_checkpoint")
-    arguments["models"] = ModelSources(model=model_name(model) if model else default_model)
-    if upload is not None:
+            for name in names:
+                if source.get(name) is not None:
+                    arguments[field] = source[name]
+    if body.get("sampler_index") and not body.get("sampler_name"):
+        arguments.setdefault("prior_sampler", body["sampler_index"])
+    for stage in ("prior", "decoder"):
+        if f"{stage}_sampler" in arguments:
+            arguments[f"{stage}_sampler"] = our_sampler(arguments[f"{stage}_sampler"])
+    if arguments.get("seed") == -1:
+        arguments["seed"] = None  # random
+    arguments["model"] = model_name(arguments["model"]) if "model" in arguments else default_model
+    if upload is None:
+        arguments.pop("strength", None)  # txt2img: A1111's hires fix strength, which we don't have
+    else:
         arguments.update(task="img2img", input_image="init_images[0]", input_image_sha256=upload.sha256)
-        if body.get("denoising_strength") is not None:
-            arguments["strength"] = body["denoising_strength"]
     return arguments
 
 
@@ -137,8 +108,7 @@ def check_img2img(body: Mapping[str, Any]) -> object:
 
 def info(job: Job, infotexts: list[str], job_id: str) -> str:
     """A1111's ``info``: a JSON string describing what was made."""
-    prior = job.prior or job.decoder
-    names = {ours: theirs for theirs, ours in SAMPLER_NAMES.items()}
+    stage = "decoder" if job.prior_steps is None else "prior"
     data = {
         "prompt": job.prompt,
         "all_prompts": [job.prompt] * job.images,
@@ -151,22 +121,22 @@ def info(job: Job, infotexts: list[str], job_id: str) -> str:
         "subseed_strength": 0,
         "width": job.width,
         "height": job.height,
-        "sampler_name": names.get(prior.sampler, prior.sampler),
-        "cfg_scale": prior.guidance,
-        "steps": prior.steps,
+        "sampler_name": _SAMPLER.name_of(getattr(job, f"{stage}_sampler")),
+        "cfg_scale": getattr(job, f"{stage}_guidance"),
+        "steps": getattr(job, f"{stage}_steps"),
         "batch_size": job.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
-        "sd_model_name": job.models.model,
+        "sd_model_name": job.model,
         "sd_model_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": job.strength,
         "extra_generation_params": {
             "Preset": job.preset,
-            "Stage B steps": job.decoder.steps,
-            "Stage B CFG scale": job.decoder.guidance,
-            "Stage B sampler": job.decoder.sampler,
+            "Stage B steps": job.decoder_steps,
+            "Stage B CFG scale": job.decoder_guidance,
+            "Stage B sampler": job.decoder_sampler,
         },
         "index_of_first_image": 0,
         "infotexts": infotexts,

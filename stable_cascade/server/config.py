@@ -7,8 +7,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from stable_cascade.engine import DTYPES
-from stable_cascade.loading.bundles import BUNDLES
+from stable_cascade.fields import BY_NAME, DTYPES
 
 DEFAULT_PORT = 7860  # AUTOMATIC1111's port, so its clients find the server where they expect it
 DEFAULT_MAX_QUEUE = 100
@@ -39,8 +38,7 @@ class ServerConfig:
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for settings the server cannot run with."""
-        if self.model not in BUNDLES:
-            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(BUNDLES)}")
+        BY_NAME["model"].choice(self.model, what="model")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         for name, value, low in (

@@ -8,7 +8,6 @@ inputs/ (a job as ``GET /v1/jobs/{id}`` shows it names those, so it can be sent 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ from typing import Any
 import PIL.Image
 import PIL.ImageOps
 
-from stable_cascade.engine import ControlRef, Job
-from stable_cascade.loading.bundles import RELEASED_CONTROLNETS, get_bundle
+from stable_cascade.engine import RELEASED_CONTROLNETS, ControlRef, Job, get_bundle
 from stable_cascade.server.store import Store
 from stable_cascade.server.uploads import Upload, decode_image, keep_image
 
@@ -63,7 +61,8 @@ def attach_uploads(job: Job, fields: MutableMapping[str, Any], store: Store) -> 
             if upload.sha256 != getattr(control, f"{field}_sha256"):
                 raise ValueError(f"{name} is not the image the job's control names (sha256 differs)")
             changes[field] = str(store.inputs_dir / upload.name)
-    return dataclasses.replace(job, controls=(dataclasses.replace(control, **changes), *job.controls[1:]))
+    names = {"image": "control_image", "mask": "mask"}
+    return job.replace(**{names[field]: path for field, path in changes.items()})
 
 
 def check_served_controls(job: Job, store: Store) -> None:

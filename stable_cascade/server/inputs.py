@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from stable_cascade.engine import Job, ModelSources, check_inputs
+from stable_cascade.fields import FIELDS
 from stable_cascade.server.controls import attach_uploads, check_served_controls, native_controls
 from stable_cascade.server.store import Store
 from stable_cascade.server.uploads import Upload, decode_image
 
-#: The keyword arguments of Job.create a request may give (models, LoRAs and controls have their own
-#: fields).
+#: The fields a request names (models, LoRAs, controls and derived digests have their own ways).
 CREATE_FIELDS = tuple(
-    name
-    for name in inspect.signature(Job.create).parameters
-    if name not in ("models", "loras", "image_size", "controls")
+    field.name
+    for field in FIELDS
+    if field.carried_by("api") and (field.kind != "image" or field.name == "input_image")
 )
 
 
 def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upload | None]:
     """The job of a ``POST /v1/jobs`` body (see the README): ``{"job": <a whole Job>, "image": ...}`` or
-    ``{<Job.create arguments>, "model": ..., "image": ...}``; unknown keys are refused."""
+    ``{<field values>, "image": ...}`` (the field table's names; ``image``, ``control_image`` and ``mask``
+    are base64 uploads); unknown keys are refused."""
     if not isinstance(body, Mapping):
         raise ValueError(f"the request body must be a JSON object, got {type(body).__name__}")
     fields = dict(body)
@@ -66,7 +66,7 @@ def created_job(
     """``Job.create(**fields)`` with ``model`` (a bundle name), the upload's name and sha256, and the
     controls."""
     model = fields.pop("model", default_model)
-    unknown = set(fields) - set(CREATE_FIELDS)
+    unknown = set(fields) - set(CREATE_FIELDS) - {"controlnet", "control_scale", "control_type"}
     if unknown:
         raise ValueError(
             f"unknown field(s) {', '.join(sorted(unknown))}; expected some of: model, image, "
@@ -81,7 +81,7 @@ def created_job(
             raise ValueError(
                 "an image was sent with a txt2img job; set task to img2img, variation or reconstruct"
             )
-    return checked_job({**fields, "models": ModelSources(model=model), "controls": controls}, upload, store)
+    return checked_job({**fields, "model": model, "controls": controls}, upload, store)
 
 
 def checked_job(arguments: dict[str, Any], upload: Upload | None, store: Store) -> Job:

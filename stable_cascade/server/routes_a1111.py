@@ -59,7 +59,7 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
 def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
     upload = decode_image(a1111.check_img2img(body), server.store, "init_images[0]") if img2img else None
     arguments = a1111.job_arguments(body, server.model, upload)
-    model = arguments["models"].model
+    model = arguments["model"]
     controls = [
         control
         for control in (

@@ -13,10 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from stable_cascade.diffusion.presets import PRESETS
-from stable_cascade.engine import ModelSources, native_size
-from stable_cascade.engine.record import package_version
-from stable_cascade.loading.bundles import BUNDLES
+from stable_cascade.engine import BUNDLES, COMBINED_PRESETS, ModelSources, native_size, package_version
+from stable_cascade.fields.schema import form_fields, request_schema
 from stable_cascade.server import a1111
 from stable_cascade.server.inputs import native_job
 from stable_cascade.server.shared import RequestError, Server, read_json
@@ -65,7 +63,13 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/jobs", status_code=201)
+@router.post(
+    "/v1/jobs",
+    status_code=201,
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}
+    },
+)
 async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)
     body = await read_json(request)
@@ -158,7 +162,7 @@ async def info(request: Request) -> dict[str, Any]:
     defaults."""
     presets = {
         name: {stage: dataclasses.asdict(getattr(preset, stage)) for stage in ("prior", "decoder")}
-        for name, preset in PRESETS.items()
+        for name, preset in COMBINED_PRESETS.items()
     }
     return {
         "model": _server(request).model,
@@ -174,6 +178,12 @@ async def info(request: Request) -> dict[str, Any]:
         "samplers": a1111.sampler_list(),
         "version": package_version(),
     }
+
+
+@router.get("/v1/fields")
+async def fields() -> dict[str, Any]:
+    """The job fields the page's form carries (the field table): how to build and check each control."""
+    return {"fields": form_fields()}
 
 
 @router.get("/", include_in_schema=False)

@@ -1,8 +1,9 @@
 """Sample images during training, with the current (EMA) weights, as one PNG row per call.
 
-* ``stage-c`` / ``lora``: the prior pipeline on the sample prompts (default: captions of the first
-  images), decoded by the decoder pipeline given as ``--decoder`` (a pipeline folder) when there is one,
-  else previewed (the previewer's RGB, or the latent's principal components);
+* ``stage-c`` / ``lora`` / ``controlnet``: the prior pipeline on the sample prompts (default: captions
+  of the first images), through the one cascade run with the decoder pipeline given as ``--decoder``
+  (a pipeline folder) when there is one, else previewed (the previewer's RGB, or the latent's principal
+  components);
 * ``stage-b``: reconstructions of the first images (EfficientNet latent → Stage B → Stage A);
 * ``stage-a``: the first images and their Stage A round trips, interleaved;
 * ``previewer``: the first images and their previews (nearest-neighbour enlarged), interleaved.
@@ -25,6 +26,7 @@ from torch.nn import functional as F
 
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.components import MODEL_INDEX
+from stable_cascade.pipelines.cascade import run_cascade
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.outputs import postprocess
 from stable_cascade.pipelines.previews import latent_to_rgb
@@ -111,16 +113,22 @@ class Sampler:
         control = {}
         if controlnet is not None:  # the first image's control for every prompt
             control = {"control_image": task.control(images[:1], generator)}  # type: ignore[attr-defined]
-        generated = prior(
-            prompts, height=height, width=width, generator=generator, output_type="pt", **control
-        )
-        latents = cast(Tensor, generated[0])  # image_embeddings
         if self._decoder is None:
-            return latent_to_rgb(latents, parts.previewer)
+            generated = prior(
+                prompts, height=height, width=width, generator=generator, output_type="pt", **control
+            )
+            return latent_to_rgb(cast(Tensor, generated[0]), parts.previewer)  # image_embeddings
         self._decoder.to(task.device)
         self._decoder.set_progress_bar_config(disable=True)
-        decoded = self._decoder(
-            latents, prompts, generator=generator, output_type="pt", height=height, width=width
+        arguments = {"prompt": prompts, "generator": generator, **control}
+        decoded = run_cascade(
+            prior,
+            self._decoder,
+            arguments,
+            {"generator": generator},
+            height=height,
+            width=width,
+            output_type="pt",
         )
         return cast(Tensor, decoded[0])
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 SIZE_MULTIPLE = 8
+DEFAULT_SIZE = 1024  # pixels per side, when neither the model nor the request says
 MAX_SIDE = 8192  # pixels per side
 MAX_PIXELS = 4096 * 4096  # per image
 MAX_STEPS = 1000
@@ -15,6 +16,7 @@ MAX_BATCH_SIZE = 64
 MAX_COUNT = 100_000
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARACTERS = 100_000
+MAX_CONTROL_SCALE = 10.0  # ComfyUI's strength limit for ControlNets
 
 
 def check_int(name: str, value: object, low: int, high: int, hint: str = "") -> int:

@@ -1,0 +1,196 @@
+// The form, built from the job field table (GET /v1/fields): one control per field, with the field's
+// name as its id, grouped as the table groups them; the job it sends and "Reuse parameters" read and
+// write the same names.
+"use strict";
+
+const byId = (id) => document.getElementById(id);
+let FIELDS = [];
+let MODELS = {};
+
+function element(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+// One control of a field: a number, a text area, a select or an image upload.
+function control(field) {
+  if (field.widget === "textarea") return element("textarea", { id: field.name, rows: field.name === "prompt" ? 3 : 2 });
+  if (field.widget === "image") return element("input", { id: field.name, type: "file", accept: "image/*" });
+  if (field.widget === "select") {
+    const select = element("select", { id: field.name });
+    const empty = field.presets && Object.keys(field.presets).length ? "preset's" : field.derived ? "default" : null;
+    if (empty) select.append(new Option(empty, ""));
+    for (const value of field.choices) select.append(new Option(field.choice_names[value] || value, value));
+    if (!empty && field.default !== null) select.value = field.default;
+    return select;
+  }
+  const input = element("input", { id: field.name, type: "number" });
+  if (field.low !== null) input.min = field.low;
+  if (field.high !== null) input.max = field.high;
+  input.step = field.kind === "int" ? (field.name === "width" || field.name === "height" ? 8 : 1) : "any";
+  if (!field.derived && field.default !== null) input.value = field.default;
+  else if (field.default !== null) input.placeholder = field.name === "seed" ? "random" : field.default;
+  return input;
+}
+
+function labelled(field) {
+  const box = element("label", { title: field.help }, field.label[0].toUpperCase() + field.label.slice(1) + " ", control(field));
+  box.dataset.field = field.name;
+  if (field.tasks.length) box.dataset.tasks = field.tasks.join(" ");
+  if (field.widget === "image" && field.name !== "input_image") {
+    const thumb = element("img", { id: field.name === "mask" ? "mask-thumb" : "control-thumb", className: "thumb", alt: field.label, hidden: true });
+    const row = element("div", { className: "row", id: field.name === "mask" ? "mask-box" : "" }, box, thumb);
+    row.dataset.field = field.name;
+    return row;
+  }
+  return box;
+}
+
+function section(group, fields) {
+  const items = fields.map(labelled);
+  if (group === "ControlNet") {
+    const select = items.shift();
+    const inputs = element("div", { id: "control-inputs", hidden: true }, ...items, element("p", { id: "control-hint", className: "hint" }));
+    return element("details", { id: "control-box" }, element("summary", {}, "ControlNet"), select,
+      element("p", { id: "control-none", className: "hint", hidden: true }, "this model has no ControlNet"), inputs);
+  }
+  if (group === "Stage C" || group === "Stage B") {
+    return element("fieldset", {}, element("legend", {}, group === "Stage C" ? "Stage C (prior)" : "Stage B (decoder)"),
+      element("div", { className: "row" }, ...items));
+  }
+  if (group === "Size and seed") {
+    const random = element("label", { className: "check" }, element("input", { id: "random-seed", type: "checkbox", checked: true }), " random");
+    items.splice(3, 0, random);
+  }
+  return element("div", { className: group === "Prompt" ? "" : "row", id: group === "Input image" ? "image-box" : "" }, ...items);
+}
+
+function buildForm(fields, info) {
+  FIELDS = fields;
+  MODELS = info.models;
+  const groups = new Map();
+  for (const field of fields) {
+    if (field.name === "model") continue; // the header's select
+    if (!groups.has(field.group)) groups.set(field.group, []);
+    groups.get(field.group).push(field);
+  }
+  byId("fields").replaceChildren(...[...groups].map(([group, members]) => section(group, members)));
+  byId("prompt").placeholder = "a red circle on the left, on a white background";
+  byId("model").replaceChildren(...Object.entries(info.models).map(([name, model]) => {
+    const option = new Option(name, name, false, name === info.model);
+    option.title = model.description;
+    return option;
+  }));
+  byId("preset").value = fields.find((f) => f.name === "preset").default;
+  byId("task").addEventListener("change", applyTask);
+  byId("preset").addEventListener("change", applyPreset);
+  byId("model").addEventListener("change", applyModel);
+  byId("controlnet").addEventListener("change", applyControl);
+  byId("control_image").addEventListener("change", () => { showThumb("control_image", "control-thumb"); byId("control-hint").textContent = ""; });
+  byId("mask").addEventListener("change", () => showThumb("mask", "mask-thumb"));
+  byId("random-seed").addEventListener("change", () => { if (byId("random-seed").checked) byId("seed").value = ""; });
+  byId("seed").addEventListener("input", () => { byId("random-seed").checked = byId("seed").value === ""; });
+  applyTask();
+  applyModel();
+}
+
+// Fields for other tasks hide; so do the input image's when the task has none.
+function applyTask() {
+  const task = byId("task").value;
+  for (const box of document.querySelectorAll("[data-tasks]")) box.hidden = !box.dataset.tasks.split(" ").includes(task);
+  byId("image-box").hidden = task === "txt2img";
+  applyPreset();
+}
+
+function applyPreset() {
+  const preset = byId("preset").value;
+  for (const field of FIELDS) {
+    if (field.presets && preset in field.presets && byId(field.name).tagName === "INPUT") byId(field.name).placeholder = field.presets[preset];
+  }
+}
+
+function applyModel() {
+  const model = MODELS[byId("model").value];
+  for (const side of ["width", "height"]) byId(side).placeholder = model.size || 1024;
+  const chosen = byId("controlnet").value;
+  const names = model.controlnets || [];
+  byId("controlnet").replaceChildren(new Option("none", ""), ...names.map((name) => new Option(name, name)));
+  byId("controlnet").value = names.includes(chosen) ? chosen : "";
+  byId("controlnet").disabled = names.length === 0;
+  byId("control-none").hidden = names.length > 0;
+  applyControl();
+}
+
+// The control inputs show once a ControlNet is chosen; the mask only for inpainting.
+function applyControl() {
+  const controlnet = byId("controlnet").value;
+  byId("control-inputs").hidden = controlnet === "";
+  byId("mask-box").hidden = controlnet !== "inpainting";
+}
+
+function showThumb(input, thumb) {
+  const file = byId(input).files[0];
+  if (byId(thumb).src) URL.revokeObjectURL(byId(thumb).src);
+  byId(thumb).hidden = !file;
+  if (file) byId(thumb).src = URL.createObjectURL(file);
+  else byId(thumb).removeAttribute("src");
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// The job of the form: every shown field that has a value, by its name (uploads as data: URLs).
+async function formJob() {
+  const job = { model: byId("model").value };
+  for (const field of FIELDS) {
+    const input = byId(field.name);
+    if (!input || input.closest("[hidden]") || field.name === "model") continue;
+    if (field.requires && !job[field.requires]) continue;
+    if (field.widget === "image") {
+      const file = input.files[0];
+      if (!file) {
+        if (field.name === "input_image") throw new Error("choose an input image for " + job.task);
+        if (field.name === "control_image") throw new Error(`choose a control image for the ${job.controlnet} ControlNet (or set ControlNet to none)`);
+        continue;
+      }
+      if (field.name === "input_image") { job.image = await readFile(file); job.input_image = file.name; }
+      else job[field.name] = await readFile(file);
+      continue;
+    }
+    const value = input.value.trim();
+    if (field.name === "seed" && byId("random-seed").checked) continue;
+    if (value === "" && field.kind !== "text") continue;
+    job[field.name] = field.kind === "int" ? parseInt(value, 10) : field.kind === "float" ? parseFloat(value) : input.value;
+  }
+  return job;
+}
+
+// "Reuse parameters": a job's fields back into the form (uploads cannot be set: the hint asks for them).
+function reuse(job) {
+  byId("task").value = job.task;
+  if (MODELS[job.model]) { byId("model").value = job.model; applyModel(); }
+  const control = job.controlnet;
+  const offered = control && [...byId("controlnet").options].some((o) => o.value === control);
+  for (const field of FIELDS) {
+    const input = byId(field.name);
+    if (!input || field.widget === "image" || field.name === "model" || field.name === "task") continue;
+    if (field.name === "controlnet") { input.value = offered ? control : ""; continue; }
+    const value = job[field.name];
+    input.value = value === null || value === undefined ? (field.name === "control_scale" ? 1 : "") : value;
+  }
+  byId("random-seed").checked = false;
+  applyTask();
+  applyControl();
+  if (control) byId("control-box").open = true;
+  byId("control-hint").textContent = !control ? "" : offered
+    ? `re-upload the control image${job.mask ? " and the mask" : ""} of the job you reuse`
+    : `this model has no ${control} ControlNet`;
+  window.scrollTo(0, 0);
+}
