@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 from serving import PROMPT, ServerProcess
 
+from stable_cascade.engine import image_sha256
 from stable_cascade.shapes import score
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -122,7 +123,7 @@ def test_an_upload_for_img2img(server: ServerProcess, browser: webdriver.Chrome,
     wait = WebDriverWait(browser, 120)
     wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
     Select(browser.find_element(By.ID, "task")).select_by_value("img2img")
-    browser.find_element(By.ID, "image").send_keys(str(picture))
+    browser.find_element(By.ID, "input_image").send_keys(str(picture))
     browser.find_element(By.ID, "prompt").send_keys(PROMPT)
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
@@ -200,3 +201,74 @@ def test_the_page_asks_for_the_api_key(tmp_path: Path, browser: webdriver.Chrome
         image = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#result img.output"))[0]
         wait.until(lambda b: b.execute_script("return arguments[0].naturalWidth", image) == 128)
         browser.execute_script("localStorage.clear()")
+
+
+def test_the_form_carries_every_field_and_reuse_brings_them_back(
+    server: ServerProcess, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """Every field of the form (built from GET /v1/fields) set to a value that is not its default reaches
+    the job; "Reuse parameters" puts them back. (Model "full": its ControlNets include inpainting; the
+    job only needs creating here: offline, its models cannot load.)"""
+    from test_fields import SAMPLE
+
+    pictures = {}
+    for name, colour in (("input_image", "red"), ("control_image", "black"), ("mask", "white")):
+        pictures[name] = tmp_path / f"{name}.png"
+        PIL.Image.new("RGB", (64, 72), colour).save(pictures[name])
+    fields = httpx.get(server.url + "/v1/fields", timeout=10).json()["fields"]
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
+    Select(browser.find_element(By.ID, "model")).select_by_value("full")
+    Select(browser.find_element(By.ID, "task")).select_by_value("img2img")
+    browser.find_element(By.CSS_SELECTOR, "#control-box summary").click()
+    Select(browser.find_element(By.ID, "controlnet")).select_by_value(SAMPLE["controlnet"])
+
+    def fill() -> None:
+        for field in fields:
+            control = browser.find_element(By.ID, field["name"])
+            if field["widget"] == "image":
+                control.send_keys(str(pictures[field["name"]]))
+            elif field["name"] in SAMPLE and field["name"] not in ("model", "task", "controlnet"):
+                if field["widget"] == "select":
+                    Select(control).select_by_value(str(SAMPLE[field["name"]]))
+                else:
+                    control.clear()
+                    control.send_keys(str(SAMPLE[field["name"]]))
+
+    def submitted() -> dict[str, object]:
+        before = httpx.get(server.url + "/v1/jobs?limit=1", timeout=10).json()["jobs"]
+        browser.find_element(By.ID, "generate").click()
+        latest = lambda: httpx.get(server.url + "/v1/jobs?limit=1", timeout=10).json()["jobs"]  # noqa: E731
+        first = before[0]["id"] if before else None
+        error = lambda: browser.find_element(By.ID, "error").text  # noqa: E731
+        wait.until(lambda _: error() or (latest() and latest()[0]["id"] != first))
+        assert not error()
+        job: dict[str, object] = latest()[0]["job"]
+        return job
+
+    fill()
+    job = submitted()
+    for field in fields:
+        name = field["name"]
+        if field["widget"] == "image":
+            digest = job[f"{name}_sha256"]
+            assert digest == image_sha256(PIL.Image.open(pictures[name])), name
+        else:
+            assert job[name] == SAMPLE.get(name, "img2img" if name == "task" else None), (name, job[name])
+    assert job["input_image"] == "input_image.png"
+    browser.get(server.url + "/")
+    reuse = wait.until(lambda b: b.find_elements(By.XPATH, "//button[text()='Reuse parameters']"))[0]
+    reuse.click()
+    for field in fields:
+        if field["widget"] != "image" and field["name"] not in ("seed",):
+            value = browser.find_element(By.ID, field["name"]).get_attribute("value")
+            expected = job[field["name"]]
+            assert value in (str(expected), f"{expected:g}" if isinstance(expected, float) else ""), field[
+                "name"
+            ]
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == str(SAMPLE["seed"])
+    for name, picture in pictures.items():  # uploads cannot be restored: the same files again
+        browser.find_element(By.ID, name).send_keys(str(picture))
+    again = submitted()
+    assert again == job

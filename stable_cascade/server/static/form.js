@@ -28,7 +28,9 @@ function control(field) {
   const input = element("input", { id: field.name, type: "number" });
   if (field.low !== null) input.min = field.low;
   if (field.high !== null) input.max = field.high;
-  input.step = field.kind === "int" ? (field.name === "width" || field.name === "height" ? 8 : 1) : "any";
+  const side = field.name === "width" || field.name === "height";
+  input.step = field.kind === "int" ? (side ? 8 : 1) : "any";
+  if (side) input.min = Math.max(8, Math.ceil((field.low || 8) / 8) * 8); // steps count from the minimum
   if (!field.derived && field.default !== null) input.value = field.default;
   else if (field.default !== null) input.placeholder = field.name === "seed" ? "random" : field.default;
   return input;
