@@ -218,3 +218,22 @@ def test_batch_files_carry_every_field(files: dict[str, Path], tmp_path: Path) -
         (planned,) = plan_items(read_items(prompts), settings, base_seed=1)
         job = planned.job.replace(batch_size=SAMPLE["batch_size"])  # batch makes one image a row
         _check(job, "batch", files)
+
+
+def test_the_diffusers_preset_is_diffusers_combined_pipelines_everywhere() -> None:
+    """The command line, the server and batch runs make jobs: their ``diffusers`` preset is diffusers'
+    combined pipeline's 60 + 12 steps, as ``StableCascadeCombinedPipeline(preset="diffusers")``."""
+    import inspect
+
+    import diffusers
+
+    from stable_cascade.diffusion.presets import COMBINED_PRESETS
+
+    theirs = inspect.signature(diffusers.StableCascadeCombinedPipeline.__call__).parameters
+    steps = (theirs["prior_num_inference_steps"].default, theirs["num_inference_steps"].default)
+    job = Job.create(prompt="x", preset="diffusers")
+    assert (job.prior_steps, job.decoder_steps) == steps == (60, 12)
+    preset = COMBINED_PRESETS["diffusers"]
+    assert (preset.prior.steps, preset.decoder.steps) == steps
+    args = build_parser().parse_args(["generate", "x", "--preset", "diffusers"])
+    assert (job_of(args)[0].prior_steps, job_of(args)[0].decoder_steps) == steps
