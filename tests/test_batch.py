@@ -342,7 +342,7 @@ def test_killed_processes_and_a_rerun_finish_the_set(many: tuple[Path, Path], tm
     run.wait()
     first = {p.name for p in out.glob("*.png")}
     assert 0 < len(first) < 13, first
-    assert "decoder.steps is 20 there, 2 now" in _failing(prompts, out)  # other settings: refused
+    assert "decoder_steps is 20 there, 2 now" in _failing(prompts, out)  # other settings: refused
     launch(prompts, out, 2, *SLOW)
     lines = manifest(out)
     assert sorted(e["file"] for e in lines) == sorted(pngs(one)) == sorted(p.name for p in out.glob("*.png"))
