@@ -22,6 +22,7 @@ from stable_cascade.server import a1111
 from stable_cascade.server.inputs import native_job
 from stable_cascade.server.shared import RequestError, Server, read_json
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
+from stable_cascade.server.uploads import staged
 
 router = APIRouter(tags=["jobs"])
 MAX_LIST = 200
@@ -75,8 +76,9 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
 async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)
     body = await read_json(request)
-    job, upload = await run_in_threadpool(native_job, body, server.store, server.model)
-    stored = server.workers.submit(job, None if upload is None else upload.name)
+    with staged() as uploads:  # a refused request keeps none of its uploads
+        job, upload = await run_in_threadpool(uploads.run, native_job, body, server.store, server.model)
+        stored = server.submit(job, upload)
     return describe(server, stored)
 
 
