@@ -20,7 +20,8 @@ KEY = "test-key-1234"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     data = tmp_path_factory.mktemp("jobs") / "data"
-    with ServerProcess(data, "--max-queue", "3", "--max-body-mb", "0.5", api_key=KEY) as running:
+    options = ("--max-queue", "3", "--max-body-mb", "0.5", "--max-images-per-job", "1000")
+    with ServerProcess(data, *options, api_key=KEY) as running:
         yield running
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "--model", choices=MODEL.choices, default=MODEL.default, help=f"default model ({MODEL.default})"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860, help="port (7860, A1111's)")
+    parser.add_argument("--port", type=_port, default=7860, help="port, 1-65535 (7860, A1111's)")
     parser.add_argument("--api-key", help="require this key (Bearer token, or the password of basic auth)")
     parser.add_argument(
         "--data", type=Path, help="folder of the job queue and images (~/.local/share/stable-cascade)"
@@ -38,7 +39,15 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="auto", help="auto: bf16 on CUDA with bf16, else fp32"
     )
     parser.add_argument("--max-queue", type=int, default=100, help="most jobs waiting; more get 429 (100)")
-    parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (16)")
+    parser.add_argument(
+        "--max-body-mb", type=_megabytes, default=16.0, help="largest request body in MiB (16)"
+    )
+    parser.add_argument(
+        "--max-images-per-job",
+        type=int,
+        default=100,
+        help="most images one request may ask for (batch size × count); more get 422 (100)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_queue=args.max_queue,
         max_body=int(args.max_body_mb * 1024 * 1024),
+        max_images=args.max_images_per_job,
     )
     if logging.getLogger("stable_cascade").getEffectiveLevel() > logging.INFO:
         logging.getLogger("stable_cascade").setLevel(logging.INFO)
@@ -68,3 +78,25 @@ def run(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port number (1-65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {port}")
+    return port
+
+
+def _megabytes(text: str) -> float:
+    """A positive, finite size in MiB."""
+    try:
+        size = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB such as 16 or 0.5, got {text!r}") from None
+    if not math.isfinite(size) or size * 1024 * 1024 < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite size in MiB above 0 (16, 0.5), got {text!r}")
+    return size

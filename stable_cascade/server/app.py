@@ -7,12 +7,14 @@ import base64
 import binascii
 import hmac
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -46,8 +48,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
-            server.workers.stop()
-            server.store.close()
+            server.close()
 
     app = FastAPI(title="stable-cascade", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = server
@@ -67,8 +68,30 @@ def _add_error_handlers(app: FastAPI) -> None:
             status = 429
         return error_response(status, one_line(error), type(error).__name__)
 
+    async def malformed(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        return error_response(422, _first_problem(error), "RequestValidationError")
+
+    async def unavailable(request: Request, error: Exception) -> JSONResponse:
+        message = f"the job store is unavailable ({one_line(error)}); try again shortly"
+        return error_response(503, message, "StoreUnavailable")
+
     for kind in (RequestError, ValueError, QueueFull):
         app.add_exception_handler(kind, refused)
+    app.add_exception_handler(RequestValidationError, malformed)
+    app.add_exception_handler(sqlite3.Error, unavailable)
+
+
+def _first_problem(error: RequestValidationError) -> str:
+    """FastAPI's list of validation problems as one line: the first, where it is and what was sent."""
+    problems = error.errors()
+    if not problems:
+        return "the request is malformed"
+    first = problems[0]
+    where = " ".join(str(part) for part in first.get("loc", ()))
+    given = f", got {_short(first['input'])}" if "input" in first else ""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return one_line(ValueError(f"{where}: {first.get('msg', 'invalid')}{given}{more}"))
 
 
 class _Guard:
@@ -130,6 +153,11 @@ class _Guard:
             return message
 
         return counted
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _public(path: str) -> bool:

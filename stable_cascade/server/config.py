@@ -12,6 +12,8 @@ from stable_cascade.fields import BY_NAME, DTYPES
 DEFAULT_PORT = 7860  # AUTOMATIC1111's port, so its clients find the server where they expect it
 DEFAULT_MAX_QUEUE = 100
 DEFAULT_MAX_BODY = 16 * 1024 * 1024  # bytes; an init image of 1024x1024 as base64 PNG is ~4 MB
+DEFAULT_MAX_IMAGES = 100  # per request (batch size × count): more would hold the worker for hours
+MAX_PORT = 65535
 
 
 def default_data_dir() -> Path:
@@ -35,6 +37,7 @@ class ServerConfig:
     dtype: str = "auto"
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body: int = DEFAULT_MAX_BODY
+    max_images: int = DEFAULT_MAX_IMAGES
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for settings the server cannot run with."""
@@ -44,10 +47,13 @@ class ServerConfig:
         for name, value, low in (
             ("--workers", self.workers, 1),
             ("--max-queue", self.max_queue, 1),
-            ("--port", self.port, 0),
+            ("--max-images-per-job", self.max_images, 1),
+            ("--max-body-mb (in bytes)", self.max_body, 1),
         ):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if not 1 <= self.port <= MAX_PORT:
+            raise ValueError(f"--port must be between 1 and {MAX_PORT}, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api-key must not be empty; give a secret or leave the option out")
         if not is_loopback(self.host) and self.api_key is None and not self.insecure:

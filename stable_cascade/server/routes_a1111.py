@@ -16,7 +16,7 @@ from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
 from stable_cascade.server.inputs import checked_job
 from stable_cascade.server.shared import RequestError, Server, error_response, read_json
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
-from stable_cascade.server.uploads import Upload, decode_image
+from stable_cascade.server.uploads import Upload, decode_image, staged
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
@@ -42,8 +42,9 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
     body = await read_json(request)
     if not isinstance(body, Mapping):
         raise RequestError(422, f"the request body must be a JSON object, got {type(body).__name__}")
-    job, upload = await run_in_threadpool(_job, server, body, img2img)
-    stored = server.workers.submit(job, None if upload is None else upload.name)
+    with staged() as uploads:  # a refused request keeps none of its uploads
+        job, upload = await run_in_threadpool(uploads.run, _job, server, body, img2img)
+        stored = server.submit(job, upload)
     stored = await wait(server, stored)
     if stored.state == FAILED:
         return error_response(500, stored.error or "the job failed", "JobFailed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -19,9 +20,11 @@ from stable_cascade.server import a1111
 from stable_cascade.server.inputs import native_job
 from stable_cascade.server.shared import RequestError, Server, read_json
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
+from stable_cascade.server.uploads import staged
 
 router = APIRouter(tags=["jobs"])
 MAX_LIST = 200
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 KEEPALIVE_SECONDS = 10.0
 
 
@@ -41,6 +44,8 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
     """A job as the API shows it: state, place in the queue, progress, images and the job itself."""
     live = server.hub.live.get(stored.id)
     done = stored.state in FINAL_STATES
+    now = time.time()
+    until = (stored.finished or now) if done else now
     return {
         "id": stored.id,
         "state": stored.state,
@@ -50,6 +55,8 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
         "created": stored.created,
         "started": stored.started,
         "finished": stored.finished if done else None,
+        "age_seconds": round(now - stored.created, 3),  # since it was queued
+        "running_seconds": None if stored.started is None else round(until - stored.started, 3),
         "job": stored.job,
         "images": [
             {
@@ -73,8 +80,9 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
 async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)
     body = await read_json(request)
-    job, upload = await run_in_threadpool(native_job, body, server.store, server.model)
-    stored = server.workers.submit(job, None if upload is None else upload.name)
+    with staged() as uploads:  # a refused request keeps none of its uploads
+        job, upload = await run_in_threadpool(uploads.run, native_job, body, server.store, server.model)
+        stored = server.submit(job, upload)
     return describe(server, stored)
 
 
@@ -84,6 +92,8 @@ async def jobs(request: Request, limit: int = 50, before: int | None = None) -> 
     server = _server(request)
     if not 1 <= limit <= MAX_LIST:
         raise RequestError(422, f"limit must be between 1 and {MAX_LIST}, got {limit}")
+    if before is not None and not 0 <= before <= MAX_SEQ:
+        raise RequestError(422, f"before must be a job's seq (0 to {MAX_SEQ}), got {before}")
     stored = server.store.recent(limit, before)
     return {"jobs": [describe(server, s) | {"seq": s.seq} for s in stored]}
 

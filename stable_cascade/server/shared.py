@@ -9,22 +9,52 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from stable_cascade.engine import Engine, Job
 from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.hub import Hub
-from stable_cascade.server.store import Store
+from stable_cascade.server.lock import DataLock
+from stable_cascade.server.store import Store, StoredJob
+from stable_cascade.server.uploads import Upload
 from stable_cascade.server.worker import Workers
 
 MODEL_SETTING = "sd_model_checkpoint"
 
 
 class Server:
-    """What the routes share: the settings, the store, the live news and the workers."""
+    """What the routes share: the settings, the store, the live news and the workers.
+
+    Made in the order that refuses a server before it touches anything: the devices (an engine per
+    worker), then the data folder's lock (one server per folder), then the store (checked readable).
+    """
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.store = Store(config.data, config.max_queue)
+        engines = [Engine(device=device, dtype=config.dtype) for device in config.devices()]
+        self.lock = DataLock(config.data, config.host, config.port)
+        try:
+            self.store = Store(config.data, config.max_queue)
+        except BaseException:
+            self.lock.release()
+            raise
         self.hub = Hub()
-        self.workers = Workers(self.store, self.hub, config.devices(), config.dtype)
+        self.workers = Workers(self.store, self.hub, engines)
+
+    def submit(self, job: Job, upload: Upload | None) -> StoredJob:
+        """Queue ``job`` (``RequestError`` 422 when it asks for more images than the server allows)."""
+        if job.images > self.config.max_images:
+            raise RequestError(
+                422,
+                f"the job asks for {job.images} images (batch size {job.batch_size} × count {job.count}; "
+                f"A1111: batch_size × n_iter), more than this server's limit of {self.config.max_images} "
+                "per request; split it into several requests (the limit is serve's --max-images-per-job)",
+            )
+        return self.workers.submit(job, None if upload is None else upload.name)
+
+    def close(self) -> None:
+        """Stop the workers, close the store, free the data folder."""
+        self.workers.stop()
+        self.store.close()
+        self.lock.release()
 
     @property
     def model(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL_STATES = (DONE, FAILED, CANCELLED)
 MAX_ATTEMPTS = 3  # a job whose runs killed the server this often is given up
+DATABASE = "jobs.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -88,13 +89,7 @@ class Store:
             path.mkdir(parents=True, exist_ok=True)
         self.max_queue = max_queue
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.folder / "jobs.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = _open(self.folder / DATABASE)
 
     def close(self) -> None:
         with self._lock:
@@ -137,25 +132,30 @@ class Store:
             return cursor.rowcount
 
     def claim(self) -> StoredJob | None:
-        """The oldest queued job, now marked running; None when none waits."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT id, attempts FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)
-            ).fetchone()
-            if row is None:
-                return None
-            if row["attempts"] >= MAX_ATTEMPTS:
-                message = f"the server stopped during each of this job's {MAX_ATTEMPTS} runs; given up"
-                db.execute(
-                    "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
-                    (FAILED, message, time.time(), row["id"]),
-                )
-            else:
+        """The oldest queued job, now marked running; None when none waits. Jobs that cannot run are
+        failed on the way: those given up (see :data:`MAX_ATTEMPTS`) and those whose stored row is
+        corrupt."""
+        while True:
+            with self._transaction() as db:
+                row = db.execute(
+                    "SELECT id, attempts, job FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)
+                ).fetchone()
+                if row is None:
+                    return None
+                problem = _unreadable(row["job"])
+                if problem is None and row["attempts"] >= MAX_ATTEMPTS:
+                    problem = f"the server stopped during each of this job's {MAX_ATTEMPTS} runs; given up"
+                if problem is not None:
+                    db.execute(
+                        "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
+                        (FAILED, problem, time.time(), row["id"]),
+                    )
+                    continue
                 db.execute(
                     "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
                     (RUNNING, time.time(), row["id"]),
                 )
-        return self.get(row["id"]) if row["attempts"] < MAX_ATTEMPTS else self.claim()
+            return self.get(row["id"])
 
     def finish(self, job_id: str, state: str, error: str | None = None) -> None:
         assert state in FINAL_STATES, state
@@ -241,9 +241,45 @@ class Store:
             db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
 
 
+def _open(path: Path) -> sqlite3.Connection:
+    """The job database at ``path`` (created when missing), checked readable: a one-line
+    ``ValueError`` for a file that is not one, or is truncated or corrupt."""
+    db = None
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
+        db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as error:
+        if db is not None:
+            db.close()
+        raise ValueError(
+            f"{path} is not a readable job database ({' '.join(str(error).split())}); move it (and "
+            f"{path.name}-wal, {path.name}-shm) elsewhere to start with an empty queue, or restore a backup"
+        ) from None
+    return db
+
+
+def _unreadable(stored: object) -> str | None:
+    """Why a stored job's JSON cannot be read (None when it can)."""
+    try:
+        job = json.loads(stored)  # type: ignore[arg-type]  # a corrupt row may hold anything
+    except (TypeError, ValueError, RecursionError) as error:
+        return f"the stored job is corrupt ({' '.join(str(error).split())}); submit it again"
+    if not isinstance(job, dict):
+        return f"the stored job is corrupt (a {type(job).__name__}, not an object); submit it again"
+    return None
+
+
 def _job(row: sqlite3.Row) -> StoredJob:
+    """A stored job; a corrupt one shows as ``{}`` (its error says why once a worker reaches it)."""
     values = {field.name: row[field.name] for field in dataclasses.fields(StoredJob)}
-    return StoredJob(**(values | {"job": json.loads(row["job"])}))
+    job = {} if _unreadable(row["job"]) else json.loads(row["job"])
+    return StoredJob(**(values | {"job": job}))
 
 
 def _sync_folder(folder: Path) -> None:

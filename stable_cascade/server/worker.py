@@ -1,4 +1,9 @@
-"""The workers: one thread per device, each with its own engine, taking the oldest queued job."""
+"""The workers: one thread per device, each with its own engine, taking the oldest queued job.
+
+A worker outlives anything a job does: whatever a job raises fails that job alone, with the reason,
+and the worker takes the next. When the store itself fails (a full disk, an I/O error, a database
+locked by another program), the worker waits and tries again until it is back.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import base64
 import dataclasses
 import io
 import logging
+import sqlite3
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import PIL.Image
 
@@ -26,8 +34,21 @@ from stable_cascade.server.hub import Hub, Live
 from stable_cascade.server.store import CANCELLED, DONE, FAILED, Store, StoredJob
 
 logger = logging.getLogger(__name__)
-#: What a job may raise and fail with alone; anything else is a bug and stops the worker loudly.
+T = TypeVar("T")
+
+
+class _Stopped:
+    """What :meth:`Workers._retrying` gives when the server stopped while the store was failing."""
+
+
+_STOPPED = _Stopped()
+#: What a job is expected to fail with (logged as a warning); anything else is a bug, logged with its
+#: traceback, but it too fails the job alone.
 JOB_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError, MemoryError, LookupError)
+#: What the store raises when its disk or database fails.
+STORAGE_ERRORS = (sqlite3.Error, OSError)
+#: Seconds between tries while the store is failing (doubling from the first to the last).
+RETRY_SECONDS = (0.1, 5.0)
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:
@@ -39,22 +60,24 @@ def png_bytes(image: PIL.Image.Image) -> bytes:
 class Workers:
     """The queue's consumers: start them, hand them jobs, cancel jobs, stop them."""
 
-    def __init__(self, store: Store, hub: Hub, devices: list[str], dtype: str) -> None:
+    def __init__(self, store: Store, hub: Hub, engines: list[Engine]) -> None:
         self.store = store
         self.hub = hub
+        self.engines = engines  # one worker thread each
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._loop, args=(device, dtype), name=f"worker-{i}", daemon=True)
-            for i, device in enumerate(devices)
-        ]
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         recovered = self.store.recover()
         if recovered:
             logger.info("queued again %d job(s) that were running when the server stopped", recovered)
+        self._threads = [
+            threading.Thread(target=self._loop, args=(engine,), name=f"worker-{i}", daemon=True)
+            for i, engine in enumerate(self.engines)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -96,15 +119,35 @@ class Workers:
             cancel.set()
         return len(cancels)
 
-    def _loop(self, device: str, dtype: str) -> None:
-        engine = Engine(device=device, dtype=dtype)
+    def _loop(self, engine: Engine) -> None:
         while not self._stopping.is_set():
-            stored = self.store.claim()
+            stored = self._retrying("take the next job", self.store.claim)
             if stored is None:
                 with self._wake:
                     self._wake.wait(timeout=1.0)
-                continue
-            self._process(engine, stored)
+            elif not isinstance(stored, _Stopped):
+                self._process(engine, stored)
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T | _Stopped:
+        """``call()``, tried again (waiting longer each time) while it fails; ``_STOPPED`` when the
+        server stops first."""
+        delay, failures = RETRY_SECONDS[0], 0
+        while True:
+            try:
+                result = call()
+            except Exception as error:  # deliberately broad: the worker must outlive the store's failures
+                failures += 1
+                if failures == 1 and isinstance(error, STORAGE_ERRORS):
+                    logger.error("the job store failed (%s); will %s when it is back", _line(error), what)
+                elif failures == 1:
+                    logger.exception("could not %s; trying again", what)
+            else:
+                if failures:
+                    logger.info("the job store is back after %d failed tries", failures)
+                return result
+            if self._stopping.wait(delay):
+                return _STOPPED
+            delay = min(2 * delay, RETRY_SECONDS[1])
 
     def _process(self, engine: Engine, stored: StoredJob) -> None:
         cancel = threading.Event()
@@ -120,17 +163,23 @@ class Workers:
                 self._handle(stored.id, event)
         except JobCancelled:
             state = CANCELLED
-        except JOB_ERRORS as failure:
-            logger.warning("job %s failed: %s", stored.id, failure)
-            state, error = FAILED, f"{type(failure).__name__}: {failure}"
+        except Exception as failure:  # deliberately broad: whatever one job raises fails it alone
+            if isinstance(failure, JOB_ERRORS + STORAGE_ERRORS):
+                logger.warning("job %s failed: %s", stored.id, _line(failure))
+            else:
+                logger.exception("job %s failed with an unexpected error", stored.id)
+            state, error = FAILED, f"{type(failure).__name__}: {_line(failure)}"
         finally:
             with self._lock:
                 self._cancels.pop(stored.id, None)
             self.hub.live.pop(stored.id, None)
         if state == CANCELLED and self._stopping.is_set():
             return  # left running in the store: the next start runs it again
-        self.store.finish(stored.id, state, error)
-        self.hub.publish(stored.id, {"type": state, "error": error})
+        finished = self._retrying(
+            f"record job {stored.id} as {state}", lambda: self.store.finish(stored.id, state, error)
+        )
+        if not isinstance(finished, _Stopped):
+            self.hub.publish(stored.id, {"type": state, "error": error})
 
     def _handle(self, job_id: str, event: Event) -> None:
         live = self.hub.live[job_id]
@@ -162,3 +211,8 @@ class Workers:
             )
         elif isinstance(event, Loading):
             self.hub.publish(job_id, {"type": "loading", "models": event.models})
+
+
+def _line(error: BaseException) -> str:
+    """The error's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
