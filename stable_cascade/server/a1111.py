@@ -49,12 +49,14 @@ def our_sampler(name: object) -> str:
 
 def model_name(title: object) -> str:
     """A model of ours from an A1111 checkpoint title ("demo" or "demo [hash]")."""
-    name = title.split(" [", 1)[0].strip() if isinstance(title, str) else title
+    if not isinstance(title, str):
+        raise ValueError(f"a model is named by text, got {type(title).__name__}; see GET /sdapi/v1/sd-models")
+    name = title.split(" [", 1)[0].strip()
     if name not in BUNDLES:
         raise ValueError(
             f"unknown model {title!r}; expected one of {', '.join(BUNDLES)} (GET /sdapi/v1/sd-models)"
         )
-    return str(name)
+    return name
 
 
 def model_list() -> list[dict[str, Any]]:
@@ -83,7 +85,7 @@ def job_arguments(body: Mapping[str, Any], default_model: str, upload: Upload | 
             for name in names:
                 if source.get(name) is not None:
                     arguments[field] = source[name]
-    if body.get("sampler_index") and not body.get("sampler_name"):
+    if body.get("sampler_index") is not None and body.get("sampler_name") is None:
         arguments.setdefault("prior_sampler", body["sampler_index"])
     for stage in ("prior", "decoder"):
         if f"{stage}_sampler" in arguments:

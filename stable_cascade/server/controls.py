@@ -94,7 +94,7 @@ def a1111_inpainting(body: Mapping[str, Any], upload: Upload, store: Store, mode
             "use a model that has one (full), or send init_images without a mask"
         )
     mask = decode_image(body["mask"], store, "mask").image.convert("L")
-    if body.get("inpainting_mask_invert") not in (None, 0, False):
+    if flag(body.get("inpainting_mask_invert", False), "inpainting_mask_invert"):
         mask = PIL.ImageOps.invert(mask)
     kept = keep_image(mask.convert("RGB"), store)
     image = str(store.inputs_dir / upload.name)
@@ -109,7 +109,7 @@ def a1111_controlnet(body: Mapping[str, Any], store: Store) -> ControlRef | None
     if unit is None:
         return None
     module = unit.get("module", "canny")
-    if module not in A1111_MODULES:
+    if not isinstance(module, str) or module not in A1111_MODULES:
         raise ValueError(f"ControlNet module {module!r} is not supported; use {', '.join(A1111_MODULES)}")
     image = unit.get("input_image", unit.get("image"))
     if image is None:
@@ -119,13 +119,22 @@ def a1111_controlnet(body: Mapping[str, Any], store: Store) -> ControlRef | None
     return ControlRef(A1111_MODULES[module], str(store.inputs_dir / upload.name), scale=weight)
 
 
+def flag(value: object, name: str) -> bool:
+    """A yes/no field as A1111's clients send it: true/false, 1/0, or their text ("false" is no)."""
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _unit(script: object) -> Mapping[str, Any] | None:
     if script is None:
         return None
     args = script.get("args") if isinstance(script, Mapping) else None
     if not isinstance(args, list) or not all(isinstance(unit, Mapping) for unit in args):
         raise ValueError("alwayson_scripts.controlnet.args must be a list of ControlNet units (objects)")
-    enabled = [unit for unit in args if unit.get("enabled", True)]
+    enabled = [unit for unit in args if flag(unit.get("enabled", True), "a ControlNet unit's enabled")]
     if len(enabled) > 1:
         raise ValueError(f"one ControlNet unit per request, got {len(enabled)} enabled")
     return enabled[0] if enabled else None
