@@ -160,8 +160,11 @@ def png_info(record: ImageRecord) -> PngInfo:
 
 
 def save_png(image: PIL.Image.Image, path: str | Path, record: ImageRecord) -> None:
-    """Write ``image`` as a PNG carrying both text chunks."""
-    image.save(Path(path), format="PNG", pnginfo=png_info(record))
+    """Write ``image`` as a PNG carrying both text chunks, atomically (a full disk leaves the old file)."""
+    from stable_cascade.checkpoint.atomic import atomic_path
+
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=png_info(record))
 
 
 def read_png(path: str | Path) -> ImageRecord:
