@@ -29,6 +29,7 @@ from stable_cascade.batch.items import BatchItem, read_items
 from stable_cascade.batch.plan import PlannedItem, Unit, plan_items, plan_units
 from stable_cascade.batch.sampling import UnitRunner
 from stable_cascade.engine import Engine, Job, read_png, sha256_file
+from stable_cascade.engine.checks import MAX_BATCH_SIZE, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def generate_batch(
     loads. Under ``torchrun`` / ``accelerate launch`` every process calls this with the same arguments.
     """
     start = time.perf_counter()
+    check_int("batch size", batch_size, 1, MAX_BATCH_SIZE)
     processes = Processes()
     try:
         return _Run(processes, Path(output_dir), batch_size, start).run(
@@ -92,6 +94,7 @@ class _Run:
     def __init__(self, processes: Processes, folder: Path, batch_size: int, start: float) -> None:
         self.processes, self.folder, self.batch_size, self.start = processes, folder, batch_size, start
         self._recorded = Job()
+        self._digests: dict[str, object] = {}  # file → the sha256 its manifest line records
 
     def expected(self, job: Job) -> Job:
         """``job`` as its images record it (the dtype it runs in, the LoRAs' sha256: the run's)."""
@@ -185,14 +188,16 @@ class _Run:
         """The units with an image still to make (in order) and the images already made; a
         ``ValueError`` when a file holds an image of other settings."""
         names = {p.name for p in self.folder.iterdir()}
+        self._digests = {name: line.get("sha256") for name, line in store.read_entries(self.folder).items()}
         left, done, error = [], 0, None
         for unit in units[self.processes.rank :: self.processes.world]:
             finished = 0
             for item, k in unit.images:
                 entry = planned[item]
                 name = entry.files[k]
+                digest = self._digests.get(name)
                 state = (
-                    store.image_state(self.folder / name, self.expected(entry.job), k)
+                    store.image_state(self.folder / name, self.expected(entry.job), k, digest)
                     if name in names
                     else None
                 )
@@ -239,7 +244,7 @@ class _Run:
         for item, k, image, record in runner.run(unit.images, planned, unit.batched):
             entry = planned[item]
             path = self.folder / entry.files[k]
-            if store.image_state(path, self.expected(entry.job), k) == "done":
+            if store.image_state(path, self.expected(entry.job), k, self._digests.get(path.name)) == "done":
                 continue  # made before the run was stopped; the unit ran again for its other images
             digest = store.write_image(path, image, record)
             journal.add(store.entry(item, k, entry.item.where, path.name, digest, record))
@@ -249,6 +254,7 @@ class _Run:
 
 def _writable(folder: Path) -> str | None:
     try:
+        store.check_batch_folder(folder)
         store.check_writable(folder)
     except ValueError as error:
         return str(error)
@@ -256,18 +262,18 @@ def _writable(folder: Path) -> str | None:
 
 
 def _write_manifest(folder: Path, planned: list[PlannedItem], expected: Callable[[Job], Job]) -> list[str]:
-    """Write ``manifest.jsonl`` for every planned image; the files missing."""
+    """Write ``manifest.jsonl`` for every planned image; the files missing (a file that does not match
+    its line's sha256 is missing: a rerun makes it again)."""
     known = store.read_entries(folder)
     entries, missing = [], []
     for entry in planned:
         for k, name in enumerate(entry.files):
             line = known.get(name)
-            if (
-                line is not None
-                and (line.get("item"), line.get("image")) == (entry.index, k)
-                and (folder / name).is_file()
-            ):
-                entries.append(line)
+            if line is not None and (line.get("item"), line.get("image")) == (entry.index, k):
+                if (folder / name).is_file() and sha256_file(folder / name) == line.get("sha256"):
+                    entries.append(line)
+                else:
+                    missing.append(name)
                 continue
             if store.image_state(folder / name, expected(entry.job), k) != "done":
                 missing.append(name)
