@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
 JOURNALS = ".journal"
 LOCK = ".batch.lock"
+_EARLIER_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
 
 
 def check_batch_folder(folder: Path) -> None:
@@ -96,9 +98,10 @@ def write_image(path: Path, image: PIL.Image.Image, record: ImageRecord) -> str:
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Delete what killed runs left half written (``.NAME.<12 hex>.tmp``), and no other file."""
+    """Delete what killed runs left half written (``.NAME.<12 hex>.tmp``; ``.NAME.<pid>.tmp`` from
+    earlier versions), and no other file."""
     for path in folder.iterdir():
-        if atomic.is_temporary(path.name):
+        if atomic.is_temporary(path.name) or _EARLIER_TEMPORARY.match(path.name):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
