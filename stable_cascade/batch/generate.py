@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from stable_cascade.batch import store
@@ -50,6 +51,8 @@ class BatchSummary:
     per_process: tuple[int, ...]  # images each process made
     batch_size: int
     texts_encoded: int  # distinct texts run through the text encoder, over all processes
+    #: Each process's CPU threads: images are bit for bit those of another run with the same counts.
+    threads: tuple[int, ...] = ()
 
     def line(self) -> str:
         speed = f"{self.images_per_second:.2f} images/s" if self.generated else "nothing left to make"
@@ -172,6 +175,7 @@ class _Run:
             per_process=per_process,
             batch_size=self.batch_size,
             texts_encoded=self.processes.total(runner.encoded),
+            threads=tuple(self.processes.gather(torch.get_num_threads())),
         )
 
     def _base_seed(self, stored: dict[str, Any], seed: int | None) -> int:
