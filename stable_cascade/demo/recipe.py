@@ -34,7 +34,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.checkpoint import read_json_object
-from stable_cascade.checkpoint.atomic import atomic_path, write_text
+from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo.pipeline import DemoCascadePipeline
 from stable_cascade.demo.settings import DEMO_SIZE, PREVIEWER_FILE, Recipe
@@ -225,12 +225,13 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         decoder = timed("stage-b-refine", refine_config(recipe, data, decoder, prior, out / "stage_b_refine"))
     model = out / "model"
     for name, folder in (("prior", prior), ("decoder", decoder)):
-        shutil.rmtree(model / name, ignore_errors=True)
-        shutil.copytree(folder, model / name)
+        with atomic_folder(model / name, replace=True) as copy:
+            shutil.copytree(folder, copy, dirs_exist_ok=True)
     (model / PREVIEWER_FILE).unlink(missing_ok=True)
     if recipe.previewer_steps:
         previewer = timed("previewer", previewer_config(recipe, data, decoder, out / "previewer"))
-        shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", model / PREVIEWER_FILE)
+        with atomic_path(model / PREVIEWER_FILE) as temporary:
+            shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", temporary)
     times["total"] = time.perf_counter() - start
     summary = {"recipe": dataclasses.asdict(recipe), "seconds": times}
     write_text(model / "training.json", json.dumps(summary, indent=2))
