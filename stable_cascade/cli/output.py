@@ -107,11 +107,12 @@ def _reserve_numbered(folder: Path, seeds: list[int], previews: bool) -> list[Pa
             first = _next_number(folder)
             paths = [folder / f"{first + index:05d}-{seed}.png" for index, seed in enumerate(seeds)]
             files = [*paths, *(preview_path(path) for path in paths if previews)]
-            taken = [path for path in files if not _reserve(path)]
-            if not taken:
+            reserved = [path for path in files if _reserve(path)]
+            if len(reserved) == len(files):
                 return paths
-            release()  # a writer that takes no lock took one of them: try the numbers after it
-            _make_folder(folder)
+            for path in reserved:  # a writer that takes no lock took one: try the numbers after it
+                _RESERVED.remove(path)
+                path.unlink()
 
 
 def _reserve(path: Path) -> bool:
