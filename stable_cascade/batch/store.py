@@ -34,11 +34,11 @@ _EARLIER_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
 
 def check_batch_folder(folder: Path) -> None:
     """A ``ValueError`` when ``folder`` holds files but is no batch output (it has no ``batch.json``):
-    a run would replace the files it names as its own and overwrite others' ``manifest.jsonl``."""
+    a run would replace the files it names as its own and overwrite others' ``manifest.jsonl``. Hidden
+    files (``.DS_Store``, a killed first run's lock) do not count: a run touches none but its own."""
     if not folder.is_dir() or (folder / SETTINGS).is_file():
         return
-    ours = {LOCK, JOURNALS}
-    names = sorted(p.name for p in folder.iterdir() if p.name not in ours and not atomic.is_temporary(p.name))
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     if names:
         raise ValueError(
             f"{folder} holds files ({names[0]}{', …' if len(names) > 1 else ''}) but is not a batch output "
