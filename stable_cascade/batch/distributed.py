@@ -2,15 +2,19 @@
 
 Under a launcher (``WORLD_SIZE`` > 1 in the environment) the process group is initialised (gloo on
 CPU; on CUDA nccl for CUDA tensors and gloo for the small messages the run exchanges), and each
-process takes ``cuda:LOCAL_RANK`` when it runs on CUDA. Every collective here moves a few Python
-objects: the run's settings, which units are left, and counts for the progress bar.
+process takes ``cuda:LOCAL_RANK`` when it runs on CUDA, and ends when its launcher dies. Every
+collective here moves a few Python objects: the run's settings, which units are left, and counts for
+the progress bar.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 import torch
@@ -21,6 +25,24 @@ from stable_cascade.engine.threads import default_threads
 logger = logging.getLogger(__name__)
 #: How long a process waits for the others at a collective (a slow unit or model download).
 TIMEOUT = datetime.timedelta(hours=6)
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def end_with_parent() -> None:
+    """End this process (SIGTERM) when the launcher that started it dies, however it dies: killing
+    ``torchrun`` (even with SIGKILL) stops its workers. Linux only (``PR_SET_PDEATHSIG``); elsewhere,
+    kill the launcher's process group."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0
+    except (OSError, AttributeError):  # no C library to call
+        failed = True
+    if failed:
+        logger.debug("this process will not end with its launcher")
+    elif os.getppid() == 1:  # the launcher died before the call: nobody is left to wait for us
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Processes:
@@ -32,6 +54,8 @@ class Processes:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
         self._started = False
+        if self.world > 1:
+            end_with_parent()
         if self.world > 1 and not dist.is_initialized():
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend=backend, timeout=TIMEOUT)

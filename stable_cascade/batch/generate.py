@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from stable_cascade.batch import store
@@ -29,6 +30,7 @@ from stable_cascade.batch.items import BatchItem, read_items
 from stable_cascade.batch.plan import PlannedItem, Unit, plan_items, plan_units
 from stable_cascade.batch.sampling import UnitRunner
 from stable_cascade.engine import Engine, Job, read_png, sha256_file
+from stable_cascade.fields.checks import MAX_BATCH_SIZE, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class BatchSummary:
     per_process: tuple[int, ...]  # images each process made
     batch_size: int
     texts_encoded: int  # distinct texts run through the text encoder, over all processes
+    #: Each process's CPU threads: images are bit for bit those of another run with the same counts.
+    threads: tuple[int, ...] = ()
 
     def line(self) -> str:
         speed = f"{self.images_per_second:.2f} images/s" if self.generated else "nothing left to make"
@@ -79,6 +83,7 @@ def generate_batch(
     loads. Under ``torchrun`` / ``accelerate launch`` every process calls this with the same arguments.
     """
     start = time.perf_counter()
+    check_int("batch size", batch_size, 1, MAX_BATCH_SIZE)
     processes = Processes()
     try:
         return _Run(processes, Path(output_dir), batch_size, start).run(
@@ -92,6 +97,7 @@ class _Run:
     def __init__(self, processes: Processes, folder: Path, batch_size: int, start: float) -> None:
         self.processes, self.folder, self.batch_size, self.start = processes, folder, batch_size, start
         self._recorded = Job()
+        self._digests: dict[str, object] = {}  # file → the sha256 its manifest line records
 
     def expected(self, job: Job) -> Job:
         """``job`` as its images record it (the dtype it runs in, the LoRAs' sha256: the run's)."""
@@ -169,6 +175,7 @@ class _Run:
             per_process=per_process,
             batch_size=self.batch_size,
             texts_encoded=self.processes.total(runner.encoded),
+            threads=tuple(self.processes.gather(torch.get_num_threads())),
         )
 
     def _base_seed(self, stored: dict[str, Any], seed: int | None) -> int:
@@ -185,14 +192,16 @@ class _Run:
         """The units with an image still to make (in order) and the images already made; a
         ``ValueError`` when a file holds an image of other settings."""
         names = {p.name for p in self.folder.iterdir()}
+        self._digests = {name: line.get("sha256") for name, line in store.read_entries(self.folder).items()}
         left, done, error = [], 0, None
         for unit in units[self.processes.rank :: self.processes.world]:
             finished = 0
             for item, k in unit.images:
                 entry = planned[item]
                 name = entry.files[k]
+                digest = self._digests.get(name)
                 state = (
-                    store.image_state(self.folder / name, self.expected(entry.job), k)
+                    store.image_state(self.folder / name, self.expected(entry.job), k, digest)
                     if name in names
                     else None
                 )
@@ -239,7 +248,7 @@ class _Run:
         for item, k, image, record in runner.run(unit.images, planned, unit.batched):
             entry = planned[item]
             path = self.folder / entry.files[k]
-            if store.image_state(path, self.expected(entry.job), k) == "done":
+            if store.image_state(path, self.expected(entry.job), k, self._digests.get(path.name)) == "done":
                 continue  # made before the run was stopped; the unit ran again for its other images
             digest = store.write_image(path, image, record)
             journal.add(store.entry(item, k, entry.item.where, path.name, digest, record))
@@ -249,6 +258,7 @@ class _Run:
 
 def _writable(folder: Path) -> str | None:
     try:
+        store.check_batch_folder(folder)
         store.check_writable(folder)
     except ValueError as error:
         return str(error)
@@ -256,18 +266,18 @@ def _writable(folder: Path) -> str | None:
 
 
 def _write_manifest(folder: Path, planned: list[PlannedItem], expected: Callable[[Job], Job]) -> list[str]:
-    """Write ``manifest.jsonl`` for every planned image; the files missing."""
+    """Write ``manifest.jsonl`` for every planned image; the files missing (a file that does not match
+    its line's sha256 is missing: a rerun makes it again)."""
     known = store.read_entries(folder)
     entries, missing = [], []
     for entry in planned:
         for k, name in enumerate(entry.files):
             line = known.get(name)
-            if (
-                line is not None
-                and (line.get("item"), line.get("image")) == (entry.index, k)
-                and (folder / name).is_file()
-            ):
-                entries.append(line)
+            if line is not None and (line.get("item"), line.get("image")) == (entry.index, k):
+                if (folder / name).is_file() and sha256_file(folder / name) == line.get("sha256"):
+                    entries.append(line)
+                else:
+                    missing.append(name)
                 continue
             if store.image_state(folder / name, expected(entry.job), k) != "done":
                 missing.append(name)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import uuid
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 
+from stable_cascade.checkpoint import atomic
 from stable_cascade.engine import ImageRecord, Job, read_png, save_png, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -29,14 +29,28 @@ MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
 JOURNALS = ".journal"
 LOCK = ".batch.lock"
-_TEMPORARY = ".tmp"
+_EARLIER_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def check_batch_folder(folder: Path) -> None:
+    """A ``ValueError`` when ``folder`` holds files but is no batch output (it has no ``batch.json``):
+    a run would replace the files it names as its own and overwrite others' ``manifest.jsonl``. Hidden
+    files (``.DS_Store``, a killed first run's lock) do not count: a run touches none but its own."""
+    if not folder.is_dir() or (folder / SETTINGS).is_file():
+        return
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if names:
+        raise ValueError(
+            f"{folder} holds files ({names[0]}{', …' if len(names) > 1 else ''}) but is not a batch output "
+            f"(it has no {SETTINGS}); choose a new or empty folder for -o"
+        )
 
 
 def check_writable(folder: Path) -> None:
     """Make ``folder`` and write a file in it, or raise a ``ValueError`` saying why not."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe-{uuid.uuid4().hex}{_TEMPORARY}"
+        probe = atomic.temporary_name(folder / "probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -73,35 +87,23 @@ def run_lock(folder: Path, hold: bool) -> Iterator[str | None]:
             fcntl.flock(file, fcntl.LOCK_UN)
 
 
-def _atomic(path: Path) -> Path:
-    """A temporary name beside ``path`` for this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}{_TEMPORARY}")
-
-
 def write_text(path: Path, text: str) -> None:
-    temporary = _atomic(path)
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic.write_text(path, text)
 
 
 def write_image(path: Path, image: PIL.Image.Image, record: ImageRecord) -> str:
     """Save ``image`` with ``record`` at ``path`` atomically; the file's sha256."""
-    temporary = _atomic(path)
-    try:
-        save_png(image, temporary, record)
-        digest = sha256_file(temporary)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-    return digest
+    save_png(image, path, record)
+    return sha256_file(path)
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Delete what killed runs left half written (``.NAME.PID.tmp``)."""
-    for path in folder.glob(f".*{_TEMPORARY}"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    """Delete what killed runs left half written (``.NAME.<12 hex>.tmp``; ``.NAME.<pid>.tmp`` from
+    earlier versions), and no other file."""
+    for path in folder.iterdir():
+        if atomic.is_temporary(path.name) or _EARLIER_TEMPORARY.match(path.name):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def check_settings(
@@ -161,10 +163,13 @@ def store_settings(folder: Path, settings: Mapping[str, Any], seed: int, prompts
     write_text(folder / SETTINGS, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def image_state(path: Path, job: Job, index: int) -> str | None:
-    """``"done"`` when ``path`` holds image ``index`` of ``job``, None when there is no usable file,
-    else how it differs (a conflict)."""
+def image_state(path: Path, job: Job, index: int, digest: object = None) -> str | None:
+    """``"done"`` when ``path`` holds image ``index`` of ``job``, None when there is no usable file (or
+    it does not match ``digest``, the sha256 its manifest line records), else how it differs."""
     if not path.is_file():
+        return None
+    if digest is not None and sha256_file(path) != digest:
+        logger.warning("%s is not the file its manifest line records (sha256); it will be made again", path)
         return None
     try:
         record = read_png(path)

@@ -12,7 +12,7 @@ from stable_cascade.checkpoint.pretrained import (
     check_state_dict,
     parse_dtype,
 )
-from stable_cascade.checkpoint.safetensors_io import read_state_dict, write_state_dict
+from stable_cascade.checkpoint.safetensors_io import read_state_dict, save_tensors_file, write_state_dict
 
 __all__ = [
     "CheckpointError",
@@ -27,5 +27,6 @@ __all__ = [
     "read_state_dict",
     "resolve_file",
     "resolve_weights",
+    "save_tensors_file",
     "write_state_dict",
 ]

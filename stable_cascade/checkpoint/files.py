@@ -7,7 +7,12 @@ the local cache, ``local_files_only``, ``revision`` and ``token`` behave as in e
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import re
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import huggingface_hub
@@ -16,7 +21,10 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from stable_cascade.checkpoint.errors import CheckpointError, VariantNotFoundError
 from stable_cascade.checkpoint.jsonio import read_json_object
 
+logger = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+#: How long the one connection test to the Hub may take (a network that drops packets).
+_PROBE_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,8 @@ def resolve_file(
             f"{repo_id!r} is neither an existing directory nor a Hub repo id of the form 'owner/name'"
         )
     where = f"{repo_id}/{subfolder}/{filename}" if subfolder else f"{repo_id}/{filename}"
+    local_only = bool(hub.local_files_only) or huggingface_hub.constants.HF_HUB_OFFLINE
+    unreachable = not local_only and not hub_reachable(huggingface_hub.constants.ENDPOINT)
     try:
         local = huggingface_hub.hf_hub_download(
             repo_id,
@@ -56,14 +66,18 @@ def resolve_file(
             subfolder=subfolder or None,
             revision=hub.revision,
             cache_dir=hub.cache_dir,
-            local_files_only=bool(hub.local_files_only),
+            local_files_only=bool(hub.local_files_only) or unreachable,
             token=hub.token,
         )
     except LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: catch it first
+        why = (
+            f"the Hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached"
+            if unreachable
+            else "downloading is disabled or failed (HF_HUB_OFFLINE / local_files_only, or no network)"
+        )
         raise FileNotFoundError(
-            f"{where} is not in the local Hugging Face cache and downloading is disabled or failed "
-            "(HF_HUB_OFFLINE / local_files_only, or no network); download it once with network access, "
-            "or pass a local directory"
+            f"{where} is not in the local Hugging Face cache and {why}; download it once with network "
+            "access, or pass a local directory"
         ) from error
     except EntryNotFoundError as error:
         raise FileNotFoundError(f"the Hub repo has no file {where}") from error
@@ -72,6 +86,25 @@ def resolve_file(
             f"no Hub repo {repo_id!r} (or it is private: pass token=...); check the name"
         ) from error
     return Path(local)
+
+
+@functools.lru_cache(maxsize=8)
+def hub_reachable(endpoint: str) -> bool:
+    """Whether a connection to the Hub ``endpoint`` (or to the proxy that serves it) opens: one try per
+    process and endpoint. Without a network, files then come from the cache alone, and a missing one
+    fails at once instead of after ``huggingface_hub``'s five retries (about 30 s, each warned)."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
+    except OSError as error:
+        logger.info("the Hub %s cannot be reached (%s): the local cache alone serves files", endpoint, error)
+        return False
+    return True
 
 
 def weights_filenames(stem: str, variant: str | None) -> tuple[str, str]:

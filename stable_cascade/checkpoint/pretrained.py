@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from stable_cascade.checkpoint.atomic import write_text
 from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.files import HubOptions, resolve_file, resolve_weights
 from stable_cascade.checkpoint.hub import check_safe_serialization, save_and_upload, upload_folder
@@ -84,7 +85,7 @@ def write_config(config: ConfigBase, path: Path) -> None:
         **config.to_dict(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class PretrainedConfigMixin:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stable_cascade.checkpoint.atomic import atomic_path, write_text
 from stable_cascade.checkpoint.errors import CheckpointError
 from stable_cascade.checkpoint.files import weights_filenames
 
@@ -94,6 +95,21 @@ def read_single_file(path: str | Path, allow_pickle: bool = False) -> dict[str, 
     return dict(loaded)
 
 
+def save_tensors_file(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` (contiguous CPU or device tensors) to the safetensors file ``path`` atomically: a
+    full disk leaves the old file and no partial one, and is an ``OSError`` naming ``path``."""
+    with atomic_path(path) as temporary:
+        try:
+            save_file(dict(tensors), temporary, metadata=dict(metadata) if metadata else None)
+        except SafetensorError as error:
+            reason = str(error)
+            if "I/O error" not in reason:
+                raise
+            raise OSError(f"cannot write {path}: {reason.split('I/O error: ')[-1]}") from error
+
+
 def write_state_dict(
     state_dict: dict[str, torch.Tensor],
     directory: str | Path,
@@ -113,11 +129,11 @@ def write_state_dict(
     written = []
     for filename, names in split.filename_to_tensors.items():
         shard = {name: state_dict[name].detach().contiguous() for name in names}
-        save_file(shard, directory / filename, metadata={"format": "pt"})
+        save_tensors_file(shard, directory / filename, metadata={"format": "pt"})
         written.append(directory / filename)
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
-        (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text(directory / index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return written
 
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         settings=settings,
         seed=args.seed,
-        batch_size=args.batch_size or 1,
+        batch_size=1 if args.batch_size is None else args.batch_size,
         device=args.device,
         offload=args.offload,
         progress=not args.no_progress,

@@ -72,13 +72,16 @@ def run_train(args: argparse.Namespace) -> int:
     model = train_demo(Path(args.out_dir), recipe)
     print(f"demo cascade written to {model}")
     if args.install:
+        from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path
+
         for name in ("prior", "decoder"):
-            shutil.rmtree(DEMO_DIR / name, ignore_errors=True)
-            shutil.copytree(model / name, DEMO_DIR / name)
+            with atomic_folder(DEMO_DIR / name, replace=True) as folder:
+                shutil.copytree(model / name, folder, dirs_exist_ok=True)
         (DEMO_DIR / PREVIEWER_FILE).unlink(missing_ok=True)
         for name in ("training.json", PREVIEWER_FILE):
             if (model / name).is_file():
-                shutil.copy2(model / name, DEMO_DIR / name)
+                with atomic_path(DEMO_DIR / name) as temporary:
+                    shutil.copy2(model / name, temporary)
         print(f"installed into {DEMO_DIR}")
     return 0
 

@@ -76,13 +76,16 @@ def _run_options(parser: argparse.ArgumentParser, prior: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stable_cascade.cli.output import output_paths, preview_path
+    from stable_cascade.cli.output import output_paths, preview_path, save_image
     from stable_cascade.engine import Engine, Finished, ImageDone, Preview, save_png
 
     task = TASKS[args.command]
     job, image, recorded = job_of(args)
     protected = [p for p in (args.from_png, getattr(args, "input_image", None)) if p]
-    paths = output_paths(args.output, job.seeds, job.prompt, overwrite=args.overwrite, protected=protected)
+    previews = getattr(args, "preview", False)
+    paths = output_paths(
+        args.output, job.seeds, job.prompt, overwrite=args.overwrite, protected=protected, previews=previews
+    )
     engine = Engine(device=args.device, offload=args.offload, progress_bars=True)
     if recorded is not None:
         _announce_models(recorded, args.from_png)
@@ -92,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"LoRA {Path(lora.path).stem}: {lora.path} at scale {lora.scale:g}")
     more = f" (images get {job.seeds[0]} … {job.seeds[-1]})" if job.images > 1 else ""
     print(f"seed {job.seed}{more}")
-    for event in engine.run(job, image, previews=getattr(args, "preview", False)):
+    for event in engine.run(job, image, previews=previews):
         if isinstance(event, Preview):
-            event.image.save(preview_path(paths[event.index]))
+            save_image(event.image, preview_path(paths[event.index]))
         elif isinstance(event, ImageDone):
             save_png(event.image, paths[event.index], event.record)
             print(f"saved {paths[event.index]}")

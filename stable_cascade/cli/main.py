@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from stable_cascade import __version__
-from stable_cascade.cli import batch, demo, generate, models, serve, shapes, train
+from stable_cascade.cli import batch, demo, generate, models, output, serve, shapes, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -55,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch loads, which the commands do after this line.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _configure_logging(args.debug)
+    try:
+        return _handle(args)
+    finally:
+        output.release()  # names reserved for images that a failure left unwritten
+
+
+def _handle(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args))
     except BrokenPipeError:  # the reader went away (e.g. `... | head`): nothing left to say

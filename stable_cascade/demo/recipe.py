@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.checkpoint import read_json_object
+from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo.pipeline import DemoCascadePipeline
 from stable_cascade.demo.settings import DEMO_SIZE, PREVIEWER_FILE, Recipe
@@ -112,7 +114,7 @@ def calibrate_stage_a(folder: Path, data: Path, count: int = 256) -> float:
     std = float(encode_latents(model, prepare_images(images, DEMO_SIZE, DEMO_SIZE)).std())
     config = read_json_object(folder / "config.json")
     config["scale_factor"] = round(std, 4)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_text(folder / "config.json", json.dumps(config, indent=2))
     return std
 
 
@@ -223,16 +225,16 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         decoder = timed("stage-b-refine", refine_config(recipe, data, decoder, prior, out / "stage_b_refine"))
     model = out / "model"
     for name, folder in (("prior", prior), ("decoder", decoder)):
-        shutil.rmtree(model / name, ignore_errors=True)
-        shutil.copytree(folder, model / name)
+        with atomic_folder(model / name, replace=True) as copy:
+            shutil.copytree(folder, copy, dirs_exist_ok=True)
     (model / PREVIEWER_FILE).unlink(missing_ok=True)
     if recipe.previewer_steps:
         previewer = timed("previewer", previewer_config(recipe, data, decoder, out / "previewer"))
-        shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", model / PREVIEWER_FILE)
+        with atomic_path(model / PREVIEWER_FILE) as temporary:
+            shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", temporary)
     times["total"] = time.perf_counter() - start
-    (model / "training.json").write_text(
-        json.dumps({"recipe": dataclasses.asdict(recipe), "seconds": times}, indent=2)
-    )
+    summary = {"recipe": dataclasses.asdict(recipe), "seconds": times}
+    write_text(model / "training.json", json.dumps(summary, indent=2))
     logger.info(
         "demo cascade written to %s (%s)", model, ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     )
@@ -300,13 +302,16 @@ def evaluate_demo(
             folder = Path(save_to) / kind
             folder.mkdir(parents=True, exist_ok=True)
             for j, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-                image.save(folder / f"{j:04d}.png")
-                (folder / f"{j:04d}.txt").write_text(prompt)
+                with atomic_path(folder / f"{j:04d}.png") as temporary:
+                    image.save(temporary, format="PNG")
+                write_text(folder / f"{j:04d}.txt", prompt)
         scores[kind] = score_by_kind(images, prompts)["all"]
         samples[kind] = list(zip(images, prompts, strict=True))
     if grid is not None:
         # Evenly spaced samples: the held-out prompts come grouped by combination.
-        sample_grid([row[:: max(1, len(row) // columns)][:columns] for row in samples.values()]).save(grid)
+        picked = sample_grid([row[:: max(1, len(row) // columns)][:columns] for row in samples.values()])
+        with atomic_path(grid) as temporary:
+            picked.save(temporary, format=PIL.Image.registered_extensions().get(grid.suffix.lower(), "PNG"))
     return scores
 
 

@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from stable_cascade.checkpoint.atomic import write_text
+
 END = "</w>"
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 _WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
@@ -88,8 +90,8 @@ def write_tokenizer(folder: Path, texts: Iterable[str], max_length: int = 32) ->
     merges = word_merges(words_of(texts))
     tokens = [*alphabet, *(c + END for c in alphabet), *("".join(pair) for pair in merges)]
     vocab = list(dict.fromkeys(tokens)) + list(SPECIAL)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    write_text(folder / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": max_length,
@@ -99,12 +101,12 @@ def write_tokenizer(folder: Path, texts: Iterable[str], max_length: int = 32) ->
         "pad_token": SPECIAL[1],
         "do_lower_case": True,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
     special = {
         "bos_token": SPECIAL[0],
         "eos_token": SPECIAL[1],
         "unk_token": SPECIAL[1],
         "pad_token": SPECIAL[1],
     }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))
     return vocab

@@ -63,6 +63,7 @@ def load_models(
     ``effnet`` / ``previewer``: the task needs the EfficientNet encoder / wants the previewer; when the
     loaded models lack them they come from the bundle's files (a missing previewer is only a warning).
     """
+    check_components(sources, prior)
     loader = _Loader(sources, LoadOptions(dtype=torch_dtype))
     prior_pipe = loader.prior() if prior else None
     decoder_pipe = loader.decoder(prior_pipe)
@@ -78,11 +79,23 @@ def load_models(
                 sources.bundle.previewer,
             )
     pipeline = decoder_pipe if prior_pipe is None else combine(prior_pipe, decoder_pipe)
-    if sources.components is not None and not loader.used_components:
-        logger.warning(
-            "--components %s was not needed: every model came with its components", sources.components
-        )
     return LoadedModels(pipeline, loader.local_files)
+
+
+def check_components(sources: ModelSources, prior: bool = True) -> None:
+    """A ``ValueError`` when ``--components`` would do nothing: it serves single files and model folders
+    (which lack a tokenizer and text encoder), and every stage to load is a pipeline (or bundle)."""
+    if sources.components is None:
+        return
+    stages = [("--decoder", sources.decoder or sources.bundle.decoder_repo)]
+    if prior:
+        stages.insert(0, ("--prior", sources.prior or sources.bundle.prior_repo))
+    if any(classify(spec, flag) in (SourceKind.FILE, SourceKind.MODEL) for flag, spec in stages):
+        return
+    raise ValueError(
+        f"--components {sources.components} would do nothing: it gives the tokenizer and text encoder to "
+        "single files and model folders (--prior/--decoder), and these models bring their own; drop it"
+    )
 
 
 def combine(
@@ -101,7 +114,6 @@ class _Loader:
         self.sources = sources
         self.options = options
         self.local_files: dict[str, Path] = {}
-        self.used_components = False
 
     def part(self, spec: str, kind: Kind, role: str = "", from_bundle: bool = False) -> nn.Module:
         """Stage A, the EfficientNet encoder or the previewer from a single file."""
@@ -218,10 +230,7 @@ class _Loader:
         return unet
 
     def _components(self, default: str) -> str:
-        if self.sources.components is None:
-            return default
-        self.used_components = True
-        return self.sources.components
+        return default if self.sources.components is None else self.sources.components
 
     def _note(self, role: str, spec: str) -> None:
         if role and Path(spec).exists():
@@ -255,7 +264,17 @@ def resolve_device(name: str) -> torch.device:
         )
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"device {name!r} cannot run the models here; use auto, cpu, cuda or cuda:N")
+    if device.type in ("mps", "xpu") and not _available(device.type):
+        raise ValueError(f"device {name!r} asked for, but {device.type} is not available here; use the CPU")
     return device
+
+
+def _available(backend: str) -> bool:
+    """Whether torch can run on ``mps`` (Apple GPUs) or ``xpu`` (Intel GPUs) here."""
+    if backend == "mps":
+        return bool(torch.backends.mps.is_available())
+    module = getattr(torch, backend, None)
+    return bool(module is not None and module.is_available())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -19,6 +19,7 @@ from typing import Any
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
+from stable_cascade.checkpoint.atomic import atomic_path
 from stable_cascade.engine.job import Job
 from stable_cascade.engine.legacy import parse_infotext, schema_1_record
 from stable_cascade.engine.stored import kind_of
@@ -118,8 +119,9 @@ def png_info(record: ImageRecord) -> PngInfo:
 
 
 def save_png(image: PIL.Image.Image, path: str | Path, record: ImageRecord) -> None:
-    """Write ``image`` as a PNG carrying both text chunks."""
-    image.save(Path(path), format="PNG", pnginfo=png_info(record))
+    """Write ``image`` as a PNG carrying both text chunks, atomically (a full disk leaves the old file)."""
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=png_info(record))
 
 
 def read_png(path: str | Path) -> ImageRecord:

@@ -9,6 +9,9 @@ from typing import Any
 
 SIZE_MULTIPLE = 8
 DEFAULT_SIZE = 1024  # pixels per side, when neither the model nor the request says
+#: The smallest side any cascade makes: Stage B needs one latent pixel at its deepest level (Stage A's
+#: 4× · patch 2 · 2^(levels - 1)): 32 for the demo's three levels, 64 for the released four.
+MIN_SIDE = 32
 MAX_SIDE = 8192  # pixels per side
 MAX_PIXELS = 4096 * 4096  # per image
 MAX_STEPS = 1000
@@ -45,14 +48,19 @@ def check_float(
 
 
 def check_size(width: object, height: object) -> tuple[int, int]:
-    """An output size: positive multiples of 8, at most 8192 per side and 4096² pixels."""
+    """An output size: multiples of 8, at least 32 and at most 8192 per side, at most 4096² pixels."""
     for name, value in (("width", width), ("height", height)):
         check_int(name, value, 1, MAX_SIDE, f" (at most {MAX_SIDE} pixels per side)")
         assert isinstance(value, int)
         if value % SIZE_MULTIPLE:
-            nearest = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+            nearest = max(MIN_SIDE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
             raise ValueError(
                 f"{name} must be a multiple of {SIZE_MULTIPLE} pixels, got {value}; try {nearest}"
+            )
+        if value < MIN_SIDE:
+            raise ValueError(
+                f"{name} must be at least {MIN_SIDE} pixels, got {value} (Stage B needs one latent pixel at "
+                f"its deepest level; the released models need 64); try {MIN_SIDE} or more"
             )
     assert isinstance(width, int) and isinstance(height, int)
     if width * height > MAX_PIXELS:

@@ -24,6 +24,7 @@ from stable_cascade.checkpoint import (
     HubOptions,
     PretrainedConfigMixin,
     PretrainedModel,
+    atomic,
     parse_dtype,
     read_json_object,
     resolve_file,
@@ -252,4 +253,4 @@ def save_component(
 def write_model_index(directory: Path, class_name: str, entries: Mapping[str, Any]) -> None:
     """Write ``model_index.json``: the pipeline class, the diffusers version and ``entries``."""
     index = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **entries}
-    (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(directory / MODEL_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -16,9 +16,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from stable_cascade.checkpoint import CheckpointError, PretrainedModel, parse_dtype, read_json_object
+from stable_cascade.checkpoint import (
+    CheckpointError,
+    PretrainedModel,
+    parse_dtype,
+    read_json_object,
+    save_tensors_file,
+)
+from stable_cascade.checkpoint.atomic import atomic_folder
 from stable_cascade.checkpoint.safetensors_io import read_single_file
 from stable_cascade.convert import (
     Kind,
@@ -84,7 +90,8 @@ def convert_checkpoint(
                 f"{source} is a single file, so the destination is a model folder; {destination} names a file"
             )
         model, kind = model_from_single_file(source, target, proj_blocks)
-        model.save_pretrained(destination)
+        with atomic_folder(destination, replace=overwrite) as folder:  # a failure leaves no part
+            model.save_pretrained(folder)
     elif (source / "config.json").is_file():
         if destination.suffix != ".safetensors":
             raise ValueError(
@@ -95,7 +102,7 @@ def convert_checkpoint(
         model, kind = model_from_folder(source, target)
         destination.parent.mkdir(parents=True, exist_ok=True)
         tensors = _original_state_dict(model, kind)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, destination, metadata={"format": "pt"})
+        save_tensors_file({k: v.contiguous() for k, v in tensors.items()}, destination, {"format": "pt"})
     else:
         raise ValueError(
             f"{source} is a folder without config.json; convert takes a single checkpoint file or one "

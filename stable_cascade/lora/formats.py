@@ -30,10 +30,9 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from stable_cascade.checkpoint import read_state_dict
+from stable_cascade.checkpoint import read_state_dict, save_tensors_file
 from stable_cascade.lora.layers import lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -249,5 +248,5 @@ def save_lora(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=header)
+    save_tensors_file(tensors, path, metadata=header)
     return path

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from stable_cascade.checkpoint.atomic import atomic_path
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.loading.components import MODEL_INDEX
 from stable_cascade.pipelines.cascade import run_cascade
@@ -68,7 +69,8 @@ class Sampler:
         image = cast(list[PIL.Image.Image], postprocess(row, "pil"))[0]
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:06d}.png"
-        image.save(path)
+        with atomic_path(path) as temporary:
+            image.save(temporary, format="PNG")
         logger.info("wrote %s", path)
         return path
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from stable_cascade.checkpoint import CheckpointError, parse_json, read_json_object, read_state_dict
+from stable_cascade.checkpoint import (
+    CheckpointError,
+    parse_json,
+    read_json_object,
+    read_state_dict,
+    save_tensors_file,
+)
+from stable_cascade.checkpoint.atomic import move_in, temporary_name, write_text
 
 PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -110,7 +115,7 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor], structure: Any = Non
     metadata = {"format": "pt"}
     if structure is not None:
         metadata["structure"] = json.dumps(structure)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    save_tensors_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Tensor], Any]:
@@ -188,7 +193,7 @@ def check_resumable(tensors: Mapping[str, Tensor], path: Path) -> None:
 
 
 def write_trainer_state(directory: Path, values: Mapping[str, Any]) -> None:
-    (directory / TRAINER_STATE).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    write_text(directory / TRAINER_STATE, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
@@ -218,6 +223,26 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     return path
 
 
+def check_output_dir(output_dir: Path, resume: str | None, final: str) -> None:
+    """Before any work: ``output_dir`` is writable (made if needed) and, unless the run resumes, holds
+    no earlier run (its checkpoints or ``final/`` would be replaced)."""
+    earlier = [p.name for p in [*checkpoints(output_dir), output_dir / final] if p.exists()]
+    if earlier and resume is None:
+        raise ValueError(
+            f"{output_dir} already holds a training run ({', '.join(earlier[-2:])}); continue it with "
+            "--resume latest, or choose another output folder (-o), or delete it to start over"
+        )
+    probe = temporary_name(output_dir / "probe")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"cannot write into the output folder {output_dir} ({error.strerror or error}); choose another -o"
+        ) from None
+
+
 def partial_folder(output_dir: Path, step: int) -> Path:
     return output_dir / f"{PREFIX}{step}.partial"
 
@@ -225,7 +250,5 @@ def partial_folder(output_dir: Path, step: int) -> Path:
 def publish(partial: Path) -> Path:
     """Rename a completely written ``….partial`` folder to its final name (replacing an older one)."""
     final = partial.with_suffix("")
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
+    move_in(partial, final, replace=True)
     return final

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from stable_cascade.checkpoint import read_state_dict
+from stable_cascade.checkpoint.atomic import atomic_folder
 from stable_cascade.training import state as ckpt
 from stable_cascade.training.components import Components, load_components
 from stable_cascade.training.config import TrainConfig
@@ -105,6 +107,7 @@ class _Run:
         self.sharded = accelerator.distributed_type == "FSDP"
         _seed_globals(config.seed + self.rank)
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * (self.rank + 1))
+        ckpt.check_output_dir(config.output_dir, config.resume, FINAL)  # before any work
         self.resume = ckpt.resolve_resume(config.output_dir, config.resume) if config.resume else None
         self.step = int(ckpt.read_trainer_state(self.resume)["step"]) if self.resume else 0
         examples = find_examples(config.data)  # before loading models: data mistakes fail fast
@@ -222,16 +225,20 @@ class _Run:
         ema: EMA | None,
     ) -> None:
         accelerator, folder = self.accelerator, ckpt.partial_folder(self.config.output_dir, self.step)
-        if self.main:
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        ckpt.save_rng(folder, self.rank, self.generator)
+
+        def start() -> None:
+            if self.main:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+
+        self._written(start, folder)
+        self._written(lambda: ckpt.save_rng(folder, self.rank, self.generator), folder)
         model_state = self._model_state(model)
         ema_state = ema.state_dict() if ema is not None and (self.main or self.sharded) else None
         self._check_finite({**model_state, **(ema_state or {})}, float(scheduler.get_last_lr()[0]), folder)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
-        if self.main:
+
+        def write() -> None:
             ckpt.save_tensors(folder / "model.safetensors", model_state)
             if ema_state is not None:
                 ckpt.save_tensors(folder / "ema.safetensors", ema_state)
@@ -246,10 +253,23 @@ class _Run:
                     "config": self.config.to_dict(),
                 },
             )
-        accelerator.wait_for_everyone()
-        if self.main:
             logger.info("saved %s", ckpt.publish(folder))
-        accelerator.wait_for_everyone()
+
+        self._written(write if self.main else lambda: None, folder)
+
+    def _written(self, write: Callable[[], None], partial: Path | None) -> None:
+        """Run ``write`` on each process; when it fails on any (a full disk), every process raises an
+        ``OSError`` and the ``partial`` checkpoint folder is removed (a collective: a barrier too)."""
+        error: OSError | None = None
+        try:
+            write()
+        except OSError as caught:
+            error = caught
+        flag = torch.tensor(float(error is not None), device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, reduction="sum")) > 0:
+            if self.main and partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise error or OSError("writing the checkpoint or the final model failed on another process")
 
     def _check_finite(self, state: dict[str, Tensor], lr: float, partial: Path | None = None) -> None:
         """Stop before writing weights that hold NaN/Inf (a collective: every process learns of it)."""
@@ -320,10 +340,13 @@ class _Run:
             state.update(ema.state_dict())
         self._check_finite(state, lr)
         directory = self.config.output_dir / FINAL
-        if self.main:
-            self.task.export(directory, state)
+
+        def export() -> None:
+            with atomic_folder(directory, replace=True) as temporary:  # a full disk leaves no part
+                self.task.export(temporary, state)
             logger.info("exported %s to %s", self.task.name, directory)
-        self.accelerator.wait_for_everyone()
+
+        self._written(export if self.main else lambda: None, None)
         return directory
 
 
