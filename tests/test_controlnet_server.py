@@ -50,7 +50,7 @@ def test_a1111_mask_maps_to_the_inpainting_controlnet(tmp_path: Path) -> None:
     assert control.image == str(store.inputs_dir / upload.name)
     stored_mask = np.asarray(PIL.Image.open(control.mask or "").convert("L"))
     assert (stored_mask[:, :64] == 255).all() and (stored_mask[:, 64:] == 0).all()  # inverted
-    arguments = job_arguments({**body, "width": 128, "height": 128}, "full", upload)
+    arguments = job_arguments({**body, "width": 128, "height": 128}, "full", upload.sha256)
     job = checked_job({**arguments, "controls": [control]}, upload, store)
     assert job.task == "img2img" and job.controls[0].control_type == "inpainting"
     assert job.controls[0].image_sha256 == upload.sha256

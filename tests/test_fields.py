@@ -152,7 +152,7 @@ def test_automatic1111_requests_and_infotexts_carry_every_field(
             (body["override_settings"] if field.name.startswith("decoder") else body)[name] = value
     body["n_iter"], body["init_images"] = SAMPLE["count"], [_encoded(files["input_image"])]
     upload = decode_image(body["init_images"][0], store, "init_images[0]")
-    arguments = a1111.job_arguments(body, "lite", upload)
+    arguments = a1111.job_arguments(body, "lite", upload.sha256)
     mask = decode_image(_encoded(files["mask"]), store, "mask")
     control_image = str(store.inputs_dir / upload.name)
     controls = {"controlnet": "inpainting", "control_image": control_image}

@@ -140,3 +140,35 @@ def test_info_lists_each_models_controlnets(tmp_path: Path) -> None:
     assert models["demo"]["controlnets"] == ["canny"]
     assert models["full"]["controlnets"] == ["canny", "inpainting", "super_resolution"]
     assert models["lite"]["controlnets"] == []
+
+
+def test_a_requests_fields_are_checked_before_its_images_are_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+    import io
+
+    import PIL.Image
+
+    from stable_cascade.server import inputs, routes_a1111
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    decoded: list[str] = []
+    monkeypatch.setattr(inputs, "decode_image", lambda *a, **k: decoded.append("native"))
+    monkeypatch.setattr(routes_a1111, "decode_image", lambda *a, **k: decoded.append("a1111"))
+    store = Store(tmp_path / "data", 10)
+    body = {"task": "img2img", "prompt": "x", "width": 100, "image": image}
+    with pytest.raises(ValueError, match="width must be a multiple of 8"):
+        inputs.native_job(body, store, "demo")
+
+    class Stub:
+        model = "demo"
+
+    Stub.store = store  # type: ignore[attr-defined]
+    a1111_body = {"prompt": "x", "steps": 0, "init_images": [image]}
+    with pytest.raises(ValueError, match="Stage C steps must be between 1 and 1000"):
+        routes_a1111._job(Stub(), a1111_body, img2img=True)  # type: ignore[arg-type]
+    assert decoded == [] and list(store.inputs_dir.iterdir()) == []
+    store.close()

@@ -20,8 +20,7 @@ from typing import Any
 
 import PIL.Image
 
-from stable_cascade.checkpoint import atomic
-from stable_cascade.engine import ImageRecord, Job, read_png, save_png, sha256_file
+from stable_cascade.engine import ImageRecord, Job, atomic, read_png, save_png, sha256_file
 
 logger = logging.getLogger(__name__)
 SETTINGS = "batch.json"

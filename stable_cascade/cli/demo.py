@@ -72,15 +72,15 @@ def run_train(args: argparse.Namespace) -> int:
     model = train_demo(Path(args.out_dir), recipe)
     print(f"demo cascade written to {model}")
     if args.install:
-        from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path
+        from stable_cascade.engine import atomic
 
         for name in ("prior", "decoder"):
-            with atomic_folder(DEMO_DIR / name, replace=True) as folder:
+            with atomic.atomic_folder(DEMO_DIR / name, replace=True) as folder:
                 shutil.copytree(model / name, folder, dirs_exist_ok=True)
         (DEMO_DIR / PREVIEWER_FILE).unlink(missing_ok=True)
         for name in ("training.json", PREVIEWER_FILE):
             if (model / name).is_file():
-                with atomic_path(DEMO_DIR / name) as temporary:
+                with atomic.atomic_path(DEMO_DIR / name) as temporary:
                     shutil.copy2(model / name, temporary)
         print(f"installed into {DEMO_DIR}")
     return 0

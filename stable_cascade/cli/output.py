@@ -93,9 +93,9 @@ def release() -> None:
 
 def save_image(image: PIL.Image.Image, path: Path) -> None:
     """Write ``image`` (a preview) as a PNG at ``path``, atomically (over its reservation)."""
-    from stable_cascade.checkpoint.atomic import atomic_path  # loads torch: only when writing
+    from stable_cascade.engine import atomic  # loads torch: only when writing
 
-    with atomic_path(path) as temporary:
+    with atomic.atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
 
 

@@ -2,9 +2,11 @@
 them on cached models. Every front end (command line, server, batch generation) builds a :class:`Job`,
 runs it with :meth:`Engine.run` (a batch run's units: :meth:`Engine.generate`) and saves what
 :class:`ImageDone` events carry with :func:`save_png`. Front ends import this package and
-:mod:`stable_cascade.fields` only: what they need of the models (the named bundles, the presets) is
-re-exported here."""
+:mod:`stable_cascade.fields` only: what they need below (the named bundles, the presets, atomic file
+writes, the guarded image opener) is re-exported here."""
 
+from stable_cascade.checkpoint import atomic
+from stable_cascade.conditioning.image_files import open_image_bytes
 from stable_cascade.diffusion.presets import COMBINED_PRESETS
 from stable_cascade.engine.attach import attached_loras
 from stable_cascade.engine.control import ControlRef
@@ -57,6 +59,7 @@ __all__ = [
     "Preview",
     "Progress",
     "Row",
+    "atomic",
     "attached_loras",
     "check_inputs",
     "configure_cpu_threads",
@@ -65,6 +68,7 @@ __all__ = [
     "image_sha256",
     "native_size",
     "open_image",
+    "open_image_bytes",
     "package_version",
     "read_png",
     "save_png",

@@ -21,7 +21,6 @@ from typing import Any
 
 from stable_cascade.engine import BUNDLES, Job
 from stable_cascade.fields import A1111_SAMPLERS, BY_NAME, FIELDS
-from stable_cascade.server.uploads import Upload
 
 #: The fields an A1111 request may set, by the names it may use (A1111's first, then ours).
 _NAMES = {
@@ -74,8 +73,9 @@ def model_list() -> list[dict[str, Any]]:
     ]
 
 
-def job_arguments(body: Mapping[str, Any], default_model: str, upload: Upload | None) -> dict[str, Any]:
-    """The ``Job.create`` arguments of an A1111 txt2img (``upload`` None) or img2img request."""
+def job_arguments(body: Mapping[str, Any], default_model: str, image_sha256: str | None) -> dict[str, Any]:
+    """The ``Job.create`` arguments of an A1111 txt2img (``image_sha256`` None) or img2img request (of
+    the init image with that sha256)."""
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, Mapping):
         raise ValueError("override_settings must be a JSON object")
@@ -93,10 +93,10 @@ def job_arguments(body: Mapping[str, Any], default_model: str, upload: Upload | 
     if arguments.get("seed") == -1:
         arguments["seed"] = None  # random
     arguments["model"] = model_name(arguments["model"]) if "model" in arguments else default_model
-    if upload is None:
+    if image_sha256 is None:
         arguments.pop("strength", None)  # txt2img: A1111's hires fix strength, which we don't have
     else:
-        arguments.update(task="img2img", input_image="init_images[0]", input_image_sha256=upload.sha256)
+        arguments.update(task="img2img", input_image="init_images[0]", input_image_sha256=image_sha256)
     return arguments
 
 

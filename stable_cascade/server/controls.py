@@ -120,12 +120,11 @@ def a1111_controlnet(body: Mapping[str, Any], store: Store) -> ControlRef | None
 
 
 def flag(value: object, name: str) -> bool:
-    """A yes/no field as A1111's clients send it: true/false, 1/0, or their text ("false" is no)."""
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    """A yes/no field: JSON's true or false, or 1 or 0 (as A1111's clients send some); text such as
+    "false" is refused, not taken as yes."""
+    if not isinstance(value, int) or value not in (0, 1):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _unit(script: object) -> Mapping[str, Any] | None:

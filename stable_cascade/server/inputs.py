@@ -8,10 +8,18 @@ from typing import Any
 
 from stable_cascade.engine import Job, ModelSources, check_inputs
 from stable_cascade.fields import FIELDS
-from stable_cascade.server.controls import attach_uploads, check_served_controls, native_controls
+from stable_cascade.server.controls import (
+    NATIVE_FIELDS,
+    attach_uploads,
+    check_served_controls,
+    native_controls,
+)
+from stable_cascade.server.controls import UPLOADS as CONTROL_UPLOADS
 from stable_cascade.server.store import Store
-from stable_cascade.server.uploads import Upload, decode_image
+from stable_cascade.server.uploads import Upload, decode_image, peek_image
 
+#: The sha256 an upload's job is checked with before the upload is decoded.
+PLACEHOLDER = "0" * 64
 #: The fields a request names (models, LoRAs, controls and derived digests have their own ways).
 CREATE_FIELDS = tuple(
     field.name
@@ -27,6 +35,8 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
     if not isinstance(body, Mapping):
         raise ValueError(f"the request body must be a JSON object, got {type(body).__name__}")
     fields = dict(body)
+    if "job" not in fields:
+        _check_fields(fields, default_model)
     upload = decode_image(fields.pop("image"), store) if "image" in fields else None
     if "job" in fields:
         extra = set(fields) - {"job", "control_image", "mask"}
@@ -46,6 +56,26 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
     check_served(job, store)
     check_inputs(job, None if upload is None else upload.image)
     return job, upload
+
+
+def _check_fields(fields: Mapping[str, Any], default_model: str) -> None:
+    """The fields of a request checked as a job before its images are decoded (the controls' own
+    checks follow, with their images)."""
+    values = {k: v for k, v in fields.items() if k not in ("image", *CONTROL_UPLOADS, *NATIVE_FIELDS)}
+    unknown = set(values) - set(CREATE_FIELDS) - {"model"}
+    if unknown:  # named by created_job, after
+        return
+    image = fields.get("image")
+    size = None if image is None else peek_image(image, "image")
+    if image is not None:
+        values.setdefault("input_image_sha256", PLACEHOLDER)
+        if values.get("task", "txt2img") == "txt2img":
+            return  # created_job names the mistake
+    values.setdefault("model", default_model)
+    try:
+        Job.create(**values, image_size=size)
+    except TypeError as error:
+        raise ValueError(f"a field has the wrong type: {error}") from None
 
 
 def check_served(job: Job, store: Store) -> None:

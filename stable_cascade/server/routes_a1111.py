@@ -13,10 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from stable_cascade.engine import Job
 from stable_cascade.server import a1111
 from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
-from stable_cascade.server.inputs import checked_job
+from stable_cascade.server.inputs import PLACEHOLDER, checked_job
 from stable_cascade.server.shared import RequestError, Server, error_response, read_json
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
-from stable_cascade.server.uploads import Upload, decode_image, staged
+from stable_cascade.server.uploads import Upload, decode_image, peek_image, staged
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 
@@ -58,8 +58,11 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
 
 
 def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
+    """The request's job; its fields are checked before any upload is decoded."""
+    size = peek_image(a1111.check_img2img(body), "init_images[0]") if img2img else None
+    Job.create(**a1111.job_arguments(body, server.model, PLACEHOLDER if img2img else None), image_size=size)
     upload = decode_image(a1111.check_img2img(body), server.store, "init_images[0]") if img2img else None
-    arguments = a1111.job_arguments(body, server.model, upload)
+    arguments = a1111.job_arguments(body, server.model, None if upload is None else upload.sha256)
     model = arguments["model"]
     controls = [
         control

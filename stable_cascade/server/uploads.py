@@ -27,8 +27,7 @@ from typing import ParamSpec, TypeVar
 
 import PIL.Image
 
-from stable_cascade.conditioning.image_files import open_image_bytes
-from stable_cascade.engine import image_sha256
+from stable_cascade.engine import image_sha256, open_image_bytes
 from stable_cascade.server.store import Store
 
 #: The image formats accepted (PIL's names); others are refused before decoding.
