@@ -115,7 +115,7 @@ def check_settings(
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         old, old_seed = stored["settings"], stored["seed"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         return None, f"{path} is not a batch run's settings ({error}); remove it or choose another -o"
     if seed is not None and seed != old_seed:
         return (
@@ -220,7 +220,7 @@ def read_entries(folder: Path) -> dict[str, dict[str, Any]]:
             try:
                 data = json.loads(line)
                 entries[data["file"]] = data
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # cut short, or not ours
                 continue
     return entries
 
