@@ -56,3 +56,11 @@ def test_deeply_nested_json_in_a_batch_folder_is_one_line(tmp_path: Path) -> Non
     assert seed is None and error is not None and "is not a batch run's settings" in error
     (tmp_path / "manifest.jsonl").write_text(deep + "\n" + json.dumps({"file": "000000.png"}) + "\n")
     assert list(read_entries(tmp_path)) == ["000000.png"]
+
+
+def test_a_size_below_the_models_smallest_is_refused_before_loading() -> None:
+    from stable_cascade.engine import Job
+
+    assert Job.create(prompt="x", model="demo", width=32, height=32).width == 32
+    with pytest.raises(ValueError, match="full model makes images of at least 64 pixels a side, got 64x48"):
+        Job.create(prompt="x", model="full", width=64, height=48)

@@ -113,6 +113,12 @@ class Job:
         for lora in self.loras:
             lora.validate()
         bundle = BUNDLES[self.model]
+        smallest = min(self.width, self.height)
+        if self.decoder is None and smallest < bundle.min_side:
+            raise ValueError(
+                f"the {bundle.name} model makes images of at least {bundle.min_side} pixels a side, got "
+                f"{self.width}x{self.height}; make the image larger"
+            )
         if self.task == "variation" and not self.prior and not bundle.image_encoder:
             raise ValueError(
                 f"the {bundle.name} model has no CLIP image encoder, so it cannot make variations; use "

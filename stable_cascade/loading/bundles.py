@@ -25,6 +25,9 @@ class ModelBundle:
     effnet: str = f"{DECODER_REPO}/effnet_encoder.safetensors"
     previewer: str = f"{DECODER_REPO}/previewer.safetensors"
     default_size: int = 1024  # output side when none is given
+    #: The smallest side its Stage B makes: one latent pixel at its deepest level (Stage A's 4× · patch
+    #: 2 · 2^(levels - 1)).
+    min_side: int = 64
     image_encoder: bool = True  # whether the prior has a CLIP image encoder (variation)
     #: The released ControlNets that fit the bundle's Stage C: name → Hub file or local model folder.
     controlnets: tuple[tuple[str, str], ...] = ()
@@ -55,6 +58,7 @@ _DEMO = ModelBundle(
     effnet=str(DEMO_DIR / "prior" / "effnet"),
     previewer=str(DEMO_DIR / "previewer.safetensors"),
     default_size=128,
+    min_side=32,
     image_encoder=False,
     controlnets=(("canny", str(DEMO_DIR / "controlnet")),),
 )
