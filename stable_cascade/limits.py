@@ -29,6 +29,7 @@ class Bound:
 
 _CHANNELS = Bound(1, MAX_CHANNELS)
 _BLOCKS = Bound(1, MAX_BLOCKS)
+_LAYERS = Bound(0, MAX_BLOCKS)  # a UNet level may have no layers (diffusers builds and runs it)
 _POSITIVE = Bound(0, math.inf, integer=False, low_open=True)
 
 #: Field name → bound, for every config class (the same name means the same kind of value).
@@ -40,11 +41,11 @@ BOUNDS: dict[str, Bound] = {
     "patch_size": Bound(1, 64),
     "conditioning_dim": _CHANNELS,
     "block_out_channels": _CHANNELS,
-    "num_attention_heads": Bound(0, MAX_CHANNELS),  # 0 on levels without attention
-    "down_num_layers_per_block": _BLOCKS,
-    "up_num_layers_per_block": _BLOCKS,
-    "down_blocks_repeat_mappers": _BLOCKS,
-    "up_blocks_repeat_mappers": _BLOCKS,
+    # num_attention_heads: checked per level by UNetConfig (any value on levels without attention)
+    "down_num_layers_per_block": _LAYERS,
+    "up_num_layers_per_block": _LAYERS,
+    "down_blocks_repeat_mappers": _LAYERS,  # 0 runs a level once, as 1 does (as in diffusers)
+    "up_blocks_repeat_mappers": _LAYERS,
     "clip_text_in_channels": _CHANNELS,
     "clip_text_pooled_in_channels": _CHANNELS,
     "clip_image_in_channels": _CHANNELS,

@@ -151,23 +151,28 @@ class TimestepBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with biased q/k/v/out projections (diffusers key names)."""
+    """Multi-head attention with biased q/k/v/out projections (diffusers key names).
+
+    Heads are ``c // nhead`` wide, as in diffusers: when ``nhead`` does not divide ``c`` the
+    projections are ``c → nhead · (c // nhead)`` (the inner width) and back.
+    """
 
     def __init__(self, c: int, nhead: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.nhead = nhead
-        self.to_q = nn.Linear(c, c)
-        self.to_k = nn.Linear(c, c)
-        self.to_v = nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(dropout)])
+        inner = c // nhead * nhead
+        self.to_q = nn.Linear(c, inner)
+        self.to_k = nn.Linear(c, inner)
+        self.to_v = nn.Linear(c, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, c), nn.Dropout(dropout)])
 
     def forward(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Tokens x (B, N, C) attend to already projected keys and values (B, M, C)."""
-        b, n, c = x.shape
+        """Tokens x (B, N, C) attend to already projected keys and values (B, M, inner)."""
+        b, n, _ = x.shape
         q = self.to_q(x).view(b, n, self.nhead, -1).transpose(1, 2)  # (B, heads, N, d)
         k = key.view(b, key.shape[1], self.nhead, -1).transpose(1, 2)  # (B, heads, M, d)
         v = value.view(b, value.shape[1], self.nhead, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)  # (B, N, inner)
         for layer in self.to_out:
             out = layer(out)
         return out
@@ -193,7 +198,7 @@ class AttnBlock(nn.Module):
         tokens = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).reshape(b, h * w, c)
         key, value = clip
         if self.self_attn:  # keys/values = cat([pixel tokens, clip tokens]) projected
-            key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, C)
+            key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, inner)
             value = torch.cat([self.attention.to_v(tokens), value], dim=1)
         out = self.attention(tokens, key, value)  # (B, H*W, C)
         return _add_residual(x, out.view(b, h, w, c))
@@ -280,7 +285,9 @@ def check_sample(cfg: UNetConfig, sample: torch.Tensor) -> None:
         raise ValueError(
             f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W); got {shape}"
         )
-    min_size = cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1) if cfg.switch_level is None else 1
+    # Every strided (or enabled switch_level) transition halves the size, which must stay >= 1.
+    halvings = len(cfg.block_out_channels) - 1 if cfg.switch_level is None else sum(cfg.switch_level)
+    min_size = cfg.patch_size * 2**halvings
     h, w = sample.shape[-2:]
     if h % cfg.patch_size or w % cfg.patch_size or h < min_size or w < min_size:
         raise ValueError(

@@ -255,7 +255,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         return tuple(added)
 
     def _prepare_level(self, blocks: nn.Module, clip: Tensor, cond_embeddings: Tensor) -> LevelStates:
-        dtype = _dtype_of(blocks)  # the level's own dtype (see enable_fp16_safety)
+        dtype = _dtype_of(blocks, clip.dtype)  # the level's own dtype (see enable_fp16_safety)
         states: list[BlockState] = []
         for block in cast(nn.ModuleList, blocks):
             if isinstance(block, AttnBlock):
@@ -286,7 +286,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         control = cache.control_down if down else cache.control_up
         blocks = cast(nn.ModuleList, (self.down_blocks if down else self.up_blocks)[level])
         mappers = cast(nn.ModuleList, (self.down_repeat_mappers if down else self.up_repeat_mappers)[level])
-        dtype = _dtype_of(blocks)  # the model's, or another one kept by enable_fp16_safety
+        dtype = _dtype_of((blocks, mappers), x.dtype)  # the model's, or one kept by enable_fp16_safety
         x, r_embed = x.to(dtype), r_embed.to(dtype)  # no-ops unless the dtypes differ
         skip = None if skip is None else skip.to(dtype)
         calls = iter(control[level] if control else ())  # ControlNet residuals, one per ResBlock call
@@ -386,5 +386,11 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         self.gradient_checkpointing = False
 
 
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+def _dtype_of(
+    modules: nn.Module | tuple[nn.Module, ...], default: torch.dtype = torch.float32
+) -> torch.dtype:
+    """The dtype of the first parameter of ``modules``; ``default`` when they have none (an empty level)."""
+    for module in modules if isinstance(modules, tuple) else (modules,):
+        for parameter in module.parameters():
+            return parameter.dtype
+    return default
