@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stable_cascade"
 
 # Each layer may import only the layers listed for it (and itself).
 _MODELS = {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert", "lora"}
+# ``limits`` (bounds on config values and on a generation) is the bottom layer: every layer may import it.
 ALLOWED: dict[str, set[str]] = {
     "limits": set(),
     "specs": {"limits"},
@@ -31,6 +32,9 @@ ALLOWED: dict[str, set[str]] = {
     "batch": _MODELS | {"loading", "pipelines", "engine"},
     "cli": _MODELS | {"loading", "pipelines", "shapes", "training", "demo", "engine", "server", "batch"},
 }
+for _layer, _imports in ALLOWED.items():
+    if _layer != "limits":
+        _imports.add("limits")
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 

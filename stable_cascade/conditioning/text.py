@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from stable_cascade.limits import MAX_IMAGES
+
 if TYPE_CHECKING:
     from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
@@ -149,6 +151,11 @@ def encode_prompts(
         "negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_pooled
     )
     batch_size = len(prompts) if prompts is not None else _batch_of(cond_given)
+    if batch_size * num_images_per_prompt > MAX_IMAGES:
+        raise ValueError(
+            f"{batch_size} prompt(s) × num_images_per_prompt {num_images_per_prompt} is "
+            f"{batch_size * num_images_per_prompt:,} images in one call; at most {MAX_IMAGES:,}"
+        )
     negatives = _negative_list(negative_prompt, uncond_given, batch_size)
     _check_negative_embeds(cond_given, uncond_given, batch_size)
     if cond_given is None:
@@ -224,6 +231,13 @@ def _given_embeddings(name: str, hidden: Tensor | None, pooled: Tensor | None) -
     for label, tensor in ((name, hidden), (f"{name}_pooled", pooled)):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"`{label}` must be a torch.Tensor, got {type(tensor).__name__}.")
+        if not tensor.is_floating_point():
+            raise TypeError(f"`{label}` must be a floating-point tensor, got {tensor.dtype}. Use `.float()`.")
+        if tensor.numel() == 0:
+            raise ValueError(
+                f"`{label}` is empty (shape {tuple(tensor.shape)}). Pass at least one prompt's embeddings: "
+                "(batch, tokens, channels) and pooled (batch, 1, channels)."
+            )
     return TextEmbeddings(hidden=hidden, pooled=pooled)
 
 

@@ -278,12 +278,28 @@ def condition_embeddings(
     return torch.cat(embeddings, dim=1) if embeddings else torch.zeros(batch, 0, device=device)
 
 
+def check_dtypes(cfg: UNetConfig, model_dtype: torch.dtype, tensors: dict[str, torch.Tensor | None]) -> None:
+    """Inputs are floating point and, outside autocast, in the model's dtype (a float64 tensor into a
+    float32 model would otherwise fail deep inside with a matmul error)."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {what}")
+        if tensor.dtype != model_dtype and not torch.is_autocast_enabled(tensor.device.type):
+            raise TypeError(
+                f"{name} is {tensor.dtype} but {stage_name(cfg)} runs in {model_dtype}; cast the inputs "
+                f"with .to({model_dtype}) or the model with .to({tensor.dtype})"
+            )
+
+
 def check_sample(cfg: UNetConfig, sample: torch.Tensor) -> None:
     """The UNet's sample: (B, in_channels, H, W) with H, W fitting the patch size and the levels."""
-    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels or sample.shape[0] < 1:
         shape = tuple(sample.shape)
         raise ValueError(
-            f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W); got {shape}"
+            f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W) with B >= 1; got {shape}"
         )
     # Every strided (or enabled switch_level) transition halves the size, which must stay >= 1.
     halvings = len(cfg.block_out_channels) - 1 if cfg.switch_level is None else sum(cfg.switch_level)
@@ -305,10 +321,27 @@ def check_conditioning(
 ) -> None:
     """The UNet's conditioning, one row per sample; each error says what was expected."""
     stage = stage_name(cfg)
-    if pooled.ndim not in (2, 3) or pooled.shape[-1] != cfg.clip_text_pooled_in_channels:
+    if (
+        pooled.ndim not in (2, 3)
+        or pooled.shape[-1] != cfg.clip_text_pooled_in_channels
+        or pooled.numel() == 0
+    ):
         raise ValueError(
-            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}); got {tuple(pooled.shape)}"
+            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}) with B >= 1; got "
+            f"{tuple(pooled.shape)}"
         )
+    for name, tensor, width, shape in (
+        ("clip_text", text, cfg.clip_text_in_channels, "(B, L, {})"),
+        ("clip_img", image, cfg.clip_image_in_channels, "(B, N, {}) or (B, {})"),
+    ):
+        if tensor is None or width is None:
+            continue
+        if tensor.ndim not in ((3,) if name == "clip_text" else (2, 3)) or tensor.shape[-1] != width:
+            raise ValueError(f"{name} must be {shape.format(width, width)}; got {tuple(tensor.shape)}")
+        if name == "clip_img" and tensor.numel() == 0:
+            raise ValueError(
+                f"clip_img has no image embeddings (shape {tuple(tensor.shape)}); pass None instead"
+            )
     if cfg.clip_text_in_channels is None:
         if text is not None or image is not None:
             raise ValueError(f"{stage} is conditioned on pooled text only; do not pass clip_text or clip_img")

@@ -26,10 +26,12 @@ from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.checks import check_steps, check_text_widths, check_timesteps
+from stable_cascade.pipelines.checks import image_embeddings as checked_image_embeddings
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
 from stable_cascade.pipelines.prior import ImageInput
-from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
+from stable_cascade.pipelines.sizes import check_image_size, check_pixel_count, decoder_latent_size
 from stable_cascade.sampling.loop import initial_latents, run_stage
 
 
@@ -139,6 +141,8 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         Arguments and defaults are diffusers' (10 steps, no guidance, PIL output); ``preset``,
         ``sampler``, ``shift`` and ``guidance_rescale`` select the sampler as in the prior pipeline.
         """
+        check_steps("num_inference_steps", num_inference_steps)
+        check_timesteps(timesteps)
         settings = get_preset(preset).decoder.override(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -151,12 +155,12 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         check_output_type(output_type, ("pt", "np", "pil", "latent"))
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         image_size = self._image_size(height, width)
-        effnet = torch.cat(image_embeddings) if isinstance(image_embeddings, list) else image_embeddings
+        effnet = checked_image_embeddings(image_embeddings, self.decoder.config.effnet_in_channels)
         batch = _prompt_batch(prompt, prompt_embeds, prompt_embeds_pooled)
-        if effnet.ndim != 4 or effnet.shape[0] % batch:
+        if effnet.shape[0] % batch:
             raise ValueError(
-                f"image_embeddings must be Stage C latents (B, 16, h, w) with a batch that is a multiple of "
-                f"the {batch} prompt(s); got {tuple(effnet.shape)}"
+                f"image_embeddings must have a batch that is a multiple of the {batch} prompt(s); got "
+                f"{tuple(effnet.shape)}"
             )
         # diffusers' rule: each prompt gets image_embeddings.shape[0] // batch rows per requested image.
         per_prompt = num_images_per_prompt * (effnet.shape[0] // batch)
@@ -170,6 +174,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             num_images_per_prompt=per_prompt,
             guidance=settings.guidance_scale > 1,
         )
+        check_text_widths(text, self.decoder.config, "decoder")
         decoder = self.activate("decoder")
         device, dtype = self.execution_device, decoder.dtype
         effnet = effnet.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
@@ -179,6 +184,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             uncond = {"clip_text_pooled": text.uncond.pooled, "effnet": torch.zeros_like(effnet)}
         prior_size = (effnet.shape[-2], effnet.shape[-1])
         size = decoder_latent_size(prior_size, self.config.latent_dim_scale, image_size, self.vqgan.downscale)
+        check_pixel_count(size[0] * self.vqgan.downscale, size[1] * self.vqgan.downscale, "the decoded image")
         x = initial_latents(
             (effnet.shape[0], decoder.config.in_channels, *size), latents, generator, device, dtype
         )

@@ -28,6 +28,7 @@ from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.checks import check_steps, check_tensor, check_text_widths, check_timesteps
 from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
@@ -173,6 +174,8 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         tensor), ``mask_image`` for inpainting (white = generate), ``controlnet_conditioning_scale``
         and ``control_type`` (default: the ControlNet's own); see :mod:`stable_cascade.pipelines.control`.
         """
+        check_steps("num_inference_steps", num_inference_steps)
+        check_timesteps(timesteps)
         settings = get_preset(preset).prior.override(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -195,6 +198,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             num_images_per_prompt=num_images_per_prompt,
             guidance=settings.guidance_scale > 1,
         )
+        check_text_widths(text, self.prior.config, "prior")
         clip_img = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
         prior = self.activate("prior")
         device, dtype = self.execution_device, prior.dtype
@@ -260,6 +264,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         if images is not None and image_embeds is not None:
             raise ValueError("pass either images or image_embeds, not both")
         if images is not None:
+            images = check_images(images)
             if self.image_encoder is None or self.feature_extractor is None:
                 raise ValueError(
                     "images need the CLIP image encoder and feature extractor; load the pipeline with "
@@ -267,10 +272,11 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
                 )
             encoder = self.activate("image_encoder")
             image_embeds = encode_images(
-                self.feature_extractor, encoder, check_images(images), self.execution_device, encoder.dtype
+                self.feature_extractor, encoder, images, self.execution_device, encoder.dtype
             )
         if image_embeds is None:
             return torch.zeros(rows, 1, width, device=self.execution_device, dtype=self.prior.dtype)
+        check_tensor("image_embeds", image_embeds, f"(B, N, {width})")
         while image_embeds.ndim < 3:
             image_embeds = image_embeds.unsqueeze(0)  # (C,) / (N, C) → (1, N, C)
         if image_embeds.shape[-1] != width:
