@@ -173,7 +173,11 @@ RESUME_MISTAKES: list[tuple[str, Any, str]] = [
         r"model.safetensors|checkpoint-1 does not fit .* wrong \[",
     ),
     ("model.safetensors", lambda t: t.to(torch.int32), r"does not fit .* is torch.int32"),
-    ("state.safetensors", lambda t: t[..., :1].contiguous(), r"state.safetensors: the optimizer state of .* has shape"),
+    (
+        "state.safetensors",
+        lambda t: t[..., :1].contiguous(),
+        r"state.safetensors: the optimizer state of .* has shape",
+    ),
     ("rng-0.safetensors", None, r"rng-0.safetensors is not a random state"),
 ]
 

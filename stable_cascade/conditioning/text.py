@@ -173,6 +173,34 @@ def encode_prompts(
     return PromptConditioning(cond=cond, uncond=uncond, batch_size=batch_size)
 
 
+def check_text_arguments(
+    prompt: object,
+    negative_prompt: object = None,
+    prompt_embeds: Tensor | None = None,
+    negative_prompt_embeds: Tensor | None = None,
+    prompt_embeds_pooled: Tensor | None = None,
+    negative_prompt_embeds_pooled: Tensor | None = None,
+    *,
+    pooled: bool = True,
+) -> None:
+    """The checks of :func:`encode_prompts` without encoding (diffusers' ``check_inputs``): a prompt or
+    its embeddings, not both; a negative prompt or its embeddings; matching shapes; with ``pooled``,
+    each ``*_embeds`` with its ``*_pooled`` partner (the decoder's ``check_inputs`` takes no pooled ones)."""
+    prompts = _prompt_list(prompt, prompt_embeds)
+    if not pooled:
+        prompt_embeds_pooled = prompt_embeds if prompt_embeds_pooled is None else prompt_embeds_pooled
+        negative_prompt_embeds_pooled = (
+            negative_prompt_embeds if negative_prompt_embeds_pooled is None else negative_prompt_embeds_pooled
+        )
+    cond = _given_embeddings("prompt_embeds", prompt_embeds, prompt_embeds_pooled)
+    uncond = _given_embeddings(
+        "negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_pooled
+    )
+    batch_size = len(prompts) if prompts is not None else _batch_of(cond)
+    _negative_list(negative_prompt, uncond, batch_size)
+    _check_negative_embeds(cond, uncond, batch_size)
+
+
 def _check_count(num_images_per_prompt: int) -> None:
     if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
         raise TypeError(

@@ -101,3 +101,18 @@ def check_combined_call(height: int, width: int, prior_steps: int | None, decode
     check_image_size(height, width)
     check_steps("prior_num_inference_steps", prior_steps)
     check_steps("num_inference_steps", decoder_steps)
+
+
+def per_image(embeds: Tensor, batch_size: int, per_prompt: int, name: str) -> Tensor:
+    """A (1 | B | B·n, ...) tensor with one row per generated image (B prompts, n images each)."""
+    rows = batch_size * per_prompt
+    if embeds.shape[0] == 1:
+        return embeds.repeat(rows, *(1,) * (embeds.ndim - 1))
+    if embeds.shape[0] == batch_size:
+        return embeds.repeat_interleave(per_prompt, dim=0)
+    if embeds.shape[0] == rows:
+        return embeds
+    raise ValueError(
+        f"{name} has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
+        f"or prompts × num_images_per_prompt ({rows})"
+    )

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
-from stable_cascade.conditioning.text import TextEmbeddings
+from stable_cascade.conditioning.text import TextEmbeddings, check_text_arguments
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import get_preset
@@ -185,8 +185,16 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         prior_size = (effnet.shape[-2], effnet.shape[-1])
         size = decoder_latent_size(prior_size, self.config.latent_dim_scale, image_size, self.vqgan.downscale)
         check_pixel_count(size[0] * self.vqgan.downscale, size[1] * self.vqgan.downscale, "the decoded image")
-        x = initial_latents(
-            (effnet.shape[0], decoder.config.in_channels, *size), latents, generator, device, dtype
+        x = self.prepare_latents(
+            batch,
+            effnet,
+            per_prompt,
+            dtype,
+            device,
+            generator,
+            latents,
+            self.scheduler,
+            image_size=image_size,
         )
         tensors = {  # as diffusers: the pooled embeddings of the guided batch [cond; uncond]
             "prompt_embeds_pooled": _guided_batch(text.cond.pooled, text.uncond),
@@ -208,6 +216,42 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         images: Images = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
+    ) -> None:
+        """diffusers' ``check_inputs`` (the text and callback arguments), with our messages."""
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        check_text_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, pooled=False)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        image_embeddings: Tensor,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        generator: Generators | None,
+        latents: Tensor | None,
+        scheduler: DDPMWuerstchenScheduler,
+        *,
+        image_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """diffusers' initial Stage B latents (B·n, C, h·10.67, w·10.67) for ``image_embeddings`` (…, h, w),
+        rounded up to even sides (diffusers crashes on odd ones), or ``image_size / 4`` when the output
+        size is known; drawn from ``generator`` as diffusers draws them, or ``latents`` checked."""
+        prior_size = (image_embeddings.shape[-2], image_embeddings.shape[-1])
+        size = decoder_latent_size(prior_size, self.config.latent_dim_scale, image_size, self.vqgan.downscale)
+        shape = (batch_size * num_images_per_prompt, self.decoder.config.in_channels, *size)
+        return (
+            initial_latents(shape, latents, generator, torch.device(device), dtype)
+            * scheduler.init_noise_sigma
+        )
 
     @torch.no_grad()
     def reconstruct(

@@ -17,6 +17,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
+from stable_cascade.conditioning.text import check_text_arguments
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import get_preset
@@ -28,7 +29,13 @@ from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
-from stable_cascade.pipelines.checks import check_steps, check_tensor, check_text_widths, check_timesteps
+from stable_cascade.pipelines.checks import (
+    check_steps,
+    check_tensor,
+    check_text_widths,
+    check_timesteps,
+    per_image,
+)
 from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
@@ -210,9 +217,18 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             cond["clip_img"] = clip_img
             if uncond is not None:
                 uncond["clip_img"] = torch.zeros_like(clip_img)
-        size = prior_latent_size(height, width, self.config.resolution_multiple)
-        shape = (text.cond.batch_size, prior.config.in_channels, *size)
-        x = initial_latents(shape, latents, generator, device, dtype)
+        x = self.prepare_latents(
+            text.batch_size,
+            height,
+            width,
+            num_images_per_prompt,
+            dtype,
+            device,
+            generator,
+            latents,
+            self.scheduler,
+        )
+        shape = tuple(x.shape)
         init = None
         if image is not None:
             init = self._init_latents(
@@ -249,6 +265,48 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             text.uncond.pooled if text.uncond is not None else None,
         )
         return StableCascadePriorPipelineOutput(*outputs) if return_dict else outputs  # type: ignore[arg-type]
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        images: ImageInput | None = None,
+        image_embeds: Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
+    ) -> None:
+        """diffusers' ``check_inputs`` (the text, image and callback arguments), with our messages."""
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        text = (prompt_embeds, negative_prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds_pooled)
+        check_text_arguments(prompt, negative_prompt, *text)
+        if images is not None and image_embeds is not None:
+            raise ValueError("pass either images or image_embeds, not both")
+        if images is not None:
+            check_images(images)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        generator: Generators | None,
+        latents: Tensor | None,
+        scheduler: DDPMWuerstchenScheduler,
+    ) -> Tensor:
+        """diffusers' initial Stage C latents (B·n, C, ⌈H/42.67⌉, ⌈W/42.67⌉): drawn from ``generator``
+        as diffusers draws them, or ``latents`` after a shape check; times ``init_noise_sigma``."""
+        size = prior_latent_size(height, width, self.config.resolution_multiple)
+        shape = (batch_size * num_images_per_prompt, self.prior.config.in_channels, *size)
+        return (
+            initial_latents(shape, latents, generator, torch.device(device), dtype)
+            * scheduler.init_noise_sigma
+        )
 
     def _image_conditioning(
         self, images: ImageInput | None, image_embeds: Tensor | None, batch_size: int, per_prompt: int
@@ -330,21 +388,6 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         latent = effnet.encode(pixels.to(self.execution_device, effnet.dtype))  # (N, 16, h', w')
         latent = resize_like(latent, (shape[-2], shape[-1])).to(self.prior.dtype)
         return per_image(latent, batch_size, per_prompt, "image")
-
-
-def per_image(embeds: Tensor, batch_size: int, per_prompt: int, name: str) -> Tensor:
-    """A (1 | B | B·n, ...) tensor with one row per generated image (B prompts, n images each)."""
-    rows = batch_size * per_prompt
-    if embeds.shape[0] == 1:
-        return embeds.repeat(rows, *(1,) * (embeds.ndim - 1))
-    if embeds.shape[0] == batch_size:
-        return embeds.repeat_interleave(per_prompt, dim=0)
-    if embeds.shape[0] == rows:
-        return embeds
-    raise ValueError(
-        f"{name} has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
-        f"or prompts × num_images_per_prompt ({rows})"
-    )
 
 
 def _hidden(embeddings: Any) -> Tensor | None:
