@@ -98,7 +98,10 @@ def _model_options(group: argparse._ArgumentGroup) -> None:
 
 def _data_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--resolution", type=int, help="side of the square training size; buckets keep its area (1024)"
+        "--resolution",
+        type=int,
+        help="side of the square training size; buckets keep its area (the model's native side: 1024, "
+        "128 for demo-derived models)",
     )
     default = ",".join(str(Fraction(r).limit_denominator(16)) for r in DEFAULT_BUCKET_RATIOS)
     group.add_argument(

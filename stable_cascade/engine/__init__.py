@@ -23,7 +23,7 @@ from stable_cascade.engine.events import (
 from stable_cascade.engine.hashing import FileHasher, image_sha256, sha256_file
 from stable_cascade.engine.images import open_image
 from stable_cascade.engine.inputs import check_inputs
-from stable_cascade.engine.job import Job, Row, native_size
+from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.legacy import UNKNOWN_IMAGE
 from stable_cascade.engine.loras import LoraRef
 from stable_cascade.engine.record import ImageRecord, package_version, read_png, save_png
@@ -35,6 +35,7 @@ from stable_cascade.loading.bundles import (
     ModelBundle,
     get_bundle,
 )
+from stable_cascade.loading.native import native_size
 from stable_cascade.loading.sources import ModelSources
 
 __all__ = [

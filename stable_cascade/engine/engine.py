@@ -31,7 +31,7 @@ from stable_cascade.engine.control import ControlImages, ControlRef
 from stable_cascade.engine.events import Event, Finished, ImageDone, Loading
 from stable_cascade.engine.hashing import FileHasher
 from stable_cascade.engine.inputs import checked_inputs
-from stable_cascade.engine.job import Job, Row, native_size
+from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.loras import hashed
 from stable_cascade.engine.models import (
     LoadedModels,
@@ -48,6 +48,7 @@ from stable_cascade.fields import DTYPES
 from stable_cascade.fields.checks import DEFAULT_SIZE
 from stable_cascade.fields.infotext import model_label
 from stable_cascade.loading.controlnets import controlnet_spec, load_controlnet
+from stable_cascade.loading.native import native_size
 from stable_cascade.loading.sources import ModelSources
 from stable_cascade.nn.controlnet import ControlNet
 

@@ -22,7 +22,7 @@ from stable_cascade.engine.resolve import MODEL_FIELDS, resolved_values, spread
 from stable_cascade.engine.stored import stored_values
 from stable_cascade.fields import FIELDS, Task, defaults
 from stable_cascade.fields import checks as limits
-from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
+from stable_cascade.loading.bundles import BUNDLES
 from stable_cascade.loading.sources import ModelSources
 
 Stage = Literal["prior", "decoder"]
@@ -219,8 +219,3 @@ class Row:
     @property
     def seed(self) -> int:
         return self.job.seed + self.index
-
-
-def native_size(sources: ModelSources) -> int | None:
-    """The bundle's native side when the bundle supplies Stage C, else None (any size fits)."""
-    return None if sources.prior else BUNDLES[sources.model or DEFAULT_BUNDLE].default_size

@@ -18,7 +18,7 @@ from torch import nn
 
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.convert import Kind, identify, split_bundle
-from stable_cascade.loading.bundles import DECODER_REPO, OFFLINE_HINT, PRIOR_REPO
+from stable_cascade.loading.bundles import OFFLINE_HINT
 from stable_cascade.loading.inspection import read_header
 from stable_cascade.loading.single_file import LoadOptions, SingleFile, auxiliary
 from stable_cascade.loading.sources import ModelSources, SourceKind, classify
@@ -146,12 +146,18 @@ class _Loader:
         self._note("prior", spec)
         if kind is SourceKind.FILE:
             return StableCascadePriorPipeline.from_single_file(
-                spec, components_repo=self._components(PRIOR_REPO), torch_dtype=self.options.dtype, **extras
+                spec,
+                components_repo=self._components(self.sources.bundle.prior_repo),
+                torch_dtype=self.options.dtype,
+                **extras,
             )
         if kind is SourceKind.MODEL:
             unet = self._unet(spec, stage_b=False)
             return self._pretrained(
-                StableCascadePriorPipeline, self._components(PRIOR_REPO), prior=unet, **extras
+                StableCascadePriorPipeline,
+                self._components(self.sources.bundle.prior_repo),
+                prior=unet,
+                **extras,
             )
         subfolders = {} if sources.prior else {"prior": bundle.prior_subfolder}
         if kind is SourceKind.PIPELINE:
@@ -179,7 +185,7 @@ class _Loader:
             return StableCascadeDecoderPipeline.from_single_file(
                 spec,
                 stage_a,
-                components_repo=self._components(DECODER_REPO),
+                components_repo=self._components(bundle.decoder_repo),
                 torch_dtype=self.options.dtype,
                 **extras,
             )
@@ -187,7 +193,7 @@ class _Loader:
             extras["vqgan"] = stage_a
         if kind is SourceKind.MODEL:
             unet = self._unet(spec, stage_b=True)
-            repo = self._components(DECODER_REPO)
+            repo = self._components(bundle.decoder_repo)
             return self._pretrained(StableCascadeDecoderPipeline, repo, decoder=unet, **extras)
         subfolders = {} if sources.decoder else {"decoder": bundle.decoder_subfolder}
         if kind is SourceKind.PIPELINE:

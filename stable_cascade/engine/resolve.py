@@ -20,6 +20,7 @@ from stable_cascade.engine.loras import resolve_loras
 from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, TASKS
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
+from stable_cascade.loading.native import native_size
 from stable_cascade.loading.sources import ModelSources
 
 DEFAULT_STRENGTH = 0.8  # the reference notebook's image-to-image strength
@@ -146,7 +147,8 @@ def _size(task: str, values: Mapping[str, Any], image: tuple[int, int] | None) -
         if image is None:
             raise ValueError("reconstruct needs the input image's size (image_size) or a width and height")
         return _multiple_below(image[0]), _multiple_below(image[1])
-    native = limits.DEFAULT_SIZE if values.get("prior") else BUNDLES[values["model"]].default_size
+    sources = ModelSources(**{name: values.get(name) for name in MODEL_FIELDS})
+    native = native_size(sources) or limits.DEFAULT_SIZE  # the demo and models derived from it: 128
     return (native if width is None else width), (native if height is None else height)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET, SAMPLER_NAMES
 from stable_cascade.fields import checks
 from stable_cascade.fields.field import Field, FrontEnd
+from stable_cascade.limits import MAX_SIDE, MAX_STEPS
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.specs.controlnet import ControlType
 
@@ -60,7 +61,7 @@ def _stage_fields(stage: Literal["prior", "decoder"]) -> tuple[Field, ...]:
     first = stage == "prior"  # Stage C's settings take AUTOMATIC1111's own names
     return (
         Field(f"{stage}_steps", "int", f"{name} steps", f"{name} sampling steps", name,
-              preset.steps, derived, low=1, high=checks.MAX_STEPS, tasks=tasks,
+              preset.steps, derived, low=1, high=MAX_STEPS, tasks=tasks,
               cli=(f"--{stage}-steps",), a1111="steps" if first else None, infotext="Steps",
               widget="number"),
         Field(f"{stage}_guidance", "float", f"{name} guidance", f"{name} classifier-free guidance scale",
@@ -109,9 +110,9 @@ FIELDS: tuple[Field, ...] = (
           widget="number"),
     Field("width", "int", "width", "image width, a multiple of 8", "Size and seed", checks.DEFAULT_SIZE,
           "the model's native size (1024; the demo: 128); reconstruct: the input image's", low=1,
-          high=checks.MAX_SIDE, cli=("--width",), a1111="width", infotext="Size", widget="number"),
+          high=MAX_SIDE, cli=("--width",), a1111="width", infotext="Size", widget="number"),
     Field("height", "int", "height", "image height, a multiple of 8", "Size and seed",
-          checks.DEFAULT_SIZE, "as width", low=1, high=checks.MAX_SIDE, cli=("--height",), a1111="height",
+          checks.DEFAULT_SIZE, "as width", low=1, high=MAX_SIDE, cli=("--height",), a1111="height",
           infotext="Size", widget="number"),
     Field("seed", "int", "seed", "seed of the first image; image i gets seed + i", "Size and seed", 0,
           "random", low=0, high=checks.MAX_SEED, cli=("--seed",), a1111="seed", infotext="Seed",

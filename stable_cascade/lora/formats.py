@@ -160,7 +160,11 @@ def _layers(found: Mapping[str, Mapping[str, Tensor]], source: str) -> dict[str,
 
 
 def _layer(name: str, down: Tensor, up: Tensor, alpha: Tensor | float | None, source: str) -> LoRALayer:
-    """Check the shapes (1x1 convolution LoRAs are taken as linear ones) and default alpha to the rank."""
+    """Check the shapes (1x1 convolution LoRAs are taken as linear ones) and default alpha to the rank;
+    float8 tensors are upcast to float32 (they are copied to each layer's dtype when applied)."""
+    down, up = _floating(down, f"{name} lora_down", source), _floating(up, f"{name} lora_up", source)
+    if isinstance(alpha, Tensor):
+        alpha = _floating(alpha, f"{name} alpha", source)
     if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1):
         down, up = down.flatten(1), up.flatten(1)
     if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -182,6 +186,16 @@ def _layer(name: str, down: Tensor, up: Tensor, alpha: Tensor | float | None, so
             "(e.g. a training run that diverged): use another checkpoint of it"
         )
     return LoRALayer(down, up, float(down.shape[0]) if alpha is None else alpha)
+
+
+def _floating(tensor: Tensor, what: str, source: str) -> Tensor:
+    """A LoRA tensor as a float one: float8 (e4m3fn, e5m2 …) upcast to float32, integers refused."""
+    if not tensor.is_floating_point():
+        raise LoRAFormatError(
+            f"{source}: {what} is {tensor.dtype}; LoRA weights must be floating point (float32, float16, "
+            "bfloat16 or float8): the file is not a LoRA or was quantised by a tool this package cannot read"
+        )
+    return tensor.float() if tensor.element_size() == 1 else tensor
 
 
 def _parse_stability(tensors: Mapping[str, Tensor], source: str) -> dict[str, LoRALayer]:

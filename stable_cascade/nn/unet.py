@@ -34,6 +34,7 @@ from stable_cascade.nn.layers import (
     TimestepBlock,
     UpDownBlock2d,
     check_conditioning,
+    check_dtypes,
     check_sample,
     condition_embeddings,
     conditioning_mapper,
@@ -166,6 +167,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         pipelines do. ``controlnet_residuals``: a ControlNet's output (see ``nn/unet_state.py``).
         """
         check_sample(self.config, sample)
+        check_dtypes(self.config, self.dtype, {"sample": sample})
         if cache is None:
             if clip_text_pooled is None:
                 raise ValueError("pass clip_text_pooled (and the stage's other conditioning) or a cache")
@@ -213,6 +215,9 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         cfg, batch = self.config, clip_text_pooled.shape[0]
         self.check_graphs()  # once per generation: weights replaced since the capture?
         effnet = effnet if cfg.effnet_in_channels is not None else None  # no mapper: ignored, as pixels
+        inputs = {"clip_text_pooled": clip_text_pooled, "clip_text": clip_text, "clip_img": clip_img}
+        mapped_pixels = pixels if cfg.pixel_mapper_in_channels is not None else None  # else ignored
+        check_dtypes(cfg, self.dtype, {**inputs, "effnet": effnet, "pixels": mapped_pixels})
         check_conditioning(cfg, clip_text_pooled, clip_text, clip_img, effnet)
         height, width = int(size[0]), int(size[1])
         clip = self.clip_tokens(clip_text_pooled, clip_text, clip_img)  # (B, L, c_cond)
@@ -255,7 +260,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         return tuple(added)
 
     def _prepare_level(self, blocks: nn.Module, clip: Tensor, cond_embeddings: Tensor) -> LevelStates:
-        dtype = _dtype_of(blocks)  # the level's own dtype (see enable_fp16_safety)
+        dtype = _dtype_of(blocks, clip.dtype)  # the level's own dtype (see enable_fp16_safety)
         states: list[BlockState] = []
         for block in cast(nn.ModuleList, blocks):
             if isinstance(block, AttnBlock):
@@ -276,7 +281,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
             x = x + term
         skips = self._down(x, r_embed, cache)
         x = self._up(skips, r_embed, cache)
-        return cast(torch.Tensor, self.clf(x.to(_dtype_of(self.clf)))).to(sample.dtype)
+        return cast(torch.Tensor, self.clf(x.to(_dtype_of(self.clf, x.dtype)))).to(sample.dtype)
 
     def _run_level(
         self, level: int, direction: str, x: Tensor, r_embed: Tensor, cache: UNetCache, skip: Tensor | None
@@ -286,7 +291,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         control = cache.control_down if down else cache.control_up
         blocks = cast(nn.ModuleList, (self.down_blocks if down else self.up_blocks)[level])
         mappers = cast(nn.ModuleList, (self.down_repeat_mappers if down else self.up_repeat_mappers)[level])
-        dtype = _dtype_of(blocks)  # the model's, or another one kept by enable_fp16_safety
+        dtype = _dtype_of((blocks, mappers), x.dtype)  # the model's, or one kept by enable_fp16_safety
         x, r_embed = x.to(dtype), r_embed.to(dtype)  # no-ops unless the dtypes differ
         skip = None if skip is None else skip.to(dtype)
         calls = iter(control[level] if control else ())  # ControlNet residuals, one per ResBlock call
@@ -386,5 +391,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         self.gradient_checkpointing = False
 
 
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+def _dtype_of(modules: nn.Module | tuple[nn.Module, ...], default: torch.dtype) -> torch.dtype:
+    """The dtype of the first parameter of ``modules``; ``default`` when they have none (an empty level)."""
+    parameters = (p for m in (modules if isinstance(modules, tuple) else (modules,)) for p in m.parameters())
+    return next((p.dtype for p in parameters), default)

@@ -46,6 +46,9 @@ def initial_latents(
     """Fresh noise (drawn as diffusers draws it) or the caller's latents after a shape check."""
     if latents is None:
         return randn(shape, generator, device=device, dtype=dtype)
+    if not isinstance(latents, Tensor) or not latents.is_floating_point():
+        what = latents.dtype if isinstance(latents, Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a floating-point tensor of shape {shape}, got {what}")
     if tuple(latents.shape) != shape:
         raise ValueError(
             f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}; "

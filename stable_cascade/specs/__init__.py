@@ -111,11 +111,7 @@ class UNetConfig(ConfigBase):
         for level, (width, heads, level_types) in enumerate(
             zip(self.block_out_channels, self.num_attention_heads, types, strict=True)
         ):
-            if BlockType.ATTENTION in level_types and (heads <= 0 or width % heads):
-                raise ValueError(
-                    f"level {level}: {width} channels cannot be split into {heads} attention heads; "
-                    "num_attention_heads must be positive and divide block_out_channels"
-                )
+            _check_heads(level, width, heads, BlockType.ATTENTION in level_types)
 
     def to_dict(self) -> dict[str, Any]:
         """diffusers' ``config.json``: ``dropout`` and ``self_attn`` saved as given (one value or a list)."""
@@ -138,8 +134,25 @@ class UNetConfig(ConfigBase):
         mappers = self.down_blocks_repeat_mappers if direction == "down" else self.up_blocks_repeat_mappers
         if mappers is None:
             return (1,) * levels
+        runs = tuple(max(1, m) for m in mappers)  # 0 mappers run the level once, as 1 does
         # diffusers stores the up-path repeats deepest level first.
-        return tuple(mappers) if direction == "down" else tuple(reversed(mappers))
+        return runs if direction == "down" else runs[::-1]
+
+
+def _check_heads(level: int, width: int, heads: Any, attention: bool) -> None:
+    """Heads of a level with attention: 1 to ``width`` (diffusers' head width is ``width // heads``, so
+    heads need not divide the width); any whole number elsewhere (diffusers' configs use ``-1``)."""
+    if heads is None and not attention:
+        return
+    if isinstance(heads, bool) or not isinstance(heads, int):
+        raise TypeError(
+            f"UNetConfig.num_attention_heads must be whole numbers, got {heads!r} for level {level}"
+        )
+    if attention and not 1 <= heads <= width:
+        raise ValueError(
+            f"level {level} has attention blocks, so its num_attention_heads must be between 1 and its "
+            f"{width} channels, got {heads}; use -1 only on levels without attention"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

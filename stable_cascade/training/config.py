@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from stable_cascade.loading.native import Component, config_native_size, model_native_size
+from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
+
 Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet"]
 ControlNetKind = Literal["canny", "inpainting", "super_resolution", "simple"]
 LossWeighting = Literal["p2", "adaptive", "none"]
@@ -39,7 +42,7 @@ class TrainConfig:
     previewer: Path | None = None
     init_config: str | None = None  # a variant name (UNET/VQ/PREVIEWER_VARIANTS) or a config.json
     # Data
-    resolution: int = 1024
+    resolution: int = None  # type: ignore[assignment]  # None: the trained model's native side (1024, demo 128)
     buckets: tuple[float, ...] | None = None  # aspect ratios (w / h); None: square center crops
     batch_size: int = 4  # per process
     num_workers: int = 0
@@ -89,7 +92,28 @@ class TrainConfig:
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         if self.controlnet_blocks is not None:
             object.__setattr__(self, "controlnet_blocks", tuple(int(b) for b in self.controlnet_blocks))
+        if self.resolution is None:
+            object.__setattr__(self, "resolution", self.native_resolution())
         self._check()
+
+    def native_resolution(self) -> int:
+        """The side the trained model makes images at, for ``resolution`` left out: 128 for a model of the
+        demo's architecture (``--pretrained`` the demo, a demo-derived ``--prior``, ``--init-config
+        demo_prior``; see :mod:`stable_cascade.loading.native`), else the released models' 1024."""
+        component = _NATIVE_COMPONENT.get(self.task)
+        if component is None:
+            return DEFAULT_RESOLUTION
+        piece = {"prior": self.prior, "decoder": self.decoder, "vqgan": self.stage_a}[component]
+        found = None
+        if piece is not None:
+            found = model_native_size(piece, component)
+        elif self.pretrained is not None:
+            found = model_native_size(self.pretrained, component)
+        elif (variant := _VARIANTS.get(self.init_config or "")) is not None:
+            found = config_native_size(variant, component)
+        elif self.init_config is not None:
+            found = model_native_size(self.init_config, component)
+        return found or DEFAULT_RESOLUTION
 
     def _check(self) -> None:
         _choice("task", self.task, Task)
@@ -164,6 +188,16 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+DEFAULT_RESOLUTION = 1024
+_VARIANTS: dict[str, UNetConfig | VQConfig] = {**UNET_VARIANTS, **VQ_VARIANTS}
+#: The model whose native side is the default resolution of each task (the previewer's: 1024).
+_NATIVE_COMPONENT: dict[str, Component] = {
+    "stage-c": "prior",
+    "lora": "prior",
+    "controlnet": "prior",
+    "stage-b": "decoder",
+    "stage-a": "vqgan",
+}
 #: Upper bounds of the counts (they catch typos such as a resolution of 10240000).
 _COUNT_LIMITS = {
     "resolution": 16_384,

@@ -318,6 +318,8 @@ class _Run:
                 f"{self.accelerator.num_processes}; resume with the same number for an exact continuation"
             )
         optimizer_state, weight_state = ckpt.load_state(folder)
+        parameters = ckpt.parameters_by_name(model)
+        ckpt.check_optimizer_state(optimizer_state, parameters, str(folder / "state.safetensors"))
         set_optimizer_state_dict(
             model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
         )
