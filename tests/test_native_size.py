@@ -114,3 +114,27 @@ def test_a_demo_prior_file_takes_its_other_parts_from_the_demo_bundle(retrained:
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red circle", height=128, width=128, num_inference_steps=2, generator=torch.Generator())
     assert out.image_embeddings.shape[-2:] == (3, 3)  # the demo's Stage C latent
+
+
+@pytest.mark.slow
+def test_demo_files_given_alone_take_the_rest_from_the_demo(tmp_path: Path) -> None:
+    """``--model demo --decoder FILE`` (Stage A from the demo) and ``--model demo --prior FILE`` with
+    img2img (the EfficientNet encoder from the demo) run offline, at the demo's 128²."""
+    import PIL.Image
+
+    from stable_cascade.engine import Engine, Finished, Job, image_sha256
+
+    for stage in ("prior", "decoder"):
+        unet = StableCascadeUNet.from_pretrained(DEMO_DIR / stage / stage)
+        save_file(
+            {k: v.contiguous() for k, v in unet.state_dict().items()}, tmp_path / f"{stage}.safetensors"
+        )
+    image = PIL.Image.new("RGB", (128, 128), (200, 30, 30))
+    engine = Engine(device="cpu")
+    for stage in ("decoder", "prior"):
+        job = Job.create(
+            task="img2img", prompt="a red circle", model="demo", seed=1, prior_steps=2, decoder_steps=2,
+            input_image_sha256=image_sha256(image), **{stage: str(tmp_path / f"{stage}.safetensors")},
+        )  # fmt: skip
+        assert (job.width, job.height) == (128, 128)
+        assert isinstance(list(engine.run(job, image))[-1], Finished)

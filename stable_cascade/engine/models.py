@@ -22,6 +22,8 @@ from stable_cascade.loading.bundles import OFFLINE_HINT
 from stable_cascade.loading.inspection import read_header
 from stable_cascade.loading.single_file import LoadOptions, SingleFile, auxiliary
 from stable_cascade.loading.sources import ModelSources, SourceKind, classify
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
@@ -109,6 +111,10 @@ def combine(
     return StableCascadeCombinedPipeline(**parts)
 
 
+#: The parts a bundle may hold as model folders.
+_FOLDER_PARTS: dict[Kind, Any] = {Kind.EFFNET: EfficientNetEncoder, Kind.STAGE_A: PaellaVQModel}
+
+
 class _Loader:
     def __init__(self, sources: ModelSources, options: LoadOptions) -> None:
         self.sources = sources
@@ -116,9 +122,14 @@ class _Loader:
         self.local_files: dict[str, Path] = {}
 
     def part(self, spec: str, kind: Kind, role: str = "", from_bundle: bool = False) -> nn.Module:
-        """Stage A, the EfficientNet encoder or the previewer from a single file."""
+        """Stage A, the EfficientNet encoder or the previewer from a single file (or, from a bundle,
+        a model folder: the demo's Stage A and EfficientNet encoder are folders)."""
         argument = f"--{role.replace('_', '-')}" if role else kind.value
-        if classify(spec, argument) is not SourceKind.FILE:
+        source = classify(spec, argument)
+        if source is SourceKind.MODEL and from_bundle and kind in _FOLDER_PARTS:
+            self._note(role, spec)
+            return _FOLDER_PARTS[kind].from_pretrained(spec, torch_dtype=self.options.dtype)
+        if source is not SourceKind.FILE:
             raise ValueError(f"{argument} takes a single checkpoint file; {spec} is a folder or repo")
         self._note(role, spec)
         try:
