@@ -206,3 +206,13 @@ def diffusers_combined_pipeline(folder: Path, image_encoding: bool = True) -> An
         prior_feature_extractor=prior.feature_extractor,
         prior_image_encoder=prior.image_encoder,
     )
+
+
+def ip_adapter(seed: int, patches: bool = False, config: UNetConfig = TINY_PRIOR) -> Any:
+    """An IP-Adapter of the tiny prior (and the tiny image encoder) whose random weights change the output."""
+    from stable_cascade import StableCascadeUNet
+    from stable_cascade.nn.ip_adapter import new_ip_adapter
+
+    width = 24 if patches else IMAGE_WIDTH  # the tiny vision tower's hidden size, or its projection
+    adapter = new_ip_adapter(StableCascadeUNet(config), width, input="patches" if patches else "embeds")
+    return randomize_(adapter, seed, scale=0.3)

@@ -100,8 +100,12 @@ class _Run:
         self._digests: dict[str, object] = {}  # file → the sha256 its manifest line records
 
     def expected(self, job: Job) -> Job:
-        """``job`` as its images record it (the dtype it runs in, the LoRAs' sha256: the run's)."""
-        return dataclasses.replace(job, dtype=self._recorded.dtype, loras=self._recorded.loras)
+        """``job`` as its images record it (the dtype it runs in, the LoRAs' and IP-Adapters' sha256: the
+        run's)."""
+        recorded = self._recorded
+        return dataclasses.replace(
+            job, dtype=recorded.dtype, loras=recorded.loras, ip_adapters=recorded.ip_adapters
+        )
 
     def run(
         self,

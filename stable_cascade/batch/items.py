@@ -8,7 +8,9 @@ Overrides are the job fields a batch file carries (:data:`COLUMNS`: the field ta
 ``negative_prompt``, ``seed``, ``width``, ``count`` — images of the item —, ``task``, ``strength``,
 ``preset``, ``prior_steps`` … ``decoder_rescale``, ``controlnet``, ``control_scale``); image fields
 (``input_image``, also ``image``; ``control_image``, ``mask``) are paths relative to the PROMPTS
-file's folder. Item ``i`` is the ``i``-th item read (0-based), whatever line it is on. A line that
+file's folder; so are image prompts (``image_prompts``, ``negative_image_prompts``): a list of
+``FILE[:STRENGTH]`` texts in a JSON line, ``FILE[:STRENGTH]`` texts joined by ``;`` in a CSV cell.
+Item ``i`` is the ``i``-th item read (0-based), whatever line it is on. A line that
 cannot be read raises a ``ValueError`` naming ``file:line``. Files may start with a UTF-8 BOM (as
 spreadsheets write them).
 """
@@ -142,6 +144,8 @@ def _item(prompt: object, overrides: dict[str, Any], where: str, folder: Path) -
     overrides = dict(overrides)
     for key, value in overrides.items():
         field = COLUMNS.get(key)
+        if field is not None and field.kind == "image_prompts":
+            overrides[key] = _image_prompts(key, value, where, folder)
         if field is not None and field.kind == "image" and isinstance(value, str):
             image = folder / value
             if not image.is_file():
@@ -152,6 +156,31 @@ def _item(prompt: object, overrides: dict[str, Any], where: str, folder: Path) -
     return BatchItem(prompt, overrides, where)
 
 
+def _image_prompts(key: str, value: object, where: str, folder: Path) -> list[tuple[str, float]]:
+    """An item's image prompts: ``FILE[:STRENGTH]`` texts (a list, or one text joined by ``;``), each
+    file relative to the PROMPTS file, as (absolute path, strength)."""
+    texts = value.split(";") if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"{where}: {key} must be a list of FILE[:STRENGTH] texts, got {value!r}")
+    prompts = []
+    for text in (text.strip() for text in texts):
+        name, strength = text, "1"
+        if not (folder / text).is_file() and ":" in text:
+            name, _, strength = text.rpartition(":")
+        try:
+            number = float(strength)
+        except ValueError:
+            raise ValueError(
+                f"{where}: {key}: expected FILE[:STRENGTH] with a number, got {text!r}"
+            ) from None
+        if not (folder / name).is_file():
+            raise ValueError(
+                f"{where}: {key} {folder / name} does not exist (paths are relative to the PROMPTS file)"
+            )
+        prompts.append((str((folder / name).resolve()), number))
+    return prompts
+
+
 def _check_type(key: str, value: object, where: str) -> None:
     kind = COLUMNS[key].kind
     if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
@@ -160,5 +189,7 @@ def _check_type(key: str, value: object, where: str) -> None:
         not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
     ):
         raise ValueError(f"{where}{key} must be a finite number, got {value!r}")
-    if kind not in ("int", "float") and not isinstance(value, str):
+    if kind == "image_prompts" and not isinstance(value, list):
+        raise ValueError(f"{where}{key} must be a list of image prompts, got {value!r}")
+    if kind not in ("int", "float", "image_prompts") and not isinstance(value, str):
         raise ValueError(f"{where}{key} must be text, got {value!r}")

@@ -66,7 +66,7 @@ def plan_items(items: Sequence[BatchItem], settings: Mapping[str, Any], base_see
     A ``ValueError`` names the item's ``file:line``. No model is loaded.
     """
     base = Job.create(**{**settings, "seed": base_seed})  # resolves the models and hashes LoRAs once
-    common = {**settings, "models": base.models, "loras": base.loras}
+    common = {**settings, "models": base.models, "loras": base.loras, "ip_adapters": base.ip_adapters}
     planned = []
     for index, item in enumerate(items):
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 from stable_cascade.cli.choices import OFFLOADS
 from stable_cascade.cli.options import add_field_options, add_sampler_option, given_fields, typed
-from stable_cascade.fields import BY_NAME
+from stable_cascade.fields import BY_NAME, FIELDS, LIST_KINDS
 
 #: Per-item fields (a PROMPTS file gives them) and run-wide ones that mean something else here.
 _NOT_OPTIONS = ("prompt", "input_image", "seed", "batch_size")
@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = given_fields(args)
     for name in _NOT_OPTIONS:
         settings.pop(name, None)
-    if "loras" in settings:
-        settings["loras"] = [(str(path), scale) for path, scale in settings["loras"]]
+    for name in (field.name for field in FIELDS if field.kind in LIST_KINDS):
+        if name in settings:
+            settings[name] = [(str(path), scale) for path, scale in settings[name]]
     summary = generate_batch(
         args.prompts,
         args.output,

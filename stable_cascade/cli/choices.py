@@ -8,7 +8,7 @@ from __future__ import annotations
 OFFLOADS = ("none", "model", "sequential")
 #: ``training.config``: ``Task``, ``ControlNetKind``, ``LossWeighting``, ``MixedPrecision``,
 #: ``ReconstructionLoss``
-TRAIN_TASKS = ("stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet")
+TRAIN_TASKS = ("stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet", "ip-adapter")
 CONTROLNET_KINDS = ("canny", "inpainting", "super_resolution", "simple")
 LOSS_WEIGHTINGS = ("p2", "adaptive", "none")
 MIXED_PRECISIONS = ("no", "bf16")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stable_cascade.demo.settings import PREVIEWER_FILE, Recipe
+from stable_cascade.demo.settings import IP_ADAPTER_FILE, PREVIEWER_FILE, Recipe
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -26,8 +26,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="retrain the demo cascade from scratch",
         description="Render the shapes data set and train Stage A, Stage B (with the EfficientNet and "
-        "text encoders), Stage C and the previewer, in that order; writes OUT_DIR/model/{prior,decoder} "
-        "and OUT_DIR/model/previewer.safetensors.",
+        "text encoders), Stage C, the image encoder, Stage C's image phase, the previewer and the "
+        "IP-Adapter, in that order; writes OUT_DIR/model/{prior,decoder}, "
+        "OUT_DIR/model/previewer.safetensors and OUT_DIR/model/ip_adapter.safetensors.",
     )
     train.add_argument("out_dir", metavar="OUT_DIR", help="where data, checkpoints and the model go")
     defaults = Recipe()
@@ -78,7 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
             with atomic.atomic_folder(DEMO_DIR / name, replace=True) as folder:
                 shutil.copytree(model / name, folder, dirs_exist_ok=True)
         (DEMO_DIR / PREVIEWER_FILE).unlink(missing_ok=True)
-        for name in ("training.json", PREVIEWER_FILE):
+        (DEMO_DIR / IP_ADAPTER_FILE).unlink(missing_ok=True)
+        for name in ("training.json", PREVIEWER_FILE, IP_ADAPTER_FILE):
             if (model / name).is_file():
                 with atomic.atomic_path(DEMO_DIR / name) as temporary:
                     shutil.copy2(model / name, temporary)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stable_cascade.cli import controls
 from stable_cascade.cli.choices import OFFLOADS
 from stable_cascade.cli.options import add_field_options, add_sampler_option, given_fields
-from stable_cascade.fields import BY_NAME
+from stable_cascade.fields import BY_NAME, FIELDS, LIST_KINDS
 
 if TYPE_CHECKING:  # the library loads when a command runs, not to parse arguments
     import PIL.Image
@@ -29,6 +29,8 @@ TASKS: dict[str, str] = {
     "variation": "variation",
     "reconstruct": "reconstruct",
 }
+#: The fields whose values are lists of files with a number (LoRAs, IP-Adapters, image prompts).
+LIST_FIELDS = tuple(field.name for field in FIELDS if field.kind in LIST_KINDS)
 #: Fields a rerun (``--from-png``) does not take from the record: the image's own, and what is
 #: derived again from the files.
 NOT_RERUN = ("task", "seed", "batch_size", "count", "input_image", "input_image_sha256",
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     for lora in job.loras:
         print(f"LoRA {Path(lora.path).stem}: {lora.path} at scale {lora.scale:g}")
+    for adapter in job.ip_adapters:
+        print(f"IP-Adapter {Path(adapter.path).stem}: {adapter.path} at scale {adapter.scale:g}")
     more = f" (images get {job.seeds[0]} … {job.seeds[-1]})" if job.images > 1 else ""
     print(f"seed {job.seed}{more}")
     for event in engine.run(job, image, previews=previews):
@@ -156,8 +160,9 @@ def _job(
     elif task in ("txt2img", "img2img") and args.prompt is None:
         raise ValueError(f"{args.command} needs a PROMPT (or --from-png with an image made by this tool)")
     given = given_fields(args)
-    if "loras" in given:
-        given["loras"] = [(str(path), scale) for path, scale in given["loras"]]
+    for name in LIST_FIELDS:
+        if name in given:
+            given[name] = [(str(path), scale) for path, scale in given[name]]
     values.update({k: v for k, v in given.items() if k not in controls.FIELDS})
     values.update(controls.from_flags(args, recorded.job if recorded is not None else None))
     if image is not None:
@@ -181,14 +186,16 @@ def _recorded_values(recorded: ImageRecord, task: str, args: argparse.Namespace)
     if task != old.task:
         values.pop("strength", None)
     values = {name: value for name, value in values.items() if BY_NAME[name].applies(task, values)}
-    for lora in old.loras:
-        if not Path(lora.path).is_file() and not getattr(args, "loras", None):
-            raise ValueError(
-                f"the LoRA {lora.path} recorded in {args.from_png} does not exist; put it back, or pass "
-                "--lora FILE[:SCALE] to use another"
-            )
-    if "loras" in values:
-        values["loras"] = list(old.loras)
+    for name in LIST_FIELDS:
+        field = BY_NAME[name]
+        for ref in getattr(old, name):
+            if not Path(ref.path).is_file() and not getattr(args, name, None):
+                raise ValueError(
+                    f"the {field.label.removesuffix('s')} {ref.path} recorded in {args.from_png} does not "
+                    f"exist; put it back, or pass {field.cli[0]} to use another"
+                )
+        if name in values:
+            values[name] = list(getattr(old, name))
     return values
 
 

@@ -55,8 +55,8 @@ def _argument(field: Field, help: str | None) -> dict[str, Any]:
     if default and help is None:
         text += f" (default: {default})"
     arguments: dict[str, Any] = {"help": text}
-    if field.kind == "loras":
-        arguments.update(action="append", type=lora_spec, metavar="FILE[:SCALE]")
+    if field.kind in SPECS:
+        arguments.update(action="append", type=SPECS[field.kind], metavar=SPECS[field.kind].__doc__)
     elif field.kind == "choice" and field.name != "model":  # the job names an unknown model (and lists them)
         arguments["choices"] = field.choices
     elif field.kind in ("int", "float"):
@@ -96,8 +96,9 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def lora_spec(text: str) -> tuple[Path, float]:
-    """``FILE`` or ``FILE:SCALE`` (a file whose name holds a colon may be given whole) → (path, scale)."""
+def file_with_number(text: str, what: str, number: str = "SCALE") -> tuple[Path, float]:
+    """``FILE`` or ``FILE:NUMBER`` (a file whose name holds a colon may be given whole) → (path, number),
+    the file existing (``what`` names it) and the number finite."""
     path, scale = text, "1"
     if not Path(text).is_file() and ":" in text:
         path, _, scale = text.rpartition(":")
@@ -105,10 +106,39 @@ def lora_spec(text: str) -> tuple[Path, float]:
         value = float(scale)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected FILE or FILE:SCALE with a number SCALE, got {text!r}"
+            f"expected FILE or FILE:{number} with a number {number}, got {text!r}"
         ) from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number")
+        raise argparse.ArgumentTypeError(f"the {number.lower()} of {text!r} must be a finite number")
     if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"LoRA file {path} does not exist")
+        raise argparse.ArgumentTypeError(f"{what} {path} does not exist")
     return Path(path), value
+
+
+def lora_spec(text: str) -> tuple[Path, float]:
+    """FILE[:SCALE]"""
+    return file_with_number(text, "LoRA file")
+
+
+def ip_adapter_spec(text: str) -> tuple[Path, float]:
+    """FILE[:SCALE]"""
+    return file_with_number(text, "IP-Adapter file")
+
+
+def image_prompt_spec(text: str) -> tuple[Path, float]:
+    """FILE[:STRENGTH]"""
+    path, strength = file_with_number(text, "image", "STRENGTH")
+    if strength < 0:
+        raise argparse.ArgumentTypeError(
+            f"the strength of {text!r} must be >= 0 (0 leaves the image out); use --negative-image-prompt "
+            "to steer away from an image"
+        )
+    return path, strength
+
+
+#: The command-line type of each list kind's items (its docstring: the metavar).
+SPECS: dict[str, Callable[[str], tuple[Path, float]]] = {
+    "loras": lora_spec,
+    "ip_adapters": ip_adapter_spec,
+    "image_prompts": image_prompt_spec,
+}

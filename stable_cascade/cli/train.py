@@ -1,4 +1,5 @@
-"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer|controlnet --data PATH ...``.
+"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer|controlnet|ip-adapter --data
+PATH ...``.
 
 Every option defaults to "not given" (None), so the defaults live in one place, :class:`TrainConfig`.
 Multi-GPU and multi-node: run the same command under ``accelerate launch`` (or ``torchrun``).
@@ -32,6 +33,7 @@ _TASKS = {
     "lora": "LoRA adapters on a pretrained Stage C (and optionally its text encoder)",
     "previewer": "the latent previewer (EfficientNet latent → the image at 8× the latent's size)",
     "controlnet": "a Stage C ControlNet (canny, inpainting, super_resolution or simple) on a frozen Stage C",
+    "ip-adapter": "an IP-Adapter (image prompts through decoupled attention) on a frozen Stage C",
 }
 
 
@@ -88,6 +90,18 @@ def _model_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument(
         "--controlnet-blocks", type=int, nargs="+", metavar="K", help="controlnet: ResBlock calls fed"
+    )
+    group.add_argument("--ip-adapter-tokens", type=int, help="ip-adapter: tokens per image prompt (4)")
+    group.add_argument(
+        "--ip-adapter-patches",
+        action="store_true",
+        default=None,
+        help="ip-adapter: read the image encoder's patch tokens through a resampler",
+    )
+    group.add_argument(
+        "--ip-adapter-image-dropout",
+        type=float,
+        help="ip-adapter: share of samples without their image (0.05)",
     )
     group.add_argument("--lora-rank", type=int, help="lora: adapter rank (4)")
     group.add_argument("--lora-alpha", type=float, help="lora: adapter alpha (the rank)")
@@ -157,6 +171,7 @@ _OPTIONS = (
     "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
     "reconstruction_loss", "mixed_precision", "gradient_checkpointing", "seed", "checkpoint_every",
     "resume", "sample_every", "sample_prompts", "log_every", "controlnet_type", "controlnet_blocks",
+    "ip_adapter_tokens", "ip_adapter_patches", "ip_adapter_image_dropout",
 )  # fmt: skip
 
 

@@ -9,10 +9,16 @@ preprocessed and encoded on its own, and the N image embeddings become N tokens 
   extractor divide it by 255 again, which turns every tensor image into a near-black one;
 * pixels are cast to the image encoder's dtype and the embedding to ``dtype``, so the encoder may
   run in another precision than the prior (diffusers casts the pixels to ``dtype``).
+
+Image prompts (:class:`ImagePrompt`) carry a strength: it multiplies the image's embedding (1: as
+diffusers; strength 1 for every image is diffusers' result bit for bit), and an image of strength 0 is
+left out, so that it gives exactly what no image gives.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -24,6 +30,42 @@ if TYPE_CHECKING:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 ImageInput: TypeAlias = PIL.Image.Image | Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePrompt:
+    """An image prompt: an image (PIL, or a float tensor in [0, 1]) and its strength, which multiplies
+    its embedding (0 leaves it out)."""
+
+    image: ImageInput
+    strength: float = 1.0
+
+
+def image_prompts(images: object, name: str = "images") -> list[ImagePrompt]:
+    """One image, an :class:`ImagePrompt`, or a list of them, as checked image prompts; a strength must
+    be a finite number >= 0."""
+    items = [images] if isinstance(images, (PIL.Image.Image, Tensor, ImagePrompt)) else images
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(
+            f"`{name}` must be a PIL image, a tensor, an ImagePrompt or a list of them, got "
+            f"{type(images).__name__}"
+        )
+    prompts = [item if isinstance(item, ImagePrompt) else ImagePrompt(item) for item in items]
+    check_images([prompt.image for prompt in prompts])
+    for index, prompt in enumerate(prompts):
+        strength = prompt.strength
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not math.isfinite(strength)
+        ):
+            raise ValueError(f"the strength of `{name}[{index}]` must be a finite number, got {strength!r}")
+        if strength < 0:
+            raise ValueError(
+                f"the strength of `{name}[{index}]` must be >= 0 (0: left out), got {strength}; pass the "
+                "image as a negative image prompt instead"
+            )
+    return prompts
 
 
 def check_images(images: object) -> list[ImageInput]:
@@ -86,17 +128,41 @@ def encode_images(
     return torch.stack(embeddings, dim=1).to(dtype=dtype)  # (1, N, C_img)
 
 
+def encode_image_prompts(
+    feature_extractor: CLIPImageProcessor,
+    image_encoder: CLIPVisionModelWithProjection,
+    prompts: Sequence[ImagePrompt],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    patches: bool = False,
+) -> Tensor | None:
+    """The image prompts of non-zero strength as one sequence, each times its strength: CLIP image
+    embeddings (1, N, C_img), or with ``patches`` the vision tower's penultimate hidden states (1, N, P,
+    C_hidden), as IP-Adapters with a resampler read them; None when no prompt is left."""
+    kept = [prompt for prompt in prompts if prompt.strength != 0]
+    if not kept:
+        return None
+    rows = [
+        _encode_one(feature_extractor, image_encoder, prompt.image, device, patches) * prompt.strength
+        for prompt in kept
+    ]
+    return torch.stack(rows, dim=1).to(dtype=dtype)
+
+
 def _encode_one(
     feature_extractor: CLIPImageProcessor,
     image_encoder: CLIPVisionModelWithProjection,
     image: ImageInput,
     device: torch.device | str,
+    patches: bool = False,
 ) -> Tensor:
-    """(1, C_img) embedding of one image."""
+    """(1, C_img) embedding of one image, or its (1, P, C_hidden) penultimate hidden states."""
     options = {"do_rescale": False} if isinstance(image, Tensor) else {}
     # Preprocessing runs on the CPU (the PIL backend of the feature extractor needs host memory).
     source = image.detach().cpu() if isinstance(image, Tensor) else image
     pixels = feature_extractor(source, return_tensors="pt", **options).pixel_values  # (1, 3, h, w)
     with torch.no_grad():
-        output = image_encoder(pixels.to(device=device, dtype=image_encoder.dtype))
-    return output.image_embeds
+        output = image_encoder(
+            pixels.to(device=device, dtype=image_encoder.dtype), output_hidden_states=patches
+        )
+    return output.hidden_states[-2] if patches else output.image_embeds

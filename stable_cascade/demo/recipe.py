@@ -10,12 +10,17 @@
    frozen text encoder (a small CLIP text tower with a word-level tokenizer,
    :mod:`stable_cascade.demo.tokenizer`). Random, it keeps every word apart; trained jointly with
    Stage C it merged the words Stage C had not yet learned to use ("left"/"right", "circle"/"square"),
-   and Stage C never learned positions.
-5. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
-6. The previewer learns to draw the image, at 8× the size of the (final) EfficientNet latent, from
+   and Stage C never learned positions. Its CLIP image embeddings are zeros in this phase.
+5. The image encoder (a small CLIP vision tower) learns contrastively against that text encoder, and
+   Stage C learns image prompts: image embeddings for a share of the examples, zeros for the others
+   (:mod:`stable_cascade.demo.images`).
+6. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
+7. The previewer learns to draw the image, at 8× the size of the (final) EfficientNet latent, from
    that latent: 24×24 previews of Stage C's 3×3 latents (``--preview``).
-The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them, and the
-previewer as one file beside them, ``previewer.safetensors``, as the released model ships it.
+8. An IP-Adapter learns on the final, frozen prior.
+The prior (with its image encoder) and decoder pipelines are saved as two folders, as ``--model demo``
+loads them, the previewer as one file beside them, ``previewer.safetensors``, as the released model
+ships it, and the IP-Adapter as ``ip_adapter.safetensors``.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from stable_cascade.checkpoint import read_json_object
 from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.demo.images import image_encoder_step, ip_adapter_config, stage_c_image_run
 from stable_cascade.demo.pipeline import DemoCascadePipeline
-from stable_cascade.demo.settings import DEMO_SIZE, PREVIEWER_FILE, Recipe
+from stable_cascade.demo.settings import DEMO_SIZE, IP_ADAPTER_FILE, PREVIEWER_FILE, Recipe
 from stable_cascade.engine.models import load_models
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.loading.sources import ModelSources
@@ -184,8 +190,8 @@ def previewer_config(recipe: Recipe, data: Path, decoder: Path, out: Path) -> Tr
 
 def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     """Train the demo cascade from scratch under ``out``; returns ``out/model`` (``prior/`` and
-    ``decoder/`` pipeline folders and ``previewer.safetensors``, as in the package). Logs how long
-    each stage took."""
+    ``decoder/`` pipeline folders, ``previewer.safetensors`` and ``ip_adapter.safetensors``, as in the
+    package). Logs how long each stage took."""
     recipe = recipe or Recipe()
     out = Path(out)
     times: dict[str, float] = {}
@@ -221,6 +227,12 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     first = stage_b_config(recipe, data, out / "stage_b", steps=recipe.stage_b_steps, train_effnet=True)
     decoder = timed("stage-b", first, decoder_parts)
     prior = timed("stage-c", *stage_c_run(recipe, data, decoder, out))
+    if recipe.stage_c_image_steps:
+        begin = time.perf_counter()
+        encoder = image_encoder_step(recipe, data, out / "text_c", out / "image_encoder")
+        times["image-encoder"] = time.perf_counter() - begin
+        phase = _config(recipe, "stage-c", data, out / "stage_c_image", batch_size=recipe.stage_c_batch_size)
+        prior = timed("stage-c-image", *stage_c_image_run(recipe, phase, prior, encoder))
     if recipe.stage_b_refine_steps:
         decoder = timed("stage-b-refine", refine_config(recipe, data, decoder, prior, out / "stage_b_refine"))
     model = out / "model"
@@ -232,6 +244,12 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         previewer = timed("previewer", previewer_config(recipe, data, decoder, out / "previewer"))
         with atomic_path(model / PREVIEWER_FILE) as temporary:
             shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", temporary)
+    (model / IP_ADAPTER_FILE).unlink(missing_ok=True)
+    if recipe.ip_adapter_steps and recipe.stage_c_image_steps:
+        base = _config(recipe, "stage-c", data, out / "ip_adapter")
+        adapter = timed("ip-adapter", ip_adapter_config(recipe, base, model / "prior"))
+        with atomic_path(model / IP_ADAPTER_FILE) as temporary:
+            shutil.copy2(adapter / IP_ADAPTER_FILE, temporary)
     times["total"] = time.perf_counter() - start
     summary = {"recipe": dataclasses.asdict(recipe), "seconds": times}
     write_text(model / "training.json", json.dumps(summary, indent=2))

@@ -6,6 +6,7 @@ import dataclasses
 
 DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
 PREVIEWER_FILE = "previewer.safetensors"  # beside the prior and decoder folders
+IP_ADAPTER_FILE = "ip_adapter.safetensors"  # the demo IP-Adapter, beside them too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,3 +28,10 @@ class Recipe:
     pyramid_noise_max_side: int = 2  # Stage B: the default 16 is most of the noise of a 32×32 latent
     effnet_scale: float = 0.75  # Stage B: the encoder's input size / image size (3×3 latents)
     stage_c_train_text_encoder: bool = False  # True: the text encoder learns with Stage C
+    image_encoder_steps: int = 1_500  # the image encoder, contrastive against Stage C's text encoder
+    image_encoder_batch_size: int = 128
+    image_encoder_images: int = 10_000  # the first images of the data set
+    stage_c_image_steps: int = 2_000  # Stage C's image phase, after its text phase
+    stage_c_image_share: float = 0.5  # of the examples given their image embedding (else zeros)
+    stage_c_image_caption_dropout: float = 0.2  # captions dropped in that phase
+    ip_adapter_steps: int = 1_500  # the demo IP-Adapter on the final, frozen prior

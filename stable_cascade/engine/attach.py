@@ -1,4 +1,4 @@
-"""What a job attaches to the loaded models for its run only: its LoRAs and its ControlNet."""
+"""What a job attaches to the loaded models for its run only: its LoRAs, IP-Adapters and ControlNet."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from stable_cascade.engine.loras import LoraRef
+from stable_cascade.engine.loras import IPAdapterRef, LoraRef
 from stable_cascade.engine.models import LoadedModels
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.pipelines.prior import StableCascadePriorPipeline
@@ -50,4 +50,32 @@ class attached_loras:  # a context manager used as a function
     def __exit__(self, *exc: object) -> None:
         if self.names and self.pipe is not None:
             self.pipe.delete_adapters(self.names)
+            self.names = []
+
+
+class attached_ip_adapters:  # a context manager used as a function
+    """Attach a job's IP-Adapters to the prior for the job and detach exactly those afterwards (the
+    prior is then as loaded, bit for bit: adapters never change its weights)."""
+
+    def __init__(self, models: LoadedModels, adapters: tuple[IPAdapterRef, ...]) -> None:
+        self.pipe = models.prior_pipe
+        self.adapters = adapters
+        self.names: list[str] = []
+
+    def __enter__(self) -> None:
+        if not self.adapters:
+            return
+        assert self.pipe is not None, "validation refuses IP-Adapters for reconstruct"
+        try:
+            for i, adapter in enumerate(self.adapters):
+                self.names.append(
+                    self.pipe.load_ip_adapter(adapter.path, adapter.scale, f"job_ip_adapter_{i}")
+                )
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self.names and self.pipe is not None:
+            self.pipe.unload_ip_adapter(self.names)
             self.names = []

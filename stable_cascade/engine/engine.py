@@ -6,9 +6,9 @@
             save_png(event.image, f"{event.index}.png", event.record)
 
 Models stay loaded between jobs, keyed by their sources, dtype and device (``max_loaded`` sets of
-them). A job's LoRAs are attached for that job only and removed afterwards, so every job sees the
-models exactly as loaded. One job runs at a time per engine; the work happens on a worker thread so
-that step events arrive while a stage samples, and ``cancel`` stops a job between steps.
+them). A job's LoRAs and IP-Adapters are attached for that job only and removed afterwards, so every
+job sees the models exactly as loaded. One job runs at a time per engine; the work happens on a worker
+thread so that step events arrive while a stage samples, and ``cancel`` stops a job between steps.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import NamedTuple, get_args
 import PIL.Image
 import torch
 
-from stable_cascade.engine.attach import attached_controlnet, attached_loras
+from stable_cascade.engine.attach import attached_controlnet, attached_ip_adapters, attached_loras
 from stable_cascade.engine.control import ControlImages, ControlRef
 from stable_cascade.engine.events import Event, Finished, ImageDone, Loading
 from stable_cascade.engine.hashing import FileHasher
@@ -190,6 +190,7 @@ class Engine:
         calls.total_steps = (prior_steps(job) + job.decoder_steps) * job.count
         with (
             attached_loras(calls.models, job.loras),
+            attached_ip_adapters(calls.models, job.ip_adapters),
             attached_controlnet(calls.models.prior_pipe, controlnet),
         ):
             calls.check_stop()
@@ -212,7 +213,7 @@ class Engine:
                 "rows of one call are text-to-image without a ControlNet; run other jobs one by one"
             )
         calls, _, _ = self._calls(job, [], False, None)
-        with attached_loras(calls.models, job.loras):
+        with attached_loras(calls.models, job.loras), attached_ip_adapters(calls.models, job.ip_adapters):
             return calls.make(rows)
 
     def _calls(
@@ -256,11 +257,13 @@ class Engine:
         return record
 
     def record_job(self, job: Job) -> Job:
-        """The job as its images record it: the dtype it runs in named, the LoRA files' sha256."""
+        """The job as its images record it: the dtype it runs in named, the LoRA and IP-Adapter files'
+        sha256."""
         return dataclasses.replace(
             job,
             dtype=_DTYPE_NAMES.get(self.torch_dtype(job.dtype), job.dtype),
             loras=hashed(job.loras, self.hasher),
+            ip_adapters=hashed(job.ip_adapters, self.hasher),
         )
 
     def model_sha256(self, models: LoadedModels, controlnet: Path | None = None) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""A job's inputs checked before any work: the job itself, its input image and control images."""
+"""A job's inputs checked before any work: the job itself, its input image, image prompts and control
+images."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import PIL.Image
 
 from stable_cascade.engine.control import ControlImages, ControlRef, open_control
 from stable_cascade.engine.hashing import image_sha256
+from stable_cascade.engine.image_prompts import open_image_prompts
 from stable_cascade.engine.job import Job
 from stable_cascade.engine.loras import LoraRef
 
@@ -24,6 +26,11 @@ def checked_inputs(
     """:func:`check_inputs`, and the job's control images, opened and checked once."""
     job.validate()
     controls = [(control, open_control(control)) for control in job.controls]
+    open_image_prompts(job.image_prompts)
+    open_image_prompts(job.negative_image_prompts, "negative image prompt")
+    for adapter in job.ip_adapters:
+        if not _exists(adapter):
+            raise ValueError(f"IP-Adapter file {adapter.path} does not exist")
     if job.task == "txt2img":
         if image is not None:
             raise ValueError("txt2img takes no input image; use img2img, variation or reconstruct")

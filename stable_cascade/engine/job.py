@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, StageSettings, get_preset
 from stable_cascade.engine.control import ControlRef
-from stable_cascade.engine.loras import LoraRef
+from stable_cascade.engine.image_prompts import ImagePromptRef
+from stable_cascade.engine.loras import IPAdapterRef, LoraRef
 from stable_cascade.engine.resolve import MODEL_FIELDS, resolved_values, spread
 from stable_cascade.engine.stored import stored_values
-from stable_cascade.fields import FIELDS, Task, defaults
+from stable_cascade.fields import FIELDS, LIST_KINDS, Task, defaults
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES
 from stable_cascade.loading.sources import ModelSources
@@ -30,6 +31,8 @@ Stage = Literal["prior", "decoder"]
 
 #: The values of a directly built ``Job()`` (a txt2img job): None where a field does not apply.
 _DEFAULTS = defaults()
+#: The fields whose value is a tuple of references (LoRAs, IP-Adapters, image prompts).
+LIST_FIELDS = tuple(field.name for field in FIELDS if field.kind in LIST_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Job:
     input_image: str | None = _DEFAULTS["input_image"]
     input_image_sha256: str | None = _DEFAULTS["input_image_sha256"]
     strength: float | None = _DEFAULTS["strength"]
+    image_prompts: tuple[ImagePromptRef, ...] = _DEFAULTS["image_prompts"]
+    negative_image_prompts: tuple[ImagePromptRef, ...] = _DEFAULTS["negative_image_prompts"]
     width: int = _DEFAULTS["width"]
     height: int = _DEFAULTS["height"]
     seed: int = _DEFAULTS["seed"]
@@ -68,6 +73,7 @@ class Job:
     previewer: str | None = _DEFAULTS["previewer"]
     components: str | None = _DEFAULTS["components"]
     loras: tuple[LoraRef, ...] = _DEFAULTS["loras"]
+    ip_adapters: tuple[IPAdapterRef, ...] = _DEFAULTS["ip_adapters"]
     dtype: str = _DEFAULTS["dtype"]
     controlnet: str | None = _DEFAULTS["controlnet"]
     control_image: str | None = _DEFAULTS["control_image"]
@@ -110,8 +116,9 @@ class Job:
         limits.check_int(
             "seed", self.seed, 0, limits.MAX_SEED - self.images, " (every image's seed must fit)"
         )
-        for lora in self.loras:
-            lora.validate()
+        for name in LIST_FIELDS:
+            for ref in getattr(self, name):
+                ref.validate()
         bundle = BUNDLES[self.model]
         smallest = min(self.width, self.height)
         if self.decoder is None and smallest < bundle.min_side:
@@ -119,9 +126,11 @@ class Job:
                 f"the {bundle.name} model makes images of at least {bundle.min_side} pixels a side, got "
                 f"{self.width}x{self.height}; make the image larger"
             )
-        if self.task == "variation" and not self.prior and not bundle.image_encoder:
+        prompted = self.image_prompts or self.negative_image_prompts
+        if (self.task == "variation" or prompted) and not self.prior and not bundle.image_encoder:
+            what = "make variations" if self.task == "variation" else "take image prompts"
             raise ValueError(
-                f"the {bundle.name} model has no CLIP image encoder, so it cannot make variations; use "
+                f"the {bundle.name} model has no CLIP image encoder, so it cannot {what}; use "
                 "img2img, or pass --prior with a prior pipeline that has an image_encoder"
             )
         for control in self.controls:
@@ -190,9 +199,11 @@ class Job:
         return job
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields by name (LoRAs as dicts): the JSON of records, the server's store and batch runs."""
+        """The fields by name (LoRAs, IP-Adapters and image prompts as dicts): the JSON of records, the
+        server's store and batch runs."""
         data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        data["loras"] = [dataclasses.asdict(lora) for lora in self.loras]
+        for name in LIST_FIELDS:
+            data[name] = [dataclasses.asdict(item) for item in getattr(self, name)]
         return data
 
     def to_json(self) -> str:

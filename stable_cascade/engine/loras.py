@@ -1,4 +1,4 @@
-"""A job's LoRAs: each a file (absolute path), a scale and the file's sha256."""
+"""A job's LoRAs and IP-Adapters: each a file (absolute path), a scale and the file's sha256."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from stable_cascade.engine.hashing import FileHasher, sha256_file
 from stable_cascade.fields import checks
@@ -20,44 +21,56 @@ class LoraRef:
     path: str
     scale: float = 1.0
     sha256: str | None = None
+    what: ClassVar[str] = "LoRA"
 
     def validate(self) -> None:
         if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"a LoRA's path must be a file name, got {self.path!r}")
-        checks.check_float(f"the scale of LoRA {self.path}", self.scale, -100.0, 100.0)
+            raise ValueError(f"a {self.what}'s path must be a file name, got {self.path!r}")
+        checks.check_float(f"the scale of {self.what} {self.path}", self.scale, -100.0, 100.0)
         if self.sha256 is not None and not isinstance(self.sha256, str):
-            raise ValueError(f"the sha256 of LoRA {self.path} must be text, got {self.sha256!r}")
+            raise ValueError(f"the sha256 of {self.what} {self.path} must be text, got {self.sha256!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class IPAdapterRef(LoraRef):
+    """A Stage C IP-Adapter of a job: its file (absolute path), scale and sha256."""
+
+    what: ClassVar[str] = "IP-Adapter"
+
+
+R = TypeVar("R", bound=LoraRef)
 LoraGiven = LoraRef | tuple[str | Path, float]
 
 
-def resolve_loras(loras: Sequence[LoraGiven]) -> tuple[LoraRef, ...]:
-    """The LoRAs with absolute paths and sha256 (a missing file raises ``ValueError``)."""
+def resolve_loras(loras: Sequence[LoraGiven], kind: type[R] = LoraRef) -> tuple[R, ...]:  # type: ignore[assignment]
+    """The LoRAs (IP-Adapters: ``kind`` :class:`IPAdapterRef`) with absolute paths and sha256 (a
+    missing file raises ``ValueError``)."""
     if isinstance(loras, (str, Path)) or not isinstance(loras, Sequence):
-        raise ValueError(f"loras must be a list of LoRA files with scales, got {loras!r}")
-    return tuple(_resolved(lora) for lora in loras)
+        raise ValueError(f"{kind.what}s must be a list of {kind.what} files with scales, got {loras!r}")
+    return tuple(_resolved(lora, kind) for lora in loras)
 
 
-def _resolved(lora: LoraGiven) -> LoraRef:
-    if isinstance(lora, LoraRef):
+def _resolved(lora: LoraGiven, kind: type[R]) -> R:
+    if isinstance(lora, kind):
         ref = lora
     elif isinstance(lora, tuple) and len(lora) == 2:
-        ref = LoraRef(str(lora[0]), checks.check_float("LoRA scale", lora[1], -100.0, 100.0))
+        ref = kind(str(lora[0]), checks.check_float(f"{kind.what} scale", lora[1], -100.0, 100.0))
     else:
-        raise ValueError(f"a LoRA is a file with a scale (FILE[:SCALE]), got {lora!r}")
+        raise ValueError(f"a {kind.what} is a file with a scale (FILE[:SCALE]), got {lora!r}")
     path = Path(ref.path)
     if not path.is_file():
-        raise ValueError(f"LoRA file {ref.path} does not exist; pass an existing .safetensors file")
+        raise ValueError(f"{kind.what} file {ref.path} does not exist; pass an existing .safetensors file")
     return dataclasses.replace(ref, path=str(path.resolve()), sha256=ref.sha256 or sha256_file(path))
 
 
-def hashed(loras: tuple[LoraRef, ...], hasher: FileHasher) -> tuple[LoraRef, ...]:
-    """The LoRAs with their files' sha256 now (warning where a recorded one differs)."""
+def hashed(loras: tuple[R, ...], hasher: FileHasher) -> tuple[R, ...]:
+    """The LoRAs (or IP-Adapters) with their files' sha256 now (warning where a recorded one differs)."""
     result = []
     for lora in loras:
         digest = hasher.sha256(lora.path)
         if lora.sha256 is not None and lora.sha256 != digest:
-            logger.warning("LoRA %s differs from the one recorded (sha256 %s…)", lora.path, lora.sha256[:12])
+            logger.warning(
+                "%s %s differs from the one recorded (sha256 %s…)", lora.what, lora.path, lora.sha256[:12]
+            )
         result.append(dataclasses.replace(lora, sha256=digest))
     return tuple(result)

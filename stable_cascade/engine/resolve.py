@@ -3,7 +3,8 @@ given, the preset, the model, the input image and the control image.
 
 Values given where a field does not apply (Stage C settings for reconstruct, a strength for txt2img)
 are refused; values not given take the field's derivation (see its ``derived`` text) or its default.
-Local model paths become absolute and LoRA files are hashed, so records run anywhere.
+Local model paths become absolute, LoRA and IP-Adapter files are hashed and image prompts opened and
+hashed, so records run anywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET
 from stable_cascade.engine.control import ControlRef, resolve_control, super_resolution_size
-from stable_cascade.engine.loras import resolve_loras
+from stable_cascade.engine.image_prompts import resolve_image_prompts
+from stable_cascade.engine.loras import IPAdapterRef, resolve_loras
 from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, TASKS
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
@@ -54,6 +56,11 @@ def resolved_values(given: Mapping[str, Any]) -> dict[str, Any]:
     values.update(_absolute_models(values))
     if "loras" in values:
         values["loras"] = resolve_loras(values["loras"])
+    if "ip_adapters" in values:
+        values["ip_adapters"] = resolve_loras(values["ip_adapters"], IPAdapterRef)
+    for name in ("image_prompts", "negative_image_prompts"):
+        if name in values:
+            values[name] = resolve_image_prompts(values[name], BY_NAME[name].label.removesuffix("s"))
     control_size = _resolve_control(values)
     preset = COMBINED_PRESETS[values["preset"]]
     for stage in ("prior", "decoder"):

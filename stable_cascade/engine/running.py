@@ -19,8 +19,10 @@ from typing import Any, Literal, cast
 import PIL.Image
 import torch
 
+from stable_cascade.conditioning.image import ImagePrompt
 from stable_cascade.engine.control import ControlImages
 from stable_cascade.engine.events import Event, ImageDone, JobCancelled, Preview, Progress
+from stable_cascade.engine.image_prompts import ImagePromptRef, open_image_prompts
 from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.models import LoadedModels
 from stable_cascade.engine.record import ImageRecord
@@ -126,12 +128,17 @@ class Calls:
         return cast(list[PIL.Image.Image], out.images)
 
     def _inputs(self, job: Job) -> dict[str, Any]:
-        """The prior's image and control arguments of the job's task."""
+        """The prior's image, image prompt and control arguments of the job."""
         arguments: dict[str, Any] = {}
+        prompts = _prompts(job.image_prompts, "image prompt")
         if job.task == "img2img":
             arguments.update(image=self.image, strength=job.strength)
         elif job.task == "variation":
-            arguments["images"] = [self.image]
+            prompts.insert(0, ImagePrompt(self.image))  # type: ignore[arg-type]  # variation has an image
+        if prompts:
+            arguments["images"] = prompts
+        if job.negative_image_prompts:
+            arguments["negative_images"] = _prompts(job.negative_image_prompts, "negative image prompt")
         if self.control is not None:
             control = job.controls[0]
             arguments.update(
@@ -192,3 +199,9 @@ class Calls:
         device = self.models.decoder_pipe.execution_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def _prompts(refs: tuple[ImagePromptRef, ...], what: str) -> list[ImagePrompt]:
+    """A job's image prompts as the prior pipeline takes them, their images checked against the job."""
+    images = open_image_prompts(refs, what)
+    return [ImagePrompt(image, ref.strength) for image, ref in zip(images, refs, strict=True)]

@@ -10,13 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from stable_cascade.engine.loras import LoraRef
+from stable_cascade.engine.image_prompts import ImagePromptRef
+from stable_cascade.engine.loras import IPAdapterRef, LoraRef
 from stable_cascade.engine.resolve import CONTROL_FIELDS
-from stable_cascade.fields import BY_NAME, Field, defaults
+from stable_cascade.fields import BY_NAME, LIST_KINDS, Field, defaults
 
 _STAGE_KEYS = ("steps", "guidance", "sampler", "shift", "rescale")
 _JSON_TYPES = {"int": "a whole number", "float": "a number", "loras": "a list of LoRAs"}
 _LORA = {"path": "str", "scale": "float", "sha256": "str?"}
+#: Per list kind: the reference type of its items and their keys' JSON types ("?": may be null).
+_ITEMS: dict[str, tuple[type[Any], dict[str, str]]] = {
+    "loras": (LoraRef, _LORA),
+    "ip_adapters": (IPAdapterRef, _LORA),
+    "image_prompts": (ImagePromptRef, {"path": "str", "strength": "float", "sha256": "str?"}),
+}
 
 
 def kind_of(value: object) -> str:
@@ -34,7 +41,9 @@ def stored_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(BY_NAME)}")
     values = defaults()
     values.update({name: typed(BY_NAME[name], value, source) for name, value in data.items()})
-    values["loras"] = tuple(values["loras"]) if values["loras"] else ()
+    for field in BY_NAME.values():
+        if field.kind in LIST_KINDS:
+            values[field.name] = tuple(values[field.name]) if values[field.name] else ()
     return values
 
 
@@ -47,27 +56,29 @@ def typed(field: Field, value: object, source: str) -> Any:
         return value
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if kind == "loras":
+    if kind in LIST_KINDS:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{source}: loras must be a list, got {kind_of(value)}")
-        return tuple(_lora(item, f"loras[{i}]", source) for i, item in enumerate(value))
+            raise ValueError(f"{source}: {field.name} must be a list, got {kind_of(value)}")
+        return tuple(_item(kind, item, f"{field.name}[{i}]", source) for i, item in enumerate(value))
     if kind not in ("int", "float") and isinstance(value, str):
         return value
     wanted = _JSON_TYPES.get(kind, "text")
     raise ValueError(f"{source}: {field.name} must be {wanted} or null, got {kind_of(value)}")
 
 
-def _lora(item: object, key: str, source: str) -> LoraRef:
+def _item(kind: str, item: object, key: str, source: str) -> Any:
+    """One LoRA, IP-Adapter or image prompt of a stored job, every key of its JSON type."""
+    cls, keys = _ITEMS[kind]
     if not isinstance(item, Mapping):
         raise ValueError(f"{source}: {key} must be an object, got {kind_of(item)}")
-    unknown = sorted(set(item) - set(_LORA))
+    unknown = sorted(set(item) - set(keys))
     if unknown:
-        raise ValueError(f"{source}: unknown key {unknown[0]!r} in {key}; keys: {', '.join(_LORA)}")
+        raise ValueError(f"{source}: unknown key {unknown[0]!r} in {key}; keys: {', '.join(keys)}")
     if "path" not in item:
         raise ValueError(f"{source}: {key} has no 'path'")
     checked: dict[str, Any] = {}
     for name, value in item.items():
-        wanted = _LORA[name]
+        wanted = keys[name]
         ok = (value is None and wanted.endswith("?")) or (
             isinstance(value, (int, float)) and not isinstance(value, bool)
             if wanted == "float"
@@ -76,7 +87,7 @@ def _lora(item: object, key: str, source: str) -> LoraRef:
         if not ok:
             raise ValueError(f"{source}: {key}.{name} must be {'a number' if wanted == 'float' else 'text'}")
         checked[name] = float(value) if wanted == "float" else value
-    return LoraRef(**checked)
+    return cls(**checked)
 
 
 def _nested(data: Mapping[str, Any]) -> bool:

@@ -5,7 +5,7 @@ native API's schema (``/docs``), batch-file columns, the web page's form and the
 here imports torch: the command line parses its arguments from this table alone.
 """
 
-from stable_cascade.fields.field import FRONT_ENDS, Field, FrontEnd, Kind
+from stable_cascade.fields.field import FRONT_ENDS, LIST_KINDS, Field, FrontEnd, Kind
 from stable_cascade.fields.table import (
     A1111_SAMPLERS,
     ALIASES,
@@ -29,6 +29,7 @@ __all__ = [
     "FIELDS",
     "FRONT_ENDS",
     "IMAGE_TASKS",
+    "LIST_KINDS",
     "PRIOR_TASKS",
     "TASKS",
     "Field",

@@ -18,6 +18,8 @@ MAX_COUNT = 100_000
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARACTERS = 100_000
 MAX_CONTROL_SCALE = 10.0  # ComfyUI's strength limit for ControlNets
+MAX_IMAGE_STRENGTH = 10.0  # an image prompt's strength: a multiple of its CLIP embedding
+MAX_IMAGE_PROMPTS = 16  # image prompts of one job (each is 4 more Stage C tokens)
 
 
 def check_int(name: str, value: object, low: int, high: int, hint: str = "") -> int:

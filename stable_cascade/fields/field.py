@@ -17,14 +17,19 @@ from stable_cascade.fields import checks
 
 #: ``text`` (a prompt), ``int``, ``float``, ``choice`` (one of ``choices``), ``name`` (a model name or a
 #: file; the server takes names only), ``image`` (a picture: a path on the command line and in batch
-#: files, an upload in the APIs and the page), ``sha256`` (derived from a file), ``loras`` (a list of
-#: LoRA files with scales).
-Kind = Literal["text", "int", "float", "choice", "name", "image", "sha256", "loras"]
+#: files, an upload in the APIs and the page), ``sha256`` (derived from a file), ``loras`` and
+#: ``ip_adapters`` (lists of LoRA / IP-Adapter files with scales), ``image_prompts`` (a list of
+#: pictures with strengths: paths or uploads, as ``image``).
+Kind = Literal[
+    "text", "int", "float", "choice", "name", "image", "sha256", "loras", "ip_adapters", "image_prompts"
+]
+#: The kinds whose value is a list (empty, not None, where the field does not apply).
+LIST_KINDS = ("loras", "ip_adapters", "image_prompts")
 #: Where a field comes from or goes: the command line, the AUTOMATIC1111 routes, the native jobs API,
 #: batch files, the web page's form, the PNG's JSON record and its infotext.
 FrontEnd = Literal["cli", "a1111", "api", "batch", "form", "record", "infotext"]
 FRONT_ENDS: tuple[FrontEnd, ...] = ("cli", "a1111", "api", "batch", "form", "record", "infotext")
-Widget = Literal["text", "textarea", "number", "select", "image"]
+Widget = Literal["text", "textarea", "number", "select", "image", "image_prompts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +71,8 @@ class Field:
 
     @property
     def empty(self) -> Any:
-        """The value where the field does not apply: None (no LoRAs: an empty tuple)."""
-        return () if self.kind == "loras" else None
+        """The value where the field does not apply: None (no LoRAs, image prompts: an empty tuple)."""
+        return () if self.kind in LIST_KINDS else None
 
     def carried_by(self, front_end: FrontEnd) -> bool:
         return front_end not in self.why_not
@@ -108,7 +113,9 @@ class Field:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{self.label} must be {_WANTED[self.kind]}, got {value!r}")
             return value
-        return value  # loras: checked by the engine's LoraRef
+        if self.kind == "image_prompts" and len(value) > checks.MAX_IMAGE_PROMPTS:
+            raise ValueError(f"{self.label}: at most {checks.MAX_IMAGE_PROMPTS} images, got {len(value)}")
+        return value  # lists: each item checked by the engine's references (LoraRef, ImagePromptRef)
 
     def choice(self, given: object, what: str | None = None) -> str:
         """A choice from its value or one of its other names (case-insensitive), as front ends take it;

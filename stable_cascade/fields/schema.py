@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from stable_cascade.diffusion.presets import COMBINED_PRESETS
+from stable_cascade.fields import checks
 from stable_cascade.fields.field import Field
 from stable_cascade.fields.table import FIELDS
 
@@ -53,6 +54,27 @@ def property_of(field: Field) -> dict[str, Any]:
     """The JSON schema of one field's value in a request."""
     if field.kind == "image":
         return {"type": "string", "description": f"{field.help}: {UPLOAD}"}
+    if field.kind == "image_prompts":
+        item = {
+            "type": "object",
+            "properties": {
+                "image": {"type": "string", "description": UPLOAD},
+                "strength": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": checks.MAX_IMAGE_STRENGTH,
+                    "default": 1,
+                },
+            },
+            "required": ["image"],
+            "additionalProperties": False,
+        }
+        return {
+            "type": "array",
+            "items": item,
+            "maxItems": checks.MAX_IMAGE_PROMPTS,
+            "description": field.help,
+        }
     schema: dict[str, Any] = {"type": _JSON_TYPES.get(field.kind, "string"), "description": field.help}
     if field.choices:
         schema["enum"] = list(field.choices)

@@ -50,6 +50,7 @@ DERIVED_HASH: dict[FrontEnd, str] = {
     "infotext": "the JSON record carries the files' sha256",
 }
 _NOT_IN_TEXT: dict[FrontEnd, str] = {"infotext": "the JSON record carries it"}
+_PROMPT_IMAGES = "the JSON record carries the images' files, strengths and sha256"
 
 
 def _stage_fields(stage: Literal["prior", "decoder"]) -> tuple[Field, ...]:
@@ -108,6 +109,16 @@ FIELDS: tuple[Field, ...] = (
           "Input image", 0.8, "0.8 (the reference notebook's)", low=0.0, high=1.0, tasks=("img2img",),
           cli=("--strength",), a1111="denoising_strength", infotext="Denoising strength",
           widget="number"),
+    Field("image_prompts", "image_prompts", "image prompts", "images that prompt Stage C together with the "
+          "text, each FILE[:STRENGTH] (the strength, 1.0, multiplies its CLIP image embedding; 0 leaves it "
+          "out)", "Image prompts", (), tasks=PRIOR_TASKS, cli=("--image-prompt",), widget="image_prompts",
+          why_not={"a1111": "the ControlNet extension's IP-Adapter units (alwayson_scripts), weight: "
+                   "strength", "infotext": _PROMPT_IMAGES}),
+    Field("negative_image_prompts", "image_prompts", "negative image prompts", "images whose content to "
+          "steer away from (the unconditional branch of guidance), each FILE[:STRENGTH]", "Image prompts", (),
+          tasks=PRIOR_TASKS, cli=("--negative-image-prompt",), widget="image_prompts",
+          why_not={"a1111": "A1111's requests have none: send them to the native API (POST /v1/jobs)",
+                   "infotext": _PROMPT_IMAGES}),
     Field("width", "int", "width", "image width, a multiple of 8", "Size and seed", checks.DEFAULT_SIZE,
           "the model's native size (1024; the demo: 128); reconstruct: the input image's", low=1,
           high=MAX_SIDE, cli=("--width",), a1111="width", infotext="Size", widget="number"),
@@ -144,6 +155,11 @@ FIELDS: tuple[Field, ...] = (
           "each FILE[:SCALE] (scale 1.0)", "Models", (), tasks=PRIOR_TASKS, cli=("--lora",),
           why_not={**NAMED_MODELS_ONLY, "infotext": "the text names LoRAs by file (Lora: …); the JSON "
                    "record has the files and their sha256"}),
+    Field("ip_adapters", "ip_adapters", "IP-Adapters", "Stage C IP-Adapters (the image prompts through "
+          "decoupled attention), each FILE[:SCALE] (scale 1.0; 0: the model without it)", "Models", (),
+          tasks=PRIOR_TASKS, cli=("--ip-adapter",),
+          why_not={**NAMED_MODELS_ONLY, "infotext": "the JSON record has the IP-Adapter files and their "
+                   "sha256"}),
     Field("dtype", "choice", "dtype", "auto: bf16 on CUDA with bf16 support, else fp32", "Models", "auto",
           choices=DTYPES, cli=("--dtype",), widget="select",
           why_not={"batch": "one dtype serves a whole batch run: pass --dtype to stable-cascade batch",

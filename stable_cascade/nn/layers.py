@@ -22,12 +22,16 @@ from torch import nn
 from stable_cascade.nn.fused import grn_apply, grn_mlp_residual, grn_scale, use_fused
 from stable_cascade.specs import UNetConfig
 
+#: Per attached IP-Adapter: its image tokens' keys and values (B, M, C) and its scale.
+IPKeyValues = tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
+
 
 class KeyValue(NamedTuple):
-    """Projected attention keys and values of the CLIP tokens, each (B, L, C)."""
+    """Projected attention keys and values of the CLIP tokens, each (B, L, C), and the IP-Adapters'."""
 
     key: torch.Tensor
     value: torch.Tensor
+    ip: IPKeyValues = ()
 
 
 TensorLike = torch.Tensor | float
@@ -166,16 +170,24 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(c, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, c), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Tokens x (B, N, C) attend to already projected keys and values (B, M, inner)."""
+    def forward(
+        self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ip: IPKeyValues = ()
+    ) -> torch.Tensor:
+        """Tokens x (B, N, C) attend to already projected keys and values (B, M, inner); and apart to
+        each IP-Adapter's, whose result, times its scale, is added before the output projection."""
         b, n, _ = x.shape
         q = self.to_q(x).view(b, n, self.nhead, -1).transpose(1, 2)  # (B, heads, N, d)
-        k = key.view(b, key.shape[1], self.nhead, -1).transpose(1, 2)  # (B, heads, M, d)
-        v = value.view(b, value.shape[1], self.nhead, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)  # (B, N, inner)
+        out = F.scaled_dot_product_attention(q, self._heads(key), self._heads(value))  # (B, heads, N, d)
+        for ip_key, ip_value, scale in ip:  # decoupled attention
+            out = out + scale * F.scaled_dot_product_attention(q, self._heads(ip_key), self._heads(ip_value))
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, inner)
         for layer in self.to_out:
             out = layer(out)
         return out
+
+    def _heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, M, inner) → (B, heads, M, d)."""
+        return tokens.view(tokens.shape[0], tokens.shape[1], self.nhead, -1).transpose(1, 2)
 
 
 class AttnBlock(nn.Module):
@@ -187,20 +199,22 @@ class AttnBlock(nn.Module):
         self.attention = Attention(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def prepare(self, clip: torch.Tensor) -> KeyValue:
-        """The step-invariant keys and values of the CLIP tokens ``clip`` (B, L, c_cond)."""
+    def prepare(self, clip: torch.Tensor, ip: IPKeyValues = ()) -> KeyValue:
+        """The step-invariant keys and values of the CLIP tokens ``clip`` (B, L, c_cond), with the
+        IP-Adapters' of the image tokens (in this block's dtype)."""
         context = self.kv_mapper(clip)  # (B, L, C)
-        return KeyValue(self.attention.to_k(context), self.attention.to_v(context))
+        ip = tuple((key.to(clip.dtype), value.to(clip.dtype), scale) for key, value, scale in ip)
+        return KeyValue(self.attention.to_k(context), self.attention.to_v(context), ip)
 
     def forward(self, x: torch.Tensor, clip: KeyValue) -> torch.Tensor:
         b, c, h, w = x.shape
         # (B, H*W, C): the norm's output is contiguous NHWC whatever x's layout, so this is a view.
         tokens = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).reshape(b, h * w, c)
-        key, value = clip
+        key, value, ip = clip
         if self.self_attn:  # keys/values = cat([pixel tokens, clip tokens]) projected
             key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, inner)
             value = torch.cat([self.attention.to_v(tokens), value], dim=1)
-        out = self.attention(tokens, key, value)  # (B, H*W, C)
+        out = self.attention(tokens, key, value, ip)  # (B, H*W, C)
         return _add_residual(x, out.view(b, h, w, c))
 
 

@@ -11,7 +11,7 @@ cache for that one call, so both give the same result.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -25,9 +25,11 @@ from stable_cascade.convert import (
     unet_config_from_single_file,
     unet_state_dict_from_single_file,
 )
+from stable_cascade.nn.ip_adapter import IPAdapter, ip_key_values
 from stable_cascade.nn.layers import (
     AttnBlock,
     BlockState,
+    IPKeyValues,
     LayerNorm2d,
     ResBlock,
     TensorLike,
@@ -44,7 +46,13 @@ from stable_cascade.nn.layers import (
     timestep_embedding,
 )
 from stable_cascade.nn.speed import SpeedSwitches
-from stable_cascade.nn.unet_state import LevelStates, StableCascadeUNetOutput, UNetCache, check_residuals
+from stable_cascade.nn.unet_state import (
+    LevelStates,
+    StableCascadeUNetOutput,
+    UNetCache,
+    added_conditioning,
+    check_residuals,
+)
 from stable_cascade.specs import BlockType, UNetConfig
 
 __all__ = ["StableCascadeUNet", "StableCascadeUNetOutput", "UNetCache"]
@@ -93,6 +101,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
             LayerNorm2d(), nn.Conv2d(c0, cfg.out_channels * p * p, kernel_size=1), nn.PixelShuffle(p)
         )
         self.gradient_checkpointing = False
+        self.ip_adapters: dict[str, tuple[IPAdapter, float]] = {}  # attached, not submodules
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -158,23 +167,25 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         return_dict: bool = True,
         cache: UNetCache | None = None,
         controlnet_residuals: Sequence[torch.Tensor | None] | None = None,
+        ip_image: torch.Tensor | None = None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
         """Predict the noise in ``sample`` (B, in_channels, H, W) at ``timestep_ratio`` (scalar or (B,)).
 
         Pass the conditioning (as diffusers' ``StableCascadeUNet``) or a ``cache`` from :meth:`prepare`,
         not both. ``sca``/``crp`` may be scalars or one value per sample; missing ones are embedded as
         0, as in the original. Stage C without ``clip_img`` uses one zero image embedding, as the
-        pipelines do. ``controlnet_residuals``: a ControlNet's output (see ``nn/unet_state.py``).
+        pipelines do. ``controlnet_residuals``: a ControlNet's output (see ``nn/unet_state.py``);
+        ``ip_image``: the attached IP-Adapters' input (see ``nn/ip_adapter.py``).
         """
         check_sample(self.config, sample)
         check_dtypes(self.config, self.dtype, {"sample": sample})
+        conditioning = (clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)
         if cache is None:
             if clip_text_pooled is None:
                 raise ValueError("pass clip_text_pooled (and the stage's other conditioning) or a cache")
-            size = sample.shape[-2:]
-            cache = self.prepare(size, clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)
+            cache = self.prepare(sample.shape[-2:], *conditioning, ip_image=ip_image)  # type: ignore[arg-type]
             what = f"clip_text_pooled has batch size {cache.batch} but sample has {sample.shape[0]}"
-        elif any(v is not None for v in (clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)):
+        elif any(v is not None for v in (*conditioning, ip_image)):
             raise ValueError("pass either the conditioning or a cache prepared from it, not both")
         else:
             what = (
@@ -205,12 +216,14 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         sca: TensorLike | None = None,
         crp: TensorLike | None = None,
         controlnet_residuals: Sequence[torch.Tensor | None] | None = None,
+        ip_image: torch.Tensor | None = None,
     ) -> UNetCache:
         """The step-invariant work for samples of spatial ``size`` (H, W) with this conditioning.
 
         Computes the normalised CLIP tokens, every attention block's CLIP keys and values, every timestep
         block's ``sca``/``crp`` modulation, and Stage B's ``effnet_mapper(resize(effnet))`` + ``resize(
         pixels_mapper(pixels))`` (each ignored without its mapper, as diffusers); batch: clip_text_pooled's.
+        With IP-Adapters attached, also their image tokens' keys and values of ``ip_image``.
         """
         cfg, batch = self.config, clip_text_pooled.shape[0]
         self.check_graphs()  # once per generation: weights replaced since the capture?
@@ -223,9 +236,10 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         clip = self.clip_tokens(clip_text_pooled, clip_text, clip_img)  # (B, L, c_cond)
         conds = condition_embeddings(cfg, {"sca": sca, "crp": crp}, batch, clip.device)  # (B, 64 * n)
         embedded_size = (height // cfg.patch_size, width // cfg.patch_size)
-        added = self._added_conditioning(effnet, pixels, batch, embedded_size, clip)
-        down = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.down_blocks)
-        up = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.up_blocks)
+        added = added_conditioning(self, effnet, pixels, batch, embedded_size, clip)
+        ip = ip_key_values(self, ip_image, clip)  # per attention block, in the order of the levels
+        down = tuple(self._prepare_level(blocks, clip, conds, ip) for blocks in self.down_blocks)
+        up = tuple(self._prepare_level(blocks, clip, conds, ip) for blocks in self.up_blocks)
         residuals = check_residuals(cfg, controlnet_residuals, batch) if controlnet_residuals else ((), ())
         return UNetCache(batch, (height, width), added, down, up, *residuals)
 
@@ -246,25 +260,14 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
             tokens = torch.cat(parts, dim=1)
         return self.clip_norm(tokens)  # (B, L, c_cond)
 
-    def _added_conditioning(
-        self, effnet: Tensor | None, pixels: Tensor | None, batch: int, size: tuple[int, int], like: Tensor
-    ) -> tuple[Tensor, ...]:
-        """Stage B: what is added to the embedded sample (B, c0, *size), in order: effnet, pixels."""
-        added: list[torch.Tensor] = []
-        if effnet is not None:
-            added.append(self.effnet_mapper(resize_like(effnet, size)))  # interpolate first, then map
-        if (pixel_channels := self.config.pixel_mapper_in_channels) is not None:
-            if pixels is None:
-                pixels = like.new_zeros(batch, pixel_channels, 8, 8)
-            added.append(resize_like(self.pixels_mapper(pixels), size))  # map first, then interpolate
-        return tuple(added)
-
-    def _prepare_level(self, blocks: nn.Module, clip: Tensor, cond_embeddings: Tensor) -> LevelStates:
+    def _prepare_level(
+        self, blocks: nn.Module, clip: Tensor, cond_embeddings: Tensor, ip: Iterator[IPKeyValues]
+    ) -> LevelStates:
         dtype = _dtype_of(blocks, clip.dtype)  # the level's own dtype (see enable_fp16_safety)
         states: list[BlockState] = []
         for block in cast(nn.ModuleList, blocks):
             if isinstance(block, AttnBlock):
-                states.append(block.prepare(clip.to(dtype)))
+                states.append(block.prepare(clip.to(dtype), next(ip)))
             elif isinstance(block, TimestepBlock):
                 states.append(block.prepare(cond_embeddings.to(dtype)))
             else:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 import torch
+from torch import Tensor, nn
 
-from stable_cascade.nn.layers import BlockState
+from stable_cascade.nn.layers import BlockState, resize_like
 from stable_cascade.specs import BlockType, UNetConfig
 
 LevelStates = tuple[BlockState, ...]  # one entry per block of a level
@@ -42,6 +44,26 @@ class UNetCache:
     # of the level; empty without a ControlNet (``check_residuals``).
     control_down: tuple[Residuals, ...] = ()
     control_up: tuple[Residuals, ...] = ()
+
+
+def added_conditioning(
+    unet: nn.Module,
+    effnet: Tensor | None,
+    pixels: Tensor | None,
+    batch: int,
+    size: tuple[int, int],
+    like: Tensor,
+) -> tuple[Tensor, ...]:
+    """Stage B: what is added to the embedded sample (B, c0, *size), in order: effnet, pixels (each
+    through the UNet's mapper; zeros for missing pixels, as the reference)."""
+    added: list[Tensor] = []
+    if effnet is not None:
+        added.append(unet.get_submodule("effnet_mapper")(resize_like(effnet, size)))  # interpolate, then map
+    if (pixel_channels := cast(UNetConfig, unet.config).pixel_mapper_in_channels) is not None:
+        if pixels is None:
+            pixels = like.new_zeros(batch, pixel_channels, 8, 8)
+        added.append(resize_like(unet.get_submodule("pixels_mapper")(pixels), size))  # map, then interpolate
+    return tuple(added)
 
 
 def resblock_widths(cfg: UNetConfig) -> list[tuple[str, int, int]]:

@@ -36,7 +36,7 @@ from stable_cascade.pipelines.outputs import (
     ImagePipelineOutput,
     Images,
 )
-from stable_cascade.pipelines.prior import ImageInput, StableCascadePriorPipeline
+from stable_cascade.pipelines.prior import ImageInput, ImagePrompts, StableCascadePriorPipeline
 from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
@@ -237,7 +237,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        images: ImageInput | None = None,
+        images: ImagePrompts | None = None,
         height: int = 512,
         width: int = 512,
         prior_num_inference_steps: int | None = None,
@@ -273,13 +273,16 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
         mask_image: MaskInput | None = None,
         controlnet_conditioning_scale: float = 1.0,
         control_type: ControlType | None = None,
+        negative_images: ImagePrompts | None = None,
+        negative_image_embeds: Tensor | None = None,
     ) -> ImagePipelineOutput | tuple[Images]:
         """Text (and optionally images) → images of exactly ``height`` × ``width``.
 
         Arguments and defaults are diffusers'; ``preset="reference"`` runs Stability's sampler with its
         settings (Stage C 20 steps, cfg 4, shift 2, rescale 0.7; Stage B 10 steps, cfg 1.1).
         ``image`` + ``strength`` is image-to-image (needs ``prior_effnet``), ``images`` / ``image_embeds``
-        are CLIP image prompts, as in :class:`StableCascadePriorPipeline`. ``control_image``,
+        are CLIP image prompts, as in :class:`StableCascadePriorPipeline` (with ``negative_images`` /
+        ``negative_image_embeds``). ``control_image``,
         ``mask_image``, ``controlnet_conditioning_scale`` and ``control_type`` drive ``prior_controlnet``
         (:mod:`stable_cascade.pipelines.control`); inpainting keeps the input image outside the mask.
         """
@@ -296,6 +299,8 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
             "negative_prompt_embeds": negative_prompt_embeds,
             "negative_prompt_embeds_pooled": negative_prompt_embeds_pooled,
             "image_embeds": image_embeds,
+            "negative_images": negative_images,
+            "negative_image_embeds": negative_image_embeds,
             "image": image,
             "strength": strength,
             "num_images_per_prompt": num_images_per_prompt,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from stable_cascade.conditioning.image import check_images, encode_images
+from stable_cascade.conditioning.image import ImagePrompt
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.conditioning.text import check_text_arguments
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
@@ -32,12 +32,13 @@ from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
 from stable_cascade.pipelines.checks import (
     check_steps,
-    check_tensor,
     check_text_widths,
     check_timesteps,
     per_image,
 )
 from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
+from stable_cascade.pipelines.image_prompts import ImageArguments, image_conditioning
+from stable_cascade.pipelines.ip_adapter import IPAdapterMixin
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
@@ -48,10 +49,13 @@ if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a wa
     from transformers import CLIPImageProcessor
 
 ImageInput = PIL.Image.Image | Tensor | Sequence[PIL.Image.Image | Tensor]
+#: Image prompts: images, or :class:`ImagePrompt` (an image and its strength), one or a list.
+ImagePrompts = ImageInput | ImagePrompt | Sequence[PIL.Image.Image | Tensor | ImagePrompt]
 
 
-class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
-    """Stage C text-to-latent (and image variation) pipeline; LoRAs adapt ``prior`` and ``text_encoder``."""
+class StableCascadePriorPipeline(IPAdapterMixin, LoraLoaderMixin, Pipeline):
+    """Stage C text-to-latent (and image variation) pipeline; LoRAs adapt ``prior`` and ``text_encoder``,
+    IP-Adapters attach to ``prior``."""
 
     diffusers_class_name = "StableCascadePriorPipeline"
     optional_components = frozenset(
@@ -136,7 +140,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        images: ImageInput | None = None,
+        images: ImagePrompts | None = None,
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int | None = None,
@@ -166,6 +170,8 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         mask_image: PIL.Image.Image | Tensor | None = None,
         controlnet_conditioning_scale: float = 1.0,
         control_type: ControlType | None = None,
+        negative_images: ImagePrompts | None = None,
+        negative_image_embeds: Tensor | None = None,
     ) -> StableCascadePriorPipelineOutput | tuple[Any, ...]:
         """Generate Stage C latents (B·num_images_per_prompt, 16, ⌈H/42.67⌉, ⌈W/42.67⌉).
 
@@ -176,7 +182,9 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         Image-to-image: ``image`` is encoded by the EfficientNet encoder (``effnet``) at 3/4 of the
         output size, noised to the time of ``strength`` and sampled for the last
         ``round(steps · strength)`` steps (the reference: strength 0.8, 16 of 20 steps). ``images``
-        are CLIP image prompts (variation), as in diffusers.
+        are CLIP image prompts (variation), as in diffusers; an :class:`ImagePrompt` among them carries
+        a strength, and ``negative_images`` / ``negative_image_embeds`` prompt the unconditional branch
+        (see :mod:`stable_cascade.pipelines.image_prompts`). Attached IP-Adapters read them too.
 
         ControlNet (``controlnet`` component): ``control_image`` (an image, or a preprocessed control
         tensor), ``mask_image`` for inpainting (white = generate), ``controlnet_conditioning_scale``
@@ -207,17 +215,22 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             guidance=settings.guidance > 1,
         )
         check_text_widths(text, self.prior.config, "prior")
-        clip_img = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
+        given = ImageArguments(images, image_embeds, negative_images, negative_image_embeds)
+        prompted = image_conditioning(self, given, text.batch_size, num_images_per_prompt)
         prior = self.activate("prior")
         device, dtype = self.execution_device, prior.dtype
         cond = {"clip_text": text.cond.hidden, "clip_text_pooled": text.cond.pooled}
         uncond = None
         if text.uncond is not None:
             uncond = {"clip_text": text.uncond.hidden, "clip_text_pooled": text.uncond.pooled}
-        if clip_img is not None:
-            cond["clip_img"] = clip_img
-            if uncond is not None:
-                uncond["clip_img"] = torch.zeros_like(clip_img)
+        for branch, clip_img, ip_image in (
+            (cond, prompted.clip_img, prompted.ip_image),
+            (uncond, prompted.negative_clip_img, prompted.negative_ip_image),
+        ):
+            if branch is not None and clip_img is not None:
+                branch["clip_img"] = clip_img
+            if branch is not None and ip_image is not None:
+                branch["ip_image"] = ip_image
         x = self.prepare_latents(
             text.batch_size,
             height,
@@ -270,7 +283,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
     def check_inputs(
         self,
         prompt: str | list[str] | None,
-        images: ImageInput | None = None,
+        images: ImagePrompts | None = None,
         image_embeds: Tensor | None = None,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: Tensor | None = None,
@@ -283,10 +296,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         text = (prompt_embeds, negative_prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds_pooled)
         check_text_arguments(prompt, negative_prompt, *text)
-        if images is not None and image_embeds is not None:
-            raise ValueError("pass either images or image_embeds, not both")
-        if images is not None:
-            check_images(images)
+        ImageArguments(images, image_embeds).check()
 
     def prepare_latents(
         self,
@@ -308,41 +318,6 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             initial_latents(shape, latents, generator, torch.device(device), dtype)
             * scheduler.init_noise_sigma
         )
-
-    def _image_conditioning(
-        self, images: ImageInput | None, image_embeds: Tensor | None, batch_size: int, per_prompt: int
-    ) -> Tensor | None:
-        """CLIP image embeddings (B·n, N, C) for every generated image; one zero token without images
-        (None for a prior without image conditioning, such as the demo model's)."""
-        rows = batch_size * per_prompt
-        width = self.prior.config.clip_image_in_channels
-        if width is None:
-            if images is not None or image_embeds is not None:
-                raise ValueError("this prior takes no CLIP image embeddings (clip_image_in_channels is None)")
-            return None
-        if images is not None and image_embeds is not None:
-            raise ValueError("pass either images or image_embeds, not both")
-        if images is not None:
-            images = check_images(images)
-            if self.image_encoder is None or self.feature_extractor is None:
-                raise ValueError(
-                    "images need the CLIP image encoder and feature extractor; load the pipeline with "
-                    "image_encoder= and feature_extractor= (e.g. from stabilityai/stable-cascade-prior)"
-                )
-            encoder = self.activate("image_encoder")
-            image_embeds = encode_images(
-                self.feature_extractor, encoder, images, self.execution_device, encoder.dtype
-            )
-        if image_embeds is None:
-            return torch.zeros(rows, 1, width, device=self.execution_device, dtype=self.prior.dtype)
-        check_tensor("image_embeds", image_embeds, f"(B, N, {width})")
-        while image_embeds.ndim < 3:
-            image_embeds = image_embeds.unsqueeze(0)  # (C,) / (N, C) → (1, N, C)
-        if image_embeds.shape[-1] != width:
-            raise ValueError(
-                f"image_embeds must have {width} channels (B, N, {width}); got {tuple(image_embeds.shape)}"
-            )
-        return per_image(image_embeds, batch_size, per_prompt, "image_embeds").to(self.execution_device)
 
     def _control(
         self, request: ControlRequest, height: int, width: int, batch_size: int, per_prompt: int

@@ -16,6 +16,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from stable_cascade.engine import RELEASED_CONTROLNETS, ControlRef, Job, get_bundle
+from stable_cascade.server.image_prompts import is_ip_adapter
 from stable_cascade.server.store import Store
 from stable_cascade.server.uploads import Upload, decode_image, keep_image
 
@@ -133,7 +134,11 @@ def _unit(script: object) -> Mapping[str, Any] | None:
     args = script.get("args") if isinstance(script, Mapping) else None
     if not isinstance(args, list) or not all(isinstance(unit, Mapping) for unit in args):
         raise ValueError("alwayson_scripts.controlnet.args must be a list of ControlNet units (objects)")
-    enabled = [unit for unit in args if flag(unit.get("enabled", True), "a ControlNet unit's enabled")]
+    enabled = [
+        unit
+        for unit in args
+        if flag(unit.get("enabled", True), "a ControlNet unit's enabled") and not is_ip_adapter(unit)
+    ]  # IP-Adapter units are image prompts (server/image_prompts.py)
     if len(enabled) > 1:
         raise ValueError(f"one ControlNet unit per request, got {len(enabled)} enabled")
     return enabled[0] if enabled else None

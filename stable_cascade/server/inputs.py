@@ -15,16 +15,21 @@ from stable_cascade.server.controls import (
     native_controls,
 )
 from stable_cascade.server.controls import UPLOADS as CONTROL_UPLOADS
+from stable_cascade.server.image_prompts import NAMES as IMAGE_PROMPTS
+from stable_cascade.server.image_prompts import check_served_image_prompts, native_image_prompts
 from stable_cascade.server.store import Store
 from stable_cascade.server.uploads import Upload, decode_image, peek_image
 
 #: The sha256 an upload's job is checked with before the upload is decoded.
 PLACEHOLDER = "0" * 64
-#: The fields a request names (models, LoRAs, controls and derived digests have their own ways).
+#: The fields a request names (models, LoRAs, controls, image prompts and derived digests have their own
+#: ways).
 CREATE_FIELDS = tuple(
     field.name
     for field in FIELDS
-    if field.carried_by("api") and (field.kind != "image" or field.name == "input_image")
+    if field.carried_by("api")
+    and (field.kind != "image" or field.name == "input_image")
+    and field.kind != "image_prompts"
 )
 
 
@@ -37,8 +42,11 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
     fields = dict(body)
     if "job" not in fields:
         _check_fields(fields, default_model)
+    prompts = native_image_prompts(fields, store)
     upload = decode_image(fields.pop("image"), store) if "image" in fields else None
     if "job" in fields:
+        if prompts:
+            raise ValueError("with 'job', its image prompts are the ones it names; send them without 'job'")
         extra = set(fields) - {"job", "control_image", "mask"}
         if extra:
             raise ValueError(
@@ -52,7 +60,7 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
             job = dataclasses.replace(job, input_image=job.input_image or "upload")
     else:
         controls = native_controls(fields, store)
-        return created_job(fields, default_model, upload, store, controls), upload
+        return created_job({**fields, **prompts}, default_model, upload, store, controls), upload
     check_served(job, store)
     check_inputs(job, None if upload is None else upload.image)
     return job, upload
@@ -61,7 +69,11 @@ def native_job(body: object, store: Store, default_model: str) -> tuple[Job, Upl
 def _check_fields(fields: Mapping[str, Any], default_model: str) -> None:
     """The fields of a request checked as a job before its images are decoded (the controls' own
     checks follow, with their images)."""
-    values = {k: v for k, v in fields.items() if k not in ("image", *CONTROL_UPLOADS, *NATIVE_FIELDS)}
+    values = {
+        k: v
+        for k, v in fields.items()
+        if k not in ("image", *CONTROL_UPLOADS, *NATIVE_FIELDS, *IMAGE_PROMPTS)
+    }
     unknown = set(values) - set(CREATE_FIELDS) - {"model"}
     if unknown:  # named by created_job, after
         return
@@ -87,6 +99,7 @@ def check_served(job: Job, store: Store) -> None:
         )
     if job.loras:
         raise ValueError("the server takes no LoRA files from requests; remove 'loras'")
+    check_served_image_prompts(job, store)
     check_served_controls(job, store)
 
 
@@ -96,7 +109,9 @@ def created_job(
     """``Job.create(**fields)`` with ``model`` (a bundle name), the upload's name and sha256, and the
     controls."""
     model = fields.pop("model", default_model)
-    unknown = set(fields) - set(CREATE_FIELDS) - {"controlnet", "control_scale", "control_type"}
+    unknown = (
+        set(fields) - set(CREATE_FIELDS) - {"controlnet", "control_scale", "control_type", *IMAGE_PROMPTS}
+    )
     if unknown:
         raise ValueError(
             f"unknown field(s) {', '.join(sorted(unknown))}; expected some of: model, image, "

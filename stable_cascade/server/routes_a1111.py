@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from stable_cascade.engine import Job
 from stable_cascade.server import a1111
 from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
+from stable_cascade.server.image_prompts import a1111_image_prompts
 from stable_cascade.server.inputs import PLACEHOLDER, checked_job
 from stable_cascade.server.shared import RequestError, Server, error_response, read_json
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
@@ -72,6 +73,9 @@ def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, U
         )
         if control is not None
     ]
+    prompts = a1111_image_prompts(body, server.store)
+    if prompts:
+        arguments["image_prompts"] = prompts
     return checked_job({**arguments, "controls": controls}, upload, server.store), upload
 
 

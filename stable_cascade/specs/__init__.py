@@ -266,7 +266,7 @@ UNET_VARIANTS: dict[str, UNetConfig] = {
         up_num_layers_per_block=(2, 2),
         clip_text_in_channels=128,
         clip_text_pooled_in_channels=128,
-        clip_image_in_channels=None,
+        clip_image_in_channels=128,  # the demo image encoder's embedding
         dropout=(0.0, 0.0),
     ),
     "demo_decoder": _DECODER.replace(

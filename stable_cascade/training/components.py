@@ -70,6 +70,7 @@ _NEEDED = {
     "stage-c": _PRIOR_PARTS,
     "lora": _PRIOR_PARTS,
     "controlnet": _PRIOR_PARTS,
+    "ip-adapter": _PRIOR_PARTS,
     "stage-b": ("decoder", "vqgan", "effnet", "text_encoder", "tokenizer"),
     "stage-a": ("vqgan",),
     "previewer": ("effnet", "previewer"),
@@ -113,7 +114,8 @@ def load_components(config: TrainConfig) -> Components:
     }
     for field, (path, cls, name) in pieces.items():
         # Stage C and LoRA runs take --decoder as a decoder pipeline for sample images (samples.py).
-        if path is not None and not (field == "decoder" and config.task in ("stage-c", "lora", "controlnet")):
+        prior_task = config.task in ("stage-c", "lora", "controlnet", "ip-adapter")
+        if path is not None and not (field == "decoder" and prior_task):
             setattr(found, field, load_model(cls, path, name, seed=config.seed))
     if config.text_encoder is not None:
         found.tokenizer, found.text_encoder = load_text_encoder(config.text_encoder)

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from stable_cascade.loading.native import Component, config_native_size, model_native_size
 from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
 
-Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet"]
+Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet", "ip-adapter"]
 ControlNetKind = Literal["canny", "inpainting", "super_resolution", "simple"]
 LossWeighting = Literal["p2", "adaptive", "none"]
 MixedPrecision = Literal["no", "bf16"]
@@ -72,6 +72,9 @@ class TrainConfig:
     lora_text_encoder: bool = False
     controlnet_type: ControlNetKind = "canny"
     controlnet_blocks: tuple[int, ...] | None = None  # ResBlock calls fed (default: see controlnet_task)
+    ip_adapter_tokens: int = 4  # image tokens per image prompt
+    ip_adapter_patches: bool = False  # the image encoder's patch tokens through a resampler
+    ip_adapter_image_dropout: float = 0.05  # share of samples whose adapter input is zeroed
     # Checkpoints, samples, logs
     checkpoint_every: int = 500
     resume: str | None = None  # a checkpoint folder or "latest"
@@ -141,7 +144,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("caption_dropout", "image_conditioning", "effnet_dropout", "pixels_conditioning"):
+        for name in (
+            "caption_dropout",
+            "image_conditioning",
+            "effnet_dropout",
+            "pixels_conditioning",
+            "ip_adapter_image_dropout",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -153,7 +162,8 @@ class TrainConfig:
         _only_for(self, "train_text_encoder", ("stage-c", "stage-b"), "the text encoder, jointly")
         _only_for(self, "train_effnet", ("stage-b",), "the EfficientNet encoder, jointly with Stage B")
         _only_for(self, "lora_text_encoder", ("lora",), "LoRA adapters on the text encoder")
-        if self.task in ("lora", "controlnet") and self.init_config is not None:
+        _only_for(self, "ip_adapter_patches", ("ip-adapter",), "an IP-Adapter reading patch tokens")
+        if self.task in ("lora", "controlnet", "ip-adapter") and self.init_config is not None:
             raise ValueError(
                 f"{self.task} trains on a pretrained Stage C; --init-config (a fresh model) makes no "
                 "sense with it: pass --pretrained or --prior"
@@ -195,6 +205,7 @@ _NATIVE_COMPONENT: dict[str, Component] = {
     "stage-c": "prior",
     "lora": "prior",
     "controlnet": "prior",
+    "ip-adapter": "prior",
     "stage-b": "decoder",
     "stage-a": "vqgan",
 }
@@ -206,6 +217,7 @@ _COUNT_LIMITS = {
     "checkpoint_every": 10**9,
     "log_every": 10**9,
     "lora_rank": 4_096,
+    "ip_adapter_tokens": 256,
 }
 
 

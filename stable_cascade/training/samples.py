@@ -1,9 +1,10 @@
 """Sample images during training, with the current (EMA) weights, as one PNG row per call.
 
-* ``stage-c`` / ``lora`` / ``controlnet``: the prior pipeline on the sample prompts (default: captions
-  of the first images), through the one cascade run with the decoder pipeline given as ``--decoder``
-  (a pipeline folder) when there is one, else previewed (the previewer's RGB, or the latent's principal
-  components);
+* ``stage-c`` / ``lora`` / ``controlnet`` / ``ip-adapter``: the prior pipeline on the sample prompts
+  (default: captions of the first images; ``controlnet``: with the first image's control,
+  ``ip-adapter``: with the first image as the image prompt), through the one cascade run with the
+  decoder pipeline given as ``--decoder`` (a pipeline folder) when there is one, else previewed (the
+  previewer's RGB, or the latent's principal components);
 * ``stage-b``: reconstructions of the first images (EfficientNet latent → Stage B → Stage A);
 * ``stage-a``: the first images and their Stage A round trips, interleaved;
 * ``previewer``: the first images and their previews (nearest-neighbour enlarged), interleaved.
@@ -47,7 +48,7 @@ class Sampler:
         self.folder = task.config.output_dir / "samples"
         self._decoder: StableCascadeDecoderPipeline | None = None
         decoder = task.config.decoder
-        if task.config.task in ("stage-c", "lora", "controlnet") and decoder is not None:
+        if task.config.task in ("stage-c", "lora", "controlnet", "ip-adapter") and decoder is not None:
             if not (decoder / MODEL_INDEX).is_file():
                 raise ValueError(
                     f"--decoder {decoder}: samples of {task.name} need a decoder pipeline folder"
@@ -110,11 +111,15 @@ class Sampler:
             scheduler=DDPMWuerstchenScheduler(),
             previewer=parts.previewer,
             controlnet=controlnet,
+            image_encoder=parts.image_encoder,
+            feature_extractor=parts.feature_extractor,
         )
         prior.set_progress_bar_config(disable=True)
-        control = {}
+        control: dict[str, Any] = {}
         if controlnet is not None:  # the first image's control for every prompt
             control = {"control_image": task.control(images[:1], generator)}  # type: ignore[attr-defined]
+        if task.config.task == "ip-adapter":  # the first image prompts every sample
+            control = {"images": [images[0].float()]}
         if self._decoder is None:
             generated = prior(
                 prompts, height=height, width=width, generator=generator, output_type="pt", **control

@@ -114,8 +114,10 @@ class _Run:
         if not isinstance(given, Task):
             given = make_task(config, given or load_components(config))
         self.task: Task = given
-        if config.task == "lora" and self.sharded:
-            raise ValueError("LoRA training with FSDP is not supported; LoRA trains few weights: use DDP")
+        if config.task in ("lora", "ip-adapter") and self.sharded:
+            raise ValueError(
+                f"{config.task} training with FSDP is not supported; it trains few weights: use DDP"
+            )
         if self.sharded and not accelerator.is_fsdp2:
             raise ValueError(
                 "FSDP version 1 is not supported (the UNet's blocks compute their conditioning outside "

@@ -17,6 +17,7 @@ function element(tag, props = {}, ...children) {
 function control(field) {
   if (field.widget === "textarea") return element("textarea", { id: field.name, rows: field.name === "prompt" ? 3 : 2 });
   if (field.widget === "image") return element("input", { id: field.name, type: "file", accept: "image/*" });
+  if (field.widget === "image_prompts") return imagePrompts(field);
   if (field.widget === "select") {
     const select = element("select", { id: field.name });
     const empty = field.presets && Object.keys(field.presets).length ? "preset's" : field.derived ? "default" : null;
@@ -34,6 +35,31 @@ function control(field) {
   if (!field.derived && field.default !== null) input.value = field.default;
   else if (field.default !== null) input.placeholder = field.name === "seed" ? "random" : field.default;
   return input;
+}
+
+// Image prompts: uploads, each with a strength slider (0 leaves the image out) and a remove button.
+function imagePrompts(field) {
+  const rows = element("div", { className: "prompt-images" });
+  const pick = element("input", { type: "file", accept: "image/*", multiple: true });
+  pick.addEventListener("change", () => {
+    for (const file of pick.files) {
+      const strength = element("input", { type: "range", min: 0, max: 2, step: 0.05, value: 1, title: "strength" });
+      const shown = element("span", {}, "1");
+      strength.addEventListener("input", () => { shown.textContent = strength.value; });
+      const thumb = element("img", { className: "thumb", alt: file.name, src: URL.createObjectURL(file) });
+      const row = element("div", { className: "row" }, thumb, strength, shown);
+      row.append(element("button", { type: "button", onclick: () => row.remove() }, "×"));
+      row.file = file;
+      rows.append(row);
+    }
+    pick.value = "";
+  });
+  return element("div", { id: field.name }, pick, rows);
+}
+
+async function promptImages(box) {
+  return Promise.all([...box.querySelectorAll(".prompt-images > div")].map(async (row) => (
+    { image: await readFile(row.file), strength: parseFloat(row.querySelector("input[type=range]").value) })));
 }
 
 function labelled(field) {
@@ -155,6 +181,11 @@ async function formJob() {
     const input = byId(field.name);
     if (!input || input.closest("[hidden]") || field.name === "model") continue;
     if (field.requires && !job[field.requires]) continue;
+    if (field.widget === "image_prompts") {
+      const prompts = await promptImages(input);
+      if (prompts.length) job[field.name] = prompts;
+      continue;
+    }
     if (field.widget === "image") {
       const file = input.files[0];
       if (!file) {
@@ -182,7 +213,7 @@ function reuse(job) {
   const offered = control && [...byId("controlnet").options].some((o) => o.value === control);
   for (const field of FIELDS) {
     const input = byId(field.name);
-    if (!input || field.widget === "image" || field.name === "model" || field.name === "task") continue;
+    if (!input || field.widget.startsWith("image") || field.name === "model" || field.name === "task") continue;
     if (field.name === "controlnet") { input.value = offered ? control : ""; continue; }
     const value = job[field.name];
     input.value = value === null || value === undefined ? (field.name === "control_scale" ? 1 : "") : value;
