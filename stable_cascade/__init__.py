@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from stable_cascade.checkpoint import CheckpointError
+    from stable_cascade.conditioning.image import ImagePrompt
     from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler, DDPMWuerstchenSchedulerOutput
     from stable_cascade.nn.controlnet import ControlNet
     from stable_cascade.nn.effnet import EfficientNetEncoder
+    from stable_cascade.nn.ip_adapter import IPAdapter
     from stable_cascade.nn.previewer import Previewer
     from stable_cascade.nn.stage_a import PaellaVQModel
     from stable_cascade.nn.unet import StableCascadeUNet, StableCascadeUNetOutput
@@ -33,6 +35,8 @@ __version__ = "0.1.0"
 #: Exported name → the module that defines it.
 _EXPORTS = {
     "CheckpointError": "stable_cascade.checkpoint",
+    "ImagePrompt": "stable_cascade.conditioning.image",
+    "IPAdapter": "stable_cascade.nn.ip_adapter",
     "DDPMWuerstchenScheduler": "stable_cascade.diffusion.ddpm_scheduler",
     "DDPMWuerstchenSchedulerOutput": "stable_cascade.diffusion.ddpm_scheduler",
     "ControlNet": "stable_cascade.nn.controlnet",
@@ -77,7 +81,9 @@ __all__ = [
     "DDPMWuerstchenScheduler",
     "DDPMWuerstchenSchedulerOutput",
     "EfficientNetEncoder",
+    "IPAdapter",
     "ImagePipelineOutput",
+    "ImagePrompt",
     "PaellaVQModel",
     "Previewer",
     "SchedulerConfig",

@@ -18,7 +18,7 @@ from transformers import CLIPTokenizer
 from stable_cascade.cli.main import build_parser, main
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo import DEMO_SIZE, Recipe, evaluate_demo, load_demo
-from stable_cascade.demo.recipe import PREVIEWER_FILE
+from stable_cascade.demo.recipe import IP_ADAPTER_FILE, PREVIEWER_FILE
 from stable_cascade.demo.tokenizer import words_of, write_tokenizer
 from stable_cascade.loading.bundles import BUNDLES, DEMO_DIR
 from stable_cascade.nn.previewer import Previewer
@@ -40,6 +40,10 @@ def test_the_shipped_demo_is_small_and_complete() -> None:
     previewer = DEMO_DIR / PREVIEWER_FILE
     assert previewer.is_file() and previewer.stat().st_size < 2**20, "the demo previewer is missing or big"
     assert trained["seconds"]["previewer"] > 0
+    assert (DEMO_DIR / "prior" / "image_encoder" / "model.safetensors").is_file()
+    assert (DEMO_DIR / "prior" / "feature_extractor" / "preprocessor_config.json").is_file()
+    assert (DEMO_DIR / IP_ADAPTER_FILE).is_file()
+    assert all(trained["seconds"][step] > 0 for step in ("image-encoder", "stage-c-image", "ip-adapter"))
 
 
 @pytest.mark.slow
@@ -147,12 +151,6 @@ def test_shipped_previewer_previews_follow_the_image() -> None:
     assert bool((error < 0.3 * others).all()), (error, others)
 
 
-def test_demo_pipeline_by_name_has_no_image_conditioning() -> None:
-    pipe = load_demo()
-    with pytest.raises(ValueError, match="takes no CLIP image embeddings"):
-        pipe.prior_pipe("a red circle on the left, on a white background", image_embeds=torch.zeros(1, 1, 8))
-
-
 def test_tokenizer_spells_each_grammar_word_as_one_token(tmp_path: Path) -> None:
     captions = [caption(scene) for scene in all_scenes(2)[:2000]] + held_out_prompts("single")
     write_tokenizer(tmp_path, captions, max_length=32)
@@ -172,20 +170,28 @@ def test_documented_retrain_command_builds_a_loadable_cascade(
     the two pipeline folders), then ``demo evaluate`` on what it wrote."""
     toy = (
         ["--images", "64"]
-        + [arg for s in ("a", "b", "b-refine", "c") for arg in (f"--stage-{s}-steps", "3")]
-        + ["--previewer-steps", "3"]
+        + [arg for s in ("a", "b", "b-refine", "c", "c-image") for arg in (f"--stage-{s}-steps", "3")]
+        + ["--previewer-steps", "3", "--image-encoder-steps", "3", "--ip-adapter-steps", "3"]
+        + ["--stage-c-batch-size", "4"]
     )
     assert main(["demo", "train", str(tmp_path / "run"), *toy, "--batch-size", "4"]) == 0
     model = tmp_path / "run" / "model"
-    assert {p.name for p in model.iterdir()} >= {"prior", "decoder", "training.json", PREVIEWER_FILE}
+    files = {"prior", "decoder", "training.json", PREVIEWER_FILE, IP_ADAPTER_FILE}
+    assert {p.name for p in model.iterdir()} >= files
     recorded = json.loads((model / "training.json").read_text())
     assert recorded["recipe"]["stage_b_refine_steps"] == 3 and set(recorded["seconds"]) >= {
         "stage-a",
         "stage-b",
         "stage-c",
+        "image-encoder",
+        "stage-c-image",
         "stage-b-refine",
         "previewer",
+        "ip-adapter",
     }
+    cascade = load_demo(model)
+    assert cascade.prior_pipe.image_encoder is not None  # the run's image encoder, in its prior folder
+    cascade.prior_pipe.load_ip_adapter(model / IP_ADAPTER_FILE)  # fits the run's prior
     previewer = load_demo(model).prior_pipe.previewer  # the run's previewer, not the shipped one
     assert previewer is not None and previewer.config == PREVIEWER_VARIANTS["demo_previewer"]
     trained = load_file(tmp_path / "run" / "previewer" / "final" / "diffusion_pytorch_model.safetensors")

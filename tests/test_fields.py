@@ -50,6 +50,11 @@ SAMPLE: dict[str, Any] = {
     "control_type": "inpainting",
 }
 IMAGE_FIELDS = ("input_image", "control_image", "mask")
+#: Image prompts: (file, strength) per field (the files: the fixture's).
+PROMPTS = {
+    "image_prompts": [("prompt_a", 0.5), ("prompt_b", 1.5)],
+    "negative_image_prompts": [("prompt_c", 0.25)],
+}
 MODEL_FILES = ("prior", "decoder", "stage_a", "effnet", "previewer", "components")
 
 
@@ -58,10 +63,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An input image, a control image and a mask, model files and a LoRA file (never loaded)."""
     folder = tmp_path_factory.mktemp("fields")
     paths = {}
-    for name, colour in (("input_image", (200, 30, 30)), ("control_image", (0, 0, 0)), ("mask", (255,) * 3)):
+    images = {"input_image": (200, 30, 30), "control_image": (0, 0, 0), "mask": (255,) * 3}
+    images |= {"prompt_a": (10, 200, 10), "prompt_b": (10, 10, 200), "prompt_c": (90, 90, 90)}
+    for name, colour in images.items():
         paths[name] = folder / f"{name}.png"
         PIL.Image.new("RGB", (64, 72), colour).save(paths[name])
-    for name in (*MODEL_FILES, "loras"):
+    for name in (*MODEL_FILES, "loras", "ip_adapters"):
         paths[name] = folder / f"{name}.safetensors"
         paths[name].write_bytes(name.encode())
     return paths
@@ -79,8 +86,15 @@ def _check(job: Job, front_end: FrontEnd, files: dict[str, Path], names: str = "
         value = getattr(job, field.name)
         if field.name in SAMPLE:
             assert value == SAMPLE[field.name], (front_end, field.name, value)
-        elif field.name == "loras":
-            assert [(lora.path, lora.scale) for lora in value] == [(str(files["loras"]), 0.5)], front_end
+        elif field.name in ("loras", "ip_adapters"):
+            assert [(ref.path, ref.scale) for ref in value] == [(str(files[field.name]), 0.5)], front_end
+        elif field.name in PROMPTS:  # the files, or the server's copies of the uploads, with strengths
+            wanted = [
+                (image_sha256(PIL.Image.open(files[name])), strength)
+                for name, strength in PROMPTS[field.name]
+            ]
+            assert [(ref.sha256, ref.strength) for ref in value] == wanted, (front_end, field.name)
+            assert all(image_sha256(PIL.Image.open(ref.path)) == ref.sha256 for ref in value)
         elif field.name in MODEL_FILES:
             assert value == str(files[field.name]), (front_end, field.name)
         elif field.name == "input_image":
@@ -118,11 +132,15 @@ def test_every_field_is_a_job_attribute_and_every_front_end_has_a_way_or_a_reaso
 def test_the_command_line_carries_every_field_and_reruns_it(files: dict[str, Path], tmp_path: Path) -> None:
     """Including the settings the command line lacked: both stages' samplers, shifts and rescales."""
     argv = ["img2img", str(files["input_image"]), SAMPLE["prompt"], "--lora", f"{files['loras']}:0.5"]
+    argv += ["--ip-adapter", f"{files['ip_adapters']}:0.5"]
+    for name, prompts in PROMPTS.items():
+        for file, strength in prompts:
+            argv += [BY_NAME[name].cli[0], f"{files[file]}:{strength}"]
     for field in FIELDS:
         options = [flag for flag in field.cli if flag.startswith("-")]
         if options and field.name in SAMPLE:
             argv += [options[0], str(SAMPLE[field.name])]
-        elif options and field.name in files and field.kind != "loras":
+        elif options and field.name in files and field.kind not in ("loras", "ip_adapters"):
             argv += [options[0], str(files[field.name])]
     job, _, _ = job_of(build_parser().parse_args(argv))
     assert job.task == "img2img"
@@ -137,6 +155,8 @@ def test_automatic1111_requests_and_infotexts_carry_every_field(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
     from stable_cascade.server import a1111
+    from stable_cascade.server.controls import a1111_controlnet
+    from stable_cascade.server.image_prompts import a1111_image_prompts
     from stable_cascade.server.inputs import checked_job
     from stable_cascade.server.store import Store
     from stable_cascade.server.uploads import decode_image
@@ -151,12 +171,17 @@ def test_automatic1111_requests_and_infotexts_carry_every_field(
                 value = field.name_of(value)
             (body["override_settings"] if field.name.startswith("decoder") else body)[name] = value
     body["n_iter"], body["init_images"] = SAMPLE["count"], [_encoded(files["input_image"])]
+    units = [{"module": "ip-adapter_clip_sd15", "input_image": _encoded(files[file]), "weight": strength}
+             for file, strength in PROMPTS["image_prompts"]]  # fmt: skip
+    body["alwayson_scripts"] = {"controlnet": {"args": units}}
     upload = decode_image(body["init_images"][0], store, "init_images[0]")
     arguments = a1111.job_arguments(body, "lite", upload.sha256)
     mask = decode_image(_encoded(files["mask"]), store, "mask")
     control_image = str(store.inputs_dir / upload.name)
     controls = {"controlnet": "inpainting", "control_image": control_image}
     controls["mask"] = str(store.inputs_dir / mask.name)
+    arguments["image_prompts"] = a1111_image_prompts(body, store)
+    assert a1111_controlnet(body, store) is None  # IP-Adapter units are image prompts, not controls
     job = checked_job({**arguments, **controls, "control_scale": 0.7}, upload, store)
     files = {**files, "control_image": files["input_image"]}  # A1111 inpaints the init image
     _check(job, "a1111", files, names="init_images[0]")
@@ -187,6 +212,8 @@ def test_the_native_api_carries_every_field(files: dict[str, Path], tmp_path: Pa
     }
     body.update({name: value for name, value in SAMPLE.items() if BY_NAME[name].carried_by("api")})
     body.update(control_image=_encoded(files["control_image"]), mask=_encoded(files["mask"]))
+    for name, prompts in PROMPTS.items():
+        body[name] = [{"image": _encoded(files[file]), "strength": strength} for file, strength in prompts]
     job, _ = native_job(json.loads(json.dumps(body)), store, "lite")
     _check(job, "api", files, names="in.png")
     shown = {"job": job.to_dict(), "image": body["image"]}  # a job as GET /v1/jobs/{id} shows it
@@ -203,19 +230,24 @@ def test_batch_files_carry_every_field(files: dict[str, Path], tmp_path: Path) -
     row.update(
         task="img2img", input_image="input_image.png", control_image="control_image.png", mask="mask.png"
     )
+    prompts = {
+        name: [f"{file}.png:{strength}" for file, strength in items] for name, items in PROMPTS.items()
+    }
     settings = {"model": "full", "dtype": "fp32", "loras": [(str(files["loras"]), 0.5)]}
+    settings["ip_adapters"] = [(str(files["ip_adapters"]), 0.5)]
     settings.update({name: str(files[name]) for name in MODEL_FILES})
     for suffix in (".jsonl", ".csv"):
-        prompts = files["input_image"].parent / f"items{suffix}"
+        items = files["input_image"].parent / f"items{suffix}"
         if suffix == ".jsonl":
-            prompts.write_text(json.dumps(row) + "\n")
+            items.write_text(json.dumps({**row, **prompts}) + "\n")
         else:
             text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=list(row))
+            cells = {name: ";".join(texts) for name, texts in prompts.items()}
+            writer = csv.DictWriter(text, fieldnames=[*row, *cells])
             writer.writeheader()
-            writer.writerow(row)
-            prompts.write_text("\ufeff" + text.getvalue())  # a BOM, as spreadsheets write it
-        (planned,) = plan_items(read_items(prompts), settings, base_seed=1)
+            writer.writerow({**row, **cells})
+            items.write_text("\ufeff" + text.getvalue())  # a BOM, as spreadsheets write it
+        (planned,) = plan_items(read_items(items), settings, base_seed=1)
         job = planned.job.replace(batch_size=SAMPLE["batch_size"])  # batch makes one image a row
         _check(job, "batch", files)
 

@@ -67,11 +67,15 @@ def test_several_images_match_diffusers(tmp_path: Path) -> None:
     assert torch.equal(latents(ours, images=strengths), latents(ours, images=images))
 
 
-def test_strength_zero_is_no_image_and_strength_scales_the_embedding(pipe: StableCascadePriorPipeline) -> None:
+def test_strength_zero_is_no_image_and_strength_scales_the_embedding(
+    pipe: StableCascadePriorPipeline,
+) -> None:
     first, second = pictures(2)
     none = latents(pipe)
     assert torch.equal(latents(pipe, images=[ImagePrompt(first, 0.0)]), none)
-    assert torch.equal(latents(pipe, images=[ImagePrompt(first, 0.0), second]), latents(pipe, images=[second]))
+    assert torch.equal(
+        latents(pipe, images=[ImagePrompt(first, 0.0), second]), latents(pipe, images=[second])
+    )
     scaled = latents(pipe, image_embeds=0.5 * embeds(pipe, [first]))
     torch.testing.assert_close(latents(pipe, images=[ImagePrompt(first, 0.5)]), scaled)
     assert not torch.allclose(latents(pipe, images=[first]), none)
@@ -103,15 +107,23 @@ def test_negative_image_prompts_replace_the_unconditional_zeros(pipe: StableCasc
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"images": [ImagePrompt(pictures(1)[0], float("nan"))]}, r"strength of `images\[0\]` must be a finite"),
+        (
+            {"images": [ImagePrompt(pictures(1)[0], float("nan"))]},
+            r"strength of `images\[0\]` must be a finite",
+        ),
         ({"images": [ImagePrompt(pictures(1)[0], float("inf"))]}, "must be a finite number"),
         ({"images": [ImagePrompt(pictures(1)[0], -1.0)]}, "must be >= 0"),
         ({"negative_images": ["x.png"]}, "must be a PIL.Image.Image or a torch.Tensor"),
-        ({"negative_images": pictures(1), "negative_image_embeds": torch.zeros(1, 1, 16)}, "either negative_"),
+        (
+            {"negative_images": pictures(1), "negative_image_embeds": torch.zeros(1, 1, 16)},
+            "either negative_",
+        ),
         ({"image_embeds": torch.zeros(1, 1, 5)}, r"must have 16 channels"),
     ],
 )
-def test_bad_image_prompts_get_one_line(pipe: StableCascadePriorPipeline, kwargs: dict[str, Any], match: str) -> None:
+def test_bad_image_prompts_get_one_line(
+    pipe: StableCascadePriorPipeline, kwargs: dict[str, Any], match: str
+) -> None:
     with pytest.raises((ValueError, TypeError), match=match) as error:
         latents(pipe, **kwargs)
     assert "\n" not in str(error.value)

@@ -195,7 +195,9 @@ def test_training_lowers_the_loss_resumes_exactly_and_keeps_the_prior(tmp_path: 
     assert loss() < before
     assert all(torch.equal(parts.prior.state_dict()[k], v) for k, v in prior.items())  # type: ignore[union-attr]
     train(TrainConfig(output_dir=tmp_path / "resumed", steps=3, **common), ip_parts(tmp_path))
-    train(TrainConfig(output_dir=tmp_path / "resumed", steps=6, resume="latest", **common), ip_parts(tmp_path))
+    train(
+        TrainConfig(output_dir=tmp_path / "resumed", steps=6, resume="latest", **common), ip_parts(tmp_path)
+    )
     for name in ("model", "ema"):
         straight = load_file(tmp_path / "straight" / "checkpoint-6" / f"{name}.safetensors")
         again = load_file(tmp_path / "resumed" / "checkpoint-6" / f"{name}.safetensors")

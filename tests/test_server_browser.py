@@ -215,6 +215,22 @@ def test_the_form_carries_every_field_and_reuse_brings_them_back(
     for name, colour in (("input_image", "red"), ("control_image", "black"), ("mask", "white")):
         pictures[name] = tmp_path / f"{name}.png"
         PIL.Image.new("RGB", (64, 72), colour).save(pictures[name])
+    prompts = {"image_prompts": ("green", 0.5), "negative_image_prompts": ("blue", 1.5)}  # one upload each
+    for name, (colour, _) in prompts.items():
+        PIL.Image.new("RGB", (64, 72), colour).save(tmp_path / f"{name}.png")
+
+    def add_prompts() -> None:
+        for name, (_, strength) in prompts.items():
+            browser.find_element(By.CSS_SELECTOR, f"#{name} input[type=file]").send_keys(
+                str(tmp_path / f"{name}.png")
+            )
+            slider = browser.find_element(By.CSS_SELECTOR, f"#{name} input[type=range]")
+            browser.execute_script(
+                "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                slider,
+                strength,
+            )
+
     fields = httpx.get(server.url + "/v1/fields", timeout=10).json()["fields"]
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60)
@@ -235,6 +251,7 @@ def test_the_form_carries_every_field_and_reuse_brings_them_back(
                 else:
                     control.clear()
                     control.send_keys(str(SAMPLE[field["name"]]))
+        add_prompts()
 
     def submitted() -> dict[str, object]:
         before = httpx.get(server.url + "/v1/jobs?limit=1", timeout=10).json()["jobs"]
@@ -254,6 +271,10 @@ def test_the_form_carries_every_field_and_reuse_brings_them_back(
         if field["widget"] == "image":
             digest = job[f"{name}_sha256"]
             assert digest == image_sha256(PIL.Image.open(pictures[name])), name
+        elif field["widget"] == "image_prompts":
+            (prompt,) = job[name]  # type: ignore[misc]
+            picture = PIL.Image.open(tmp_path / f"{name}.png")
+            assert (prompt["sha256"], prompt["strength"]) == (image_sha256(picture), prompts[name][1]), name
         else:
             assert job[name] == SAMPLE.get(name, "img2img" if name == "task" else None), (name, job[name])
     assert job["input_image"] == "input_image.png"
@@ -261,7 +282,7 @@ def test_the_form_carries_every_field_and_reuse_brings_them_back(
     reuse = wait.until(lambda b: b.find_elements(By.XPATH, "//button[text()='Reuse parameters']"))[0]
     reuse.click()
     for field in fields:
-        if field["widget"] != "image" and field["name"] not in ("seed",):
+        if not field["widget"].startswith("image") and field["name"] not in ("seed",):
             value = browser.find_element(By.ID, field["name"]).get_attribute("value")
             expected = job[field["name"]]
             assert value in (str(expected), f"{expected:g}" if isinstance(expected, float) else ""), field[
@@ -270,5 +291,6 @@ def test_the_form_carries_every_field_and_reuse_brings_them_back(
     assert browser.find_element(By.ID, "seed").get_attribute("value") == str(SAMPLE["seed"])
     for name, picture in pictures.items():  # uploads cannot be restored: the same files again
         browser.find_element(By.ID, name).send_keys(str(picture))
+    add_prompts()
     again = submitted()
     assert again == job

@@ -59,7 +59,7 @@ _DEMO = ModelBundle(
     previewer=str(DEMO_DIR / "previewer.safetensors"),
     default_size=128,
     min_side=32,
-    image_encoder=False,
+    image_encoder=True,  # the demo image encoder (a small CLIP vision tower)
     controlnets=(("canny", str(DEMO_DIR / "controlnet")),),
 )
 BUNDLES: dict[str, ModelBundle] = {
