@@ -54,7 +54,8 @@ def test_txt2img_maps_a1111_fields_and_answers_in_a1111_shape(api: webuiapi.WebU
     assert [image.size for image in result.images] == [(128, 128)] * 2
     assert result.info["all_seeds"] == [5, 6] and result.info["seed"] == 5
     assert result.info["sampler_name"] == "DDIM" and result.info["steps"] == 8
-    assert len(result.info["infotexts"]) == 2 and "Steps: 8+4" in result.info["infotexts"][0]
+    assert len(result.info["infotexts"]) == 2 and "Steps: 8," in result.info["infotexts"][0]
+    assert "Stage B steps: 4," in result.info["infotexts"][0]
     assert result.parameters["prompt"] == PROMPT
     record = _record(result.images[1])
     assert record["seed"] == 6 and record["job"]["negative_prompt"] == "blue"

@@ -41,6 +41,7 @@ class Job:
     task: Task = _DEFAULTS["task"]
     prompt: str = _DEFAULTS["prompt"]
     negative_prompt: str = _DEFAULTS["negative_prompt"]
+    emphasis: str = _DEFAULTS["emphasis"]
     input_image: str | None = _DEFAULTS["input_image"]
     input_image_sha256: str | None = _DEFAULTS["input_image_sha256"]
     strength: float | None = _DEFAULTS["strength"]

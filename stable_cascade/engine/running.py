@@ -20,7 +20,7 @@ import PIL.Image
 import torch
 
 from stable_cascade.engine.control import ControlImages
-from stable_cascade.engine.events import Event, ImageDone, JobCancelled, Preview, Progress
+from stable_cascade.engine.events import BatchSkipped, Event, ImageDone, JobCancelled, Preview, Progress
 from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.models import LoadedModels
 from stable_cascade.engine.record import ImageRecord
@@ -56,6 +56,7 @@ class Calls:
     control: ControlImages | None = None
     emit: Emit = lambda event: None
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    skip: threading.Event = dataclasses.field(default_factory=threading.Event)
     previews: bool = False
     total_steps: int = 0
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"prior": 0.0, "decoder": 0.0})
@@ -65,6 +66,9 @@ class Calls:
     def check_stop(self) -> None:
         if self.stop.is_set():
             raise JobCancelled("the job was cancelled")
+        if self.skip.is_set():
+            self.skip.clear()
+            raise BatchSkipped("the batch was skipped")
 
     def make(self, rows: Sequence[Row], batch: int = 0, batches: int = 1) -> list[ImageDone]:
         """The images of ``rows`` (jobs with the same settings), one model call per stage."""
