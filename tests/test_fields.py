@@ -137,8 +137,8 @@ def test_the_command_line_carries_every_field_and_reruns_it(files: dict[str, Pat
 def test_automatic1111_requests_and_infotexts_carry_every_field(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from stable_cascade.server import a1111
     from stable_cascade.engine import ModelLibrary
+    from stable_cascade.server import a1111
     from stable_cascade.server.inputs import Served, checked_job
     from stable_cascade.server.store import Store
     from stable_cascade.server.uploads import decode_image

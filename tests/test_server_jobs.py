@@ -147,7 +147,7 @@ def test_bad_requests_get_a_clear_4xx(server: ServerProcess) -> None:
             (client.post("/v1/jobs", json={"task": "img2img", "image": "%%%"}), 422, "not valid base64"),
             (client.post("/v1/jobs", json={"job": {"prompt": PROMPT, "oops": 1}}), 422, "oops"),
             (client.post("/v1/jobs", json={"prompt": "x" * 600_000}), 413, "larger than"),
-            (client.post("/v1/jobs", json={"prior_steps": 3, "loras": ["nope:0.5"]}), 422, "unknown LoRA 'nope'"),
+            (client.post("/v1/jobs", json={"loras": ["nope:0.5"]}), 422, "unknown LoRA 'nope'"),
             (client.post("/v1/jobs", json={"job": {"loras": [{"path": "/x.safetensors"}]}}), 422, "LoRA"),
         ]
     for answer, status, text in cases:

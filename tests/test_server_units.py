@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from stable_cascade.cli.main import main
-from stable_cascade.server import ServerConfig
 from stable_cascade.engine import ModelLibrary, ModelSources
 from stable_cascade.fields.a1111 import sampler as our_sampler
 from stable_cascade.fields.a1111 import scheduler
+from stable_cascade.server import ServerConfig
 from stable_cascade.server.a1111 import job_arguments
 from stable_cascade.server.inputs import Served
 from stable_cascade.server.models import model_arguments
@@ -107,7 +107,7 @@ def test_a1111_fields_map_to_job_arguments() -> None:
     lite = Served(None, ModelLibrary(), "lite")  # type: ignore[arg-type]
     assert job_arguments({"seed": 4}, lite, None)["models"] == ModelSources(model="lite")
     assert job_arguments({"seed": 4}, lite, None)["seed"] == 4
-    with pytest.raises(ValueError, match="enable_hr .* is not supported"):  # never ignored
+    with pytest.raises(ValueError, match=r"enable_hr .* is not supported"):  # never ignored
         job_arguments({"enable_hr": True}, lite, None)
     with pytest.raises(ValueError, match="unknown scheduler 'Wobbly'"):
         job_arguments({"override_settings": {"scheduler": "Wobbly"}}, lite, None)
