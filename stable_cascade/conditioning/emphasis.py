@@ -32,7 +32,9 @@ Emphasis = Literal["original", "no_norm", "ignore", "none"]
 FACTOR = 1.1  # ( ) multiplies, [ ] divides
 COMMA_BACKTRACK = 20  # tokens: how far back a full chunk looks for a comma to break at
 MAX_CHUNKS = 32  # 2,400 tokens: far beyond what conditions an image, bounded for the server's sake
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+#: Brackets a prompt may open: reading costs brackets², and no prompt needs more.
+MAX_BRACKETS = 1000
+_BREAK = re.compile(r"\bBREAK\b")  # the spaces around it go too (stripped, not matched: linear)
 _NUMBER = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _ESCAPES = {"\\(": "(", "\\)": ")", "\\[": "[", "\\]": "]", "\\\\": "\\"}
 
@@ -47,25 +49,41 @@ class Fragment:
 
 
 def parse_attention(text: str) -> list[Fragment]:
-    """The prompt's fragments and their weights (neighbours of equal weight merged)."""
+    """The prompt's fragments and their weights (neighbours of equal weight merged); a one-line
+    ``ValueError`` for more than :data:`MAX_BRACKETS` brackets or :data:`MAX_CHUNKS` ``BREAK``."""
+    opened = text.count("(") + text.count("[") - text.count("\\(") - text.count("\\[")
+    if opened > MAX_BRACKETS:
+        raise ValueError(f"the prompt opens {opened:,} brackets; at most {MAX_BRACKETS:,} are read")
+    if len(_BREAK.findall(text)) >= MAX_CHUNKS:
+        raise ValueError(f"the prompt has more BREAKs than its {MAX_CHUNKS} chunks may have; use fewer")
     parts: list[list[object]] = []  # [text, weight, is_break]
     round_open: list[int] = []
     square_open: list[int] = []
+    fresh = [False]  # the last part is text no bracket has opened or closed after: text joins it
 
     def scale(start: int, factor: float) -> None:
+        fresh[0] = False
         for part in parts[start:]:
             if not part[2]:
                 part[1] = float(part[1]) * factor  # type: ignore[arg-type]  # a float
+
+    def add(piece: str, is_break: bool = False) -> None:
+        if fresh[0] and not is_break:
+            parts[-1][0] = f"{parts[-1][0]}{piece}"
+        else:
+            parts.append([piece, 1.0, is_break])
+        fresh[0] = not is_break
 
     i, end = 0, len(text)
     while i < end:
         pair = text[i : i + 2]
         number = _NUMBER.match(text, i) if text[i] == ":" else None
         if pair in _ESCAPES:
-            parts.append([_ESCAPES[pair], 1.0, False])
+            add(_ESCAPES[pair])
             i += 2
         elif text[i] in "([":
             (round_open if text[i] == "(" else square_open).append(len(parts))
+            fresh[0] = False
             i += 1
         elif number is not None and round_open and _is_number(number.group(1)):
             scale(round_open.pop(), float(number.group(1)))
@@ -78,10 +96,13 @@ def parse_attention(text: str) -> list[Fragment]:
             i += 1
         else:
             run = _run_end(text, i)
-            for n, piece in enumerate(_BREAK.split(text[i:run])):
+            pieces = _BREAK.split(text[i:run])
+            for n, piece in enumerate(pieces):
                 if n:
-                    parts.append(["BREAK", 1.0, True])
-                parts.append([piece, 1.0, False])
+                    add("BREAK", is_break=True)
+                add(piece.lstrip() if n else piece)
+                if n < len(pieces) - 1:
+                    parts[-1][0] = str(parts[-1][0]).rstrip()
             i = run
     for start in round_open:
         scale(start, FACTOR)

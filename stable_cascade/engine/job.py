@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from stable_cascade.conditioning.emphasis import parse_attention
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, StageSettings, get_preset
 from stable_cascade.engine.control import ControlRef
 from stable_cascade.engine.loras import LoraRef
@@ -111,6 +112,9 @@ class Job:
         limits.check_int(
             "seed", self.seed, 0, limits.MAX_SEED - self.images, " (every image's seed must fit)"
         )
+        if self.emphasis != "none":  # the weighting syntax is read (bounded) before any work
+            for text in (self.prompt, self.negative_prompt):
+                parse_attention(text)
         for lora in self.loras:
             lora.validate()
         bundle = BUNDLES[self.model]

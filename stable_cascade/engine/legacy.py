@@ -43,7 +43,8 @@ def parse_infotext(text: str, source: str = "the parameters text") -> dict[str, 
     lacks comes from the preset; an image task's input image is unknown (its sha256 ``unknown``); the
     prompt's ``<lora:…>`` tags are left out, with a warning (the text does not say where the files are)."""
     values = infotext.parse(text, source)
-    values["prompt"], networks = extra_networks(values["prompt"])
+    prompt, networks = extra_networks(values["prompt"])
+    values["prompt"] = prompt.strip()
     if networks:
         tags = ", ".join(f"<{kind}:{':'.join(arguments)}>" for kind, arguments in networks)
         logger.warning(

@@ -189,10 +189,10 @@ def _sources(path: Path) -> ModelSources:
             stage = "prior" if unet.kind is Kind.STAGE_C else "decoder"
             if stage == "decoder":
                 raise ValueError("a Stage B bundle is a decoder, not a checkpoint of Stage C")
-            return _based(_config(unet.config), prior=str(path))
+            return _based(_config(unet.config), components=True, prior=str(path))
         if identity.kind is not Kind.STAGE_C:
             raise ValueError(f"{identity.kind.article} {identity.kind.value} file, not a Stage C checkpoint")
-        return _based(_config(identity.config), prior=str(path))
+        return _based(_config(identity.config), components=True, prior=str(path))
     if (path / "prior" / MODEL_INDEX).is_file() and (path / "decoder" / MODEL_INDEX).is_file():
         config = _json(path / "prior" / "prior" / "config.json")
         return _based(config, prior=str(path / "prior"), decoder=str(path / "decoder"))
@@ -210,7 +210,8 @@ def _sources(path: Path) -> ModelSources:
 
 
 def _based(config: dict[str, object], components: bool = False, **paths: str) -> ModelSources:
-    """Sources on the base bundle that fits a Stage C of this config (or width)."""
+    """Sources on the base bundle that fits a Stage C of this config; ``components``: the Stage C needs
+    a tokenizer and text encoder (a single file, a model folder), the base's when it is local."""
     base = _base(config)
     extra = {"components": base.prior_repo} if components and Path(base.prior_repo).exists() else {}
     return ModelSources(model=base.name, **paths, **extra)

@@ -124,7 +124,9 @@ def created_job(fields: dict[str, Any], upload: Upload | None, controls: list[An
 
 
 def checked_job(arguments: dict[str, Any], upload: Upload | None, served: Served) -> Job:
-    """``Job.create(**arguments)`` for ``upload`` (or none), checked as the server runs it."""
+    """``Job.create(**arguments)`` for ``upload`` (or none), checked as the server runs it; a checkpoint
+    of the models folder makes its base model's native size when the request gives none."""
+    models.checkpoint_size(arguments)
     try:
         job = Job.create(image_size=None if upload is None else upload.image.size, **arguments)
     except TypeError as error:  # a value of a type the job's arithmetic cannot take

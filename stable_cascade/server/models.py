@@ -75,6 +75,19 @@ def prompt_arguments(library: ModelLibrary, arguments: dict[str, Any], loras: li
         arguments["loras"] = refs
 
 
+def checkpoint_size(arguments: dict[str, Any]) -> None:
+    """A checkpoint's size when a request gives none: its base model's native size (the engine takes
+    1024 for a Stage C it does not know)."""
+    sources = arguments.get("models")
+    if not isinstance(sources, ModelSources) or sources.prior is None:
+        return
+    controls = arguments.get("controls") or []
+    derived = any("super_resolution" in (c.controlnet, c.control_type) for c in controls)
+    reconstruct = arguments.get("task") == "reconstruct"
+    if not derived and not reconstruct and arguments.get("width") is None and arguments.get("height") is None:
+        arguments["width"] = arguments["height"] = sources.bundle.default_size
+
+
 def check_served(job: Job, library: ModelLibrary) -> None:
     """Refuse a job that names files other than the models folder's: model files, LoRAs, ControlNets."""
     if library.name_of(job.models) is None:
