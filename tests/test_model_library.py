@@ -104,7 +104,11 @@ def test_jobs_name_the_folders_entries_and_the_server_refuses_other_files(folder
     job = Job.create(**arguments)
     assert (job.width, job.height) == (128, 128)
     check_served(job, library)
-    assert job_names(library, job.to_dict()) == {"model_name": "single", "lora_names": ["ink"]}
+    assert job_names(library, job.to_dict()) == {
+        "model_name": "single",
+        "lora_names": ["ink"],
+        "controlnet_name": None,
+    }
     elsewhere = LoraRef(str(folder / "Stable-diffusion" / "single.safetensors"), 1.0)
     for changed in (
         job.replace(prior=str(DEMO_DIR / "previewer.safetensors")),

@@ -115,15 +115,19 @@ def served_controlnet(library: ModelLibrary, controlnet: str) -> bool:
 
 
 def job_names(library: ModelLibrary, job: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored job's models by name, as requests name them: ``model_name`` (None: not one the server
-    offers now) and ``lora_names`` (None where a LoRA is not in the folder now)."""
+    """A stored job's models by name, as requests name them: ``model_name``, ``lora_names`` and
+    ``controlnet_name`` (None where the server does not offer it now)."""
     sources = ModelSources(**{f: job.get(f) for f in ModelSources.__dataclass_fields__})
     loras = job.get("loras") or []
+    controlnet = job.get("controlnet")
+    if isinstance(controlnet, str) and controlnet not in RELEASED_CONTROLNETS:
+        controlnet = library.controlnet_name(controlnet)
     return {
         "model_name": library.name_of(sources),
         "lora_names": [
             library.lora_name(str(lora.get("path"))) for lora in loras if isinstance(lora, Mapping)
         ],
+        "controlnet_name": controlnet,
     }
 
 
