@@ -151,18 +151,26 @@ def test_serve_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: stable-cascade serve" in out and "--api-key" in out and "--insecure" in out
 
 
-def test_info_lists_each_models_controlnets(tmp_path: Path) -> None:
+def test_info_lists_each_models_controlnets_and_whether_it_is_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import huggingface_hub
     from fastapi.testclient import TestClient
 
     from stable_cascade.server.app import create_app
 
-    app = create_app(ServerConfig(model="demo", data=tmp_path, device="cpu"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    app = create_app(ServerConfig(model="demo", data=tmp_path / "demo", device="cpu"))
     answer = TestClient(app).get("/v1/info")  # no lifespan: no worker starts
     assert answer.status_code == 200, answer.text
     models = answer.json()["models"]
     assert models["demo"]["controlnets"] == ["canny"]
     assert models["full"]["controlnets"] == ["canny", "inpainting", "super_resolution"]
     assert models["lite"]["controlnets"] == []
+    assert models["demo"]["available"] and not models["full"]["available"]  # not downloaded: marked
+    assert "default model" not in caplog.text
+    create_app(ServerConfig(model="full", data=tmp_path / "full", device="cpu"))
+    assert "the default model full is not on this machine" in caplog.text  # said at start
 
 
 def test_a_requests_fields_are_checked_before_its_images_are_decoded(
