@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import PIL.Image
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from stable_cascade.conditioning.emphasis import (
     is_plain,
     parse_attention,
 )
-from stable_cascade.engine import Engine, ImageDone, Job, ModelSources
+from stable_cascade.engine import Engine, ImageDone, Job, ModelSources, image_sha256
 from stable_cascade.engine.job import Row
 from stable_cascade.engine.texts import TextCache
 from stable_cascade.fields.prompts import PromptLora, extra_networks, prompt_loras
@@ -132,6 +133,19 @@ def test_a_weighted_job_runs_and_differs_from_its_plain_prompt() -> None:
         images[prompt] = next(e for e in engine.run(job) if isinstance(e, ImageDone)).image.tobytes()
     plain, heavier, same = images.values()
     assert plain == same != heavier
+
+
+def test_stage_b_alone_takes_the_weighted_prompts_first_chunk() -> None:
+    """reconstruct runs Stage B only: it gets what the cascade hands on (the first chunk's pooled)."""
+    engine, picture = Engine(device="cpu"), PIL.Image.new("RGB", (128, 128), "white")
+    made = []
+    for prompt, emphasis in (("a red circle", "original"), ("(a red circle:1.0) BREAK x", "original"),
+                             ("(a red circle:1.0) BREAK x", "none")):  # fmt: skip
+        job = Job.create(task="reconstruct", prompt=prompt, emphasis=emphasis, model="demo", seed=1,
+                         decoder_steps=2, decoder_guidance=2.0, input_image_sha256=image_sha256(picture),
+                         image_size=picture.size)  # fmt: skip
+        made.append(next(e for e in engine.run(job, picture) if isinstance(e, ImageDone)).image.tobytes())
+    assert made[0] == made[1] != made[2]
 
 
 def test_lora_tags_are_found_and_taken_out_as_automatic1111_does() -> None:

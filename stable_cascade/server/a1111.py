@@ -77,7 +77,8 @@ def job_arguments(body: Mapping[str, Any], served: Served, image_sha256: str | N
             arguments[name] = BY_NAME[name].choice(value)
     if arguments.get("seed") == -1:
         arguments["seed"] = None  # random
-    model = next((s["sd_model_checkpoint"] for s in (overrides, body) if s.get("sd_model_checkpoint")), None)
+    model = next((s.get("sd_model_checkpoint") or s.get("model") for s in (overrides, body)
+                  if s.get("sd_model_checkpoint") or s.get("model")), None)  # fmt: skip
     arguments.update(models.model_arguments(served.library, model or served.model))
     models.prompt_arguments(served.library, arguments, [])
     if image_sha256 is None:

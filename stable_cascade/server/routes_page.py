@@ -30,6 +30,7 @@ router = APIRouter(tags=["page"])
 #: What the stream of every job sends with the queue's count.
 STATE_CHANGES = ("queued", "started", "deleted", *FINAL_STATES)
 ZIP_CHUNK = 1 << 20  # bytes per piece of a zip download
+MAX_ZIP_IMAGES = 1000  # images in one zip download
 ZIP_IN_MEMORY = 32 << 20  # bytes a zip is built in memory before it goes to a temporary file
 
 
@@ -140,7 +141,7 @@ async def delete(request: Request, job_id: str) -> Response:
 
 @router.get("/v1/images.zip")
 async def images_zip(request: Request, ids: str) -> StreamingResponse:
-    """The images of the jobs ``ids`` (comma-separated, at most 200) as one zip file."""
+    """The images of the jobs ``ids`` (comma-separated, at most 200; at most 1,000 images) as one zip."""
     server = _server(request)
     wanted = [job_id for job_id in ids.split(",") if job_id]
     if not 1 <= len(wanted) <= MAX_LIST:
@@ -148,6 +149,10 @@ async def images_zip(request: Request, ids: str) -> StreamingResponse:
     images = [(job_id, image) for job_id in wanted for image in server.store.images(job_id)]
     if not images:
         raise RequestError(404, "those jobs have no images")
+    if len(images) > MAX_ZIP_IMAGES:
+        raise RequestError(
+            422, f"those jobs have {len(images):,} images; a zip holds at most {MAX_ZIP_IMAGES:,}"
+        )
     archive = await run_in_threadpool(_zip, [(f"{j[:8]}-{i.n}-{i.seed}.png", i.file) for j, i in images])
     headers = {"Content-Disposition": 'attachment; filename="stable-cascade-images.zip"'}
     return StreamingResponse(_pieces(archive), media_type="application/zip", headers=headers)
