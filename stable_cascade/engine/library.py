@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import huggingface_hub
@@ -156,10 +157,10 @@ def available(sources: ModelSources) -> bool:
     return True
 
 
-def _named(paths: object) -> dict[str, Path]:
+def _named(paths: Iterable[Path]) -> dict[str, Path]:
     """Entries by name (file stem or folder name); a repeated name keeps the first, with a warning."""
     named: dict[str, Path] = {}
-    for path in paths:  # type: ignore[attr-defined]  # an iterable of paths
+    for path in paths:
         name = path.stem if path.is_file() else path.name
         if name in named:
             logger.warning("models folder: %s is left out: %s has the name %s", path, named[name], name)

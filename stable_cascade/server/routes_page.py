@@ -10,6 +10,7 @@ import tempfile
 import zipfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from importlib import resources
+from pathlib import Path
 from typing import IO, Any
 
 from fastapi import APIRouter, Request
@@ -158,7 +159,7 @@ async def images_zip(request: Request, ids: str) -> StreamingResponse:
     return StreamingResponse(_pieces(archive), media_type="application/zip", headers=headers)
 
 
-def _zip(files: list[tuple[str, Any]]) -> IO[bytes]:
+def _zip(files: list[tuple[str, Path]]) -> IO[bytes]:
     """The files stored (PNGs are compressed already) in a zip, rewound."""
     archive = tempfile.SpooledTemporaryFile(max_size=ZIP_IN_MEMORY)  # noqa: SIM115  # _pieces closes it
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
