@@ -144,8 +144,12 @@ def test_stage_b_alone_takes_the_weighted_prompts_first_chunk() -> None:
         job = Job.create(task="reconstruct", prompt=prompt, emphasis=emphasis, model="demo", seed=1,
                          decoder_steps=2, decoder_guidance=2.0, input_image_sha256=image_sha256(picture),
                          image_size=picture.size)  # fmt: skip
-        made.append(next(e for e in engine.run(job, picture) if isinstance(e, ImageDone)).image.tobytes())
-    assert made[0] == made[1] != made[2]
+        image = next(e for e in engine.run(job, picture) if isinstance(e, ImageDone)).image
+        made.append(torch.tensor(list(image.tobytes()), dtype=torch.int16))
+    # One chunk or two goes through the text encoder in a different batch shape, so another CPU's
+    # kernels may round the last bit differently: the same picture is equal within one level.
+    assert (made[0] - made[1]).abs().max() <= 1
+    assert (made[0] - made[2]).abs().max() > 4
 
 
 def test_lora_tags_are_found_and_taken_out_as_automatic1111_does() -> None:
