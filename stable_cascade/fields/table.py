@@ -27,6 +27,7 @@ A1111_SAMPLERS = {
     "DDIM": "ddim",
     "DPM++ 2M": "dpmpp_2m",
     "DDPM": "ddpm",
+    "LCM": "lcm",
     "k_euler_a": "euler_ancestral",
     "k_euler_ancestral": "euler_ancestral",
     "k_dpmpp_2m": "dpmpp_2m",
@@ -139,8 +140,9 @@ FIELDS: tuple[Field, ...] = (
     _model_field("previewer", "previewer", "Stage C previewer single file (previews)", PRIOR_TASKS),
     _model_field("components", "components", "repo id or folder with the tokenizer and CLIP encoders "
                  "for single files"),
-    Field("loras", "loras", "LoRAs", "Stage C LoRAs (ours, kohya/OneTrainer or Stability's format), "
-          "each FILE[:SCALE] (scale 1.0)", "Models", (), tasks=PRIOR_TASKS, cli=("--lora",),
+    Field("loras", "loras", "LoRAs", "Stage C LoRAs (ours, kohya/OneTrainer or Stability's format) and "
+          "Stage B ones (ours, marked stage=decoder), each FILE[:SCALE] (scale 1.0)", "Models", (),
+          "none; the lcm preset: the model's LCM LoRAs", tasks=PRIOR_TASKS, cli=("--lora",),
           why_not={**NAMED_MODELS_ONLY, "infotext": "the text names LoRAs by file (Lora: …); the JSON "
                    "record has the files and their sha256"}),
     Field("dtype", "choice", "dtype", "auto: bf16 on CUDA with bf16 support, else fp32", "Models", "auto",

@@ -116,6 +116,10 @@ class _Run:
         self.task: Task = given
         if config.task == "lora" and self.sharded:
             raise ValueError("LoRA training with FSDP is not supported; LoRA trains few weights: use DDP")
+        if config.task == "lcm" and self.sharded:
+            raise ValueError(
+                "LCM distillation with FSDP is not supported (its teacher and target run unsharded); use DDP"
+            )
         if self.sharded and not accelerator.is_fsdp2:
             raise ValueError(
                 "FSDP version 1 is not supported (the UNet's blocks compute their conditioning outside "
@@ -159,6 +163,7 @@ class _Run:
             _gather_in_prepare(trainee)
         self.task.to(accelerator.device)
         ema = EMA(trainee, config.ema_decay) if config.ema_decay > 0 else None
+        self.task.begin(ema)
         if self.resume is not None:
             self._load_state(self.resume, model, optimizer, scheduler, weights, ema)
         sampler = (
