@@ -85,7 +85,7 @@ def check_served(job: Job, store: Store) -> None:
         raise ValueError(
             "the server runs named models only (see GET /sdapi/v1/sd-models); remove model paths"
         )
-    if job.loras:
+    if job.named_loras:
         raise ValueError("the server takes no LoRA files from requests; remove 'loras'")
     check_served_controls(job, store)
 

@@ -112,8 +112,9 @@ def load_components(config: TrainConfig) -> Components:
     """
     found = Components()
     lcm_unet = {"c": "prior", "b": "decoder"}[config.lcm_stage] if config.task == "lcm" else None
-    if config.pretrained is not None:
-        _from_pipeline(found, config.pretrained, _NEEDED.get(config.task, _TEACHER_PARTS[config.lcm_stage]))
+    if config.pretrained is not None:  # (lcm: the encoders; its stage's UNet is the teacher's)
+        needed = _NEEDED.get(config.task, _TEACHER_PARTS[config.lcm_stage])
+        _from_pipeline(found, config.pretrained, tuple(name for name in needed if name != lcm_unet))
     if config.teacher is not None:
         _from_teacher(found, config.teacher, _TEACHER_PARTS[config.lcm_stage], lcm_unet or "prior")
     pieces: dict[str, tuple[Path | None, type[PretrainedModel], str]] = {

@@ -7,7 +7,8 @@ gradients, the teacher the same UNet with the adapters off) or, with ``lcm_full`
 target is the run's EMA of it (``ema_decay``), optionally taking the guidance scale as an extra
 timestep condition (``lcm_guidance_embedding``; new mappers start at zero, so the student starts as the
 teacher). Each step (``prepare``, without gradients): x0 and the conditioning as the stage's own task
-makes them, a start level ``t_n`` and noise, the teacher's guided DDIM step to ``t_{n-1}`` and the
+makes them, a start level ``t_n`` and Gaussian noise (the sampler's; Stage B too, which trains on
+pyramid noise), the teacher's guided DDIM step to ``t_{n-1}`` and the
 target's consistency function there; the trainee's forward gives the student's at ``t_n`` and the
 distance. The export is ``final/lora.safetensors`` (marked ``stage`` and ``adapter: lcm``, which the
 ``lcm`` preset looks for) or the stage's pipeline folder.
@@ -182,10 +183,6 @@ class LCMDistillation(Task):
     def _autocast(self) -> Any:
         enabled = self.config.mixed_precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    def sampling_pipeline(self) -> Any:
-        """The stage's pipeline with the student (the samples during training)."""
-        return self.base.pipeline(self.student)
 
     def export(self, directory: Path, state: dict[str, Tensor]) -> None:
         field, _, _ = STAGES[self.config.lcm_stage]
