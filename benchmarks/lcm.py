@@ -9,8 +9,10 @@ LCM LoRAs (fused into the weights, so a step costs what a step of the base model
 comparison, the ``lcm`` sampler on the teacher without them. Accuracy is the shapes evaluator's share of
 attributes right (``stable-cascade demo evaluate``), batches of 16, seeds as there. Time per image:
 sampling only (text encoding, both stages and Stage A's decode; models loaded), one image per call,
-the median of ``--timed`` prompts after one warm-up. UNet evaluations: the rows both UNets ran per
-image (a guided step counts two).
+the median of ``--timed`` prompts after one warm-up, the settings interleaved prompt by prompt; the fused
+LoRAs change no step's cost, so the times of the ``lcm`` rows are taken once, without them (one more
+time: 4 + 4 steps with the LoRAs unfused, as the command line runs them). UNet evaluations: the rows
+both UNets ran per image (a guided step counts two).
 """
 
 from __future__ import annotations
@@ -80,38 +82,52 @@ def accuracy(
     return found
 
 
-def seconds_per_image(pipe: StableCascadeCombinedPipeline, options: dict[str, Any], count: int) -> float:
-    prompts = held_out_prompts("single")[: count + 1]
-    times = []
-    for i, prompt in enumerate(prompts):
-        start = time.perf_counter()
-        pipe(prompt, height=DEMO_SIZE, width=DEMO_SIZE, generator=torch.Generator().manual_seed(i), **options)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def timings(
+    configs: dict[str, tuple[StableCascadeCombinedPipeline, dict[str, Any]]], count: int
+) -> dict[str, float]:
+    """Seconds per image of each (pipeline, settings): one image per call, the configs interleaved
+    prompt by prompt (a load on the machine hits them alike), the median of ``count`` after one warm-up
+    round."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for i, prompt in enumerate(held_out_prompts("single")[: count + 1]):
+        for name, (pipe, options) in configs.items():
+            generator = torch.Generator().manual_seed(i)
+            start = time.perf_counter()
+            pipe(prompt, height=DEMO_SIZE, width=DEMO_SIZE, generator=generator, **options)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
-def run(limit: int | None, timed: int) -> list[dict[str, Any]]:
-    pipe = load_demo()
-    pipe.set_progress_bar_config(disable=True)
+def with_lcm_loras(pipe: StableCascadeCombinedPipeline) -> StableCascadeCombinedPipeline:
+    pipe.prior_pipe.load_lora_weights(DEMO_DIR / LCM_FOLDER / "prior.safetensors", "lcm")
+    pipe.decoder_pipe.load_lora_weights(DEMO_DIR / LCM_FOLDER / "decoder.safetensors", "lcm")
+    return pipe
+
+
+def run(limit: int | None, timed: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    plain, adapted = load_demo(), with_lcm_loras(load_demo())
+    for pipe in (plain, adapted):
+        pipe.set_progress_bar_config(disable=True)
+    configs = {"reference": (plain, settings("reference", 0))}
+    configs |= {f"lcm {k}": (plain, settings("lcm", k)) for k in STEPS}
+    configs["lcm 4, LoRAs unfused"] = (adapted, settings("lcm", 4))  # as the command line runs them
+    seconds = timings(configs, timed)  # fused LoRAs change no step's cost: the lcm rows' times
+    adapted.prior_pipe.fuse_lora()
+    adapted.decoder_pipe.fuse_lora()
     rows = []
 
-    def measure(name: str, steps: int, distilled: bool) -> None:
-        options = settings(name, steps)
-        row = {"setting": name, "steps": steps, "lcm_loras": distilled}
-        row.update(accuracy(pipe, options, limit), seconds_per_image=seconds_per_image(pipe, options, timed))
+    def measure(pipe: StableCascadeCombinedPipeline, name: str, steps: int) -> None:
+        row = {"setting": name, "steps": steps, "lcm_loras": pipe is adapted}
+        row.update(accuracy(pipe, settings(name, steps), limit))
+        row["seconds_per_image"] = seconds["reference" if name == "reference" else f"lcm {steps}"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    measure("reference", 0, False)
-    for steps in STEPS:
-        measure("lcm", steps, False)
-    pipe.prior_pipe.load_lora_weights(DEMO_DIR / LCM_FOLDER / "prior.safetensors", "lcm")
-    pipe.decoder_pipe.load_lora_weights(DEMO_DIR / LCM_FOLDER / "decoder.safetensors", "lcm")
-    pipe.prior_pipe.fuse_lora()
-    pipe.decoder_pipe.fuse_lora()
-    for steps in STEPS:
-        measure("lcm", steps, True)
-    return rows
+    measure(plain, "reference", 0)
+    for pipe in (plain, adapted):
+        for steps in STEPS:
+            measure(pipe, "lcm", steps)
+    return rows, seconds
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -145,8 +161,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run(args.limit, args.timed)
-    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    rows, seconds = run(args.limit, args.timed)
+    print(json.dumps({"rows": rows, "seconds": seconds}, indent=2) if args.json else table(rows))
+    if not args.json:
+        print("seconds per image:", json.dumps({k: round(v, 4) for k, v in seconds.items()}))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ must move the student's 1- and 2-step samples towards the teacher's 50-step ones
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,20 @@ from stable_cascade.sampling.loop import run_stage
 from stable_cascade.specs import SchedulerConfig
 from stable_cascade.training import TrainConfig, make_task, train
 from stable_cascade.training.components import load_components
+from stable_cascade.training.consistency import Level, ddim_step, distance, grid_pair, guidance_scales, guided
 from stable_cascade.training.data import bucketed_dataset, collate, find_examples
 from stable_cascade.training.lcm_task import LCMDistillation
 
 STAGES = {"c": "prior", "b": "decoder"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +96,31 @@ def student_eps(unet: StableCascadeUNet, seed: int = 0) -> torch.Tensor:
         return unet.eval()(
             torch.randn(2, *size, generator=generator), torch.tensor([0.9, 0.3]), **cond
         ).sample
+
+
+# -- the pieces -----------------------------------------------------------------------------------
+
+
+def test_the_consistency_pieces() -> None:
+    """Grid pairs one step apart, the boundary (identity at t = 0), the exact DDIM step for the true
+    noise, guidance per example."""
+    generator = torch.Generator().manual_seed(0)
+    start, earlier = grid_pair(64, 8, generator)
+    n = start.t * 8
+    assert torch.allclose(n, n.round()) and n.min() >= 1 and n.max() <= 8
+    torch.testing.assert_close(earlier.t, start.t - 1 / 8)
+    c_skip, c_out = Level.at(torch.tensor([0.0, 1 / 50])).boundary()
+    assert (c_skip[0].item(), c_out[0].item()) == (1.0, 0.0) and c_skip[1].item() < 1e-4
+    x0, noise = torch.randn(64, 4, 2, 2, generator=generator), torch.randn(64, 4, 2, 2, generator=generator)
+    torch.testing.assert_close(
+        ddim_step(start.noised(x0, noise), noise, start, earlier), earlier.noised(x0, noise)
+    )
+    scales = guidance_scales(64, 3.0, 5.0, generator)
+    assert 3.0 <= scales.min() < scales.max() <= 5.0
+    cond, uncond = torch.ones(64, 4, 2, 2), torch.zeros(64, 4, 2, 2)
+    torch.testing.assert_close(guided(cond, uncond, scales), scales.view(-1, 1, 1, 1).expand(-1, 4, 2, 2))
+    assert distance(cond, uncond, "l2", 0.001).tolist() == [1.0] * 64
+    torch.testing.assert_close(distance(cond, uncond, "huber", 0.5), torch.full((64,), 1.25**0.5 - 0.5))
 
 
 # -- the trained LoRA ------------------------------------------------------------------------------
