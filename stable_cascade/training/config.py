@@ -159,9 +159,11 @@ class TrainConfig:
         _only_for(self, "train_effnet", ("stage-b",), "the EfficientNet encoder, jointly with Stage B")
         _only_for(self, "lora_text_encoder", ("lora",), "LoRA adapters on the text encoder")
         if self.task in ("lora", "controlnet", "lcm") and self.init_config is not None:
+            given = "--teacher" if self.task == "lcm" else "--pretrained or --prior"
+            trained = "a pretrained stage" if self.task == "lcm" else "a pretrained Stage C"
             raise ValueError(
-                f"{self.task} trains on a pretrained model; --init-config (a fresh model) makes no "
-                "sense with it: pass --pretrained or --prior (lcm: --teacher)"
+                f"{self.task} trains on {trained}; --init-config (a fresh model) makes no sense with it: "
+                f"pass {given}"
             )
         if self.teacher is not None and self.task != "lcm":
             raise ValueError(f"--teacher is the model LCM distillation learns from; {self.task} takes none")
