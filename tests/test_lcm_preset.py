@@ -15,6 +15,8 @@ from serving import PROMPT, ServerProcess, wait_for_job
 from torch import nn
 
 import tiny
+from stable_cascade.batch.items import BatchItem
+from stable_cascade.batch.plan import plan_items
 from stable_cascade.cli.main import main
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, PRESETS
 from stable_cascade.engine import Engine, ImageDone, Job, ModelSources, read_png
@@ -168,3 +170,20 @@ def test_the_server_runs_the_lcm_preset_and_the_lcm_sampler(tmp_path: Path) -> N
         job = {**done["job"], "loras": [*done["job"]["loras"], {"path": other, "scale": 1.0, "sha256": None}]}
         named = client.post("/v1/jobs", json={"job": job})
         assert named.status_code == 422 and "takes no LoRA files" in named.text, named.text
+
+
+def test_batch_items_take_the_loras_of_their_own_preset(tmp_path: Path) -> None:
+    """A run's preset LoRAs are not handed to an item of another preset, and the reverse."""
+    style = tiny.lora_file(tmp_path / "style.safetensors", 1)
+    items = [BatchItem("a"), BatchItem("b", {"preset": "reference"})]
+    planned = plan_items(
+        items, {"models": ModelSources(model="demo"), "preset": "lcm", "loras": [(style, 1.0)]}, 0
+    )
+    assert [Path(lora.path).name for lora in planned[0].job.loras] == [
+        "style.safetensors",
+        "prior.safetensors",
+        "decoder.safetensors",
+    ]
+    assert [Path(lora.path).name for lora in planned[1].job.loras] == ["style.safetensors"]
+    planned = plan_items([BatchItem("c", {"preset": "lcm"})], {"models": ModelSources(model="demo")}, 0)
+    assert [lora.path for lora in planned[0].job.loras] == [SHIPPED["prior"], SHIPPED["decoder"]]
