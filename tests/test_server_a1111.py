@@ -93,7 +93,7 @@ def test_img2img_takes_the_init_image_and_denoising_strength(api: webuiapi.WebUI
 def test_models_options_and_samplers(api: webuiapi.WebUIApi, server: ServerProcess) -> None:
     assert "demo" in api.util_get_model_names()
     assert api.util_get_current_model() == "demo"
-    assert set(api.util_get_sampler_names()) == {"Euler a", "DDIM", "DPM++ 2M", "DDPM"}
+    assert set(api.util_get_sampler_names()) == {"Euler a", "DDIM", "DPM++ 2M", "DDPM", "LCM"}
     api.set_options({"sd_model_checkpoint": "lite", "an_option_we_do_not_have": 1})
     assert api.get_options()["sd_model_checkpoint"] == "lite"
     queued = httpx.post(f"{server.url}/v1/jobs", json={"prompt": PROMPT}).json()  # names no model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from stable_cascade.conditioning.emphasis import parse_attention
@@ -140,6 +141,12 @@ class Job:
     @property
     def images(self) -> int:
         return self.batch_size * self.count
+
+    @property
+    def named_loras(self) -> tuple[LoraRef, ...]:
+        """The job's LoRAs but those its model ships for a preset (the demo's LCM LoRAs)."""
+        shipped = {str(Path(file).resolve()) for _, _, file in BUNDLES[self.model].adapters}
+        return tuple(lora for lora in self.loras if lora.path not in shipped)
 
     @property
     def models(self) -> ModelSources:

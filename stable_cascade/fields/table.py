@@ -28,6 +28,7 @@ A1111_SAMPLERS = {
     "DDIM": "ddim",
     "DPM++ 2M": "dpmpp_2m",
     "DDPM": "ddpm",
+    "LCM": "lcm",
     "k_euler_a": "euler_ancestral",
     "k_euler_ancestral": "euler_ancestral",
     "k_dpmpp_2m": "dpmpp_2m",
@@ -153,9 +154,10 @@ FIELDS: tuple[Field, ...] = (
     _model_field("previewer", "previewer", "Stage C previewer single file (previews)", PRIOR_TASKS),
     _model_field("components", "components", "repo id or folder with the tokenizer and CLIP encoders "
                  "for single files"),
-    Field("loras", "loras", "LoRAs", "Stage C LoRAs (ours, kohya/OneTrainer or Stability's format), "
-          "each FILE[:SCALE] (scale 1.0); the server takes them by name from its models folder",
-          "Models", (), tasks=PRIOR_TASKS, cli=("--lora",), widget="loras",
+    Field("loras", "loras", "LoRAs", "Stage C LoRAs (ours, kohya/OneTrainer or Stability's format) and "
+          "Stage B ones (ours, marked stage=decoder), each FILE[:SCALE] (scale 1.0); the server takes "
+          "them by name from its models folder", "Models", (),
+          "none; the lcm preset: the model's LCM LoRAs", tasks=PRIOR_TASKS, cli=("--lora",), widget="loras",
           why_not={"a1111": "named in the prompt as <lora:name:weight>, as AUTOMATIC1111 reads them",
                    "batch": NAMED_MODELS_ONLY["batch"],
                    "infotext": "written into the prompt as <lora:name:weight>, as AUTOMATIC1111 writes "

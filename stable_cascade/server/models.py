@@ -95,7 +95,7 @@ def check_served(job: Job, library: ModelLibrary) -> None:
             "the server runs named models and its models folder's checkpoints only (see GET "
             "/sdapi/v1/sd-models); remove model paths"
         )
-    for lora in job.loras:
+    for lora in job.named_loras:  # a preset's own LoRAs (the demo's LCM ones) come with the model
         if library.lora_name(lora.path) is None:
             raise ValueError("the server takes LoRAs by name from its models folder (GET /sdapi/v1/loras)")
 
