@@ -102,10 +102,10 @@ class _Run:
     def expected(self, job: Job) -> Job:
         """``job`` as its images record it (the dtype it runs in, the LoRAs' and IP-Adapters' sha256: the
         run's)."""
-        recorded = self._recorded
-        return dataclasses.replace(
-            job, dtype=recorded.dtype, loras=recorded.loras, ip_adapters=recorded.ip_adapters
-        )
+        recorded = {lora.path: lora for lora in self._recorded.loras}
+        loras = tuple(recorded.get(lora.path, lora) for lora in job.loras)
+        ip_adapters = self._recorded.ip_adapters
+        return dataclasses.replace(job, dtype=self._recorded.dtype, loras=loras, ip_adapters=ip_adapters)
 
     def run(
         self,

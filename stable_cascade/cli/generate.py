@@ -33,8 +33,14 @@ TASKS: dict[str, str] = {
 LIST_FIELDS = tuple(field.name for field in FIELDS if field.kind in LIST_KINDS)
 #: Fields a rerun (``--from-png``) does not take from the record: the image's own, and what is
 #: derived again from the files.
-NOT_RERUN = ("task", "seed", "batch_size", "count", "input_image", "input_image_sha256",
-             "control_image_sha256", "mask_sha256", "controlnet_sha256")  # fmt: skip
+NOT_RERUN = (
+    "task",
+    "seed",
+    "batch_size",
+    "count",
+    "input_image",
+    *(f.name for f in FIELDS if f.kind == "sha256"),
+)
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:

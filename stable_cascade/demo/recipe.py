@@ -18,9 +18,12 @@
 7. The previewer learns to draw the image, at 8× the size of the (final) EfficientNet latent, from
    that latent: 24×24 previews of Stage C's 3×3 latents (``--preview``).
 8. An IP-Adapter learns on the final, frozen prior.
+9. An LCM LoRA per stage is distilled from the final Stage C and Stage B (``stable-cascade train lcm``),
+   for ``--preset lcm``; :func:`train_demo_lcm` does this step alone on a finished model.
 The prior (with its image encoder) and decoder pipelines are saved as two folders, as ``--model demo``
 loads them, the previewer as one file beside them, ``previewer.safetensors``, as the released model
-ships it, and the IP-Adapter as ``ip_adapter.safetensors``.
+ships it, the IP-Adapter as ``ip_adapter.safetensors`` and the LCM LoRAs as ``lcm/prior.safetensors``
+and ``lcm/decoder.safetensors`` (float16).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from stable_cascade.checkpoint import read_json_object
 from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo.images import image_encoder_step, ip_adapter_config, stage_c_image_run
+from stable_cascade.demo.lcm import distil_lcm, timer, train_demo_lcm
 from stable_cascade.demo.pipeline import DemoCascadePipeline
-from stable_cascade.demo.settings import DEMO_SIZE, IP_ADAPTER_FILE, PREVIEWER_FILE, Recipe
+from stable_cascade.demo.settings import DEMO_SIZE, IP_ADAPTER_FILE, LCM_FOLDER, PREVIEWER_FILE, Recipe
 from stable_cascade.engine.models import load_models
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.loading.sources import ModelSources
@@ -52,7 +56,7 @@ from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.shapes import Score, all_scenes, caption, held_out_prompts, score_by_kind, write_dataset
 from stable_cascade.specs import EFFNET_VARIANTS
-from stable_cascade.training import Components, TrainConfig, fresh_model, train
+from stable_cascade.training import Components, TrainConfig, fresh_model
 from stable_cascade.training.components import load_text_encoder
 from stable_cascade.training.data import find_examples
 from stable_cascade.training.trainees import encode_latents
@@ -199,13 +203,7 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     data = write_dataset(out / "data", recipe.images, size=DEMO_SIZE, seed=recipe.seed)
     times["data"] = time.perf_counter() - start
 
-    def timed(name: str, config: TrainConfig, parts: Components | None = None) -> Path:
-        begin = time.perf_counter()
-        logger.info("training %s", name)
-        result = train(config, parts)
-        times[name] = time.perf_counter() - begin
-        return result
-
+    timed = timer(times)
     stage_a = timed(
         "stage-a",
         _config(
@@ -250,6 +248,9 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         adapter = timed("ip-adapter", ip_adapter_config(recipe, base, model / "prior"))
         with atomic_path(model / IP_ADAPTER_FILE) as temporary:
             shutil.copy2(adapter / IP_ADAPTER_FILE, temporary)
+    shutil.rmtree(model / LCM_FOLDER, ignore_errors=True)
+    if recipe.lcm_steps:
+        distil_lcm(recipe, data, model, out, timed, model / LCM_FOLDER)
     times["total"] = time.perf_counter() - start
     summary = {"recipe": dataclasses.asdict(recipe), "seconds": times}
     write_text(model / "training.json", json.dumps(summary, indent=2))
@@ -358,4 +359,5 @@ __all__ = [
     "load_demo",
     "sample_grid",
     "train_demo",
+    "train_demo_lcm",
 ]

@@ -7,6 +7,7 @@ import dataclasses
 DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
 PREVIEWER_FILE = "previewer.safetensors"  # beside the prior and decoder folders
 IP_ADAPTER_FILE = "ip_adapter.safetensors"  # the demo IP-Adapter, beside them too
+LCM_FOLDER = "lcm"  # the LCM LoRAs beside them: lcm/prior.safetensors, lcm/decoder.safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +36,6 @@ class Recipe:
     stage_c_image_share: float = 0.5  # of the examples given their image embedding (else zeros)
     stage_c_image_caption_dropout: float = 0.2  # captions dropped in that phase
     ip_adapter_steps: int = 1_500  # the demo IP-Adapter on the final, frozen prior
+    lcm_steps: int = 120  # each stage's LCM LoRA, distilled from the final stages (0: none)
+    lcm_rank: int = 4
+    lcm_teacher_steps: int = 16

@@ -18,7 +18,7 @@ from typing import Any
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET
 from stable_cascade.engine.control import ControlRef, resolve_control, super_resolution_size
 from stable_cascade.engine.image_prompts import resolve_image_prompts
-from stable_cascade.engine.loras import IPAdapterRef, resolve_loras
+from stable_cascade.engine.loras import IPAdapterRef, preset_loras, resolve_loras
 from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, TASKS
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
@@ -63,6 +63,8 @@ def resolved_values(given: Mapping[str, Any]) -> dict[str, Any]:
             values[name] = resolve_image_prompts(values[name], BY_NAME[name].label.removesuffix("s"))
     control_size = _resolve_control(values)
     preset = COMBINED_PRESETS[values["preset"]]
+    if preset.adapters is not None:
+        values["loras"] = _preset_loras(preset.adapters, task, values)
     for stage in ("prior", "decoder"):
         settings = getattr(preset, stage)
         if BY_NAME[f"{stage}_steps"].applies(task, values):
@@ -103,6 +105,17 @@ def _given(given: Mapping[str, Any]) -> dict[str, Any]:
             if getattr(control, attribute) is not None:
                 values.setdefault(name, getattr(control, attribute))
     return values
+
+
+def _preset_loras(kind: str, task: str, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The job's LoRAs with those the preset needs (see :func:`preset_loras`)."""
+    if not BY_NAME["loras"].applies(task, values):
+        raise ValueError(
+            f"the {values['preset']} preset attaches {kind.upper()} LoRAs, which {task} does not take (LoRAs "
+            f"serve the tasks that run Stage C: {', '.join(BY_NAME['loras'].tasks)}); choose another preset"
+        )
+    own = [stage for stage in ("prior", "decoder") if values.get(stage)]
+    return preset_loras(kind, values.get("loras", ()), values["model"], ("prior", "decoder"), own)
 
 
 def spread(changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ LIST_KINDS = ("loras", "ip_adapters", "image_prompts")
 #: batch files, the web page's form, the PNG's JSON record and its infotext.
 FrontEnd = Literal["cli", "a1111", "api", "batch", "form", "record", "infotext"]
 FRONT_ENDS: tuple[FrontEnd, ...] = ("cli", "a1111", "api", "batch", "form", "record", "infotext")
-Widget = Literal["text", "textarea", "number", "select", "image", "image_prompts"]
+Widget = Literal["text", "textarea", "number", "select", "image", "loras", "image_prompts"]
 
 
 @dataclasses.dataclass(frozen=True)

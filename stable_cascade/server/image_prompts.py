@@ -55,7 +55,8 @@ def _strength(value: object, where: str) -> float:
 
 
 def a1111_image_prompts(body: Mapping[str, Any], store: Store) -> list[tuple[str, float]]:
-    """The enabled IP-Adapter units of ``alwayson_scripts.controlnet.args`` as image prompts."""
+    """The enabled IP-Adapter units of the ControlNet script's args (``alwayson_scripts``, the key in any
+    case) as image prompts."""
     prompts = []
     for index, unit in enumerate(ip_adapter_units(body)):
         where = f"alwayson_scripts.controlnet.args[{index}]"
@@ -72,7 +73,12 @@ def a1111_image_prompts(body: Mapping[str, Any], store: Store) -> list[tuple[str
 def ip_adapter_units(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The enabled ControlNet-extension units whose module is an IP-Adapter's (others are controls)."""
     scripts = body.get("alwayson_scripts")
-    script = scripts.get("controlnet") if isinstance(scripts, Mapping) else None
+    keys = (
+        [k for k in scripts if isinstance(k, str) and k.lower() == "controlnet"]
+        if isinstance(scripts, Mapping)
+        else []
+    )
+    script = scripts[keys[0]] if keys else None  # type: ignore[index]
     args = script.get("args") if isinstance(script, Mapping) else None
     if not isinstance(args, list):
         return []

@@ -6,6 +6,7 @@ from stable_cascade.training.components import Components
 from stable_cascade.training.config import TrainConfig
 from stable_cascade.training.controlnet_task import ControlNetStageC
 from stable_cascade.training.ip_adapter_task import IPAdapterStageC
+from stable_cascade.training.lcm_task import LCMDistillation
 from stable_cascade.training.lora_task import LoRAStageC
 from stable_cascade.training.tasks import PreviewerTask, StageA, StageB, StageC, Task
 
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
     "controlnet": ControlNetStageC,
     "lora": LoRAStageC,
     "ip-adapter": IPAdapterStageC,
+    "lcm": LCMDistillation,
 }
 
 

@@ -6,8 +6,7 @@ averaged and back-propagated; gradients are clipped, AdamW steps, the learning r
 (the original ``GradualWarmupScheduler``, then constant), the EMA follows. Every random draw comes from
 a seeded per-process generator or the seeded global RNGs (dropout), and the data order from
 :class:`~stable_cascade.training.data.BucketBatchSampler`, so a run resumed from a checkpoint
-continues bit for bit as the uninterrupted run would have.
-"""
+continues bit for bit as the uninterrupted run would have."""
 
 from __future__ import annotations
 
@@ -114,10 +113,11 @@ class _Run:
         if not isinstance(given, Task):
             given = make_task(config, given or load_components(config))
         self.task: Task = given
-        if config.task in ("lora", "ip-adapter") and self.sharded:
-            raise ValueError(
-                f"{config.task} training with FSDP is not supported; it trains few weights: use DDP"
-            )
+        unsharded = dict.fromkeys(("lora", "ip-adapter"), "it trains few weights")
+        unsharded["lcm"] = "its teacher and target run unsharded"
+        if config.task in unsharded and self.sharded:
+            raise ValueError(f"{config.task} training with FSDP is not supported ({unsharded[config.task]}); "
+                             "use DDP")  # fmt: skip
         if self.sharded and not accelerator.is_fsdp2:
             raise ValueError(
                 "FSDP version 1 is not supported (the UNet's blocks compute their conditioning outside "
@@ -161,6 +161,7 @@ class _Run:
             _gather_in_prepare(trainee)
         self.task.to(accelerator.device)
         ema = EMA(trainee, config.ema_decay) if config.ema_decay > 0 else None
+        self.task.begin(ema)
         if self.resume is not None:
             self._load_state(self.resume, model, optimizer, scheduler, weights, ema)
         sampler = (
