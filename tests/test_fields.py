@@ -211,6 +211,8 @@ def test_the_native_api_carries_every_field(files: dict[str, Path], tmp_path: Pa
     store = Store(tmp_path / "data", 10)
     (tmp_path / "models" / "loras").mkdir(parents=True)  # the server's LoRAs are named, in its folder
     (tmp_path / "models" / "loras" / "ink.safetensors").symlink_to(files["loras"])
+    (tmp_path / "models" / "ipadapter").mkdir()  # and so are its IP-Adapters
+    (tmp_path / "models" / "ipadapter" / "look.safetensors").symlink_to(files["ip_adapters"])
     served = Served(store, ModelLibrary(tmp_path / "models"), "lite")
     body: dict[str, Any] = {
         "task": "img2img",
@@ -220,6 +222,7 @@ def test_the_native_api_carries_every_field(files: dict[str, Path], tmp_path: Pa
     body.update({name: value for name, value in SAMPLE.items() if BY_NAME[name].carried_by("api")})
     body.update(control_image=_encoded(files["control_image"]), mask=_encoded(files["mask"]))
     body["loras"] = [{"name": "ink", "scale": 0.5}]
+    body["ip_adapters"] = ["look:0.5"]
     for name, prompts in PROMPTS.items():
         body[name] = [{"image": _encoded(files[file]), "strength": strength} for file, strength in prompts]
     job, _ = native_job(json.loads(json.dumps(body)), served)

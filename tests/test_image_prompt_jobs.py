@@ -15,8 +15,8 @@ import PIL.Image
 import pytest
 
 from stable_cascade.cli.main import build_parser, main
-from stable_cascade.engine import Job, image_sha256
-from stable_cascade.server.inputs import native_job
+from stable_cascade.engine import Job, ModelLibrary, image_sha256
+from stable_cascade.server.inputs import Served, native_job
 from stable_cascade.server.store import Store
 
 
@@ -42,7 +42,7 @@ def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
 def test_a_job_names_each_image_with_its_pixels_sha256_and_strength(pictures: list[Path]) -> None:
     job = Job.create(
         prompt="a cat",
-        model="demo",
+        model="lite",
         image_prompts=[(pictures[0], 0.5), (str(pictures[1]), 1.0)],
         negative_image_prompts=[(pictures[2], 2.0)],
     )
@@ -56,7 +56,7 @@ def test_a_job_names_each_image_with_its_pixels_sha256_and_strength(pictures: li
     assert again == job
     PIL.Image.new("RGB", (40, 32), "white").save(pictures[0])  # the file changed since
     with pytest.raises(ValueError, match="is not the one the job names") as error:
-        Job.create(prompt="a cat", model="demo", image_prompts=list(job.image_prompts))
+        Job.create(prompt="a cat", model="lite", image_prompts=list(job.image_prompts))
     one_line(error)
 
 
@@ -80,12 +80,16 @@ def png_claiming(png: bytes, width: int, height: int) -> bytes:
         (lambda p: {"image_prompts": [(p / "picture0.png", 1.0)] * 17}, "at most 16 images"),
         (lambda p: {"image_prompts": [(p / "picture0.png", 1.0)], "task": "reconstruct"}, "Stage C"),
         (lambda p: {"ip_adapters": [(p / "missing.safetensors", 1.0)]}, "IP-Adapter file .* does not exist"),
+        (
+            lambda p: {"image_prompts": [(p / "picture0.png", 1.0)], "model": "demo"},
+            "the demo model has no CLIP image encoder, so it cannot take image prompts",
+        ),
     ],
 )
 def test_bad_image_prompts_get_one_line(pictures: list[Path], make: Any, match: str, tmp_path: Path) -> None:
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "bomb.png").write_bytes(png_claiming(pictures[0].read_bytes(), 20_000, 20_000))
-    values = {"prompt": "a cat", "model": "demo", **make(tmp_path)}
+    values = {"prompt": "a cat", "model": "lite", **make(tmp_path)}
     with pytest.raises(ValueError, match=match) as error:
         Job.create(**values)
     one_line(error)
@@ -94,7 +98,7 @@ def test_bad_image_prompts_get_one_line(pictures: list[Path], make: Any, match: 
 def test_the_command_line_takes_image_prompts_with_strengths(pictures: list[Path]) -> None:
     from stable_cascade.cli.generate import job_of
 
-    argv = ["generate", "a cat", "--model", "demo", "--image-prompt", f"{pictures[0]}:0.25"]
+    argv = ["generate", "a cat", "--model", "lite", "--image-prompt", f"{pictures[0]}:0.25"]
     argv += ["--image-prompt", str(pictures[1]), "--negative-image-prompt", f"{pictures[2]}:1.5"]
     job, _, _ = job_of(build_parser().parse_args(argv))
     assert [r.strength for r in job.image_prompts] == [0.25, 1.0]
@@ -114,25 +118,26 @@ def test_image_prompt_option_mistakes(
     pictures: list[Path], option: str, expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "a cat", "--model", "demo", "--image-prompt", option.format(pictures[0])])
+        main(["generate", "a cat", "--model", "lite", "--image-prompt", option.format(pictures[0])])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert expected.format(pictures[0]) in err and len(err.splitlines()) == 1
 
 
-def test_the_native_api_takes_uploads_and_refuses_paths_and_adapter_files(
+def test_the_native_api_takes_uploads_and_refuses_paths_and_unknown_adapters(
     pictures: list[Path], tmp_path: Path
 ) -> None:
     store = Store(tmp_path / "data", 10)
+    served = Served(store, ModelLibrary(), "lite")
     try:
         body = {"prompt": "a cat", "image_prompts": [{"image": encoded(pictures[0]), "strength": 0.5}]}
         body["negative_image_prompts"] = [{"image": encoded(pictures[1])}]
-        job, _ = native_job(body, store, "demo")
+        job, _ = native_job(body, served)
         assert Path(job.image_prompts[0].path).parent == store.inputs_dir
         assert (job.image_prompts[0].strength, job.negative_image_prompts[0].strength) == (0.5, 1.0)
-        again, _ = native_job({"job": job.to_dict()}, store, "demo")  # as GET /v1/jobs/{id} shows it
+        again, _ = native_job({"job": job.to_dict()}, served)  # as GET /v1/jobs/{id} shows it
         assert again == job
-        elsewhere = Job.create(prompt="a cat", model="demo", image_prompts=[(pictures[0], 1.0)])
+        elsewhere = Job.create(prompt="a cat", model="lite", image_prompts=[(pictures[0], 1.0)])
         mistakes: dict[str, Any] = {
             "send image prompts as uploads": {"job": elsewhere.to_dict()},
             "must be a list of": {"prompt": "x", "image_prompts": encoded(pictures[0])},
@@ -143,13 +148,14 @@ def test_the_native_api_takes_uploads_and_refuses_paths_and_adapter_files(
                 "image_prompts": [{"image": encoded(pictures[0]), "strength": "high"}],
             },
             "image_prompts\\[0\\].image": {"prompt": "x", "image_prompts": [{"image": "bm90IGFuIGltYWdl"}]},
-            "takes no IP-Adapter files": {
+            "takes IP-Adapters by name from its models folder": {
                 "job": {**job.to_dict(), "ip_adapters": [{"path": str(pictures[0])}]}
             },
+            "unknown IP-Adapter 'look'; expected one of none": {"prompt": "x", "ip_adapters": ["look"]},
         }
         for match, bad in mistakes.items():
             with pytest.raises(ValueError, match=match) as error:
-                native_job(bad, store, "demo")
+                native_job(bad, served)
             one_line(error)
     finally:
         store.close()
@@ -171,7 +177,7 @@ def test_a1111_ip_adapter_units_are_image_prompts(pictures: list[Path], tmp_path
         assert prompt[1] == 0.7 and image_sha256(PIL.Image.open(prompt[0])) == image_sha256(
             PIL.Image.open(pictures[0])
         )
-        control = a1111_controlnet(body, store)
+        control = a1111_controlnet(body, store, ModelLibrary())
         assert control is not None and control.controlnet == "canny" and control.scale == 0.5
         with pytest.raises(ValueError, match=r"strength of alwayson_scripts.controlnet.args\[0\] must be in"):
             a1111_image_prompts(
@@ -194,7 +200,7 @@ def test_batch_items_take_image_prompt_columns(pictures: list[Path], tmp_path: P
     with pytest.raises(ValueError, match=r"items.jsonl:3: image_prompts .*nowhere.png does not exist"):
         read_items(items)
     items.write_text(items.read_text().rsplit("{", 1)[0])
-    first, second = plan_items(read_items(items), {"model": "demo"}, base_seed=0)
+    first, second = plan_items(read_items(items), {"model": "lite"}, base_seed=0)
     assert [(Path(r.path).name, r.strength) for r in first.job.image_prompts] == [
         ("picture0.png", 0.5),
         ("picture1.png", 1.0),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny
-from stable_cascade import DDPMWuerstchenScheduler, StableCascadePriorPipeline, StableCascadeUNet
+from stable_cascade import StableCascadePriorPipeline
 from stable_cascade.conditioning import ImagePrompt, encode_images
 
 RUN = {"height": 128, "width": 128, "num_inference_steps": 3, "guidance_scale": 3.0}
@@ -30,16 +30,7 @@ def pictures(count: int, seed: int = 0) -> list[PIL.Image.Image]:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableCascadePriorPipeline:
-    ours = StableCascadePriorPipeline(
-        tokenizer=tiny.tokenizer(tmp_path_factory.mktemp("tokenizer")),
-        text_encoder=tiny.text_encoder(),
-        prior=tiny.randomize_(StableCascadeUNet(tiny.TINY_PRIOR), 0, scale=0.1),
-        scheduler=DDPMWuerstchenScheduler(),
-        feature_extractor=tiny.feature_extractor(),
-        image_encoder=tiny.image_encoder(),
-    )
-    ours.set_progress_bar_config(disable=True)
-    return ours
+    return tiny.image_prior_pipeline(tmp_path_factory.mktemp("tokenizer"))
 
 
 def latents(pipe: StableCascadePriorPipeline, **kwargs: Any) -> torch.Tensor:

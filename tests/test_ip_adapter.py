@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from stable_cascade import DDPMWuerstchenScheduler, StableCascadePriorPipeline, StableCascadeUNet
+from stable_cascade import StableCascadePriorPipeline, StableCascadeUNet
 from stable_cascade.engine import Engine, ImageDone, Job, ModelSources
 from stable_cascade.lora.ip_adapter import load_ip_adapter, save_ip_adapter
 from stable_cascade.nn.ip_adapter import attach_ip_adapter, attention_blocks, new_ip_adapter
@@ -39,16 +39,7 @@ def picture(seed: int) -> PIL.Image.Image:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableCascadePriorPipeline:
-    ours = StableCascadePriorPipeline(
-        tokenizer=tiny.tokenizer(tmp_path_factory.mktemp("tokenizer")),
-        text_encoder=tiny.text_encoder(),
-        prior=tiny.randomize_(StableCascadeUNet(tiny.TINY_PRIOR), 0, scale=0.1),
-        scheduler=DDPMWuerstchenScheduler(),
-        feature_extractor=tiny.feature_extractor(),
-        image_encoder=tiny.image_encoder(),
-    )
-    ours.set_progress_bar_config(disable=True)
-    return ours
+    return tiny.image_prior_pipeline(tmp_path_factory.mktemp("tokenizer"))
 
 
 def latents(pipe: StableCascadePriorPipeline, **kwargs: object) -> torch.Tensor:

@@ -83,7 +83,9 @@ def test_events_stream_progress_previews_images_then_done(server: ServerProcess)
     assert kinds.count("progress") == 2 * (5 + 3) and "preview" in kinds
 
 
-def test_img2img_variation_and_image_prompts_with_uploaded_images(server: ServerProcess) -> None:
+def test_img2img_with_an_uploaded_image_and_image_prompts_refused_without_an_encoder(
+    server: ServerProcess,
+) -> None:
     picture = PIL.Image.new("RGB", (96, 96), "white")
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
@@ -92,13 +94,15 @@ def test_img2img_variation_and_image_prompts_with_uploaded_images(server: Server
     assert job["job"]["input_image_sha256"] == image_sha256(picture) and job["job"]["strength"] == 0.6
     done = wait_for_job(server, job["id"])
     assert done["state"] == "done", done["error"]
-    variation = _submit(server, {"task": "variation", "image": encoded, "seed": 2, "prior_steps": 4})
-    prompted = {"prompt": PROMPT, "seed": 2, "prior_steps": 4}  # the demo's image encoder reads them
-    prompted["image_prompts"] = [{"image": encoded, "strength": 0.5}]
-    job = _submit(server, prompted)
-    assert job["job"]["image_prompts"][0]["sha256"] == image_sha256(picture)
-    for made in (variation, job):
-        assert wait_for_job(server, made["id"])["state"] == "done"
+    prompted = {"prompt": PROMPT, "image_prompts": [{"image": encoded, "strength": 0.5}]}
+    with _client(server) as client:  # the demo has no CLIP image encoder: refused before queueing
+        for body, what in (
+            ({"task": "variation", "image": encoded}, "make variations"),
+            (prompted, "take image prompts"),
+        ):
+            refused = client.post("/v1/jobs", json=body)
+            assert refused.status_code == 422, refused.text
+            assert f"has no CLIP image encoder, so it cannot {what}" in refused.json()["detail"]
 
 
 def test_a_job_that_fails_while_running_does_not_stop_the_worker(server: ServerProcess) -> None:

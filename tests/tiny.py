@@ -216,3 +216,19 @@ def ip_adapter(seed: int, patches: bool = False, config: UNetConfig = TINY_PRIOR
     width = 24 if patches else IMAGE_WIDTH  # the tiny vision tower's hidden size, or its projection
     adapter = new_ip_adapter(StableCascadeUNet(config), width, input="patches" if patches else "embeds")
     return randomize_(adapter, seed, scale=0.3)
+
+
+def image_prior_pipeline(folder: Path) -> Any:
+    """Our prior pipeline of the tiny prior (random, small weights) with the tiny image encoder."""
+    from stable_cascade import DDPMWuerstchenScheduler, StableCascadePriorPipeline, StableCascadeUNet
+
+    pipe = StableCascadePriorPipeline(
+        tokenizer=tokenizer(folder),
+        text_encoder=text_encoder(),
+        prior=randomize_(StableCascadeUNet(TINY_PRIOR), 0, scale=0.1),
+        scheduler=DDPMWuerstchenScheduler(),
+        feature_extractor=feature_extractor(),
+        image_encoder=image_encoder(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -45,6 +45,12 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only distil the LCM LoRAs of the shipped demo cascade (minutes), into OUT_DIR/model/lcm",
     )
+    train.add_argument(
+        "--images-only",
+        action="store_true",
+        help="only the image steps on the shipped demo cascade (the image encoder, Stage C's image phase, "
+        "the IP-Adapter, the prior's LCM LoRA again), into OUT_DIR/model",
+    )
     train.set_defaults(handler=run_train)
 
     evaluate = subcommands.add_parser(
@@ -85,20 +91,36 @@ def run_train(args: argparse.Namespace) -> int:
             _install(lcm.parent, (LCM_FOLDER,), DEMO_DIR)
             print(f"installed into {DEMO_DIR / LCM_FOLDER}")
         return 0
+    if args.images_only:
+        from stable_cascade.demo.refit import train_demo_images
+
+        model = train_demo_images(Path(args.out_dir), recipe)
+        print(f"image steps written to {model}")
+        if args.install:
+            _install(model, ("prior", LCM_FOLDER), DEMO_DIR)
+            _copy_files(model, ("training.json", IP_ADAPTER_FILE))
+            print(f"installed into {DEMO_DIR}")
+        return 0
     model = train_demo(Path(args.out_dir), recipe)
     print(f"demo cascade written to {model}")
     if args.install:
-        from stable_cascade.engine import atomic
-
         _install(model, ("prior", "decoder", LCM_FOLDER), DEMO_DIR)
         (DEMO_DIR / PREVIEWER_FILE).unlink(missing_ok=True)
         (DEMO_DIR / IP_ADAPTER_FILE).unlink(missing_ok=True)
-        for name in ("training.json", PREVIEWER_FILE, IP_ADAPTER_FILE):
-            if (model / name).is_file():
-                with atomic.atomic_path(DEMO_DIR / name) as temporary:
-                    shutil.copy2(model / name, temporary)
+        _copy_files(model, ("training.json", PREVIEWER_FILE, IP_ADAPTER_FILE))
         print(f"installed into {DEMO_DIR}")
     return 0
+
+
+def _copy_files(model: Path, names: tuple[str, ...]) -> None:
+    """Copy the files ``names`` of ``model`` that exist over the shipped demo's, each atomically."""
+    from stable_cascade.engine import atomic
+    from stable_cascade.loading.bundles import DEMO_DIR
+
+    for name in names:
+        if (model / name).is_file():
+            with atomic.atomic_path(DEMO_DIR / name) as temporary:
+                shutil.copy2(model / name, temporary)
 
 
 def _install(source: Path, names: tuple[str, ...], target: Path) -> None:

@@ -150,6 +150,11 @@ def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[T
     return config, parts
 
 
+def stage_c_config(recipe: Recipe, data: Path, out: Path, **changes: Any) -> TrainConfig:
+    """Stage C's settings in the recipe (its own batch size) with ``changes``."""
+    return _config(recipe, "stage-c", data, out, batch_size=recipe.stage_c_batch_size, **changes)
+
+
 def refine_config(recipe: Recipe, data: Path, decoder: Path, prior: Path, out: Path) -> TrainConfig:
     """Stage B, second phase, on the encoders the cascade ships (the pipelines hand Stage C's text
     embeddings to Stage B), both frozen, at half the learning rate."""
@@ -229,7 +234,7 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         begin = time.perf_counter()
         encoder = image_encoder_step(recipe, data, out / "text_c", out / "image_encoder")
         times["image-encoder"] = time.perf_counter() - begin
-        phase = _config(recipe, "stage-c", data, out / "stage_c_image", batch_size=recipe.stage_c_batch_size)
+        phase = stage_c_config(recipe, data, out / "stage_c_image")
         prior = timed("stage-c-image", *stage_c_image_run(recipe, phase, prior, encoder))
     if recipe.stage_b_refine_steps:
         decoder = timed("stage-b-refine", refine_config(recipe, data, decoder, prior, out / "stage_b_refine"))
@@ -244,7 +249,7 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
             shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", temporary)
     (model / IP_ADAPTER_FILE).unlink(missing_ok=True)
     if recipe.ip_adapter_steps and recipe.stage_c_image_steps:
-        base = _config(recipe, "stage-c", data, out / "ip_adapter")
+        base = stage_c_config(recipe, data, out / "ip_adapter")
         adapter = timed("ip-adapter", ip_adapter_config(recipe, base, model / "prior"))
         with atomic_path(model / IP_ADAPTER_FILE) as temporary:
             shutil.copy2(adapter / IP_ADAPTER_FILE, temporary)

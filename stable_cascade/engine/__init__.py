@@ -26,8 +26,8 @@ from stable_cascade.engine.images import open_image
 from stable_cascade.engine.inputs import check_inputs
 from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.legacy import UNKNOWN_IMAGE
-from stable_cascade.engine.library import Checkpoint, ModelLibrary, available
-from stable_cascade.engine.loras import LoraRef
+from stable_cascade.engine.library import FILE_KINDS, Checkpoint, ModelLibrary, available
+from stable_cascade.engine.loras import IPAdapterRef, LoraRef
 from stable_cascade.engine.memory import memory_report
 from stable_cascade.engine.record import (
     INFOTEXT_KEY,
@@ -54,6 +54,7 @@ __all__ = [
     "BUNDLES",
     "COMBINED_PRESETS",
     "DEFAULT_BUNDLE",
+    "FILE_KINDS",
     "INFOTEXT_KEY",
     "OFFLINE_HINT",
     "RELEASED_CONTROLNETS",
@@ -65,6 +66,7 @@ __all__ = [
     "Event",
     "FileHasher",
     "Finished",
+    "IPAdapterRef",
     "ImageDone",
     "ImageRecord",
     "Job",

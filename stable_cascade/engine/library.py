@@ -9,6 +9,7 @@ The layout, as AUTOMATIC1111 and ComfyUI users keep theirs (either folder name w
         NAME.safetensors               an original Stage C single file, or a ComfyUI bundle
     DIR/loras/         (or Lora/)                 Stage C LoRAs: NAME.safetensors (subfolders too)
     DIR/controlnet/    (or ControlNet/)           ControlNets: NAME.safetensors, or NAME/ with config.json
+    DIR/ipadapter/     (or ip_adapter/)           Stage C IP-Adapters: NAME.safetensors (subfolders too)
 
 A checkpoint's name is its file's stem or its folder's name. What a checkpoint lacks comes from the
 named model of its size (its base): the demo's when its Stage C is the demo's shape, else lite or
@@ -40,7 +41,10 @@ FOLDERS = {
     "checkpoints": ("checkpoints", "Stable-diffusion"),
     "loras": ("loras", "Lora", "LyCORIS"),
     "controlnets": ("controlnet", "ControlNet"),
+    "ip_adapters": ("ipadapter", "ip_adapter"),
 }
+#: The kinds of file entries requests name, as messages name them.
+FILE_KINDS = {"loras": "LoRA", "ip_adapters": "IP-Adapter"}
 _LITE_WIDTH = UNET_VARIANTS["prior_lite"].block_out_channels[0]
 
 
@@ -65,6 +69,7 @@ class ModelLibrary:
         self.checkpoints: dict[str, Checkpoint] = {}
         self.loras: dict[str, Path] = {}
         self.controlnets: dict[str, Path] = {}
+        self.ip_adapters: dict[str, Path] = {}
         if self.folder is not None and not self.folder.is_dir():
             raise ValueError(f"the models folder {folder} does not exist; create it or give another --models")
         self.refresh()
@@ -82,6 +87,7 @@ class ModelLibrary:
                 checkpoints[name] = Checkpoint(name, path, sources)
         self.checkpoints = checkpoints
         self.loras = _named(p for p in self._entries("loras") if p.is_file())
+        self.ip_adapters = _named(p for p in self._entries("ip_adapters") if p.is_file())
         self.controlnets = _named(
             p
             for p in self._entries("controlnets", folders=True)
@@ -106,14 +112,23 @@ class ModelLibrary:
         return next((c.name for c in self.checkpoints.values() if c.sources == sources), None)
 
     def lora(self, name: str) -> Path:
-        if name not in self.loras:
-            offered = ", ".join(self.loras) or "none: the server's models folder has no loras/"
-            raise ValueError(f"unknown LoRA {name!r}; expected one of {offered}")
-        return self.loras[name]
+        return self.file("loras", name)
 
     def lora_name(self, path: str) -> str | None:
-        """The name of the LoRA at ``path`` (a job's: links resolved), None when it is not one of these."""
-        return next((name for name, p in self.loras.items() if str(p.resolve()) == path), None)
+        return self.file_name("loras", path)
+
+    def file(self, kind: str, name: str) -> Path:
+        """The file of the entry ``name`` of a kind of :data:`FILE_KINDS`."""
+        entries: dict[str, Path] = getattr(self, kind)
+        if name not in entries:
+            offered = ", ".join(entries) or f"none: the server's models folder has no {FOLDERS[kind][0]}/"
+            raise ValueError(f"unknown {FILE_KINDS[kind]} {name!r}; expected one of {offered}")
+        return entries[name]
+
+    def file_name(self, kind: str, path: str) -> str | None:
+        """The name of the entry of a kind at ``path`` (a job's: links resolved), None when it is not one."""
+        entries: dict[str, Path] = getattr(self, kind)
+        return next((name for name, p in entries.items() if str(p.resolve()) == path), None)
 
     def controlnet_name(self, path: str) -> str | None:
         """The name of the ControlNet at ``path`` (a job's), None when it is not one of these."""

@@ -174,10 +174,12 @@ FIELDS: tuple[Field, ...] = (
                    "infotext": "written into the prompt as <lora:name:weight>, as AUTOMATIC1111 writes "
                    "them; the JSON record has the files and their sha256"}),
     Field("ip_adapters", "ip_adapters", "IP-Adapters", "Stage C IP-Adapters (the image prompts through "
-          "decoupled attention), each FILE[:SCALE] (scale 1.0; 0: the model without it)", "Models", (),
-          tasks=PRIOR_TASKS, cli=("--ip-adapter",),
-          why_not={**NAMED_MODELS_ONLY, "infotext": "the JSON record has the IP-Adapter files and their "
-                   "sha256"}),
+          "decoupled attention), each FILE[:SCALE] (scale 1.0; 0: the model without it); the server takes "
+          "them by name from its models folder", "Models", (), tasks=PRIOR_TASKS, cli=("--ip-adapter",),
+          why_not={"a1111": "its ControlNet units' IP-Adapter images are image prompts; the API names "
+                   "IP-Adapters", "form": "the page sends image prompts; the API names IP-Adapters",
+                   "batch": NAMED_MODELS_ONLY["batch"],
+                   "infotext": "the JSON record has the IP-Adapter files and their sha256"}),
     Field("dtype", "choice", "dtype", "auto: bf16 on CUDA with bf16 support, else fp32", "Models", "auto",
           choices=DTYPES, cli=("--dtype",), widget="select",
           why_not={"batch": "one dtype serves a whole batch run: pass --dtype to stable-cascade batch",

@@ -3,9 +3,9 @@ the A1111 ControlNet extension's IP-Adapter units.
 
 The native API takes each as a list of ``{"image": <base64>, "strength": <number, default 1>}``; the
 ControlNet extension's units whose ``module`` starts with ``ip-adapter`` (``input_image``, ``weight``)
-are image prompts of that strength (the server runs no IP-Adapter files of its own: the model's CLIP
-image conditioning takes them). Uploads are kept under the store's inputs/, as every upload, so a job
-as ``GET /v1/jobs/{id}`` shows it names them and can be sent again.
+are image prompts of that strength (the model's CLIP image conditioning takes them, and the IP-Adapters
+a request names from the models folder, ``ip_adapters``, if any). Uploads are kept under the store's
+inputs/, as every upload, so a job as ``GET /v1/jobs/{id}`` shows it names them and can be sent again.
 """
 
 from __future__ import annotations
@@ -95,9 +95,7 @@ def is_ip_adapter(unit: Mapping[str, Any]) -> bool:
 
 
 def check_served_image_prompts(job: Job, store: Store) -> None:
-    """Refuse image prompts that name files outside the store's uploads, and IP-Adapter files."""
-    if job.ip_adapters:
-        raise ValueError("the server takes no IP-Adapter files from requests; remove 'ip_adapters'")
+    """Refuse image prompts that name files outside the store's uploads."""
     for ref in (*job.image_prompts, *job.negative_image_prompts):
         if Path(ref.path).resolve().parent != store.inputs_dir.resolve():
             raise ValueError('send image prompts as uploads (image_prompts: [{"image": …}]), not as paths')

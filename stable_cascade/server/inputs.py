@@ -76,11 +76,13 @@ def native_job(body: object, served: Served) -> tuple[Job, Upload | None]:
 
 
 def request_arguments(fields: Mapping[str, Any], served: Served) -> dict[str, Any]:
-    """A request's field values as ``Job.create`` arguments: the model and LoRAs by name (the prompt's
-    ``<lora:…>`` too) as the models they stand for."""
+    """A request's field values as ``Job.create`` arguments: the model, LoRAs and IP-Adapters by name
+    (the prompt's ``<lora:…>`` too) as the models they stand for."""
     arguments = dict(fields)
     arguments.update(models.model_arguments(served.library, arguments.pop("model", served.model)))
     loras = models.lora_refs(served.library, arguments.pop("loras")) if "loras" in arguments else []
+    if "ip_adapters" in arguments:
+        arguments["ip_adapters"] = models.lora_refs(served.library, arguments["ip_adapters"], "ip_adapters")
     models.prompt_arguments(served.library, arguments, loras)
     return arguments
 

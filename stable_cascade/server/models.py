@@ -3,7 +3,8 @@
 
 A request names models, never files: ``model`` (or A1111's ``sd_model_checkpoint``) is a named model
 or a checkpoint, ``loras`` are LoRAs of the folder by name (``[{"name": "ink", "scale": 0.8}]``,
-``["ink:0.8"]``, or ``<lora:ink:0.8>`` in the prompt, as AUTOMATIC1111 reads it), ``controlnet`` a
+``["ink:0.8"]``, or ``<lora:ink:0.8>`` in the prompt, as AUTOMATIC1111 reads it), ``ip_adapters`` the folder's
+IP-Adapters the same way, ``controlnet`` a
 released ControlNet of the model or one of the folder. The job then holds the files' paths; a whole job
 sent back (``{"job": …}``) may name only files of the folder.
 """
@@ -17,7 +18,9 @@ from typing import Any
 
 from stable_cascade.engine import (
     BUNDLES,
+    FILE_KINDS,
     RELEASED_CONTROLNETS,
+    IPAdapterRef,
     Job,
     LoraRef,
     ModelLibrary,
@@ -36,26 +39,29 @@ def model_arguments(library: ModelLibrary, name: object) -> dict[str, Any]:
     return {"models": library.sources(name.split(" [", 1)[0].strip())}
 
 
-def lora_refs(library: ModelLibrary, given: object) -> list[LoraRef]:
-    """A request's ``loras``: a list of ``{"name": …, "scale": …}`` or ``"name[:scale]"``."""
+def lora_refs(library: ModelLibrary, given: object, kind: str = "loras") -> list[LoraRef]:
+    """A request's ``loras`` (or ``ip_adapters``: ``kind``): a list of ``{"name": …, "scale": …}`` or
+    ``"name[:scale]"``, entries of the models folder."""
+    what, ref = FILE_KINDS[kind], IPAdapterRef if kind == "ip_adapters" else LoraRef
     if not isinstance(given, list):
         raise ValueError(
-            'loras must be a list of LoRAs by name: [{"name": "ink", "scale": 0.8}] or ["ink:0.8"]'
+            f'{kind} must be a list of {what}s by name: [{{"name": "ink", "scale": 0.8}}] or ["ink:0.8"]'
         )
     refs = []
     for item in given:
         if isinstance(item, str):
             name, colon, scale = item.rpartition(":") if ":" in item else (item, "", "1")
-            refs.append(LoraRef(str(library.lora(name.strip())), _scale(scale if colon else "1", name)))
+            scale = _scale(scale if colon else "1", name, what)
+            refs.append(ref(str(library.file(kind, name.strip())), scale))
         elif (
             isinstance(item, Mapping) and set(item) <= {"name", "scale"} and isinstance(item.get("name"), str)
         ):
             scale = item.get("scale", 1.0)
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-                raise ValueError(f"the scale of LoRA {item['name']!r} must be a number, got {scale!r}")
-            refs.append(LoraRef(str(library.lora(item["name"])), float(scale)))
+                raise ValueError(f"the scale of {what} {item['name']!r} must be a number, got {scale!r}")
+            refs.append(ref(str(library.file(kind, item["name"])), float(scale)))
         else:
-            raise ValueError(f'a LoRA is {{"name": …, "scale": …}} or "name:scale", got {item!r}')
+            raise ValueError(f'a {what} is {{"name": …, "scale": …}} or "name:scale", got {item!r}')
     return refs
 
 
@@ -98,6 +104,9 @@ def check_served(job: Job, library: ModelLibrary) -> None:
     for lora in job.named_loras:  # a preset's own LoRAs (the demo's LCM ones) come with the model
         if library.lora_name(lora.path) is None:
             raise ValueError("the server takes LoRAs by name from its models folder (GET /sdapi/v1/loras)")
+    for adapter in job.ip_adapters:
+        if library.file_name("ip_adapters", adapter.path) is None:
+            raise ValueError("the server takes IP-Adapters by name from its models folder (its ipadapter/)")
 
 
 def controlnet_path(library: ModelLibrary, name: object) -> str:
@@ -180,11 +189,11 @@ def model_info(library: ModelLibrary) -> dict[str, dict[str, Any]]:
     return models
 
 
-def _scale(text: str, name: str) -> float:
+def _scale(text: str, name: str, what: str) -> float:
     try:
         scale = float(text)
     except ValueError:
-        raise ValueError(f"the scale of LoRA {name!r} must be a number, got {text!r}") from None
+        raise ValueError(f"the scale of {what} {name!r} must be a number, got {text!r}") from None
     if not math.isfinite(scale):
-        raise ValueError(f"the scale of LoRA {name!r} must be a finite number, got {text!r}")
+        raise ValueError(f"the scale of {what} {name!r} must be a finite number, got {text!r}")
     return scale

@@ -1,0 +1,54 @@
+"""``stable-cascade demo train --images-only``: the image steps on the shipped demo cascade (toy sizes) give
+a prior with an image encoder that makes variations, an IP-Adapter that fits it, and the prior's LCM
+LoRA again; the shipped demo itself is left as it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stable_cascade.cli.main import main
+from stable_cascade.demo import DEMO_SIZE
+from stable_cascade.demo.settings import IP_ADAPTER_FILE, LCM_FOLDER
+from stable_cascade.engine import Engine, ImageDone, Job, image_sha256
+from stable_cascade.loading.bundles import DEMO_DIR
+from stable_cascade.lora import read_lora_metadata
+from stable_cascade.shapes import render, split
+
+
+@pytest.mark.slow
+def test_images_only_retrain_makes_variations_and_an_ip_adapter(tmp_path: Path) -> None:
+    shipped = {p: p.stat().st_mtime_ns for p in DEMO_DIR.rglob("*") if p.is_file()}
+    toy = ["--images", "64", "--batch-size", "4", "--stage-c-batch-size", "4", "--lcm-steps", "2"]
+    toy += ["--image-encoder-steps", "3", "--stage-c-image-steps", "3", "--ip-adapter-steps", "3"]
+    assert main(["demo", "train", str(tmp_path / "run"), "--images-only", *toy]) == 0
+    model = tmp_path / "run" / "model"
+    recorded = json.loads((model / "training.json").read_text())
+    assert recorded["recipe"]["stage_c_image_steps"] == 3 and recorded["recipe"]["stage_c_steps"] == 6000
+    assert {"image-encoder", "stage-c-image", "ip-adapter", "lcm-c"} <= set(recorded["seconds"])
+    assert read_lora_metadata(model / LCM_FOLDER / "prior.safetensors")["steps"] == "2"
+    assert (model / LCM_FOLDER / "decoder.safetensors").read_bytes() == (
+        DEMO_DIR / LCM_FOLDER / "decoder.safetensors"
+    ).read_bytes()  # Stage B's LCM LoRA: the shipped one
+    assert not (model / "decoder").exists()  # only the prior is new: Stage B stays the shipped one
+    scene = next(s for s in split()[1] if len(s.objects) == 1)
+    picture = render(scene, DEMO_SIZE, np.random.default_rng(0))
+    job = Job.create(
+        task="variation",
+        input_image="in.png",
+        input_image_sha256=image_sha256(picture),
+        model="demo",
+        prior=str(model / "prior"),
+        prior_steps=2,
+        decoder_steps=2,
+        seed=1,
+        width=DEMO_SIZE,
+        height=DEMO_SIZE,
+        ip_adapters=[(model / IP_ADAPTER_FILE, 0.5)],
+    )
+    (done,) = [e for e in Engine(device="cpu").run(job, picture) if isinstance(e, ImageDone)]
+    assert done.image.size == (DEMO_SIZE, DEMO_SIZE) and done.record.job.ip_adapters == job.ip_adapters
+    assert shipped == {p: p.stat().st_mtime_ns for p in DEMO_DIR.rglob("*") if p.is_file()}
