@@ -50,9 +50,10 @@ def lora_refs(library: ModelLibrary, given: object, kind: str = "loras") -> list
     refs = []
     for item in given:
         if isinstance(item, str):
-            name, colon, scale = item.rpartition(":") if ":" in item else (item, "", "1")
-            scale = _scale(scale if colon else "1", name, what)
-            refs.append(ref(str(library.file(kind, name.strip())), scale))
+            name, colon, text = item.rpartition(":") if ":" in item else (item, "", "1")
+            refs.append(
+                ref(str(library.file(kind, name.strip())), _scale(text if colon else "1", name, what))
+            )
         elif (
             isinstance(item, Mapping) and set(item) <= {"name", "scale"} and isinstance(item.get("name"), str)
         ):
