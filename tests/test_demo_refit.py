@@ -1,6 +1,7 @@
 """``stable-cascade demo train --images-only``: the image steps on the shipped demo cascade (toy sizes) give
 a prior with an image encoder that makes variations, an IP-Adapter that fits it, and the prior's LCM
-LoRA again; the shipped demo itself is left as it is."""
+LoRA again; the shipped demo itself is left as it is. A short run of the image encoder alone retrieves
+held-out captions far above chance."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from stable_cascade.cli.main import main
 from stable_cascade.demo import DEMO_SIZE
+from stable_cascade.demo.image_encoder import EncoderTraining, retrieval_accuracy, train_image_encoder
 from stable_cascade.demo.settings import IP_ADAPTER_FILE, LCM_FOLDER
 from stable_cascade.engine import Engine, ImageDone, Job, image_sha256
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.lora import read_lora_metadata
-from stable_cascade.shapes import render, split
+from stable_cascade.shapes import render, split, write_dataset
+from stable_cascade.training.components import load_text_encoder
+
+#: Image → text retrieval of a short encoder run (below); chance is 1.2 %.
+RETRIEVAL = 0.4
 
 
 @pytest.mark.slow
@@ -52,3 +60,19 @@ def test_images_only_retrain_makes_variations_and_an_ip_adapter(tmp_path: Path) 
     (done,) = [e for e in Engine(device="cpu").run(job, picture) if isinstance(e, ImageDone)]
     assert done.image.size == (DEMO_SIZE, DEMO_SIZE) and done.record.job.ip_adapters == job.ip_adapters
     assert shipped == {p: p.stat().st_mtime_ns for p in DEMO_DIR.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_short_image_encoder_run_retrieves_held_out_captions(tmp_path: Path) -> None:
+    """200 contrastive steps against the shipped demo's text encoder on 2,000 images: image → text
+    retrieval among the 84 held-out one-object captions (chance 1.2 %) measured 59.5 %."""
+    data = write_dataset(tmp_path / "data", 2_000, size=DEMO_SIZE, seed=0)
+    tokenizer, text_encoder = load_text_encoder(DEMO_DIR / "prior")
+    run = EncoderTraining(steps=200, batch_size=64, images=2_000)
+    out = train_image_encoder(data, tokenizer, text_encoder, tmp_path / "encoder", run)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder")
+    processor = CLIPImageProcessor.from_pretrained(out / "feature_extractor")
+    singles = [scene for scene in split()[1] if len(scene.objects) == 1]
+    with torch.no_grad():
+        accuracy = retrieval_accuracy(encoder, processor, tokenizer, text_encoder, singles)
+    assert accuracy >= RETRIEVAL, accuracy
