@@ -56,7 +56,8 @@ def model_native_size(spec: str | Path, component: Component) -> int | None:
 def config_native_size(config: UNetConfig | VQConfig, component: Component) -> int | None:
     """128 when ``config`` has the structure of the demo's ``component``, else None."""
     demo = _DEMO[component]
-    if isinstance(config, UNetConfig) and isinstance(demo, UNetConfig):
+    if isinstance(config, UNetConfig) and isinstance(demo, UNetConfig):  # with or without image prompts
+        config = dataclasses.replace(config, clip_image_in_channels=demo.clip_image_in_channels)
         return DEMO_SIZE if released_unet_config(config) is demo else None
     if isinstance(config, VQConfig) and isinstance(demo, VQConfig):
         return DEMO_SIZE if dataclasses.replace(config, scale_factor=demo.scale_factor) == demo else None
