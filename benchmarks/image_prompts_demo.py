@@ -2,6 +2,7 @@
 
     python benchmarks/image_prompts_demo.py                      # every measurement, as JSON
     python benchmarks/image_prompts_demo.py --picture docs/image_prompts.png
+    python benchmarks/image_prompts_demo.py --model OUT/model --singles 24 --doubles 24   # a quicker look
 
 * variation: every held-out one-object scene (combinations never seen in training), rendered with
   jitter, is the only prompt (empty text); the share of outputs whose object keeps the input's
@@ -90,8 +91,13 @@ def mixed(images: list[Any], texts: list[Scene], shown: list[Scene]) -> dict[str
     return {"text_colour_and_image_shape": right / len(images), "images": len(images)}
 
 
-def measure(pipe: Any, doubles: int, examples: list[list[tuple[Any, str]]] | None) -> dict[str, Any]:
-    singles, pairs = held_out(1), held_out(2, doubles)
+def measure(
+    pipe: Any,
+    adapter: Path,
+    singles: list[Scene],
+    pairs: list[Scene],
+    examples: list[list[tuple[Any, str]]] | None,
+) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     renders = [render(scene, DEMO_SIZE, rng) for scene in [*singles, *pairs]]
     prior = pipe.prior_pipe
@@ -108,7 +114,6 @@ def measure(pipe: Any, doubles: int, examples: list[list[tuple[Any, str]]] | Non
     words = generate(pipe, [t.objects[0].colour for t in texts], single_embeds)
     results["text_and_image_colour_word"] = mixed(words, texts, singles)
     text_only = generate_text(pipe, [caption(t) for t in texts])
-    adapter = DEMO_DIR / IP_ADAPTER_FILE
     prior.load_ip_adapter(adapter, scale=0.0, adapter_name="demo")
     off = generate(pipe, [caption(t) for t in texts], single_embeds)
     results["ip_adapter_scale_0_equals_text_only"] = all(
@@ -147,16 +152,25 @@ def main() -> None:
     parser.add_argument("--doubles", type=int, default=96, help="two-object held-out scenes for variation")
     parser.add_argument("--picture", type=Path, help="also save a grid of examples (the README's)")
     parser.add_argument("--no-text-only", action="store_true", help="skip the text-only evaluation")
+    parser.add_argument(
+        "--model", type=Path, help="a demo model folder (prior/, decoder/, ip_adapter.safetensors)"
+    )
+    parser.add_argument(
+        "--singles", type=int, help="only this many one-object scenes, evenly spaced (all 84)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = load_demo()
+    pipe = load_demo(args.model)
     pipe.set_progress_bar_config(disable=True)
+    adapter = (args.model or DEMO_DIR) / IP_ADAPTER_FILE
     examples: list[list[tuple[Any, str]]] | None = [] if args.picture else None
     with torch.no_grad():
-        results = measure(pipe, args.doubles, examples)
+        results = measure(pipe, adapter, held_out(1, args.singles), held_out(2, args.doubles), examples)
     if not args.no_text_only:
-        results["text_only"] = {kind: s.summary()["attributes"] for kind, s in evaluate_demo().items()}
+        scores = evaluate_demo(args.model, limit=args.singles)
+        results["text_only"] = {kind: s.summary()["attributes"] for kind, s in scores.items()}
     results["seconds"] = round(time.perf_counter() - start)
     if args.picture is not None and examples:
         sample_grid(examples, caption_height=20).save(args.picture)

@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from stable_cascade.cli.main import main
-from stable_cascade.demo import DEMO_SIZE
+from stable_cascade.demo import DEMO_SIZE, load_demo
 from stable_cascade.demo.image_encoder import EncoderTraining, retrieval_accuracy, train_image_encoder
 from stable_cascade.demo.settings import IP_ADAPTER_FILE, LCM_FOLDER
 from stable_cascade.engine import Engine, ImageDone, Job, image_sha256
@@ -42,6 +42,7 @@ def test_images_only_retrain_makes_variations_and_an_ip_adapter(tmp_path: Path) 
         DEMO_DIR / LCM_FOLDER / "decoder.safetensors"
     ).read_bytes()  # Stage B's LCM LoRA: the shipped one
     assert not (model / "decoder").exists()  # only the prior is new: Stage B stays the shipped one
+    assert load_demo(model).prior_pipe.image_encoder is not None  # with the shipped decoder
     scene = next(s for s in split()[1] if len(s.objects) == 1)
     picture = render(scene, DEMO_SIZE, np.random.default_rng(0))
     job = Job.create(

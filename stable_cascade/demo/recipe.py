@@ -267,14 +267,16 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
 
 def load_demo(model: Path | None = None, dtype: torch.dtype = torch.float32) -> DemoCascadePipeline:
     """The demo cascade as a combined pipeline (128² images by default): the shipped one, or the
-    folders a training run wrote; with the previewer (the prior pipeline's ``previewer``) if any."""
+    folders a training run wrote (without a decoder: the shipped one); with the previewer (the prior
+    pipeline's ``previewer``) if any."""
     if model is None:
         pipeline = load_models(ModelSources(model="demo"), torch_dtype=dtype, previewer=True).pipeline
     else:
         previewer = Path(model) / PREVIEWER_FILE
+        decoder = Path(model) / "decoder"  # an --images-only run writes the prior alone: the shipped one
         sources = ModelSources(
             prior=str(Path(model) / "prior"),
-            decoder=str(Path(model) / "decoder"),
+            decoder=str(decoder if decoder.is_dir() else DEMO_DIR / "decoder"),
             previewer=str(previewer) if previewer.is_file() else None,
         )
         pipeline = load_models(sources, torch_dtype=dtype).pipeline
