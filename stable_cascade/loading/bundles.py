@@ -66,9 +66,8 @@ _DEMO = ModelBundle(
     previewer=str(DEMO_DIR / "previewer.safetensors"),
     default_size=128,
     min_side=32,
-    image_encoder=(
-        DEMO_DIR / "prior" / "image_encoder"
-    ).is_dir(),  # once `demo train --images-only --install`
+    # True once `demo train --images-only --install` has given the shipped prior its image encoder
+    image_encoder=(DEMO_DIR / "prior" / "image_encoder").is_dir(),
     controlnets=(("canny", str(DEMO_DIR / "controlnet")),),
     adapters=tuple(
         ("lcm", stage, str(DEMO_DIR / "lcm" / f"{stage}.safetensors")) for stage in ("prior", "decoder")
