@@ -42,7 +42,9 @@ def test_images_only_retrain_makes_variations_and_an_ip_adapter(tmp_path: Path) 
         DEMO_DIR / LCM_FOLDER / "decoder.safetensors"
     ).read_bytes()  # Stage B's LCM LoRA: the shipped one
     assert not (model / "decoder").exists()  # only the prior is new: Stage B stays the shipped one
-    assert load_demo(model).prior_pipe.image_encoder is not None  # with the shipped decoder
+    prior = load_demo(model).prior_pipe  # with the shipped decoder
+    assert prior.image_encoder is not None  # and the shipped prior, text-only, gained an image mapper:
+    assert prior.prior.config.clip_image_in_channels == prior.image_encoder.config.projection_dim
     scene = next(s for s in split()[1] if len(s.objects) == 1)
     picture = render(scene, DEMO_SIZE, np.random.default_rng(0))
     job = Job.create(

@@ -2,10 +2,11 @@
 
 * The image encoder (:mod:`stable_cascade.demo.image_encoder`) learns against Stage C's frozen text
   encoder, so its embeddings live where the captions' do.
-* Stage C, trained on text with zero image embeddings, then learns image prompts as the original
-  trains them: the image's CLIP embedding for ``stage_c_image_share`` of the examples, zeros for the
-  others. Captions are dropped more often in this phase (``stage_c_image_caption_dropout``), so that
-  an image alone (a variation) is seen often enough in a short run.
+* Stage C, trained on text with zero image embeddings (a prior made before these steps has no image
+  mapper: it gets one, zero at first), then learns image prompts as the original trains them: the
+  image's CLIP embedding for ``stage_c_image_share`` of the examples, zeros for the others. Captions
+  are dropped more often in this phase (``stage_c_image_caption_dropout``), so that an image alone (a
+  variation) is seen often enough in a short run.
 * The IP-Adapter trains on the final prior, which stays frozen (``train ip-adapter``).
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from stable_cascade.demo.image_encoder import EncoderTraining, train_image_encoder
 from stable_cascade.demo.settings import Recipe
+from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.training import Components, TrainConfig
 from stable_cascade.training.components import load_components, load_text_encoder
 
@@ -51,7 +54,21 @@ def stage_c_image_run(
     parts = load_components(config)
     parts.image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder / "image_encoder").eval()
     parts.feature_extractor = CLIPImageProcessor.from_pretrained(encoder / "feature_extractor")
+    assert parts.prior is not None, "the prior pipeline folder holds a prior"
+    if parts.prior.config.clip_image_in_channels is None:  # a prior trained before the image steps
+        parts.prior = with_image_mapper(parts.prior, parts.image_encoder.config.projection_dim)
     return config, parts
+
+
+def with_image_mapper(prior: StableCascadeUNet, width: int) -> StableCascadeUNet:
+    """``prior`` (without CLIP image conditioning) with a ``width``-input image mapper added, zero at
+    first (a zero embedding then adds ``clip_seq`` zero tokens); its other weights as they were."""
+    grown = StableCascadeUNet(prior.config.replace(clip_image_in_channels=width))
+    missing, unexpected = grown.load_state_dict(prior.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("clip_img_mapper.") for key in missing), missing
+    torch.nn.init.zeros_(grown.clip_img_mapper.weight)
+    torch.nn.init.zeros_(grown.clip_img_mapper.bias)
+    return grown.to(prior.dtype)
 
 
 def ip_adapter_config(recipe: Recipe, base: TrainConfig, prior: Path) -> TrainConfig:
