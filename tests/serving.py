@@ -99,3 +99,59 @@ def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120.0) -> 
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+
+class WorkerProcess:
+    """``stable-cascade worker --model demo --device cpu --store STORE`` as a real process."""
+
+    def __init__(self, store: str, data: Path, *options: str) -> None:
+        self.store = store
+        self.data = Path(data)
+        self.options = list(options)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = self.data.parent / f"{self.data.name}-worker-{free_port()}.log"
+
+    def start(self, timeout: float = 180.0) -> WorkerProcess:
+        """Start it and wait until it takes jobs (its models warmed)."""
+        command = [sys.executable, "-m", "stable_cascade", "worker", "--model", "demo", "--device", "cpu"]
+        command += ["--store", self.store, "--data", str(self.data), *self.options]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the worker exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
+            if "taking jobs" in self.log.read_text():
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"the worker did not start within {timeout:.0f} s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a crash or the OOM killer."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def kill_if_running(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, and its exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.process.returncode)

@@ -26,7 +26,7 @@ from stable_cascade.engine.inputs import check_inputs
 from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.legacy import UNKNOWN_IMAGE
 from stable_cascade.engine.loras import LoraRef
-from stable_cascade.engine.record import ImageRecord, package_version, read_png, save_png
+from stable_cascade.engine.record import ImageRecord, encode_png, package_version, read_png, save_png
 from stable_cascade.engine.threads import configure_cpu_threads, default_threads
 from stable_cascade.loading.bundles import (
     BUNDLES,
@@ -65,6 +65,7 @@ __all__ = [
     "check_inputs",
     "configure_cpu_threads",
     "default_threads",
+    "encode_png",
     "get_bundle",
     "image_sha256",
     "native_size",

@@ -18,11 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from stable_cascade.server import routes_a1111, routes_jobs
+from stable_cascade.server import routes_a1111, routes_jobs, routes_workers
 from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.inputs import one_line
 from stable_cascade.server.shared import RequestError, Server, error_response
-from stable_cascade.server.store import QueueFull
+from stable_cascade.server.store import QueueFull, StoreError
 
 logger = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
@@ -44,7 +44,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.hub.bind(asyncio.get_running_loop())
-        server.workers.start()
+        server.start()
         try:
             yield
         finally:
@@ -54,6 +54,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.server = server
     app.include_router(routes_a1111.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_workers.router)
     static = resources.files("stable_cascade.server") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     _add_error_handlers(app)
@@ -79,7 +80,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     for kind in (RequestError, ValueError, QueueFull):
         app.add_exception_handler(kind, refused)
     app.add_exception_handler(RequestValidationError, malformed)
-    app.add_exception_handler(sqlite3.Error, unavailable)
+    for failure in (sqlite3.Error, StoreError):
+        app.add_exception_handler(failure, unavailable)
 
 
 def _first_problem(error: RequestValidationError) -> str:

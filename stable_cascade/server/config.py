@@ -38,6 +38,8 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body: int = DEFAULT_MAX_BODY
     max_images: int = DEFAULT_MAX_IMAGES
+    store: str | None = None  # a PostgreSQL URL; None: the job store is the data folder
+    no_workers: bool = False  # an API replica only: workers run elsewhere (``stable-cascade worker``)
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for settings the server cannot run with."""
@@ -52,6 +54,8 @@ class ServerConfig:
         ):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"--store must be a postgresql:// URL or a data folder, got {self.store!r}")
         if not 1 <= self.port <= MAX_PORT:
             raise ValueError(f"--port must be between 1 and {MAX_PORT}, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
@@ -63,7 +67,10 @@ class ServerConfig:
             )
 
     def devices(self) -> list[str]:
-        """One device per worker: ``cuda:0`` … ``cuda:N-1`` for several CUDA workers, else the device."""
+        """One device per worker: ``cuda:0`` … ``cuda:N-1`` for several CUDA workers, else the device
+        (none with ``no_workers``)."""
+        if self.no_workers:
+            return []
         if self.workers > 1 and self.device in ("cuda", "auto") and _cuda_devices() >= self.workers:
             return [f"cuda:{i}" for i in range(self.workers)]
         return [self.device] * self.workers

@@ -1,44 +1,27 @@
-"""Live news of running jobs: the latest progress and preview of each, and the messages that the
-event streams and waiting requests (on the server's event loop) receive from the worker threads."""
+"""The news of jobs for this process's event streams and waiting requests: each job's subscribers (on
+the server's event loop) and, per job, how far its news has been handed on (the store's sequence
+number). :mod:`stable_cascade.server.relay` brings the news from the store, whichever process posted it."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 Message = dict[str, Any]
 
 
-@dataclasses.dataclass
-class Live:
-    """Where a running job is: its last step and Stage C preview (PNG bytes)."""
-
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    fraction: float = 0.0
-    stage: str = ""
-    step: int = 0
-    steps: int = 0
-    preview: bytes | None = None
-
-    def eta(self) -> float:
-        """Seconds until the job is done, from its pace so far (0 before the first step)."""
-        if self.fraction <= 0.0:
-            return 0.0
-        elapsed = time.monotonic() - self.started
-        return elapsed / self.fraction * (1.0 - self.fraction)
-
-
 class Hub:
-    """Fans each job's messages out to its subscribers; ``publish`` may be called from any thread."""
+    """Fans each job's messages out to its subscribers; ``publish`` may be called from any thread.
+    ``cursor(job_id)``: the sequence number of the job's latest news (where a first subscriber starts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cursor: Callable[[str], int]) -> None:
+        self._cursor = cursor
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: dict[str, set[asyncio.Queue[Message]]] = {}
+        self._cursors: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.live: dict[str, Live] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -47,7 +30,11 @@ class Hub:
         """A queue of ``job_id``'s messages from now on (call on the event loop)."""
         queue: asyncio.Queue[Message] = asyncio.Queue()
         with self._lock:
+            first = job_id not in self._subscribers
+        start = self._cursor(job_id) if first else 0
+        with self._lock:
             self._subscribers.setdefault(job_id, set()).add(queue)
+            self._cursors.setdefault(job_id, start)
         return queue
 
     def unsubscribe(self, job_id: str, queue: asyncio.Queue[Message]) -> None:
@@ -56,18 +43,22 @@ class Hub:
             queues.discard(queue)
             if not queues:
                 self._subscribers.pop(job_id, None)
+                self._cursors.pop(job_id, None)
 
-    def publish(self, job_id: str, message: Message) -> None:
+    def cursors(self) -> dict[str, int]:
+        """Each subscribed job's cursor: the news after it is still to be handed on."""
         with self._lock:
+            return dict(self._cursors)
+
+    def publish(self, job_id: str, seq: int, message: Message) -> None:
+        """Hand on ``job_id``'s news number ``seq`` (once: news at or before the cursor is dropped)."""
+        with self._lock:
+            if seq <= self._cursors.get(job_id, seq):
+                return
+            self._cursors[job_id] = seq
             queues = list(self._subscribers.get(job_id, ()))
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         for queue in queues:
             loop.call_soon_threadsafe(queue.put_nowait, message)
-
-    def current(self) -> tuple[str, Live] | None:
-        """The running job that started last, and where it is."""
-        with self._lock:
-            items = list(self.live.items())
-        return max(items, key=lambda item: item[1].started, default=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, S
 from stable_cascade.server.uploads import Upload, decode_image, peek_image, staged
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+WAIT_SECONDS = 5.0
 
 
 def _server(request: Request) -> Server:
@@ -49,7 +51,7 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
     if stored.state == FAILED:
         return error_response(500, stored.error or "the job failed", "JobFailed")
     images = server.store.images(stored.id)
-    encoded = [base64.b64encode(image.file.read_bytes()).decode() for image in images]
+    encoded = [base64.b64encode(server.store.png(stored.id, image.n) or b"").decode() for image in images]
     parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask", "alwayson_scripts")}
     infotexts = [image.infotext for image in images]
     return JSONResponse(
@@ -84,7 +86,10 @@ async def wait(server: Server, stored: StoredJob) -> StoredJob:
             assert current is not None
             if current.state in FINAL_STATES:
                 return current
-            message = await queue.get()
+            try:  # the store is read again now and then, in case news was missed
+                message = await asyncio.wait_for(queue.get(), timeout=WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                continue
             while message["type"] not in FINAL_STATES and not queue.empty():
                 message = queue.get_nowait()
     finally:
@@ -95,7 +100,7 @@ async def wait(server: Server, stored: StoredJob) -> StoredJob:
 async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
     server = _server(request)
     jobs = server.store.count(QUEUED, RUNNING)
-    current = server.hub.current()
+    current = server.store.current()
     if current is None:
         return a1111.progress(0.0, 0.0, 0, 0, jobs, None)
     live = current[1]
@@ -108,7 +113,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
 @router.post("/interrupt")
 async def interrupt(request: Request) -> dict[str, Any]:
     """Stop the running job(s) after the current step; their finished images are kept."""
-    return {"interrupted": _server(request).workers.cancel_running()}
+    return {"interrupted": _server(request).store.cancel_running()}
 
 
 @router.post("/skip")

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from stable_cascade.engine import BUNDLES, COMBINED_PRESETS, ModelSources, native_size, package_version
@@ -26,6 +26,7 @@ router = APIRouter(tags=["jobs"])
 MAX_LIST = 200
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 KEEPALIVE_SECONDS = 10.0
+MAX_PRIORITY = 1000
 
 
 def _server(request: Request) -> Server:
@@ -42,7 +43,7 @@ def _stored(server: Server, job_id: str) -> StoredJob:
 
 def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
     """A job as the API shows it: state, place in the queue, progress, images and the job itself."""
-    live = server.hub.live.get(stored.id)
+    live = server.store.live(stored.id) if stored.state == RUNNING else None
     done = stored.state in FINAL_STATES
     now = time.time()
     until = (stored.finished or now) if done else now
@@ -57,6 +58,8 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
         "finished": stored.finished if done else None,
         "age_seconds": round(now - stored.created, 3),  # since it was queued
         "running_seconds": None if stored.started is None else round(until - stored.started, 3),
+        "priority": stored.priority,
+        "attempts": stored.attempts,
         "job": stored.job,
         "images": [
             {
@@ -80,10 +83,23 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
 async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)
     body = await read_json(request)
+    priority = _priority(body)
     with staged() as uploads:  # a refused request keeps none of its uploads
         job, upload = await run_in_threadpool(uploads.run, native_job, body, server.store, server.model)
-        stored = server.submit(job, upload)
+        stored = server.submit(job, upload, priority)
     return describe(server, stored)
+
+
+def _priority(body: object) -> int:
+    """Pop the body's ``priority`` (higher runs first; 0 when not given)."""
+    if not isinstance(body, dict) or "priority" not in body:
+        return 0
+    priority = body.pop("priority")
+    if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
+        raise RequestError(
+            422, f"priority must be a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}, got {priority!r}"
+        )
+    return priority
 
 
 @router.get("/v1/jobs")
@@ -109,20 +125,21 @@ async def cancel(request: Request, job_id: str) -> JSONResponse:
     """Cancel a queued or running job (a running one stops after its current step)."""
     server = _server(request)
     stored = _stored(server, job_id)
-    if stored.state in FINAL_STATES or not server.workers.cancel(job_id):
+    if stored.state in FINAL_STATES or not server.cancel(job_id):
         raise RequestError(409, f"job {job_id} has already finished ({stored.state}); nothing to cancel")
     return JSONResponse({"id": job_id, "state": "cancelling"}, status_code=202)
 
 
 @router.get("/v1/jobs/{job_id}/images/{n}")
-async def image(request: Request, job_id: str, n: int) -> FileResponse:
+async def image(request: Request, job_id: str, n: int) -> Response:
     server = _server(request)
     _stored(server, job_id)
-    for stored_image in server.store.images(job_id):
-        if stored_image.n == n:
-            name = f"{job_id[:8]}-{stored_image.seed}.png"
-            return FileResponse(stored_image.file, media_type="image/png", filename=name)
-    raise RequestError(404, f"job {job_id} has no image {n} (yet)")
+    seeds = {stored_image.n: stored_image.seed for stored_image in server.store.images(job_id)}
+    png = server.store.png(job_id, n) if n in seeds else None
+    if png is None:
+        raise RequestError(404, f"job {job_id} has no image {n} (yet)")
+    headers = {"Content-Disposition": f'attachment; filename="{job_id[:8]}-{seeds[n]}.png"'}
+    return Response(png, media_type="image/png", headers=headers)
 
 
 @router.get("/v1/jobs/{job_id}/events")
@@ -156,7 +173,7 @@ async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
             except asyncio.TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            if message["type"] not in FINAL_STATES:  # final states are read from the store above
+            if message["type"] not in (*FINAL_STATES, QUEUED):  # states are read from the store above
                 yield _sse(message)
     finally:
         server.hub.unsubscribe(job_id, queue)
