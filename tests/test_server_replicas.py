@@ -10,6 +10,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -138,6 +139,25 @@ def _cancel_across(submitted: ServerProcess, other: ServerProcess) -> None:
     assert cancelled["state"] == "cancelled" and len(cancelled["images"]) < 60
 
 
+def _a1111_across(submitted: ServerProcess, other: ServerProcess) -> None:
+    """AUTOMATIC1111's txt2img waits on one replica for a worker's images; its progress and interrupt
+    reach a job submitted to the other replica."""
+    body = {"prompt": PROMPT, "seed": 7, "steps": 2, "decoder_steps": 2, "width": 128, "height": 128}
+    answer = httpx.post(f"{other.url}/sdapi/v1/txt2img", json=body, timeout=120)
+    assert answer.status_code == 200 and len(answer.json()["images"]) == 1, answer.text
+    job_id = _submit(submitted, count=60)
+
+    def shown() -> dict[str, Any] | None:
+        progress: dict[str, Any] = httpx.get(f"{other.url}/sdapi/v1/progress", timeout=30).json()
+        return progress if progress["progress"] > 0 and progress["current_image"] else None
+
+    progress = _until(shown, 120, "the other replica showed the job's progress")
+    assert progress["state"]["job_count"] >= 1 and progress["state"]["sampling_steps"] > 0
+    assert httpx.post(f"{other.url}/sdapi/v1/interrupt", timeout=30).json()["interrupted"] >= 1
+    interrupted = _finished(submitted, job_id, 30)
+    assert interrupted["state"] == "cancelled" and len(interrupted["images"]) < 60
+
+
 def test_replicas_and_workers_on_postgresql(tmp_path: Path) -> None:
     with cluster() as postgresql:
         url = postgresql.database()
@@ -155,14 +175,21 @@ def test_replicas_and_workers_on_postgresql(tmp_path: Path) -> None:
             seconds = _load(replicas, 60)
             print(f"60 jobs on 3 worker processes in {seconds:.1f} s")
 
-            # priorities: a late urgent job overtakes, a late unimportant one waits for all the rest
-            queue = [_submit(a if i % 2 else b, seed=i) for i in range(12)]
-            urgent, last = _submit(b, priority=10, seed=99), _submit(b, priority=-1, prior_steps=5, count=2)
+            # priorities, behind three long jobs that hold the workers: a late urgent job goes first, a
+            # late unimportant one last; then the long jobs are cancelled through the other replica
+            blockers = [_submit(b, seed=900 + i, count=60) for i in range(3)]
+            _until(lambda: all(_job(a, j)["state"] == "running" for j in blockers), 120, "all workers busy")
+            queue = [_submit(a if i % 2 else b, seed=i) for i in range(6)]
+            urgent = _submit(b, priority=10, seed=99)
+            last = _submit(b, priority=-1, prior_steps=5, count=2)
             kinds: list[str] = []
             reader = _stream(a, last, kinds)  # SSE from replica A of a job submitted to B
-            jobs = [_finished(a, job_id) for job_id in [*queue, urgent, last]]
-            assert jobs[-2]["started"] < max(job["started"] for job in jobs[:-2])
-            assert jobs[-1]["started"] >= max(job["started"] for job in jobs[:-1])
+            for blocker in blockers:
+                assert httpx.delete(f"{a.url}/v1/jobs/{blocker}", timeout=30).status_code == 202
+            assert {_finished(b, blocker, 30)["state"] for blocker in blockers} == {"cancelled"}
+            started = {job_id: _finished(a, job_id)["started"] for job_id in [*queue, urgent, last]}
+            assert started[urgent] < min(started[job_id] for job_id in queue)
+            assert started[last] >= max(started.values())
             reader.join(60)
             assert kinds[0] == "queued" and "started" in kinds and kinds[-1] == "done", kinds
             assert kinds.count("progress") == 2 * (5 + 2) and kinds.count("image") == 2 and "preview" in kinds
@@ -173,11 +200,11 @@ def test_replicas_and_workers_on_postgresql(tmp_path: Path) -> None:
             workers.append(spare)  # started meanwhile, for the last part
             starting = threading.Thread(target=spare.start, daemon=True)
             starting.start()
-            _cancel_across(b, a)
+            _a1111_across(b, a)
 
             # PostgreSQL restarted while jobs run: nothing is lost, everyone reconnects
-            during = [_submit(b, seed=200 + i, prior_steps=4) for i in range(6)]
-            _until(lambda: _job(b, during[0])["state"] == "running", 60, "a job started")
+            during = [_submit(b, seed=200 + 10 * i, prior_steps=4, count=4) for i in range(6)]
+            _until(lambda: _job(b, during[0])["state"] != "queued", 60, "a job started")
             postgresql.restart()
             after = [_submit(a, seed=300 + i, timeout=60) for i in range(2)]
             assert {_finished(a, job_id, 180)["state"] for job_id in [*during, *after]} == {"done"}
@@ -207,14 +234,30 @@ def _attempt_cap(server: ServerProcess, workers: list[WorkerProcess]) -> None:
     assert failed["state"] == "failed" and "given up" in failed["error"] and failed["attempts"] == 3
 
 
+def _sigterm(server: ServerProcess, workers: list[WorkerProcess]) -> None:
+    """SIGTERM twice queues the running job again (not counted as a run); once, it lets it finish."""
+    job_id = _submit(server, seed=500, count=12)
+    first = _until(lambda: _holder(server, job_id, workers), 60, "the job started")
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    first.process.send_signal(signal.SIGTERM)  # the second: no grace
+    assert first.process.wait(60) == 0
+    workers.remove(first)
+    second = _until(lambda: _holder(server, job_id, workers), 60, "the job started again")
+    assert second.stop() == 0  # lets the job finish first
+    done = _job(server, job_id)
+    assert done["state"] == "done" and done["attempts"] == 1 and len(done["images"]) == 12
+
+
 def test_workers_in_separate_processes_on_a_data_folder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     replica = ServerProcess(data, "--no-workers")
-    workers = [WorkerProcess(str(data), data, *LEASE) for _ in (0, 1)]
+    workers = [WorkerProcess(str(data), data, *LEASE) for _ in (0, 1, 2)]
     try:
         _start(replica, *workers)
         seconds = _load([replica], 16)
-        print(f"16 jobs on 2 worker processes (SQLite) in {seconds:.1f} s")
+        print(f"16 jobs on 3 worker processes (SQLite) in {seconds:.1f} s")
         recovery = _kill_mid_job(replica, workers)
         print(f"a worker killed mid-job: its job ran again {recovery:.1f} s later")
         kinds: list[str] = []
@@ -225,7 +268,7 @@ def test_workers_in_separate_processes_on_a_data_folder(tmp_path: Path) -> None:
         reader.join(60)
         assert kinds.count("progress") == 2 * (3 + 2) and kinds[-1] == "done", kinds
         _cancel_across(replica, replica)
-        assert workers[0].stop() == 0  # SIGTERM: a clean stop
+        _sigterm(replica, workers)
     finally:
         replica.stop()
         for worker in workers:

@@ -78,6 +78,7 @@ class Database(abc.ABC):
     """A connection (or a pool of them) to one job database."""
 
     dialect: str
+    where: str  # for messages: the file, or the server's address without a password
 
     @abc.abstractmethod
     def transaction(self, durable: bool = True) -> AbstractContextManager[Tx]:
@@ -101,9 +102,14 @@ class SqliteDatabase(Database):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = str(path)
         self._key = str(path.resolve())
         self._main = _connect(path, "FULL")
-        self._quick = _connect(path, "OFF")  # live news: lost in a power cut at worst
+        try:
+            self._quick = _connect(path, "OFF")  # live news: lost in a power cut at worst
+        except sqlite3.Error:
+            self._main.close()
+            raise
         self._locks = {id(self._main): threading.Lock(), id(self._quick): threading.Lock()}
 
     @contextmanager
@@ -149,6 +155,26 @@ class _SqliteTx(Tx):
 
     def notify(self, channel: str, payload: str = "") -> None:
         self.notes.append((channel, payload))
+
+
+def open_sqlite(path: Path) -> Database:
+    """The job database at ``path`` (created when missing), checked readable: a one-line
+    ``ValueError`` for a file that is not one, or is truncated or corrupt."""
+    db = None
+    try:
+        db = SqliteDatabase(path)
+        with db.read() as tx:
+            problems = [row["quick_check"] for row in tx.rows("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
+    except sqlite3.DatabaseError as error:
+        if db is not None:
+            db.close()
+        raise ValueError(
+            f"{path} is not a readable job database ({' '.join(str(error).split())}); move it (and "
+            f"{path.name}-wal, {path.name}-shm) elsewhere to start with an empty queue, or restore a backup"
+        ) from None
+    return db
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:

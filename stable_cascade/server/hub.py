@@ -5,6 +5,7 @@ number). :mod:`stable_cascade.server.relay` brings the news from the store, whic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -62,3 +63,18 @@ class Hub:
             return
         for queue in queues:
             loop.call_soon_threadsafe(queue.put_nowait, message)
+
+
+async def next_message(queue: asyncio.Queue[Message], timeout: float) -> Message | None:
+    """The next message, or None after ``timeout`` seconds; never loses one (``asyncio.wait_for`` on
+    ``queue.get()`` can, when the timeout and the message come together)."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    done, _ = await asyncio.wait({getter}, timeout=timeout)
+    if getter not in done:
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            return await getter  # it came as it was cancelled
+        return None
+    return getter.result()

@@ -46,6 +46,7 @@ class PostgresDatabase(Database):
 
     def __init__(self, url: str, max_connections: int = 10) -> None:
         self.url = url
+        self.where = where(url)
         try:
             psycopg.connect(url, connect_timeout=CONNECT_SECONDS).close()  # the reason, when it cannot
         except (psycopg.Error, ValueError) as error:

@@ -26,14 +26,16 @@ class Relay:
         self.store = store
         self.hub = hub
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="relay", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="relay", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
-        if self._thread.is_alive():
+        if self._thread is not None:
             self._thread.join(timeout)
 
     def _loop(self) -> None:

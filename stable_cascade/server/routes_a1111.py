@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from stable_cascade.engine import Job
 from stable_cascade.server import a1111
 from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
+from stable_cascade.server.hub import next_message
 from stable_cascade.server.inputs import PLACEHOLDER, checked_job
 from stable_cascade.server.shared import RequestError, Server, error_response, read_json
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
@@ -86,9 +86,8 @@ async def wait(server: Server, stored: StoredJob) -> StoredJob:
             assert current is not None
             if current.state in FINAL_STATES:
                 return current
-            try:  # the store is read again now and then, in case news was missed
-                message = await asyncio.wait_for(queue.get(), timeout=WAIT_SECONDS)
-            except asyncio.TimeoutError:
+            message = await next_message(queue, WAIT_SECONDS)  # the store is read again meanwhile
+            if message is None:
                 continue
             while message["type"] not in FINAL_STATES and not queue.empty():
                 message = queue.get_nowait()

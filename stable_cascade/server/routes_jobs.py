@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -17,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from stable_cascade.engine import BUNDLES, COMBINED_PRESETS, ModelSources, native_size, package_version
 from stable_cascade.fields.schema import form_fields, request_schema
 from stable_cascade.server import a1111
+from stable_cascade.server.hub import next_message
 from stable_cascade.server.inputs import native_job
 from stable_cascade.server.shared import RequestError, Server, read_json
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
@@ -26,6 +26,7 @@ router = APIRouter(tags=["jobs"])
 MAX_LIST = 200
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 KEEPALIVE_SECONDS = 10.0
+FINAL_NEWS_SECONDS = 2.0  # how long a stream waits for a finished job's last news
 MAX_PRIORITY = 1000
 
 
@@ -153,27 +154,36 @@ async def events(request: Request, job_id: str) -> StreamingResponse:
 
 
 async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
+    """The job's news, ending with its final state. The final state's news comes after all the job's
+    other news (whichever replica relays it), so the stream ends when it comes; when the store says the
+    job ended but no such news comes (it ended as the stream began), the store's word ends it."""
+    stored = _stored(server, job_id)
+    if stored.state in FINAL_STATES:
+        yield _sse({"type": stored.state, "error": stored.error})
+        return
     queue = server.hub.subscribe(job_id)
     try:
-        position = None
+        position, ended = None, None
         while True:
             stored = _stored(server, job_id)
             if stored.state in FINAL_STATES:
-                yield _sse({"type": stored.state, "error": stored.error})
-                return
-            if stored.state == QUEUED and server.store.position(stored) != position:
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended > FINAL_NEWS_SECONDS:
+                    yield _sse({"type": stored.state, "error": stored.error})
+                    return
+            elif stored.state == QUEUED and server.store.position(stored) != position:
                 position = server.store.position(stored)
                 yield _sse({"type": "queued", "position": position})
             elif stored.state == RUNNING:
                 position = None
-            try:
-                message = await asyncio.wait_for(
-                    queue.get(), timeout=1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS
-                )
-            except asyncio.TimeoutError:
+            waiting = 0.25 if ended else 1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS
+            message = await next_message(queue, waiting)
+            if message is None:
                 yield ": keep-alive\n\n"
-                continue
-            if message["type"] not in (*FINAL_STATES, QUEUED):  # states are read from the store above
+            elif message["type"] in FINAL_STATES:
+                yield _sse({"type": message["type"], "error": message.get("error")})
+                return
+            elif message["type"] != QUEUED:  # the queue's positions are read from the store above
                 yield _sse(message)
     finally:
         server.hub.unsubscribe(job_id, queue)

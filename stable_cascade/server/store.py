@@ -26,7 +26,7 @@ from typing import Any
 
 from stable_cascade.server import schema
 from stable_cascade.server.board import JOBS, Board, add_event
-from stable_cascade.server.database import Database, SqliteDatabase, StoreError, Tx
+from stable_cascade.server.database import Database, StoreError, Tx, open_sqlite
 from stable_cascade.server.states import (
     CANCELLED,
     DONE,
@@ -78,14 +78,13 @@ class Store(Board):
 
     def __init__(self, folder: Path, max_queue: int, url: str | None = None) -> None:
         self.folder = Path(folder)
-        self.images_dir = self.folder / "images"  # images of a store written before version 2
         self.inputs_dir = self.folder / "inputs"
         for path in (self.folder, self.inputs_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.max_queue = max_queue
         self.local = url is None
-        super().__init__(_sqlite(self.folder / DATABASE) if url is None else _postgres(url))
-        self.where = str(self.folder / DATABASE) if url is None else _where(url)
+        super().__init__(open_sqlite(self.folder / DATABASE) if url is None else _postgres(url))
+        self.where = self.db.where
         self.holder = uuid.uuid4().hex  # the claims of a caller that names no worker
         try:
             with self._transaction() as tx:
@@ -363,26 +362,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _sqlite(path: Path) -> Database:
-    """The job database at ``path`` (created when missing), checked readable: a one-line
-    ``ValueError`` for a file that is not one, or is truncated or corrupt."""
-    db = None
-    try:
-        db = SqliteDatabase(path)
-        with db.read() as tx:
-            problems = [row["quick_check"] for row in tx.rows("PRAGMA quick_check")]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
-    except sqlite3.DatabaseError as error:
-        if db is not None:
-            db.close()
-        raise ValueError(
-            f"{path} is not a readable job database ({' '.join(str(error).split())}); move it (and "
-            f"{path.name}-wal, {path.name}-shm) elsewhere to start with an empty queue, or restore a backup"
-        ) from None
-    return db
-
-
 def _postgres(url: str) -> Database:
     try:
         from stable_cascade.server.postgres import PostgresDatabase
@@ -391,9 +370,3 @@ def _postgres(url: str) -> Database:
             "a PostgreSQL store needs psycopg 3 and its pool: pip install 'stable-cascade[postgres]'"
         ) from None
     return PostgresDatabase(url)
-
-
-def _where(url: str) -> str:
-    from stable_cascade.server.postgres import where
-
-    return where(url)

@@ -84,8 +84,8 @@ class Workers:
     """The store's consumers in this process: start them, stop them.
 
     ``kind``: ``serve`` (a server's own workers: when the store is a data folder, its lock makes them
-    the folder's only ones, so a start queues again what a killed server was running) or ``worker``.
-    ``grace``: seconds :meth:`stop` lets running jobs finish before it returns them to the queue.
+    the folder's only ones, so a start queues again what a killed server was running) or ``worker``;
+    ``lease``: seconds a claim holds without a heartbeat; ``models``: those the workers keep warm.
     """
 
     def __init__(
