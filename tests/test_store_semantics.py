@@ -239,6 +239,7 @@ def test_stores_started_together_migrate_once(open_store: Open) -> None:
         assert tx.rows("SELECT version FROM schema_version") == [{"version": schema.VERSION}]
 
 
+@pytest.mark.slow
 def test_a_restarted_postgresql_is_reconnected(postgresql: Cluster, tmp_path: Path) -> None:
     store = Store(tmp_path, 100, url=postgresql.database())
     try:
@@ -284,3 +285,21 @@ def test_a_database_of_the_single_server_is_brought_up_to_date(tmp_path: Path) -
             assert tx.rows("SELECT version FROM schema_version") == [{"version": schema.VERSION}]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["worker", "--store", "postgresql://nobody@127.0.0.1:9/none"], "cannot connect to the job store"),
+        (["worker", "--lease", "0.1", "--store", "{data}"], "--lease must be at least 1 seconds"),
+        (["serve", "--no-workers", "--store", "mysql://x/y", "--data", "{data}"], "--store must be"),
+    ],
+)
+def test_worker_and_serve_refuse_with_one_line(
+    command: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stable_cascade.cli.main import main
+
+    code = main([part.replace("{data}", str(tmp_path / "data")) for part in command] + ["--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and expected in err, err

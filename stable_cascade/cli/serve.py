@@ -60,17 +60,15 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from stable_cascade.server import ServerConfig, create_app, default_data_dir, is_url
+    from stable_cascade.server import ServerConfig, create_app, locate_store
 
-    url = args.store if args.store and is_url(args.store) else None
-    if args.store and not url and args.data and Path(args.store) != args.data:
-        raise ValueError("with a data folder as --store, --data is that folder; give one of them")
+    data, url = locate_store(args.store, args.data)
     config = ServerConfig(
         model=args.model,
         host=args.host,
         port=args.port,
         api_key=args.api_key,
-        data=args.data or (Path(args.store) if args.store and not url else default_data_dir()),
+        data=data,
         store=url,
         no_workers=args.no_workers,
         workers=args.workers,

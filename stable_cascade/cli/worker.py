@@ -53,14 +53,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stable_cascade.server import WorkerConfig, WorkerProcess, default_data_dir, is_url
+    from stable_cascade.server import WorkerConfig, WorkerProcess, locate_store
 
-    data = args.data or default_data_dir()
-    store = args.store or str(data)
-    if not is_url(store) and args.data is not None and Path(store) != args.data:
-        raise ValueError("with a data folder as --store, --data is that folder; give one of them")
+    data, url = locate_store(args.store, args.data)
     config = WorkerConfig(
-        store=store,
+        store=url or str(data),
         data=data,
         device=args.device,
         dtype=args.dtype,

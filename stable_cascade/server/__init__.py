@@ -3,9 +3,8 @@ queue, and a web page, all running jobs through the engine; ``stable-cascade wor
 shared queue on other processes and hosts."""
 
 from stable_cascade.server.app import create_app
-from stable_cascade.server.config import ServerConfig, default_data_dir, is_loopback
+from stable_cascade.server.config import ServerConfig, default_data_dir, is_loopback, locate_store
 from stable_cascade.server.standalone import WorkerConfig, WorkerProcess
-from stable_cascade.server.store import is_url
 
 __all__ = [
     "ServerConfig",
@@ -14,5 +13,5 @@ __all__ = [
     "create_app",
     "default_data_dir",
     "is_loopback",
-    "is_url",
+    "locate_store",
 ]
