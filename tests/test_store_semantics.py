@@ -15,6 +15,8 @@ import pytest
 from postgres import Cluster, cluster
 
 from stable_cascade.server import schema
+from stable_cascade.server.board import Orders
+from stable_cascade.server.hub import ALL
 from stable_cascade.server.store import (
     CANCELLED,
     DONE,
@@ -120,7 +122,7 @@ def test_heartbeats_renew_the_lease_and_carry_cancel_requests(open_store: Open) 
     assert listed[0].heartbeat_age < 0.5
     assert replica.cancel_running(job_id) == 1 and not replica.cancel_queued(job_id)
     assert store.heartbeat({worker: job_id}, 0.5) == {job_id: True}
-    assert not store.post(job_id, {"type": "progress", "fraction": 0.5}, worker)  # stop, it says
+    assert store.post(job_id, {"type": "progress", "fraction": 0.5}, worker).stop  # stop, it says
     assert store.finish(job_id, CANCELLED, worker=worker)
     assert store.heartbeat({worker: job_id}, 0.5) == {}  # no longer held
     store.worker_stopped(worker)
@@ -164,7 +166,7 @@ def test_images_are_kept_once_per_job_and_index_and_any_store_serves_them(open_s
     ]
     assert replica.png(job_id, 0) == b"first" and replica.png(job_id, 2) is None
     news = replica.events_after({job_id: 0})
-    assert [message["type"] for _, _, message in news] == ["started", "image", "image"]
+    assert [message["type"] for _, _, message in news] == ["queued", "started", "image", "image"]
 
 
 def test_live_news_reaches_another_store_after_its_cursor(open_store: Open) -> None:
@@ -174,10 +176,11 @@ def test_live_news_reaches_another_store_after_its_cursor(open_store: Open) -> N
     store.claim(worker)
     cursor = replica.last_event(job_id)
     progress = {"type": "progress", "stage": "prior", "step": 1, "steps": 4, "fraction": 0.25}
-    assert store.post(job_id, progress, worker)
-    assert store.post(job_id, {"type": "preview", "index": 0, "step": 1, "image": "iVBORw=="}, worker)
-    assert not store.post(other, progress, worker)  # not its job
-    news = replica.events_after({job_id: cursor, other: 0})
+    assert not store.post(job_id, progress, worker).stop
+    preview = {"type": "preview", "index": 0, "step": 1, "image": "iVBORw=="}
+    assert not store.post(job_id, preview, worker).stop
+    assert store.post(other, progress, worker).stop  # not its job
+    news = replica.events_after({job_id: cursor, other: replica.last_event(other)})
     assert [(job, message["type"]) for job, _, message in news] == [(job_id, "progress"), (job_id, "preview")]
     live = replica.live(job_id)
     assert live is not None and (live.fraction, live.step, live.steps, live.stage) == (0.25, 1, 4, "prior")
@@ -185,6 +188,28 @@ def test_live_news_reaches_another_store_after_its_cursor(open_store: Open) -> N
     current = replica.current()
     assert current is not None and current[0] == job_id
     assert replica.live(other) is None
+
+
+def test_skip_reaches_the_worker_once_and_deleting_is_news_for_everyone(open_store: Open) -> None:
+    store, replica = open_store("worker-host"), open_store("api-host")
+    job_id, waiting = replica.add({}).id, replica.add({}).id
+    start = replica.last_event(ALL)
+    worker = store.register("worker", "cpu", [])
+    store.claim(worker)
+    assert replica.skip_running() == 1 and replica.live(job_id).skipping  # type: ignore[union-attr]
+    progress = {"type": "progress", "fraction": 0.5}
+    assert store.post(job_id, progress, worker) == Orders(skip=True)
+    assert store.post(job_id, progress, worker) == Orders()  # asked once, told once
+    assert not replica.delete(job_id) and not replica.delete(waiting)  # running, queued: not deleted
+    store.write_image(job_id, 0, 1, "", b"png")
+    store.finish(job_id, DONE, worker=worker)
+    assert replica.delete(job_id) and replica.get(job_id) is None and replica.images(job_id) == []
+    news = replica.everyones_events(start, start)
+    kinds = [(job, message["type"]) for job, _, message in news]
+    expected = ("started", "progress", "progress", "image", "done", "deleted")
+    assert kinds == [(job_id, kind) for kind in expected]
+    assert replica.everyones_events(start, news[-1][1]) == news  # the latest seconds are looked at again
+    assert replica.everyones_events(news[-1][1], news[-1][1]) == []
 
 
 def test_a_worker_whose_process_died_on_this_host_loses_its_job_at_once(open_store: Open) -> None:

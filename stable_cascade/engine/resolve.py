@@ -16,7 +16,7 @@ from typing import Any
 
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET
 from stable_cascade.engine.control import ControlRef, resolve_control, super_resolution_size
-from stable_cascade.engine.loras import resolve_loras
+from stable_cascade.engine.loras import preset_loras, resolve_loras
 from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, TASKS
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
@@ -56,6 +56,8 @@ def resolved_values(given: Mapping[str, Any]) -> dict[str, Any]:
         values["loras"] = resolve_loras(values["loras"])
     control_size = _resolve_control(values)
     preset = COMBINED_PRESETS[values["preset"]]
+    if preset.adapters is not None:
+        values["loras"] = _preset_loras(preset.adapters, task, values)
     for stage in ("prior", "decoder"):
         settings = getattr(preset, stage)
         if BY_NAME[f"{stage}_steps"].applies(task, values):
@@ -96,6 +98,17 @@ def _given(given: Mapping[str, Any]) -> dict[str, Any]:
             if getattr(control, attribute) is not None:
                 values.setdefault(name, getattr(control, attribute))
     return values
+
+
+def _preset_loras(kind: str, task: str, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The job's LoRAs with those the preset needs (see :func:`preset_loras`)."""
+    if not BY_NAME["loras"].applies(task, values):
+        raise ValueError(
+            f"the {values['preset']} preset attaches {kind.upper()} LoRAs, which {task} does not take (LoRAs "
+            f"serve the tasks that run Stage C: {', '.join(BY_NAME['loras'].tasks)}); choose another preset"
+        )
+    own = [stage for stage in ("prior", "decoder") if values.get(stage)]
+    return preset_loras(kind, values.get("loras", ()), values["model"], ("prior", "decoder"), own)
 
 
 def spread(changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,9 @@ the diffusers ``StableCascadeUNet`` / transformers ``CLIPTextModelWithProjection
 - ``<part>.<layer>.lora_up.weight``: (out_features, rank)
 - ``<part>.<layer>.alpha``: a float32 scalar; the update is ``W += scale · alpha / rank · up @ down``.
 
+Two optional metadata keys say what a LoRA is for: ``stage`` (``prior``: Stage C, the default, or
+``decoder``: Stage B) and ``adapter`` (a kind such as ``lcm``, for presets that need one).
+
 kohya / OneTrainer (as ComfyUI reads them): ``lora_prior_unet_<layer>`` and ``lora_prior_te_<layer>``
 with the dots of the layer's name as underscores, the same three suffixes, ``alpha`` defaulting to the
 rank. Stability's ``train/train_c_lora.py`` saves ``weights.<i>.lora_down`` / ``lora_up`` (alpha 1)
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 LoRAFormat = Literal["stable-cascade", "kohya", "stability"]
 Part = Literal["unet", "text_encoder"]
+Stage = Literal["prior", "decoder"]
+STAGES: tuple[Stage, ...] = ("prior", "decoder")
 PARTS: tuple[Part, ...] = ("unet", "text_encoder")
 FORMAT_TAG = "stable-cascade-lora"
 FORMAT_VERSION = "1"
@@ -84,18 +89,35 @@ class LoRAWeights:
         return self.unet if name == "unet" else self.text_encoder
 
     @property
+    def stage(self) -> Stage:
+        """The stage the LoRA adapts: its metadata's ``stage`` (Stage C, ``prior``, when unsaid)."""
+        return metadata_stage(self.metadata, self.source)
+
+    @property
     def stem(self) -> str:
         """A name for the adapter: the file name without its suffix."""
         return Path(self.source).stem if self.source != "<memory>" else "lora"
+
+
+def metadata_stage(metadata: Mapping[str, str], source: str) -> Stage:
+    """``prior`` or ``decoder`` from a LoRA file's metadata (``prior`` when it has no ``stage``)."""
+    stage = metadata.get("stage", "prior")
+    if stage not in STAGES:
+        raise LoRAFormatError(f"{source}: metadata stage must be 'prior' or 'decoder', got {stage!r}")
+    return stage  # type: ignore[return-value]
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a LoRA safetensors file, its tensors left unread."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def load_lora_file(path: str | Path) -> LoRAWeights:
     """Read a LoRA safetensors file in any supported format (detected from its keys and metadata)."""
     path = Path(path)
     tensors = read_state_dict([path])
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    return parse_lora(tensors, metadata, str(path))
+    return parse_lora(tensors, read_lora_metadata(path), str(path))
 
 
 def parse_lora(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], source: str) -> LoRAWeights:

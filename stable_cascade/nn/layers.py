@@ -269,10 +269,18 @@ def condition_embeddings(
     cfg: UNetConfig, values: dict[str, TensorLike | None], batch: int, device: torch.device
 ) -> torch.Tensor:
     """(B, c_r · len(conds)): the embeddings of ``sca``/``crp`` in config order; a missing one is
-    embedded as 0, as in the original."""
+    embedded as 0, as in the original. ``guidance`` (a CFG scale w, for a UNet with a guidance
+    embedding; others refuse it) is embedded as w − 1: a missing one means no guidance."""
+    if values.get("guidance") is not None and "guidance" not in cfg.timestep_conditioning_type:
+        raise ValueError(
+            "guidance is the input of a guidance embedding, which this UNet lacks; leave it out (its "
+            "classifier-free guidance is guidance_scale)"
+        )
     embeddings = []
     for name in cfg.timestep_conditioning_type:
         value = values[name]
+        if name == "guidance" and value is not None:
+            value = per_sample(value, batch, device) - 1
         t = torch.zeros(batch, device=device) if value is None else per_sample(value, batch, device)
         embeddings.append(timestep_embedding(t, cfg.timestep_ratio_embedding_dim))
     return torch.cat(embeddings, dim=1) if embeddings else torch.zeros(batch, 0, device=device)

@@ -11,6 +11,7 @@ which also renews the lease of the job it runs and brings back whether cancellin
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_cascade.server.database import Database, Tx
+from stable_cascade.server.hub import ALL
 from stable_cascade.server.states import RUNNING, Live, WorkerInfo
 
 EVENTS = "stable_cascade_events"  # payload: the job's id
@@ -28,6 +30,8 @@ JOBS = "stable_cascade_jobs"  # a job was queued (or queued again): idle workers
 EVENTS_KEPT = 300.0  # seconds
 WORKERS_KEPT = 86400.0  # seconds a stopped or silent worker stays listed
 _QUERY_JOBS = 100  # subscribed jobs per query of their events
+_EVERYONES_ROWS = 1000  # news items per query of every job's
+LATE_SECONDS = 5.0  # news is looked for again this long (a writer may commit it after later news)
 
 
 def add_event(tx: Tx, job_id: str, message: Mapping[str, Any]) -> None:
@@ -49,6 +53,14 @@ def process_space() -> str:
         return f"{socket.gethostname()}/{uuid.uuid4().hex}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Orders:
+    """What a running job's worker is asked, as it posts the job's news."""
+
+    stop: bool = False  # cancelled, or taken from it
+    skip: bool = False  # skip the image (batch) it makes
+
+
 class Board:
     """Events and workers (the job store's base: see :class:`~stable_cascade.server.store.Store`)."""
 
@@ -59,27 +71,43 @@ class Board:
     def _transaction(self) -> AbstractContextManager[Tx]:
         return self.db.transaction()
 
-    def post(self, job_id: str, message: Mapping[str, Any], worker: str | None = None) -> bool:
-        """Post a running job's news; whether its worker should go on (False once the job was taken
-        from ``worker`` — its lease expired — or cancelling was asked)."""
+    def post(self, job_id: str, message: Mapping[str, Any], worker: str | None = None) -> Orders:
+        """Post a running job's news; what its worker is asked: to stop (once the job was taken from
+        ``worker`` — its lease expired — or cancelling was asked) or to skip the image it makes."""
         with self.db.transaction(durable=False) as tx:
-            go_on = True
+            orders = Orders()
             if worker is not None:
                 row = tx.one(
-                    "SELECT cancel FROM jobs WHERE id = ? AND state = ? AND worker = ?",
+                    "SELECT cancel, skip FROM jobs WHERE id = ? AND state = ? AND worker = ?",
                     (job_id, RUNNING, worker),
                 )
                 if row is None:
-                    return False
-                go_on = not row["cancel"]
+                    return Orders(stop=True)
+                orders = Orders(stop=bool(row["cancel"]), skip=bool(row["skip"]))
+                if orders.skip:
+                    tx.run("UPDATE jobs SET skip = 0 WHERE id = ?", (job_id,))
             add_event(tx, job_id, message)
-        return go_on
+        return orders
 
     def last_event(self, job_id: str) -> int:
-        """The sequence number of ``job_id``'s latest news (0: none yet)."""
+        """The sequence number of ``job_id``'s latest news (``ALL``: anyone's; 0: none yet)."""
         with self.db.read() as tx:
-            row = tx.one("SELECT MAX(seq) AS seq FROM events WHERE job = ?", (job_id,))
+            if job_id == ALL:
+                row = tx.one("SELECT MAX(seq) AS seq FROM events")
+            else:
+                row = tx.one("SELECT MAX(seq) AS seq FROM events WHERE job = ?", (job_id,))
         return int(row["seq"] or 0) if row else 0
+
+    def everyones_events(self, start: int, cursor: int) -> list[tuple[str, int, dict[str, Any]]]:
+        """Every job's news but previews after ``cursor``, and that of the last :data:`LATE_SECONDS`
+        after ``start`` (news may be committed out of the order of its numbers), oldest first."""
+        with self.db.read() as tx:
+            rows = tx.rows(
+                "SELECT job, seq, data FROM events WHERE type <> 'preview' AND seq > ? "
+                "AND (seq > ? OR created > {now} - ?) ORDER BY seq LIMIT ?",
+                (start, cursor, LATE_SECONDS, _EVERYONES_ROWS),
+            )
+        return [(row["job"], int(row["seq"]), json.loads(row["data"])) for row in rows]
 
     def events_after(self, cursors: Mapping[str, int]) -> list[tuple[str, int, dict[str, Any]]]:
         """Each job's news after its cursor, oldest first: (job, seq, message)."""
@@ -99,7 +127,7 @@ class Board:
     def live(self, job_id: str) -> Live | None:
         """Where the running job ``job_id`` is (None when it is not running)."""
         with self.db.read() as tx:
-            job = tx.one("SELECT started FROM jobs WHERE id = ? AND state = ?", (job_id, RUNNING))
+            job = tx.one("SELECT started, skip FROM jobs WHERE id = ? AND state = ?", (job_id, RUNNING))
             if job is None:
                 return None
             latest = {}
@@ -118,6 +146,7 @@ class Board:
             step=int(progress.get("step", 0)),
             steps=int(progress.get("steps", 0)),
             preview=base64.b64decode(preview["image"]) if "image" in preview else None,
+            skipping=bool(job["skip"]),
         )
 
     def current(self) -> tuple[str, Live] | None:

@@ -54,10 +54,12 @@ class ServerConfig:
     max_images: int = DEFAULT_MAX_IMAGES
     store: str | None = None  # a PostgreSQL URL; None: the job store is the data folder
     no_workers: bool = False  # an API replica only: workers run elsewhere (``stable-cascade worker``)
+    models: Path | None = None  # the models folder: checkpoints, LoRAs, ControlNets by name
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for settings the server cannot run with."""
-        BY_NAME["model"].choice(self.model, what="model")
+        if self.models is None:  # else the folder's checkpoints are names too: the server checks it
+            BY_NAME["model"].choice(self.model, what="model")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         for name, value, low in (

@@ -44,11 +44,12 @@ class Relay:
         try:
             while not self._stopping.is_set():
                 listener.wait(POLL_SECONDS)
-                cursors = self.hub.cursors()
-                if not cursors:
+                cursors, everyone = self.hub.cursors(), self.hub.everyone()
+                if not cursors and everyone is None:
                     continue
                 try:
-                    news = self.store.events_after(cursors)
+                    news = self.store.events_after(cursors) if cursors else []
+                    others = [] if everyone is None else self.store.everyones_events(*everyone)
                 except STORAGE_ERRORS as error:
                     if not failing:
                         logger.warning("the relay cannot read the job store (%s); trying again", error)
@@ -57,5 +58,7 @@ class Relay:
                 failing = False
                 for job_id, seq, message in news:
                     self.hub.publish(job_id, seq, message)
+                for job_id, seq, message in others:  # the jobs' own subscribers had theirs above
+                    self.hub.publish(job_id, seq, message, to_job=False)
         finally:
             listener.close()

@@ -2,9 +2,9 @@
 transaction, one process at a time) and refuses a database whose schema is newer than this code knows.
 
 Version 1 is the single server's queue (a database written before versions were counted is taken as
-1). Version 2 adds what many hosts need: a job's priority and lease (holder, expiry), a cancel request,
-images' PNG bytes in the database, the live news of running jobs (``events``), the workers, and the
-uploads that jobs use (for workers on other hosts).
+1). Version 2 adds what many hosts need: a job's priority and lease (holder, expiry), its cancel and
+skip requests (A1111's skip), images' PNG bytes in the database, the live news of running jobs
+(``events``), the workers, and the uploads that jobs use (for workers on other hosts).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ _SQLITE = {
         "ALTER TABLE jobs ADD COLUMN worker TEXT",
         "ALTER TABLE jobs ADD COLUMN lease_until REAL",
         "ALTER TABLE jobs ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN skip INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX jobs_queue ON jobs (state, priority DESC, seq)",
         "ALTER TABLE images ADD COLUMN png BLOB",
         """CREATE TABLE events (
@@ -57,7 +58,8 @@ _POSTGRESQL = {
     ],
     2: [
         """ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0, ADD COLUMN worker TEXT,
-            ADD COLUMN lease_until DOUBLE PRECISION, ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0""",
+            ADD COLUMN lease_until DOUBLE PRECISION, ADD COLUMN cancel INTEGER NOT NULL DEFAULT 0,
+            ADD COLUMN skip INTEGER NOT NULL DEFAULT 0""",
         "CREATE INDEX jobs_queue ON jobs (state, priority DESC, seq)",
         "ALTER TABLE images ADD COLUMN png BYTEA",
         """CREATE TABLE events (

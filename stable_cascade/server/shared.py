@@ -4,21 +4,24 @@ request (:class:`RequestError`, answered in A1111's error shape) and reading a J
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from stable_cascade.engine import Engine, Job
+from stable_cascade.engine import Engine, Job, ModelLibrary
 from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.hub import Hub
+from stable_cascade.server.inputs import Served
 from stable_cascade.server.lock import DataLock
 from stable_cascade.server.relay import Relay
 from stable_cascade.server.store import Store, StoredJob
 from stable_cascade.server.uploads import Upload
 from stable_cascade.server.worker import Workers
 
+logger = logging.getLogger(__name__)
 MODEL_SETTING = "sd_model_checkpoint"
 
 
@@ -32,6 +35,8 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.library = ModelLibrary(config.models)
+        self.library.sources(config.model)  # a named model or one of the folder's checkpoints
         engines = [Engine(device=device, dtype=config.dtype) for device in config.devices()]
         self.lock = DataLock(config.data, config.host, config.port) if config.store is None else None
         try:
@@ -58,12 +63,18 @@ class Server:
             )
         uploads = [Path(path).name for path in (job.control_image, job.mask) if path is not None]
         name = None if upload is None else upload.name
-        return self.store.add(job.to_dict(), name, priority, uploads)
+        stored = self.store.add(job.to_dict(), name, priority, uploads)
+        position = self.store.position(stored)
+        logger.info("job %s queued (%d ahead): %s, %d image(s)", stored.id, position, job.task, job.images)
+        return stored
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job, or ask a running one's worker (wherever it runs) to stop after its
         current step; whether there was one to cancel."""
-        return self.store.cancel_queued(job_id) or self.store.cancel_running(job_id) > 0
+        if self.store.cancel_queued(job_id):
+            logger.info("job %s cancelled while queued", job_id)
+            return True
+        return self.store.cancel_running(job_id) > 0
 
     def close(self) -> None:
         """Stop the workers (their running jobs go back to the queue) and the relay, close the store,
@@ -78,9 +89,15 @@ class Server:
             self.lock.release()
 
     @property
+    def served(self) -> Served:
+        """What requests' jobs are checked against now."""
+        return Served(self.store, self.library, self.model)
+
+    @property
     def model(self) -> str:
         """The model requests get when they name none (``sd_model_checkpoint``; kept across restarts)."""
-        return self.store.setting(MODEL_SETTING) or self.config.model
+        chosen = self.store.setting(MODEL_SETTING)
+        return chosen if chosen in self.library.model_names() else self.config.model
 
     @model.setter
     def model(self, name: str) -> None:

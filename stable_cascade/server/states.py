@@ -52,6 +52,7 @@ class Live:
     step: int = 0
     steps: int = 0
     preview: bytes | None = None
+    skipping: bool = False  # skipping the image (batch) being made was asked
 
     def eta(self) -> float:
         """Seconds until the job is done, from its pace so far (0 before the first step)."""

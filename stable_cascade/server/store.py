@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import time
 import uuid
@@ -123,6 +124,7 @@ class Store(Board):
                 "INSERT INTO jobs (id, state, job, input, created, priority) VALUES (?, ?, ?, ?, {now}, ?)",
                 (job_id, QUEUED, json.dumps(job, sort_keys=True), input_name, priority),
             )
+            add_event(tx, job_id, {"type": QUEUED, "position": None})
             tx.notify(JOBS)
         stored = self.get(job_id)
         assert stored is not None
@@ -150,7 +152,7 @@ class Store(Board):
                     continue
                 tx.run(
                     "UPDATE jobs SET state = ?, started = {now}, attempts = attempts + 1, worker = ?, "
-                    "lease_until = {now} + ?, cancel = 0 WHERE id = ?",
+                    "lease_until = {now} + ?, cancel = 0, skip = 0 WHERE id = ?",
                     (RUNNING, holder, lease, row["id"]),
                 )
                 tx.run("UPDATE workers SET job = ? WHERE id = ?", (row["id"], holder))
@@ -208,6 +210,23 @@ class Store(Board):
             if job_id is None:
                 return tx.run("UPDATE jobs SET cancel = 1 WHERE state = ?", (RUNNING,))
             return tx.run("UPDATE jobs SET cancel = 1 WHERE state = ? AND id = ?", (RUNNING, job_id))
+
+    def skip_running(self) -> int:
+        """Ask the worker of every running job to skip the image (batch) it makes; how many jobs."""
+        with self._transaction() as tx:
+            return tx.run("UPDATE jobs SET skip = 1 WHERE state = ?", (RUNNING,))
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job and its images; whether there was one (queued and running jobs are not
+        deleted: cancel them first)."""
+        finals = ", ".join("?" for _ in FINAL_STATES)
+        with self._transaction() as tx:
+            if not tx.run(f"DELETE FROM jobs WHERE id = ? AND state IN ({finals})", (job_id, *FINAL_STATES)):
+                return False
+            tx.run("DELETE FROM images WHERE job = ?", (job_id,))
+            add_event(tx, job_id, {"type": "deleted"})
+        shutil.rmtree(self.folder / "images" / job_id, ignore_errors=True)  # written before version 2
+        return True
 
     def reap(self) -> int:
         """Queue again (in their place) the running jobs whose lease ran out or whose worker, on this

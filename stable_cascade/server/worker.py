@@ -5,8 +5,9 @@ host that reaches the store). Each claims the queued job of highest priority und
 job's news to the store, and records its images and its end there. A heartbeat renews the leases,
 brings back cancel requests and returns to the queue the jobs of workers that stopped (their lease ran
 out). A worker outlives anything a job does: whatever a job raises fails that job alone, with the
-reason, and the worker takes the next. When the store itself fails (a full disk, an I/O error, a
-database restarting), the worker waits and tries again until it is back.
+reason in the user's words, and the worker takes the next. When the store itself fails (a full disk,
+an I/O error, a database restarting), the worker waits and tries again until it is back. Every change
+of a job's state is one line of the log.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from stable_cascade.engine import (
     encode_png,
     open_image,
 )
-from stable_cascade.server.board import JOBS
+from stable_cascade.server.board import JOBS, Orders
 from stable_cascade.server.store import (
     CANCELLED,
     DONE,
@@ -47,6 +48,7 @@ from stable_cascade.server.store import (
     StoredJob,
     StoreError,
 )
+from stable_cascade.server.words import job_error
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,10 +76,12 @@ def png_bytes(image: PIL.Image.Image) -> bytes:
 
 @dataclasses.dataclass
 class _Run:
-    """The job a worker runs: its id and the event that stops it after the current step."""
+    """The job a worker runs: its id and the events that stop it, or skip its batch, after the current
+    step."""
 
     job_id: str
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    skip: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: skip the batch
 
 
 class Workers:
@@ -209,21 +213,27 @@ class Workers:
         run = _Run(stored.id)
         with self._lock:
             self._runs[worker] = run
-        state, error = DONE, None
+        logger.info("job %s started", stored.id)
+        state, error, start = DONE, None, time.monotonic()
         try:
             job = Job.from_dict(self._local_inputs(stored.job), "the stored job")
             image = open_image(self.store.input_file(stored.input)) if stored.input else None
-            for event in engine.run(job, image, previews=job.task != "reconstruct", cancel=run.cancel):
-                if not self._handle(stored.id, worker, event):
+            previews = job.task != "reconstruct"
+            for event in engine.run(job, image, previews=previews, cancel=run.cancel, skip=run.skip):
+                orders = self._handle(stored.id, worker, event)
+                if orders.stop:
                     run.cancel.set()
+                if orders.skip:
+                    run.skip.set()
         except JobCancelled:
             state = CANCELLED
         except Exception as failure:  # deliberately broad: whatever one job raises fails it alone
-            if isinstance(failure, JOB_ERRORS + STORAGE_ERRORS):
+            expected = isinstance(failure, JOB_ERRORS + STORAGE_ERRORS)
+            if expected:
                 logger.warning("job %s failed: %s", stored.id, _line(failure))
             else:
                 logger.exception("job %s failed with an unexpected error", stored.id)
-            state, error = FAILED, f"{type(failure).__name__}: {_line(failure)}"
+            state, error = FAILED, job_error(failure, expected)
         finally:
             with self._lock:
                 self._runs[worker] = None
@@ -235,21 +245,23 @@ class Workers:
         )
         if finished is False:
             logger.warning("job %s was taken from this worker (its lease ran out); another ran it", stored.id)
+        elif finished is True and state != FAILED:  # a failure was logged with its reason above
+            logger.info("job %s %s after %.1f s", stored.id, state, time.monotonic() - start)
 
     def _local_inputs(self, job: dict[str, Any]) -> dict[str, Any]:
         """``job`` with its control images as files on this host."""
         paths = {key: job[key] for key in ("control_image", "mask") if isinstance(job.get(key), str)}
         return job | {key: str(self.store.input_file(Path(path).name)) for key, path in paths.items()}
 
-    def _handle(self, job_id: str, worker: str, event: Event) -> bool:
-        """Record ``event``; whether the job should go on."""
+    def _handle(self, job_id: str, worker: str, event: Event) -> Orders:
+        """Record ``event``; what the job's worker is asked."""
         if isinstance(event, ImageDone):
             record = event.record
             png = encode_png(event.image, record)
             self._reconnecting(
                 lambda: self.store.write_image(job_id, event.index, record.seed, record.infotext(), png)
             )
-            return True
+            return Orders()
         if isinstance(event, Progress):
             message = {"type": "progress", **dataclasses.asdict(event)}
         elif isinstance(event, Preview):
@@ -258,12 +270,12 @@ class Workers:
         elif isinstance(event, Loading):
             message = {"type": "loading", "models": event.models}
         else:
-            return True
+            return Orders()
         try:
             return self.store.post(job_id, message, worker)
         except STORAGE_ERRORS as error:  # live news only: the job goes on without it
             logger.debug("job %s: news not posted (%s)", job_id, _line(error))
-            return True
+            return Orders()
 
     def _reconnecting(self, call: Callable[[], None]) -> None:
         """``call()``, tried again while the store cannot be reached (a database restarting); other

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from enum import Enum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from stable_cascade.specs.base import ConfigBase
 from stable_cascade.specs.encoders import EFFNET_VARIANTS as EFFNET_VARIANTS
@@ -21,7 +21,9 @@ from stable_cascade.specs.encoders import PreviewerConfig as PreviewerConfig
 
 logger = logging.getLogger(__name__)
 
-TimestepCondition = Literal["sca", "crp"]
+#: ``sca`` and ``crp`` (the released models'); ``guidance``: the CFG scale of an LCM-distilled stage
+#: trained with a guidance embedding (``stable-cascade train lcm --full --guidance-embedding``).
+TimestepCondition = Literal["sca", "crp", "guidance"]
 
 
 class BlockType(str, Enum):
@@ -106,8 +108,10 @@ class UNetConfig(ConfigBase):
         if self.switch_level is not None and len(self.switch_level) != levels - 1:
             raise ValueError(f"switch_level needs {levels - 1} entries (one per level transition)")
         for cond in self.timestep_conditioning_type:
-            if cond not in ("sca", "crp"):
-                raise ValueError(f"timestep_conditioning_type entries must be 'sca' or 'crp', got {cond!r}")
+            if cond not in get_args(TimestepCondition):
+                raise ValueError(
+                    f"timestep_conditioning_type entries must be 'sca', 'crp' or 'guidance', got {cond!r}"
+                )
         for level, (width, heads, level_types) in enumerate(
             zip(self.block_out_channels, self.num_attention_heads, types, strict=True)
         ):
