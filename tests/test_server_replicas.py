@@ -95,6 +95,28 @@ def _stream(server: ServerProcess, job_id: str, kinds: list[str]) -> threading.T
     return thread
 
 
+def _stream_all(server: ServerProcess, seen: list[tuple[str, str]], last: list[str]) -> threading.Thread:
+    """Collect (id, type) of every job's events from ``server``'s stream of them, in a thread, until the
+    job ``last[0]`` is done; returns once the stream is open."""
+    opened = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("GET", f"{server.url}/v1/events", timeout=120) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    message = json.loads(line[len("data: ") :])
+                    opened.set()  # its first message: hello
+                    if "id" in message:
+                        seen.append((message["id"], message["type"]))
+                    if message["type"] == "done" and last and message["id"] == last[0]:
+                        return
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    assert opened.wait(30), "the stream of every job did not open"
+    return thread
+
+
 def _start(*processes: ServerProcess | WorkerProcess) -> None:
     with concurrent.futures.ThreadPoolExecutor(len(processes)) as pool:
         list(pool.map(lambda process: process.start(), processes))
@@ -181,18 +203,26 @@ def test_replicas_and_workers_on_postgresql(tmp_path: Path) -> None:
             _until(lambda: all(_job(a, j)["state"] == "running" for j in blockers), 120, "all workers busy")
             queue = [_submit(a if i % 2 else b, seed=i) for i in range(6)]
             urgent = _submit(b, priority=10, seed=99)
-            last = _submit(b, priority=-1, prior_steps=5, count=2)
+            seen: list[tuple[str, str]] = []  # A's stream of every job, B's jobs too
+            last: list[str] = []
+            everyone = _stream_all(a, seen, last)
+            last.append(_submit(b, priority=-1, prior_steps=5, count=2))
             kinds: list[str] = []
-            reader = _stream(a, last, kinds)  # SSE from replica A of a job submitted to B
+            reader = _stream(a, last[0], kinds)  # SSE from replica A of a job submitted to B
             for blocker in blockers:
                 assert httpx.delete(f"{a.url}/v1/jobs/{blocker}", timeout=30).status_code == 202
             assert {_finished(b, blocker, 30)["state"] for blocker in blockers} == {"cancelled"}
-            started = {job_id: _finished(a, job_id)["started"] for job_id in [*queue, urgent, last]}
+            started = {job_id: _finished(a, job_id)["started"] for job_id in [*queue, urgent, *last]}
             assert started[urgent] < min(started[job_id] for job_id in queue)
-            assert started[last] >= max(started.values())
+            assert started[last[0]] >= max(started.values())
             reader.join(60)
             assert kinds[0] == "queued" and "started" in kinds and kinds[-1] == "done", kinds
             assert kinds.count("progress") == 2 * (5 + 2) and kinds.count("image") == 2 and "preview" in kinds
+            everyone.join(60)
+            of_last = [kind for job_id, kind in seen if job_id == last[0]]
+            news = [kind for kind in kinds if kind not in ("queued", "preview")]  # queued: once, at first
+            assert of_last == ["queued", *news], (of_last, kinds)
+            assert {job_id for job_id, kind in seen if kind == "done"} >= {urgent, *queue}
 
             recovery = _kill_mid_job(b, workers)
             print(f"a worker killed mid-job: its job ran again {recovery:.1f} s later")
