@@ -266,7 +266,7 @@ def _attempt_cap(server: ServerProcess, workers: list[WorkerProcess]) -> None:
 
 def _sigterm(server: ServerProcess, workers: list[WorkerProcess]) -> None:
     """SIGTERM twice queues the running job again (not counted as a run); once, it lets it finish."""
-    job_id = _submit(server, seed=500, count=12)
+    job_id = _submit(server, seed=500, count=24, prior_steps=4)  # long enough to be seen running again
     first = _until(lambda: _holder(server, job_id, workers), 60, "the job started")
     assert first.process is not None
     first.process.send_signal(signal.SIGTERM)
@@ -277,13 +277,13 @@ def _sigterm(server: ServerProcess, workers: list[WorkerProcess]) -> None:
     second = _until(lambda: _holder(server, job_id, workers), 60, "the job started again")
     assert second.stop() == 0  # lets the job finish first
     done = _job(server, job_id)
-    assert done["state"] == "done" and done["attempts"] == 1 and len(done["images"]) == 12
+    assert done["state"] == "done" and done["attempts"] == 1 and len(done["images"]) == 24
 
 
 def test_workers_in_separate_processes_on_a_data_folder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     replica = ServerProcess(data, "--no-workers")
-    workers = [WorkerProcess(str(data), data, *LEASE) for _ in (0, 1, 2)]
+    workers = [WorkerProcess(str(data), data, *LEASE, "--grace", "120") for _ in (0, 1, 2)]
     try:
         _start(replica, *workers)
         seconds = _load([replica], 16)
