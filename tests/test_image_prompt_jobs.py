@@ -206,3 +206,20 @@ def test_batch_items_take_image_prompt_columns(pictures: list[Path], tmp_path: P
         ("picture1.png", 1.0),
     ]
     assert second.job.negative_image_prompts[0].strength == 2.0
+
+
+def test_a_worker_reads_image_prompts_from_its_own_host(pictures: list[Path], tmp_path: Path) -> None:
+    """A queued job names its image prompt uploads by their paths on the server that took it; a worker
+    reads them from its store's inputs (fetched from the database when it is on another host)."""
+    from stable_cascade.server.worker import Workers
+
+    store = Store(tmp_path / "worker", 10)
+    try:
+        upload = store.inputs_dir / "prompt.png"
+        upload.write_bytes(pictures[0].read_bytes())
+        elsewhere = {"path": "/elsewhere/inputs/prompt.png", "strength": 0.5, "sha256": None}
+        workers = Workers(store, [])
+        local = workers._local_inputs({"prompt": "a cat", "image_prompts": [elsewhere]})
+        assert local["image_prompts"] == [{**elsewhere, "path": str(upload)}]
+    finally:
+        store.close()
