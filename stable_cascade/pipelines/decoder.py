@@ -32,12 +32,14 @@ from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_
 from stable_cascade.pipelines.prior import ImageInput
 from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
 from stable_cascade.sampling.loop import initial_latents, run_stage
+from stable_cascade.sampling.phases import phase
 
 
 class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
     """Stage B latent diffusion followed by the Stage A decoder; LoRAs adapt ``decoder``, ``text_encoder``."""
 
     diffusers_class_name = "StableCascadeDecoderPipeline"
+    phase_stage = "Stage B"
     lora_components = ("decoder", "text_encoder")
     optional_components = frozenset({"effnet"})
     extra_components = frozenset({"effnet"})
@@ -200,7 +202,13 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             self.progress_bar,
             control=self._loop,
         )
-        images: Images = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)
+        if output_type == "latent":
+            images: Images = x
+        else:
+            with phase("Stage A decode"):
+                decoded = self.decode_latents(x)
+            with phase(f"output conversion ({output_type})"):
+                images = postprocess(decoded, output_type)
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
 

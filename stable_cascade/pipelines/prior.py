@@ -34,6 +34,7 @@ from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
 from stable_cascade.sampling.loop import initial_latents, run_stage
+from stable_cascade.sampling.phases import phase
 from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
@@ -46,6 +47,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
     """Stage C text-to-latent (and image variation) pipeline; LoRAs adapt ``prior`` and ``text_encoder``."""
 
     diffusers_class_name = "StableCascadePriorPipeline"
+    phase_stage = "Stage C"
     optional_components = frozenset(
         {"feature_extractor", "image_encoder", "effnet", "previewer", "controlnet"}
     )
@@ -238,13 +240,14 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         )
         self.offload_all()
         numpy = output_type == "np"
-        outputs = (
-            as_numpy_if(x, numpy),
-            as_numpy_if(text.cond.hidden, numpy),
-            text.cond.pooled,
-            as_numpy_if(_hidden(text.uncond), numpy),
-            text.uncond.pooled if text.uncond is not None else None,
-        )
+        with phase(f"Stage C output conversion ({output_type})"):
+            outputs = (
+                as_numpy_if(x, numpy),
+                as_numpy_if(text.cond.hidden, numpy),
+                text.cond.pooled,
+                as_numpy_if(_hidden(text.uncond), numpy),
+                text.uncond.pooled if text.uncond is not None else None,
+            )
         return StableCascadePriorPipelineOutput(*outputs) if return_dict else outputs  # type: ignore[arg-type]
 
     def _image_conditioning(
