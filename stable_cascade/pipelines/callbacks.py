@@ -25,16 +25,20 @@ def step_callback(
     pipeline: Any,
     callback: PipelineCallback | None,
     names: Sequence[str] | None,
-    tensors: Mapping[str, Any],
+    tensors: Callable[[], Mapping[str, Any]],
 ) -> StepCallback | None:
     """Adapt a diffusers callback: it receives the requested tensors ("latents" is the current x,
-    "denoised" the step's x0 prediction) and may return new "latents"."""
+    "denoised" the step's x0 prediction, the others from ``tensors()``, called once, when first asked
+    for) and may return new "latents"."""
     if callback is None:
         return None
+    fixed: list[Mapping[str, Any]] = []
 
     def on_step(i: int, t: Tensor, x: Tensor, x0: Tensor) -> Tensor | None:
         current = {"latents": x, "denoised": x0}
-        kwargs = {name: current[name] if name in current else tensors[name] for name in names or ()}
+        if not fixed and any(name not in current for name in names or ()):
+            fixed.append(tensors())
+        kwargs = {name: current[name] if name in current else fixed[0][name] for name in names or ()}
         returned = callback(pipeline, i, t, kwargs) or {}
         return returned.get("latents")
 

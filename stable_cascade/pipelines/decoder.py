@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
-from stable_cascade.conditioning.text import TextEmbeddings
+from stable_cascade.conditioning.text import PromptConditioning
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import StageSettings, stage_settings
@@ -185,11 +185,6 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         x = initial_latents(
             (effnet.shape[0], decoder.config.in_channels, *size), latents, generator, device, dtype
         )
-        tensors = {  # as diffusers: the pooled embeddings of the guided batch [cond; uncond]
-            "prompt_embeds_pooled": _guided_batch(text.cond.pooled, text.uncond),
-            "negative_prompt_embeds": text.uncond.hidden if text.uncond is not None else None,
-            "image_embeddings": effnet,
-        }
         x = run_stage(
             decoder,
             cond,
@@ -198,7 +193,12 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             settings,
             self.scheduler.config,
             generator,
-            step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
+            step_callback(
+                self,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                lambda: _callback_tensors(text, effnet),
+            ),
             self.progress_bar,
             control=self._loop,
         )
@@ -316,5 +316,13 @@ def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled:
     raise ValueError("pass a prompt, or prompt_embeds_pooled (with prompt_embeds) from the prior pipeline")
 
 
-def _guided_batch(cond: Tensor, uncond: TextEmbeddings | None) -> Tensor:
-    return torch.cat([cond, uncond.pooled]) if uncond is not None else cond
+def _callback_tensors(text: PromptConditioning, effnet: Tensor) -> dict[str, Any]:
+    """What a step callback may ask for besides the latents, as diffusers' decoder pipeline names it
+    (its ``prompt_embeds_pooled``: the pooled embeddings of the guided batch [cond; uncond])."""
+    uncond = text.uncond
+    pooled = torch.cat([text.cond.pooled, uncond.pooled]) if uncond is not None else text.cond.pooled
+    return {
+        "prompt_embeds_pooled": pooled,
+        "negative_prompt_embeds": uncond.hidden if uncond is not None else None,
+        "image_embeddings": effnet,
+    }

@@ -17,6 +17,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
+from stable_cascade.conditioning.text import PromptConditioning
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import StageSettings, stage_settings
@@ -217,10 +218,6 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             init = self._init_latents(
                 image, strength, (height, width), shape, text.batch_size, num_images_per_prompt
             )
-        hidden = (
-            torch.cat([text.cond.hidden, text.uncond.hidden]) if text.uncond is not None else text.cond.hidden
-        )
-        tensors = {"text_encoder_hidden_states": hidden, "negative_prompt_embeds": _hidden(text.uncond)}
         request = ControlRequest(control_image, mask_image, controlnet_conditioning_scale, control_type)
         residuals = self._control(request, height, width, text.batch_size, num_images_per_prompt)
         x = run_stage(
@@ -231,7 +228,12 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             settings,
             self.scheduler.config,
             generator,
-            step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
+            step_callback(
+                self,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                lambda: _callback_tensors(text),
+            ),
             self.progress_bar,
             init=init,
             strength=strength,
@@ -343,6 +345,13 @@ def per_image(embeds: Tensor, batch_size: int, per_prompt: int, name: str) -> Te
         f"{name} has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
         f"or prompts × num_images_per_prompt ({rows})"
     )
+
+
+def _callback_tensors(text: PromptConditioning) -> dict[str, Any]:
+    """What a step callback may ask for besides the latents, as diffusers' prior pipeline names it."""
+    uncond = text.uncond
+    hidden = torch.cat([text.cond.hidden, uncond.hidden]) if uncond is not None else text.cond.hidden
+    return {"text_encoder_hidden_states": hidden, "negative_prompt_embeds": _hidden(uncond)}
 
 
 def _hidden(embeddings: Any) -> Tensor | None:
