@@ -6,7 +6,8 @@
 #      bf16, and each one's time (`sdpa.py`, capped at 60 s);
 #   3. whole pipeline calls (`pipelines.py`): the prior, decoder and combined pipelines of both
 #      libraries, the `mid` and `lite` setups, 5 steps per stage, no guidance, batch 1 and 4, with
-#      ours / diffusers and ours by phase (text, set-up, each step, Stage A, conversion) (capped at 90 s);
+#      ours / diffusers and ours by phase (text, set-up, each step, Stage A, conversion) (capped at
+#      90 s; 300 s with --tiny);
 #   1. the released full models at 1024², Stage C 20 steps with CFG + Stage B 10 steps + Stage A:
 #      eager vs CUDA graphs (`enable_cuda_graphs`, no compiler) vs FP8 Stage C (`enable_fp8`, with
 #      graphs; its max error vs bf16 ours on the same seed is the "max |output - ours|" row),
@@ -56,12 +57,14 @@ race_variants=(graphs fast+graphs fast+fp8+graphs)
 compiled_variants=(fast+regional fast+regional+graphs)
 if ((tiny)); then
     common=(--device cpu --dtype bfloat16 --setups tiny --repeats 2)
-    whole=(--device cpu --dtype bfloat16 --setups tiny --repeats 1)
+    whole=(--device cpu --dtype float32 --setups tiny --repeats 1)  # bf16 is slow on CPUs
+    whole_cap=300
     compiled_variants=(regional regional+graphs)
 else
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_device.txt"
     common=(--device cuda --dtype bfloat16 --setups full --repeats 2)
     whole=(--device cuda --dtype bfloat16 --setups mid lite --repeats 3)
+    whole_cap=90
 fi
 
 status=0
@@ -72,7 +75,7 @@ for route in "${routes[@]}"; do
             timeout 60 python3 "$here/sdpa.py" 2>&1 | tee "$out/gpu_sdpa.txt"
             rc=${PIPESTATUS[0]}; what="SDPA backends" ;;
         3)
-            timeout 90 python3 "$here/pipelines.py" "${whole[@]}" --batches 1 4 \
+            timeout "$whole_cap" python3 "$here/pipelines.py" "${whole[@]}" --batches 1 4 \
                 --json "$out/gpu_pipelines.json" 2>&1 | tee "$out/gpu_pipelines.txt"
             rc=${PIPESTATUS[0]}; what="whole pipelines" ;;
         1)

@@ -282,7 +282,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, {where}, {args.dtype}, "
         f"{args.steps} steps per stage, guidance {args.guidance}, output {args.output_type}, medians of "
-        f"{args.repeats} interleaved rounds; load average at the start: {load:.2f}"
+        f"{args.repeats} interleaved rounds; load average at the start: {load:.2f}; OMP_WAIT_POLICY: "
+        f"{os.environ.get('OMP_WAIT_POLICY', 'not set')}"
     )
     results = []
     for name in args.setups:
@@ -292,6 +293,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     summary(results)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at the end: {load:.2f}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"args": vars(args), "results": results}, file, indent=2)
