@@ -1,8 +1,10 @@
-"""Bounds on model config values, checked before anything is built.
+"""Bounds on model config values, checked before anything is built, and on a generation's size and
+steps (shared by the pipelines, the CLI and the server).
 
 A typo in a ``config.json`` or ``--init-config`` (a negative width, 10⁶ layers, a NaN scale) should
 stop with a message naming the field, not allocate terabytes or build a model that outputs NaN.
-The bounds are generous: every released and test model sits far inside them.
+The bounds are generous: every released and test model sits far inside them. Likewise a height of
+10⁶ pixels or 10⁹ steps stops with one line instead of running until killed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ from typing import Any
 MAX_CHANNELS = 65_536
 MAX_LEVELS = 8
 MAX_BLOCKS = 256
+
+# A generation: image sides are multiples of SIZE_MULTIPLE pixels, at most MAX_SIDE per side and
+# MAX_PIXELS per image; at most MAX_STEPS sampling steps per stage and MAX_IMAGES images (prompts ×
+# images per prompt) in one pipeline call.
+SIZE_MULTIPLE = 8
+MAX_SIDE = 8192
+MAX_PIXELS = 4096 * 4096
+MAX_STEPS = 1000
+MAX_IMAGES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +40,7 @@ class Bound:
 
 _CHANNELS = Bound(1, MAX_CHANNELS)
 _BLOCKS = Bound(1, MAX_BLOCKS)
+_LAYERS = Bound(0, MAX_BLOCKS)  # a UNet level may have no layers (diffusers builds and runs it)
 _POSITIVE = Bound(0, math.inf, integer=False, low_open=True)
 
 #: Field name → bound, for every config class (the same name means the same kind of value).
@@ -40,11 +52,11 @@ BOUNDS: dict[str, Bound] = {
     "patch_size": Bound(1, 64),
     "conditioning_dim": _CHANNELS,
     "block_out_channels": _CHANNELS,
-    "num_attention_heads": Bound(0, MAX_CHANNELS),  # 0 on levels without attention
-    "down_num_layers_per_block": _BLOCKS,
-    "up_num_layers_per_block": _BLOCKS,
-    "down_blocks_repeat_mappers": _BLOCKS,
-    "up_blocks_repeat_mappers": _BLOCKS,
+    # num_attention_heads: checked per level by UNetConfig (any value on levels without attention)
+    "down_num_layers_per_block": _LAYERS,
+    "up_num_layers_per_block": _LAYERS,
+    "down_blocks_repeat_mappers": _LAYERS,  # 0 runs a level once, as 1 does (as in diffusers)
+    "up_blocks_repeat_mappers": _LAYERS,
     "clip_text_in_channels": _CHANNELS,
     "clip_text_pooled_in_channels": _CHANNELS,
     "clip_image_in_channels": _CHANNELS,
@@ -77,6 +89,21 @@ BOUNDS: dict[str, Bound] = {
 #: Per-level fields: at most MAX_LEVELS entries.
 LEVEL_FIELDS = frozenset({"block_out_channels"})
 
+#: transformers model configs (the CLIP text and image encoders), checked before transformers builds
+#: the model: a ``vocab_size`` of 10⁹ or 200,000 layers would allocate for minutes.
+TRANSFORMERS_BOUNDS: dict[str, Bound] = {
+    "vocab_size": Bound(1, 1_048_576),
+    "hidden_size": _CHANNELS,
+    "intermediate_size": Bound(1, 4 * MAX_CHANNELS),
+    "num_hidden_layers": _BLOCKS,
+    "num_attention_heads": _CHANNELS,
+    "max_position_embeddings": Bound(1, 65_536),
+    "projection_dim": _CHANNELS,
+    "image_size": Bound(1, 8192),
+    "patch_size": Bound(1, 1024),
+    "num_channels": Bound(1, 64),
+}
+
 
 def check_limits(owner: str, values: Mapping[str, Any]) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``owner.field`` for the first value out of its bound."""
@@ -93,6 +120,25 @@ def check_limits(owner: str, values: Mapping[str, Any]) -> None:
             _check_entry(f"{owner}.{name}", entry, bound)
 
 
+def check_transformers_config(config: Mapping[str, Any], source: str) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``source`` for the first value of a transformers
+    ``config.json`` (or of its ``text_config``/``vision_config``) out of :data:`TRANSFORMERS_BOUNDS`."""
+    parts = [(source, config)] + [
+        (f"{source} {name}", config[name])
+        for name in ("text_config", "vision_config")
+        if isinstance(config.get(name), Mapping)
+    ]
+    for owner, values in parts:
+        for name, bound in TRANSFORMERS_BOUNDS.items():
+            if values.get(name) is not None:
+                _check_entry(f"{owner}: {name}", values[name], bound)
+        hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
+        if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+            raise ValueError(
+                f"{owner}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            )
+
+
 def _check_entry(field: str, value: Any, bound: Bound) -> None:
     kind = "whole number" if bound.integer else "number"
     number = int if bound.integer else (int, float)
@@ -102,9 +148,13 @@ def _check_entry(field: str, value: Any, bound: Bound) -> None:
         raise ValueError(f"{field} must be finite, got {value!r}")
     too_low = value <= bound.low if bound.low_open else value < bound.low
     if too_low or value > bound.high:
-        low = f"greater than {bound.low:g}" if bound.low_open else f"at least {bound.low:g}"
-        high = "" if math.isinf(bound.high) else f" and at most {bound.high:g}"
+        low = f"greater than {_number(bound.low)}" if bound.low_open else f"at least {_number(bound.low)}"
+        high = "" if math.isinf(bound.high) else f" and at most {_number(bound.high)}"
         raise ValueError(
             f"{field} must be {low}{high}, got {value!r}; fix the config (the upper limits only catch typos "
             "and sit far above every released model)"
         )
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -99,3 +99,28 @@ def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120.0) -> 
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+
+def models_folder(root: Path) -> Path:
+    """A models folder for ``serve --models``: the demo cascade again as checkpoint ``democopy``, a
+    LoRA ``ink`` for the demo's Stage C (random, so it changes images) and the demo's ControlNet again
+    as ``edges``."""
+    import torch
+
+    from stable_cascade.loading.bundles import DEMO_DIR
+    from stable_cascade.lora import add_lora, save_lora
+    from stable_cascade.lora.layers import lora_layers
+    from stable_cascade.nn.unet import StableCascadeUNet
+
+    for folder in ("checkpoints", "loras", "controlnet"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / "checkpoints" / "democopy").symlink_to(DEMO_DIR)
+    (root / "controlnet" / "edges").symlink_to(DEMO_DIR / "controlnet")
+    unet = StableCascadeUNet.from_pretrained(str(DEMO_DIR / "prior" / "prior"))
+    generator = torch.Generator().manual_seed(0)
+    add_lora(unet, rank=4, generator=generator)
+    for _, layer in lora_layers(unet):
+        for adapter in layer.adapters().values():
+            adapter.up.data.normal_(0, 0.2, generator=generator)
+    save_lora(root / "loras" / "ink.safetensors", unet)
+    return root

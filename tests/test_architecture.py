@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stable_cascade"
 
 # Each layer may import only the layers listed for it (and itself).
 _MODELS = {"specs", "checkpoint", "nn", "diffusion", "conditioning", "convert", "lora"}
+# ``limits`` (bounds on config values and on a generation) is the bottom layer: every layer may import it.
 ALLOWED: dict[str, set[str]] = {
     "limits": set(),
     "specs": {"limits"},
@@ -40,6 +41,9 @@ ALLOWED: dict[str, set[str]] = {
     # conversion and inspection of checkpoint files.
     "cli": {"engine", "fields", "server", "batch", "training", "demo", "shapes", "loading"},
 }
+for _layer, _imports in ALLOWED.items():
+    if _layer != "limits":
+        _imports.add("limits")
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 
 

@@ -239,9 +239,11 @@ def test_generate_writes_images_with_parameters_and_previews(runs: dict[str, Fin
     ]
     text, record = chunks(files / "singles" / "00001-6.png")
     assert text.startswith(
-        "a red cat\nNegative prompt: blurry, dark\nSteps: 2+2, Sampler: ddpm, CFG scale: 4.0+1.1"
+        "a red cat\nNegative prompt: blurry, dark\nSteps: 2, Sampler: DDPM, CFG scale: 4.0"
     )
-    assert "Seed: 6, Size: 128x128, Model: prior + decoder, Preset: reference, Shift: 2.0" in text
+    # a folder's prior and decoder pipelines: the folder's name
+    assert f"Seed: 6, Size: 128x128, Model: {files.name}, Preset: reference, Shift: 2.0" in text
+    assert "Stage B steps: 2, Stage B CFG scale: 1.1, Stage B sampler: DDPM, Stage B shift: 1.0" in text
     job = record["job"]
     assert record["seed"] == 6 and record["index"] == 1 and record["width"] == record["height"] == 128
     assert job["seed"] == 5 and job["count"] == 2 and job["width"] == job["height"] == 128

@@ -236,6 +236,8 @@ def test_the_command_line_choices_are_the_librarys() -> None:
     assert typing.get_args(config.LossWeighting) == choices.LOSS_WEIGHTINGS
     assert typing.get_args(config.MixedPrecision) == choices.MIXED_PRECISIONS
     assert typing.get_args(config.ReconstructionLoss) == choices.RECONSTRUCTION_LOSSES
+    assert typing.get_args(config.LCMStage) == choices.LCM_STAGES
+    assert typing.get_args(config.LCMLoss) == choices.LCM_LOSSES
     assert choices.DEFAULT_BUCKET_RATIOS == config.DEFAULT_BUCKET_RATIOS
 
 

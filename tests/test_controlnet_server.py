@@ -15,10 +15,10 @@ import PIL.Image
 import pytest
 from serving import PROMPT, ServerProcess, wait_for_job
 
-from stable_cascade.engine import image_sha256
+from stable_cascade.engine import ModelLibrary, image_sha256
 from stable_cascade.server.a1111 import job_arguments
 from stable_cascade.server.controls import a1111_inpainting
-from stable_cascade.server.inputs import checked_job
+from stable_cascade.server.inputs import Served, checked_job
 from stable_cascade.server.store import Store
 from stable_cascade.server.uploads import decode_image
 
@@ -50,8 +50,9 @@ def test_a1111_mask_maps_to_the_inpainting_controlnet(tmp_path: Path) -> None:
     assert control.image == str(store.inputs_dir / upload.name)
     stored_mask = np.asarray(PIL.Image.open(control.mask or "").convert("L"))
     assert (stored_mask[:, :64] == 255).all() and (stored_mask[:, 64:] == 0).all()  # inverted
-    arguments = job_arguments({**body, "width": 128, "height": 128}, "full", upload.sha256)
-    job = checked_job({**arguments, "controls": [control]}, upload, store)
+    served = Served(store, ModelLibrary(), "full")
+    arguments = job_arguments({**body, "width": 128, "height": 128}, served, upload.sha256)
+    job = checked_job({**arguments, "controls": [control]}, upload, served)
     assert job.task == "img2img" and job.controls[0].control_type == "inpainting"
     assert job.controls[0].image_sha256 == upload.sha256
     with pytest.raises(ValueError, match="the demo model does not have"):
@@ -91,7 +92,7 @@ def test_native_jobs_take_control_fields_and_rerun_bit_for_bit(server: ServerPro
     for body, expected in (
         ({**fields, "controlnet": "canny"}, "'controlnet' needs 'control_image'"),
         ({**fields, "control_image": control["control_image"]}, "control fields need 'controlnet'"),
-        ({**fields, **control, "controlnet": "/etc/x.safetensors"}, "the models' own ControlNets only"),
+        ({**fields, **control, "controlnet": "/etc/x.safetensors"}, "the server runs these by name"),
         ({**fields, **control, "controlnet": "inpainting"}, "demo model has no inpainting"),
         ({"job": {**first["job"], "control_image": "/etc/hosts"}}, "as uploads"),
         ({"job": first["job"], "control_image": encoded(square(10))}, "sha256 differs"),

@@ -71,7 +71,7 @@ def run(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, st
     for line in capsys.readouterr().err.splitlines():
         if "error: " in line:  # after an unfinished progress bar on the same line
             lines.append(line[line.index("error: ") :])
-        elif line.strip() and "it/s" not in line:
+        elif line.strip() and "it/s" not in line and "s/it" not in line:  # tqdm: fast or slow steps
             lines.append(line)
     return code, "\n".join(lines)
 

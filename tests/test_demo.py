@@ -19,8 +19,10 @@ from stable_cascade.cli.main import build_parser, main
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo import DEMO_SIZE, Recipe, evaluate_demo, load_demo
 from stable_cascade.demo.recipe import PREVIEWER_FILE
+from stable_cascade.demo.settings import LCM_FOLDER
 from stable_cascade.demo.tokenizer import words_of, write_tokenizer
 from stable_cascade.loading.bundles import BUNDLES, DEMO_DIR
+from stable_cascade.lora import read_lora_metadata
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.pipelines.previews import PreviewCallback
 from stable_cascade.shapes import all_scenes, caption, held_out_prompts, score
@@ -40,6 +42,12 @@ def test_the_shipped_demo_is_small_and_complete() -> None:
     previewer = DEMO_DIR / PREVIEWER_FILE
     assert previewer.is_file() and previewer.stat().st_size < 2**20, "the demo previewer is missing or big"
     assert trained["seconds"]["previewer"] > 0
+    for stage in ("prior", "decoder"):  # the LCM LoRAs of --preset lcm
+        lora = DEMO_DIR / LCM_FOLDER / f"{stage}.safetensors"
+        assert lora.stat().st_size < 2**19, f"the demo's {stage} LCM LoRA is over 512 KiB"
+        assert read_lora_metadata(lora) | {"stage": stage, "adapter": "lcm"} == read_lora_metadata(lora)
+    distilled = json.loads((DEMO_DIR / LCM_FOLDER / "training.json").read_text())
+    assert distilled["seconds"]["lcm-c"] > 0 and distilled["seconds"]["lcm-b"] > 0
 
 
 @pytest.mark.slow
@@ -173,11 +181,17 @@ def test_documented_retrain_command_builds_a_loadable_cascade(
     toy = (
         ["--images", "64"]
         + [arg for s in ("a", "b", "b-refine", "c") for arg in (f"--stage-{s}-steps", "3")]
-        + ["--previewer-steps", "3"]
+        + ["--previewer-steps", "3", "--lcm-steps", "2"]
     )
     assert main(["demo", "train", str(tmp_path / "run"), *toy, "--batch-size", "4"]) == 0
     model = tmp_path / "run" / "model"
-    assert {p.name for p in model.iterdir()} >= {"prior", "decoder", "training.json", PREVIEWER_FILE}
+    assert {p.name for p in model.iterdir()} >= {
+        "prior",
+        "decoder",
+        "training.json",
+        PREVIEWER_FILE,
+        LCM_FOLDER,
+    }
     recorded = json.loads((model / "training.json").read_text())
     assert recorded["recipe"]["stage_b_refine_steps"] == 3 and set(recorded["seconds"]) >= {
         "stage-a",
@@ -185,7 +199,10 @@ def test_documented_retrain_command_builds_a_loadable_cascade(
         "stage-c",
         "stage-b-refine",
         "previewer",
+        "lcm-c",
+        "lcm-b",
     }
+    assert read_lora_metadata(model / LCM_FOLDER / "decoder.safetensors")["steps"] == "2"
     previewer = load_demo(model).prior_pipe.previewer  # the run's previewer, not the shipped one
     assert previewer is not None and previewer.config == PREVIEWER_VARIANTS["demo_previewer"]
     trained = load_file(tmp_path / "run" / "previewer" / "final" / "diffusion_pytorch_model.safetensors")
@@ -199,6 +216,24 @@ def test_documented_retrain_command_builds_a_loadable_cascade(
     printed = json.loads(capsys.readouterr().out)
     assert printed["single"]["images"] == 2 and printed["double"]["images"] == 2
     assert main(["demo", "evaluate", str(model), "--limit", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_the_lcm_loras_alone_are_rebuilt_in_minutes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``demo train OUT --lcm-only``: step 7 on the shipped cascade (here 2 steps per stage); the LoRAs
+    load into the demo pipeline and sample with the lcm preset."""
+    toy = ["--images", "32", "--lcm-steps", "2", "--batch-size", "4", "--stage-c-batch-size", "4"]
+    assert main(["demo", "train", str(tmp_path / "run"), "--lcm-only", *toy]) == 0
+    folder = tmp_path / "run" / "model" / LCM_FOLDER
+    assert f"LCM LoRAs written to {folder}" in capsys.readouterr().out
+    assert {p.name for p in folder.iterdir()} == {"prior.safetensors", "decoder.safetensors", "training.json"}
+    pipe = load_demo()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.prior_pipe.load_lora_weights(folder / "prior.safetensors")
+    pipe.decoder_pipe.load_lora_weights(folder / "decoder.safetensors")
+    assert pipe("a red circle", preset="lcm").images[0].size == (DEMO_SIZE, DEMO_SIZE)
 
 
 def test_retrain_command_takes_every_recipe_field() -> None:

@@ -127,9 +127,9 @@ def test_records_round_trip_through_png_and_schema_1_stays_readable(tmp_path: Pa
     save_png(PIL.Image.new("RGB", (8, 8)), tmp_path / "x.png", record)
     assert read_png(tmp_path / "x.png") == record
     assert record.single_job() == dataclasses.replace(job, seed=6, count=1)
-    assert "a, b: c\nNegative prompt: d\nSteps: 20+10, Sampler: ddpm, CFG scale: 4.0+1.1, Seed: 6" in (
-        record.infotext()
-    )
+    text = record.infotext()
+    assert "a, b: c\nNegative prompt: d\nSteps: 20, Sampler: DDPM, CFG scale: 4.0, Seed: 6" in text
+    assert "Stage B steps: 10, Stage B CFG scale: 1.1, Stage B sampler: DDPM, Stage B shift: 1.0" in text
     old = {"schema": 1, "task": "txt2img", "prompt": "p", "negative_prompt": "", "seed": 9, "width": 128}
     old.update(height=128, preset="reference", dtype="fp32", models={"model": "demo"}, batch_index=1)
     old["prior"] = {"steps": 3, "guidance": 4.0, "sampler": "ddpm", "shift": 2.0, "rescale": 0.7}

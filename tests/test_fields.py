@@ -26,6 +26,7 @@ from stable_cascade.fields.schema import form_fields, request_schema
 SAMPLE: dict[str, Any] = {
     "prompt": "a red circle",
     "negative_prompt": "blue, dark",
+    "emphasis": "no_norm",
     "strength": 0.6,
     "width": 64,
     "height": 72,
@@ -136,12 +137,14 @@ def test_the_command_line_carries_every_field_and_reruns_it(files: dict[str, Pat
 def test_automatic1111_requests_and_infotexts_carry_every_field(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
+    from stable_cascade.engine import ModelLibrary
     from stable_cascade.server import a1111
-    from stable_cascade.server.inputs import checked_job
+    from stable_cascade.server.inputs import Served, checked_job
     from stable_cascade.server.store import Store
     from stable_cascade.server.uploads import decode_image
 
     store = Store(tmp_path / "data", 10)
+    served = Served(store, ModelLibrary(), "lite")
     body: dict[str, Any] = {"override_settings": {}}
     for field in FIELDS:
         if field.name in SAMPLE and field.carried_by("a1111"):
@@ -152,12 +155,12 @@ def test_automatic1111_requests_and_infotexts_carry_every_field(
             (body["override_settings"] if field.name.startswith("decoder") else body)[name] = value
     body["n_iter"], body["init_images"] = SAMPLE["count"], [_encoded(files["input_image"])]
     upload = decode_image(body["init_images"][0], store, "init_images[0]")
-    arguments = a1111.job_arguments(body, "lite", upload.sha256)
+    arguments = a1111.job_arguments(body, served, upload.sha256)
     mask = decode_image(_encoded(files["mask"]), store, "mask")
     control_image = str(store.inputs_dir / upload.name)
     controls = {"controlnet": "inpainting", "control_image": control_image}
     controls["mask"] = str(store.inputs_dir / mask.name)
-    job = checked_job({**arguments, **controls, "control_scale": 0.7}, upload, store)
+    job = checked_job({**arguments, **controls, "control_scale": 0.7}, upload, served)
     files = {**files, "control_image": files["input_image"]}  # A1111 inpaints the init image
     _check(job, "a1111", files, names="init_images[0]")
     store.close()
@@ -169,17 +172,21 @@ def test_automatic1111_requests_and_infotexts_carry_every_field(
             expected = record.seed if field.name == "seed" else getattr(job, field.name)
             assert parsed.get(field.name) == expected, (field.name, text)
     a1111_text = "a cat\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x640, Model: lite"
-    given = infotext.parse(a1111_text)  # A1111's own text: its numbers are Stage C's
+    given = infotext.parse(a1111_text)  # A1111's own text: its keys are Stage C's
     assert given == {"prompt": "a cat", "negative_prompt": "", "prior_steps": 30, "prior_guidance": 7.0,
-                     "prior_sampler": "euler_ancestral", "decoder_sampler": "euler_ancestral", "seed": 5,
-                     "width": 512, "height": 640, "model": "lite"}  # fmt: skip
+                     "prior_sampler": "euler_ancestral", "seed": 5, "width": 512, "height": 640,
+                     "model": "lite"}  # fmt: skip
 
 
 def test_the_native_api_carries_every_field(files: dict[str, Path], tmp_path: Path) -> None:
-    from stable_cascade.server.inputs import native_job
+    from stable_cascade.engine import ModelLibrary
+    from stable_cascade.server.inputs import Served, native_job
     from stable_cascade.server.store import Store
 
     store = Store(tmp_path / "data", 10)
+    (tmp_path / "models" / "loras").mkdir(parents=True)  # the server's LoRAs are named, in its folder
+    (tmp_path / "models" / "loras" / "ink.safetensors").symlink_to(files["loras"])
+    served = Served(store, ModelLibrary(tmp_path / "models"), "lite")
     body: dict[str, Any] = {
         "task": "img2img",
         "image": _encoded(files["input_image"]),
@@ -187,10 +194,11 @@ def test_the_native_api_carries_every_field(files: dict[str, Path], tmp_path: Pa
     }
     body.update({name: value for name, value in SAMPLE.items() if BY_NAME[name].carried_by("api")})
     body.update(control_image=_encoded(files["control_image"]), mask=_encoded(files["mask"]))
-    job, _ = native_job(json.loads(json.dumps(body)), store, "lite")
+    body["loras"] = [{"name": "ink", "scale": 0.5}]
+    job, _ = native_job(json.loads(json.dumps(body)), served)
     _check(job, "api", files, names="in.png")
     shown = {"job": job.to_dict(), "image": body["image"]}  # a job as GET /v1/jobs/{id} shows it
-    again, _ = native_job(shown, store, "lite")
+    again, _ = native_job(shown, served)
     assert again == job
     store.close()
 

@@ -20,6 +20,7 @@ from stable_cascade.diffusion.samplers import (
     dpmpp_2m,
     euler_ancestral,
     get_sampler,
+    lcm,
 )
 from stable_cascade.diffusion.timesteps import Schedule, diffusers_schedule, reference_schedule
 
@@ -221,6 +222,58 @@ def test_ddim_eta_one_is_ddpm(schedule: Schedule) -> None:
     torch.testing.assert_close(a.sample, b.sample, atol=1e-5, rtol=0)
 
 
+# --- lcm: multistep consistency sampling (the original gdf LCMSampler) ----------------------------
+
+
+def test_lcm_matches_a_hand_computed_trajectory() -> None:
+    """Three steps on ᾱ = 0.1, 0.5, 0.9, 0.99 of one element, with ε = 0.5·x + ratio (ratio = t) and
+    the draws of the generator written out: x0 = (x − b·ε)/a, then a_next·x0 + b_next·z; the last step
+    returns x0 and draws nothing."""
+    schedule = Schedule(
+        t=torch.tensor([1.0, 0.6, 0.3, 0.0], dtype=torch.float64),
+        alpha_cumprod=torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64),
+        ratio=torch.tensor([1.0, 0.6, 0.3, 0.0], dtype=torch.float64),
+    )
+
+    def eps_model(x: Tensor, ratio: Tensor) -> Tensor:
+        return 0.5 * x + ratio.view(-1, 1)
+
+    z1, z2, after = torch.randn(3, 1, generator=gen(3), dtype=torch.float64).flatten().tolist()
+    x = 0.8  # by hand: step 0 from ᾱ 0.1 (ratio 1.0), step 1 from 0.5 (0.6), step 2 from 0.9 (0.3)
+    x0_0 = (x - math.sqrt(0.9) * (0.5 * x + 1.0)) / math.sqrt(0.1)
+    x1 = math.sqrt(0.5) * x0_0 + math.sqrt(0.5) * z1
+    x0_1 = (x1 - math.sqrt(0.5) * (0.5 * x1 + 0.6)) / math.sqrt(0.5)
+    x2 = math.sqrt(0.9) * x0_1 + math.sqrt(0.1) * z2
+    x0_2 = (x2 - math.sqrt(0.1) * (0.5 * x2 + 0.3)) / math.sqrt(0.9)
+    seen: list[float] = []
+    generator = gen(3)
+    result = lcm(
+        eps_model,
+        torch.tensor([[x]], dtype=torch.float64),
+        schedule,
+        generator=generator,
+        callback=lambda i, t, sample, x0: seen.append(sample.item()),
+    )
+    assert seen == pytest.approx([x1, x2, x0_2], rel=1e-12)
+    assert result.sample.item() == pytest.approx(x0_2, rel=1e-12) and torch.equal(result.sample, result.x0)
+    assert torch.randn(1, generator=generator, dtype=torch.float64).item() == after  # two draws, not three
+
+
+def test_lcm_seeds_reproduce_and_each_step_draws_fresh_noise() -> None:
+    schedule = reference_schedule(4)
+    first, again = (lcm(fake_eps, start(), schedule, generator=gen(11)) for _ in range(2))
+    assert torch.equal(first.sample, again.sample)
+    other = lcm(fake_eps, start(), schedule, generator=gen(12))
+    assert not torch.allclose(first.sample, other.sample)
+    one = lcm(fake_eps, start(), reference_schedule(1), generator=gen(11))  # one step: the x0 prediction
+    a, b = (
+        math.sqrt(reference_schedule(1).alpha_cumprod[0]),
+        math.sqrt(1 - reference_schedule(1).alpha_cumprod[0]),
+    )
+    expected = (start() - b * fake_eps(start(), reference_schedule(1).ratio[:1].expand(2))) / a
+    torch.testing.assert_close(one.sample, expected)
+
+
 # --- k-diffusion samplers: the clean end ---------------------------------------------------------
 
 
@@ -283,9 +336,9 @@ def test_gaussian_toy_first_order_bias_vanishes(name: str) -> None:
 
 
 def test_get_sampler() -> None:
-    assert set(SAMPLERS) == {"ddpm", "ddim", "euler_ancestral", "dpmpp_2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler_ancestral", "dpmpp_2m", "lcm"}
     assert get_sampler("dpmpp_2m") is dpmpp_2m
-    with pytest.raises(ValueError, match="ddim, ddpm, dpmpp_2m, euler_ancestral"):
+    with pytest.raises(ValueError, match="ddim, ddpm, dpmpp_2m, euler_ancestral, lcm"):
         get_sampler("euler")
     for sampler in (ddim, euler_ancestral):
         with pytest.raises(ValueError, match="eta"):

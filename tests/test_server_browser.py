@@ -3,10 +3,7 @@ selenium types a prompt, generates with the demo model, and checks the image tha
 
 from __future__ import annotations
 
-import base64
-import io
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
+from browsing import MARKS, chrome, image_of
 from serving import PROMPT, ServerProcess
 
 from stable_cascade.engine import image_sha256
@@ -23,15 +21,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        CHROMIUM is None or DRIVER is None,
-        reason="no browser found: apt-get install chromium chromium-driver (Debian)",
-    ),
-]
+pytestmark = MARKS
 RIGHT = "a red circle on the right, on a white background"
 #: Where to save a screenshot of the page (the README's is made this way).
 SCREENSHOT = os.environ.get("STABLE_CASCADE_SCREENSHOT")
@@ -45,27 +35,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=options)
+    driver = chrome()
     yield driver
     driver.quit()
-
-
-_PIXELS = """
-const [img, done] = arguments;
-const canvas = document.createElement("canvas");
-canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-canvas.getContext("2d").drawImage(img, 0, 0);
-done(canvas.toDataURL("image/png"));
-"""
-
-
-def _image(browser: webdriver.Chrome, element: object) -> PIL.Image.Image:
-    data = browser.execute_async_script(_PIXELS, element)
-    return PIL.Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB")
 
 
 def test_type_a_prompt_generate_and_see_the_image(server: ServerProcess, browser: webdriver.Chrome) -> None:
@@ -81,7 +53,7 @@ def test_type_a_prompt_generate_and_see_the_image(server: ServerProcess, browser
     wait.until(lambda b: b.execute_script("return arguments[0].naturalWidth", image) > 0)
     wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
     assert float(browser.find_element(By.ID, "progress").get_attribute("value")) == 1.0
-    pixels = _image(browser, image)
+    pixels = image_of(browser, image)
     assert pixels.size == (128, 128)
     summary = score([pixels], [PROMPT]).summary()
     assert (summary["colour"], summary["position"], summary["background"]) == (1.0, 1.0, 1.0), summary
@@ -101,19 +73,6 @@ def test_reuse_parameters_fills_the_form(server: ServerProcess, browser: webdriv
     assert browser.find_element(By.ID, "prompt").get_attribute("value") == PROMPT
     assert browser.find_element(By.ID, "seed").get_attribute("value") == "3"
     assert browser.find_element(By.ID, "prior_steps").get_attribute("value") == "20"
-
-
-def test_cancel_stops_a_running_job(server: ServerProcess, browser: webdriver.Chrome) -> None:
-    browser.get(server.url + "/")
-    wait = WebDriverWait(browser, 60)
-    wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")
-    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
-    browser.find_element(By.ID, "count").clear()
-    browser.find_element(By.ID, "count").send_keys("100")
-    browser.find_element(By.ID, "generate").click()
-    wait.until(lambda b: "step" in b.find_element(By.ID, "progress-text").text)
-    browser.find_element(By.ID, "cancel").click()
-    wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "cancelled")
 
 
 def test_an_upload_for_img2img(server: ServerProcess, browser: webdriver.Chrome, tmp_path: Path) -> None:
@@ -165,7 +124,7 @@ def test_canny_controlnet_moves_the_object_where_the_control_image_has_it(
     browser.find_element(By.ID, "generate").click()
     image = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#result img.output"))[0]
     wait.until(lambda b: b.find_element(By.ID, "progress-text").text == "done")
-    summary = score([_image(browser, image)], [RIGHT.replace("right", "left")]).summary()
+    summary = score([image_of(browser, image)], [RIGHT.replace("right", "left")]).summary()
     assert (summary["colour"], summary["position"], summary["background"]) == (1.0, 1.0, 1.0), summary
     job = httpx.get(server.url + "/v1/jobs?limit=1", timeout=10).json()["jobs"][0]["job"]
     assert job["decoder_sampler"] == "euler_ancestral" != job["prior_sampler"]
@@ -207,15 +166,18 @@ def test_the_form_carries_every_field_and_reuse_brings_them_back(
     server: ServerProcess, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
     """Every field of the form (built from GET /v1/fields) set to a value that is not its default reaches
-    the job; "Reuse parameters" puts them back. (Model "full": its ControlNets include inpainting; the
-    job only needs creating here: offline, its models cannot load.)"""
+    the job; "Reuse parameters" puts them back (the LoRA picker: tests/test_server_page.py). (Model
+    "full": its ControlNets include inpainting; the job only needs creating here: offline, its models
+    cannot load.)"""
     from test_fields import SAMPLE
 
     pictures = {}
     for name, colour in (("input_image", "red"), ("control_image", "black"), ("mask", "white")):
         pictures[name] = tmp_path / f"{name}.png"
         PIL.Image.new("RGB", (64, 72), colour).save(pictures[name])
-    fields = httpx.get(server.url + "/v1/fields", timeout=10).json()["fields"]
+    fields = [
+        f for f in httpx.get(server.url + "/v1/fields", timeout=10).json()["fields"] if f["widget"] != "loras"
+    ]
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda b: Select(b.find_element(By.ID, "model")).first_selected_option.text == "demo")

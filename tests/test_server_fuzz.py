@@ -31,9 +31,27 @@ NUMBERS = (
     "decoder_shift",
     "decoder_rescale",
 )
-NAMES = ("prompt", "negative_prompt", "task", "preset", "prior_sampler", "decoder_sampler", "model", "dtype")
+NAMES = (
+    "prompt",
+    "negative_prompt",
+    "task",
+    "preset",
+    "prior_sampler",
+    "decoder_sampler",
+    "model",
+    "dtype",
+    "emphasis",
+)
 A1111_NUMBERS = ("width", "height", "seed", "batch_size", "n_iter", "steps", "cfg_scale", "decoder_steps")
-A1111_NAMES = ("prompt", "negative_prompt", "sampler_name", "preset", "decoder_sampler")
+A1111_NAMES = (
+    "prompt",
+    "negative_prompt",
+    "sampler_name",
+    "preset",
+    "decoder_sampler",
+    "emphasis",
+    "scheduler",
+)
 WRONG_NUMBERS: tuple[Any, ...] = (
     "20",
     "false",
@@ -127,6 +145,28 @@ def _cases() -> list[tuple[str, str, Any]]:
         ("/v1/jobs", "job.controls=[list]", {"job": {"prompt": PROMPT, "controls": [[1]]}}),
         ("/v1/jobs", "job.loras=[object]", {"job": {"prompt": PROMPT, "loras": [{"path": ["x"]}]}}),
         ("/v1/jobs", "job.seed=string", {"job": {"prompt": PROMPT, "seed": "1"}}),
+        ("/v1/jobs", "loras=string", {"prompt": PROMPT, "loras": "ink"}),
+        ("/v1/jobs", "loras=[int]", {"prompt": PROMPT, "loras": [5]}),
+        ("/v1/jobs", "loras=[object without a name]", {"prompt": PROMPT, "loras": [{"scale": 1}]}),
+        ("/v1/jobs", "loras=[unknown]", {"prompt": PROMPT, "loras": ["ink:0.5"]}),
+        ("/v1/jobs", "lora tag weight=text", {"prompt": f"<lora:ink:heavy> {PROMPT}"}),
+        ("/v1/jobs", "5000 brackets", {"prompt": "(" * 5000}),
+        ("/sdapi/v1/txt2img", "hypernetwork tag", {"prompt": f"<hypernet:x:1> {PROMPT}"}),
+        ("/sdapi/v1/txt2img", "enable_hr='yes'", {"prompt": PROMPT, "enable_hr": "yes"}),
+        ("/sdapi/v1/txt2img", "scheduler=list", {"prompt": PROMPT, "scheduler": ["Karras"]}),
+        (
+            "/sdapi/v1/txt2img",
+            "ControlNet twice",
+            {"alwayson_scripts": {"ControlNet": {"args": []}, "controlnet": {"args": []}}},
+        ),
+        ("/sdapi/v1/txt2img", "controlnet model=list", _unit(model=["canny"], input_image=image)),
+        ("/sdapi/v1/txt2img", "controlnet model unknown", _unit(model="depth", input_image=image)),
+        ("/v1/png-info", "png-info image=int", {"image": 5}),
+        ("/v1/png-info", "png-info without image", {}),
+        ("/sdapi/v1/png-info", "png-info image not base64", {"image": "%%"}),
+        ("/v1/tokens", "tokens prompt=list", {"prompt": [1]}),
+        ("/v1/tokens", "tokens model=list", {"prompt": PROMPT, "model": ["demo"]}),
+        ("/v1/tokens", "tokens emphasis=5", {"prompt": PROMPT, "emphasis": 5}),
         ("/sdapi/v1/img2img", "init_images=string", {"init_images": image}),
         ("/sdapi/v1/img2img", "init_images=[int]", {"init_images": [5]}),
         (
@@ -212,6 +252,19 @@ def test_list_query_values_beyond_64_bits_or_not_numbers_get_422(
     answer = httpx.get(f"{server.url}/v1/jobs", params=query, timeout=30)
     assert answer.status_code == 422, answer.text
     assert message in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+
+
+def test_gallery_requests_for_nothing_get_a_4xx(server: ServerProcess) -> None:
+    for method, path, params, status in (
+        ("GET", "/v1/images.zip", {"ids": ""}, 422),
+        ("GET", "/v1/images.zip", {"ids": ",".join(["x"] * 201)}, 422),
+        ("GET", "/v1/images.zip", {"ids": "nope"}, 404),
+        ("GET", "/v1/images.zip", {}, 422),
+        ("DELETE", "/v1/gallery/nope", {}, 404),
+    ):
+        answer = httpx.request(method, server.url + path, params=params, timeout=30)
+        assert answer.status_code == status, (path, params, answer.text)
+        assert "\n" not in answer.json()["detail"]
 
 
 def test_the_images_cap_names_the_option(server: ServerProcess) -> None:

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 from stable_cascade.cli.main import main
+from stable_cascade.engine import ModelLibrary, ModelSources
+from stable_cascade.fields.a1111 import sampler as our_sampler
+from stable_cascade.fields.a1111 import scheduler
 from stable_cascade.server import ServerConfig
-from stable_cascade.server.a1111 import job_arguments, model_name, our_sampler
+from stable_cascade.server.a1111 import job_arguments
+from stable_cascade.server.inputs import Served
+from stable_cascade.server.models import model_arguments
 from stable_cascade.server.store import CANCELLED, DONE, FAILED, MAX_ATTEMPTS, RUNNING, QueueFull, Store
 
 
@@ -49,9 +54,19 @@ def test_a1111_sampler_and_model_names() -> None:
     assert our_sampler("k_euler_a") == "euler_ancestral"
     with pytest.raises(ValueError, match="unknown sampler 'Heun'; expected one of Euler a"):
         our_sampler("Heun")
-    assert model_name("demo [0123abcd]") == model_name("demo") == "demo"
+    # A1111's names with a scheduler suffix: the sampler runs on Stable Cascade's own schedule
+    assert our_sampler("DPM++ 2M Karras") == our_sampler("dpm++ 2m exponential") == "dpmpp_2m"
+    assert our_sampler("Euler a SGM Uniform") == "euler_ancestral" and our_sampler("DDIM DDIM") == "ddim"
+    with pytest.raises(ValueError, match=r"unknown sampler 'Heun Karras'.*a scheduler suffix \(Karras"):
+        our_sampler("Heun Karras")
+    assert scheduler("karras") == "Karras" and scheduler("sgm_uniform") == "SGM Uniform"
+    with pytest.raises(ValueError, match="unknown scheduler 'Wobbly'; expected one of"):
+        scheduler("Wobbly")
+    library = ModelLibrary()
+    assert model_arguments(library, "demo [0123abcd]") == model_arguments(library, "demo")
+    assert model_arguments(library, "demo") == {"models": ModelSources(model="demo")}
     with pytest.raises(ValueError, match="unknown model 'sd15'"):
-        model_name("sd15")
+        model_arguments(library, "sd15")
 
 
 def test_a1111_fields_map_to_job_arguments() -> None:
@@ -67,11 +82,13 @@ def test_a1111_fields_map_to_job_arguments() -> None:
         "n_iter": 3,
         "sampler_name": "DPM++ 2M",
         "decoder_guidance": 1.5,
-        "override_settings": {"decoder_steps": 7, "sd_model_checkpoint": "demo"},
-        "enable_hr": True,  # unknown to us: ignored
+        "override_settings": {"decoder_steps": 7, "sd_model_checkpoint": "demo", "emphasis": "No norm"},
+        "enable_hr": False,
+        "scheduler": "Karras",
     }
-    arguments = job_arguments(body, "full", None)
-    assert arguments.pop("model") == "demo"
+    served = Served(None, ModelLibrary(), "full")  # type: ignore[arg-type]  # no upload here
+    arguments = job_arguments(body, served, None)
+    assert arguments.pop("models") == ModelSources(model="demo")
     assert arguments == {
         "prompt": "p",
         "negative_prompt": "n",
@@ -85,9 +102,15 @@ def test_a1111_fields_map_to_job_arguments() -> None:
         "prior_sampler": "dpmpp_2m",
         "decoder_guidance": 1.5,
         "decoder_steps": 7,
+        "emphasis": "no_norm",
     }
-    assert job_arguments({"seed": 4}, "lite", None)["model"] == "lite"
-    assert job_arguments({"seed": 4}, "lite", None)["seed"] == 4
+    lite = Served(None, ModelLibrary(), "lite")  # type: ignore[arg-type]
+    assert job_arguments({"seed": 4}, lite, None)["models"] == ModelSources(model="lite")
+    assert job_arguments({"seed": 4}, lite, None)["seed"] == 4
+    with pytest.raises(ValueError, match=r"enable_hr .* is not supported"):  # never ignored
+        job_arguments({"enable_hr": True}, lite, None)
+    with pytest.raises(ValueError, match="unknown scheduler 'Wobbly'"):
+        job_arguments({"override_settings": {"scheduler": "Wobbly"}}, lite, None)
 
 
 def test_store_is_fifo_bounded_and_recovers_running_jobs_in_place(tmp_path: Path) -> None:
@@ -128,18 +151,26 @@ def test_serve_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: stable-cascade serve" in out and "--api-key" in out and "--insecure" in out
 
 
-def test_info_lists_each_models_controlnets(tmp_path: Path) -> None:
+def test_info_lists_each_models_controlnets_and_whether_it_is_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import huggingface_hub
     from fastapi.testclient import TestClient
 
     from stable_cascade.server.app import create_app
 
-    app = create_app(ServerConfig(model="demo", data=tmp_path, device="cpu"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    app = create_app(ServerConfig(model="demo", data=tmp_path / "demo", device="cpu"))
     answer = TestClient(app).get("/v1/info")  # no lifespan: no worker starts
     assert answer.status_code == 200, answer.text
     models = answer.json()["models"]
     assert models["demo"]["controlnets"] == ["canny"]
     assert models["full"]["controlnets"] == ["canny", "inpainting", "super_resolution"]
     assert models["lite"]["controlnets"] == []
+    assert models["demo"]["available"] and not models["full"]["available"]  # not downloaded: marked
+    assert "default model" not in caplog.text
+    create_app(ServerConfig(model="full", data=tmp_path / "full", device="cpu"))
+    assert "the default model full is not on this machine" in caplog.text  # said at start
 
 
 def test_a_requests_fields_are_checked_before_its_images_are_decoded(
@@ -160,13 +191,16 @@ def test_a_requests_fields_are_checked_before_its_images_are_decoded(
     monkeypatch.setattr(routes_a1111, "decode_image", lambda *a, **k: decoded.append("a1111"))
     store = Store(tmp_path / "data", 10)
     body = {"task": "img2img", "prompt": "x", "width": 100, "image": image}
+    served = inputs.Served(store, ModelLibrary(), "demo")
     with pytest.raises(ValueError, match="width must be a multiple of 8"):
-        inputs.native_job(body, store, "demo")
+        inputs.native_job(body, served)
 
     class Stub:
         model = "demo"
+        library = ModelLibrary()
 
     Stub.store = store  # type: ignore[attr-defined]
+    Stub.served = served  # type: ignore[attr-defined]
     a1111_body = {"prompt": "x", "steps": 0, "init_images": [image]}
     with pytest.raises(ValueError, match="Stage C steps must be between 1 and 1000"):
         routes_a1111._job(Stub(), a1111_body, img2img=True)  # type: ignore[arg-type]

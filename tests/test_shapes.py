@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -361,3 +362,23 @@ def test_cli_make_refuses_a_full_folder_and_subcommands_have_help(
             main([*argv, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: stable-cascade {' '.join(argv)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--count", "1000000000"], "count must be a whole number from 1 to 1,000,000"),
+        (["--count", "0"], "count must be a whole number from 1"),
+        (["--size", "100000"], "size must be a whole number of pixels from 16 to 2048"),
+        (["--size", "8"], "from 16 to 2048"),
+        (["--seed", "-1"], "seed must be a whole number from 0"),
+        (["--two-object-fraction", "nan"], r"two_object_fraction must be a number in \[0, 1\]"),
+    ],
+)
+def test_cli_make_has_bounds_and_writes_nothing_past_them(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["shapes", "make", str(tmp_path / "d"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "d").exists()

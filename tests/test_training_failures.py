@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -130,3 +131,71 @@ def test_a_pickle_text_encoder_folder_is_refused_for_training(data: Path, tmp_pa
 def test_absurd_training_settings_are_refused(data: Path, change: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         config(data, data / "out", **change)
+
+
+# -- resume checks its state files -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of one step with its checkpoint (and an optimizer state: Adam's moments per parameter)."""
+    run = tmp_path_factory.mktemp("resume") / "run"
+    train(config(data, run, steps=1, checkpoint_every=1), stage_a())
+    shutil.rmtree(run / "final")
+    return run
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def edit_tensors(path: Path, change: Any) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    name = sorted(k for k, v in tensors.items() if v.ndim > 1)[0]
+    tensors[name] = change(tensors[name])
+    save_file(tensors, path, metadata=metadata)
+
+
+RESUME_MISTAKES: list[tuple[str, Any, str]] = [
+    ("trainer_state.json", {"step": "1"}, r"step must be a whole number from 0 to 1000000000000, got '1'"),
+    ("trainer_state.json", {"step": -3}, r"step must be a whole number from 0"),
+    ("trainer_state.json", {"step": True}, r"step must be a whole number"),
+    ("trainer_state.json", {"step": 10**15}, r"got 1000000000000000"),
+    ("trainer_state.json", {"world_size": 0}, r"world_size must be a whole number from 1"),
+    ("trainer_state.json", {"scheduler": [1]}, r"scheduler must be a JSON object"),
+    (
+        "model.safetensors",
+        lambda t: t.flatten()[:-1],
+        r"model.safetensors|checkpoint-1 does not fit .* wrong \[",
+    ),
+    ("model.safetensors", lambda t: t.to(torch.int32), r"does not fit .* is torch.int32"),
+    (
+        "state.safetensors",
+        lambda t: t[..., :1].contiguous(),
+        r"state.safetensors: the optimizer state of .* has shape",
+    ),
+    ("rng-0.safetensors", None, r"rng-0.safetensors is not a random state"),
+]
+
+
+@pytest.mark.parametrize(("file", "change", "message"), RESUME_MISTAKES)
+def test_resume_checks_its_state_files_in_one_line(
+    finished_run: Path, data: Path, tmp_path: Path, file: str, change: Any, message: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "checkpoint-1" / file
+    if isinstance(change, dict):
+        edit_json(path, **change)
+    elif change is not None:
+        edit_tensors(path, change)
+    else:
+        save_file({"generator": torch.zeros(3), "torch": torch.zeros(3)}, path, metadata={"format": "pt"})
+    with pytest.raises((ValueError, CheckpointError), match=message) as error:
+        train(config(data, run, steps=2, resume="latest"), stage_a())
+    assert "\n" not in str(error.value)
+    assert not (run / "final").exists()

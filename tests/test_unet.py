@@ -214,8 +214,8 @@ def test_bad_configs_and_checkpoints_are_reported(tmp_path: Path) -> None:
         StableCascadeUNet(block_out_channels=(32, 32, 32))
     with pytest.raises(TypeError, match="no field"):
         StableCascadeUNet(not_an_argument=1)
-    with pytest.raises(ValueError, match="attention heads"):
-        UNET_VARIANTS["tiny_prior"].replace(num_attention_heads=(3, 3))
+    with pytest.raises(ValueError, match="num_attention_heads must be between 1 and its 32 channels"):
+        UNET_VARIANTS["tiny_prior"].replace(num_attention_heads=(33, 33))
     _, decoder = pair(DECODER_LIKE)
     decoder.save_pretrained(tmp_path / "decoder")
     # Stage B weights under a Stage C config: another architecture.

@@ -101,7 +101,9 @@ class _Run:
 
     def expected(self, job: Job) -> Job:
         """``job`` as its images record it (the dtype it runs in, the LoRAs' sha256: the run's)."""
-        return dataclasses.replace(job, dtype=self._recorded.dtype, loras=self._recorded.loras)
+        recorded = {lora.path: lora for lora in self._recorded.loras}
+        loras = tuple(recorded.get(lora.path, lora) for lora in job.loras)
+        return dataclasses.replace(job, dtype=self._recorded.dtype, loras=loras)
 
     def run(
         self,

@@ -66,7 +66,8 @@ def plan_items(items: Sequence[BatchItem], settings: Mapping[str, Any], base_see
     A ``ValueError`` names the item's ``file:line``. No model is loaded.
     """
     base = Job.create(**{**settings, "seed": base_seed})  # resolves the models and hashes LoRAs once
-    common = {**settings, "models": base.models, "loras": base.loras}
+    # The LoRAs named for the run; each item takes those its own preset needs (the lcm preset's).
+    common = {**settings, "models": base.models, "loras": base.named_loras}
     planned = []
     for index, item in enumerate(items):
         try:

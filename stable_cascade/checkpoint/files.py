@@ -13,7 +13,7 @@ import re
 import socket
 import urllib.parse
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import huggingface_hub
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -136,7 +136,26 @@ def resolve_weights(
             f"{index_path} is not a valid safetensors index (needs a 'weight_map' of tensor name -> file)"
         )
     shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        check_shard_name(shard, index_path)
     return [resolve_file(path_or_repo_id, shard, subfolder, hub) for shard in shards]
+
+
+def check_shard_name(shard: str, index_path: Path) -> None:
+    """A shard named by an index lies in the index's folder: a relative ``.safetensors`` path without
+    ``..`` (``../../outside/x.safetensors`` or an absolute path would read files the model does not own)."""
+    posix = PurePosixPath(shard.replace("\\", "/"))
+    if (
+        posix.is_absolute()
+        or PureWindowsPath(shard).drive
+        or ".." in posix.parts
+        or not shard.endswith(".safetensors")
+    ):
+        raise CheckpointError(
+            f"{index_path}: its weight_map names the shard {shard!r}, which is not a .safetensors file in "
+            "the model's folder; shards must be relative file names such as "
+            "'diffusion_pytorch_model-00001-of-00002.safetensors'"
+        )
 
 
 def _missing_weights(

@@ -274,6 +274,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if not (missing or unexpected or mismatched):
+        _check_floating(expected, state_dict, source)
         return
     parts = [f"{source} does not fit {type(model).__name__} with this config:"]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -283,3 +284,16 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
             parts.append(f"  {len(items)} {title}:\n    {shown}{more}")
     parts.append("Is this a checkpoint of another model or variant? Check the path, subfolder and config.")
     raise CheckpointError("\n".join(parts))
+
+
+def _check_floating(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Floating-point weights where the model has them: an integer tensor (a corrupted or foreign file)
+    would otherwise be cast silently or fail inside ``load_state_dict``."""
+    for key, tensor in state_dict.items():
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {key} is {tensor.dtype}, but model weights must be floating point "
+                "(float32, float16, bfloat16 or float8); the file is corrupted or not this model's checkpoint"
+            )

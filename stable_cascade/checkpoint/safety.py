@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from stable_cascade.checkpoint.errors import CheckpointError
+from stable_cascade.checkpoint.files import check_shard_name
 from stable_cascade.checkpoint.jsonio import read_json
+from stable_cascade.limits import check_transformers_config
 
 #: Suffixes of files that ``torch.load``/``pickle`` would read.
 PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
@@ -19,12 +21,18 @@ PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
 
 def check_json_files(folder: Path, component: str) -> None:
     """Read every JSON file of ``folder`` (configs, ``vocab.json``, ``tokenizer.json`` …) so a broken
-    one is named in one line, and refuse the folder when a config maps a class to the folder's own
-    code (``auto_map``)."""
+    one is named in one line; refuse the folder when a config maps a class to the folder's own code
+    (``auto_map``), when ``config.json`` holds absurd sizes (``vocab_size`` 10⁹, 200,000 layers: see
+    :data:`~stable_cascade.limits.TRANSFORMERS_BOUNDS`) or a shard index names files outside it."""
     for path in sorted(folder.glob("*.json")):
         if not path.is_file():
             continue
         data = read_json(path)
+        if path.name == "config.json" and isinstance(data, dict):
+            check_transformers_config(data, str(path))
+        if path.name.endswith(".index.json") and isinstance(data, dict):
+            for shard in (data.get("weight_map") or {}).values():
+                check_shard_name(str(shard), path)
         if isinstance(data, dict) and "auto_map" in data:
             raise CheckpointError(
                 f"{path} (component {component!r}) has an 'auto_map' entry, which asks to run Python code "

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stable_cascade.demo.settings import PREVIEWER_FILE, Recipe
+from stable_cascade.demo.settings import LCM_FOLDER, PREVIEWER_FILE, Recipe
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -26,8 +26,9 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="retrain the demo cascade from scratch",
         description="Render the shapes data set and train Stage A, Stage B (with the EfficientNet and "
-        "text encoders), Stage C and the previewer, in that order; writes OUT_DIR/model/{prior,decoder} "
-        "and OUT_DIR/model/previewer.safetensors.",
+        "text encoders), Stage C and the previewer, in that order, then distil an LCM LoRA of each stage; "
+        "writes OUT_DIR/model/{prior,decoder}, OUT_DIR/model/previewer.safetensors and "
+        "OUT_DIR/model/lcm/{prior,decoder}.safetensors.",
     )
     train.add_argument("out_dir", metavar="OUT_DIR", help="where data, checkpoints and the model go")
     defaults = Recipe()
@@ -38,6 +39,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         else:
             train.add_argument(flag, type=type(value), default=value, help=f"({value})")
     train.add_argument("--install", action="store_true", help="copy the result over the shipped demo model")
+    train.add_argument(
+        "--lcm-only",
+        action="store_true",
+        help="only distil the LCM LoRAs of the shipped demo cascade (minutes), into OUT_DIR/model/lcm",
+    )
     train.set_defaults(handler=run_train)
 
     evaluate = subcommands.add_parser(
@@ -69,14 +75,21 @@ def run_train(args: argparse.Namespace) -> int:
     from stable_cascade.loading.bundles import DEMO_DIR
 
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    if args.lcm_only:
+        from stable_cascade.demo.recipe import train_demo_lcm
+
+        lcm = train_demo_lcm(Path(args.out_dir), recipe)
+        print(f"LCM LoRAs written to {lcm}")
+        if args.install:
+            _install(lcm.parent, (LCM_FOLDER,), DEMO_DIR)
+            print(f"installed into {DEMO_DIR / LCM_FOLDER}")
+        return 0
     model = train_demo(Path(args.out_dir), recipe)
     print(f"demo cascade written to {model}")
     if args.install:
         from stable_cascade.engine import atomic
 
-        for name in ("prior", "decoder"):
-            with atomic.atomic_folder(DEMO_DIR / name, replace=True) as folder:
-                shutil.copytree(model / name, folder, dirs_exist_ok=True)
+        _install(model, ("prior", "decoder", LCM_FOLDER), DEMO_DIR)
         (DEMO_DIR / PREVIEWER_FILE).unlink(missing_ok=True)
         for name in ("training.json", PREVIEWER_FILE):
             if (model / name).is_file():
@@ -84,6 +97,19 @@ def run_train(args: argparse.Namespace) -> int:
                     shutil.copy2(model / name, temporary)
         print(f"installed into {DEMO_DIR}")
     return 0
+
+
+def _install(source: Path, names: tuple[str, ...], target: Path) -> None:
+    """Copy the folders ``names`` of ``source`` over those of ``target``, each atomically (a folder the
+    run did not make is removed)."""
+    from stable_cascade.engine import atomic
+
+    for name in names:
+        if not (source / name).is_dir():
+            shutil.rmtree(target / name, ignore_errors=True)
+            continue
+        with atomic.atomic_folder(target / name, replace=True) as folder:
+            shutil.copytree(source / name, folder, dirs_exist_ok=True)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

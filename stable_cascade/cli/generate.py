@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stable_cascade.cli import controls
 from stable_cascade.cli.choices import OFFLOADS
 from stable_cascade.cli.options import add_field_options, add_sampler_option, given_fields
-from stable_cascade.fields import BY_NAME
+from stable_cascade.fields import BY_NAME, FIELDS
 
 if TYPE_CHECKING:  # the library loads when a command runs, not to parse arguments
     import PIL.Image
@@ -31,8 +31,14 @@ TASKS: dict[str, str] = {
 }
 #: Fields a rerun (``--from-png``) does not take from the record: the image's own, and what is
 #: derived again from the files.
-NOT_RERUN = ("task", "seed", "batch_size", "count", "input_image", "input_image_sha256",
-             "control_image_sha256", "mask_sha256", "controlnet_sha256")  # fmt: skip
+NOT_RERUN = (
+    "task",
+    "seed",
+    "batch_size",
+    "count",
+    "input_image",
+    *(f.name for f in FIELDS if f.kind == "sha256"),
+)
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:

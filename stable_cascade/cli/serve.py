@@ -22,7 +22,15 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         "serve", parents=[common], help="run the HTTP server", description=description
     )
     parser.add_argument(
-        "--model", choices=MODEL.choices, default=MODEL.default, help=f"default model ({MODEL.default})"
+        "--model",
+        default=MODEL.default,
+        help=f"default model: {', '.join(MODEL.choices)} or a checkpoint of --models ({MODEL.default})",
+    )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        metavar="DIR",
+        help="a models folder: its checkpoints/, loras/ and controlnet/ are offered by name (README)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     parser.add_argument("--port", type=_port, default=7860, help="port, 1-65535 (7860, A1111's)")
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body=int(args.max_body_mb * 1024 * 1024),
         max_images=args.max_images_per_job,
+        models=args.models,
     )
     if logging.getLogger("stable_cascade").getEffectiveLevel() > logging.INFO:
         logging.getLogger("stable_cascade").setLevel(logging.INFO)

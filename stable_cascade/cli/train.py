@@ -1,4 +1,4 @@
-"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer|controlnet --data PATH ...``.
+"""``train``: ``stable-cascade train stage-c|stage-b|stage-a|lora|previewer|controlnet|lcm --data PATH ...``.
 
 Every option defaults to "not given" (None), so the defaults live in one place, :class:`TrainConfig`.
 Multi-GPU and multi-node: run the same command under ``accelerate launch`` (or ``torchrun``).
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from stable_cascade.cli.choices import (
     CONTROLNET_KINDS,
     DEFAULT_BUCKET_RATIOS,
+    LCM_LOSSES,
+    LCM_STAGES,
     LOSS_WEIGHTINGS,
     MIXED_PRECISIONS,
     RECONSTRUCTION_LOSSES,
@@ -32,6 +34,8 @@ _TASKS = {
     "lora": "LoRA adapters on a pretrained Stage C (and optionally its text encoder)",
     "previewer": "the latent previewer (EfficientNet latent → the image at 8× the latent's size)",
     "controlnet": "a Stage C ControlNet (canny, inpainting, super_resolution or simple) on a frozen Stage C",
+    "lcm": "latent consistency distillation of Stage C or Stage B (--stage) from --teacher: an LCM LoRA "
+    "(default) or the whole stage (--full), for few-step sampling with --preset lcm",
 }
 
 
@@ -39,7 +43,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "train",
         parents=[common],
-        help="train Stage C, Stage B, Stage A, a Stage C LoRA or ControlNet, or the previewer",
+        help="train Stage C, Stage B, Stage A, a Stage C LoRA or ControlNet, the previewer, or distil LCM",
         description="Train a stage of the cascade with the original objective (ε-prediction on the cosine "
         "schedule; P2 or adaptive loss weights) on a folder of images with .txt captions, a .jsonl "
         "manifest or .tar shards. Tasks: " + "; ".join(f"{k}: {v}" for k, v in _TASKS.items()) + ". "
@@ -54,6 +58,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", help="checkpoints, samples and the final model (runs/<task>)")
     _model_options(parser.add_argument_group("models"))
     _data_options(parser.add_argument_group("data"))
+    _lcm_options(parser.add_argument_group("LCM distillation (lcm)"))
     _optimisation_options(parser.add_argument_group("optimisation"))
     _output_options(parser.add_argument_group("checkpoints, samples and logs"))
     parser.set_defaults(handler=run)
@@ -61,9 +66,13 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _model_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--pretrained", help="a pipeline folder (model_index.json) with the models")
-    group.add_argument("--prior", help="Stage C: model folder, pipeline folder or single file")
     group.add_argument(
-        "--decoder", help="Stage B model (stage-b); for stage-c/lora a decoder pipeline for sample images"
+        "--prior", help="Stage C: model folder, pipeline folder or single file (lcm: the student's start)"
+    )
+    group.add_argument(
+        "--decoder",
+        help="Stage B model (stage-b; lcm --stage b: the student's start); for stage-c/lora/controlnet/lcm "
+        "--stage c a decoder pipeline for sample images",
     )
     group.add_argument("--stage-a", help="Stage A (VQGAN): model folder, pipeline folder or single file")
     group.add_argument("--effnet", help="EfficientNet encoder: folder or single file (a .json: a fresh one)")
@@ -89,16 +98,57 @@ def _model_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--controlnet-blocks", type=int, nargs="+", metavar="K", help="controlnet: ResBlock calls fed"
     )
-    group.add_argument("--lora-rank", type=int, help="lora: adapter rank (4)")
-    group.add_argument("--lora-alpha", type=float, help="lora: adapter alpha (the rank)")
+    group.add_argument("--lora-rank", type=int, help="lora, lcm: adapter rank (4)")
+    group.add_argument("--lora-alpha", type=float, help="lora, lcm: adapter alpha (the rank)")
     group.add_argument(
         "--lora-text-encoder", action="store_true", default=None, help="lora: adapt the text encoder too"
     )
 
 
+def _lcm_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--teacher", metavar="MODEL", help="the stage's pipeline folder (or its UNet) to distil"
+    )
+    group.add_argument("--stage", dest="lcm_stage", choices=LCM_STAGES, help="c: Stage C, b: Stage B (c)")
+    group.add_argument(
+        "--full",
+        dest="lcm_full",
+        action="store_true",
+        default=None,
+        help="distil the whole UNet (its target: the EMA, --ema-decay) instead of a LoRA",
+    )
+    group.add_argument(
+        "--teacher-steps",
+        dest="lcm_teacher_steps",
+        type=int,
+        metavar="N",
+        help="the teacher's DDIM grid (50)",
+    )
+    group.add_argument(
+        "--teacher-guidance",
+        dest="lcm_guidance",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="the teacher's CFG scale, drawn per example (Stage C 3 5, Stage B 1.1 1.1)",
+    )
+    group.add_argument("--lcm-loss", choices=LCM_LOSSES, help="distance to the target (huber)")
+    group.add_argument("--huber-c", dest="lcm_huber_c", type=float, help="the pseudo-Huber c (0.001)")
+    group.add_argument(
+        "--guidance-embedding",
+        dest="lcm_guidance_embedding",
+        action="store_true",
+        default=None,
+        help="with --full: the student takes the guidance scale as an embedding",
+    )
+
+
 def _data_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--resolution", type=int, help="side of the square training size; buckets keep its area (1024)"
+        "--resolution",
+        type=int,
+        help="side of the square training size; buckets keep its area (the model's native side: 1024, "
+        "128 for demo-derived models)",
     )
     default = ",".join(str(Fraction(r).limit_denominator(16)) for r in DEFAULT_BUCKET_RATIOS)
     group.add_argument(
@@ -154,6 +204,8 @@ _OPTIONS = (
     "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
     "reconstruction_loss", "mixed_precision", "gradient_checkpointing", "seed", "checkpoint_every",
     "resume", "sample_every", "sample_prompts", "log_every", "controlnet_type", "controlnet_blocks",
+    "teacher", "lcm_stage", "lcm_full", "lcm_teacher_steps", "lcm_guidance", "lcm_loss", "lcm_huber_c",
+    "lcm_guidance_embedding",
 )  # fmt: skip
 
 

@@ -61,6 +61,10 @@ def _check_tensor(index: int, image: Tensor) -> None:
             f"Tensor `images[{index}]` must be a float tensor in [0, 1], got dtype {image.dtype}. "
             "Use `image.float() / 255` for 8-bit pixels."
         )
+    if image.numel() == 0:
+        raise ValueError(
+            f"Tensor `images[{index}]` is empty (shape {shape}); pass an image of at least 1×1 pixels."
+        )
     low, high = float(image.min()), float(image.max())
     if low < 0.0 or high > 1.0:
         raise ValueError(

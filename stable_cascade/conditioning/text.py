@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from stable_cascade.limits import MAX_IMAGES
+
 if TYPE_CHECKING:
     from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
@@ -149,6 +151,11 @@ def encode_prompts(
         "negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_pooled
     )
     batch_size = len(prompts) if prompts is not None else _batch_of(cond_given)
+    if batch_size * num_images_per_prompt > MAX_IMAGES:
+        raise ValueError(
+            f"{batch_size} prompt(s) × num_images_per_prompt {num_images_per_prompt} is "
+            f"{batch_size * num_images_per_prompt:,} images in one call; at most {MAX_IMAGES:,}"
+        )
     negatives = _negative_list(negative_prompt, uncond_given, batch_size)
     _check_negative_embeds(cond_given, uncond_given, batch_size)
     if cond_given is None:
@@ -164,6 +171,34 @@ def encode_prompts(
         )
     uncond = uncond_given.to(device=device, dtype=target).repeat(num_images_per_prompt)
     return PromptConditioning(cond=cond, uncond=uncond, batch_size=batch_size)
+
+
+def check_text_arguments(
+    prompt: object,
+    negative_prompt: object = None,
+    prompt_embeds: Tensor | None = None,
+    negative_prompt_embeds: Tensor | None = None,
+    prompt_embeds_pooled: Tensor | None = None,
+    negative_prompt_embeds_pooled: Tensor | None = None,
+    *,
+    pooled: bool = True,
+) -> None:
+    """The checks of :func:`encode_prompts` without encoding (diffusers' ``check_inputs``): a prompt or
+    its embeddings, not both; a negative prompt or its embeddings; matching shapes; with ``pooled``,
+    each ``*_embeds`` with its ``*_pooled`` partner (the decoder's ``check_inputs`` takes no pooled ones)."""
+    prompts = _prompt_list(prompt, prompt_embeds)
+    if not pooled:
+        prompt_embeds_pooled = prompt_embeds if prompt_embeds_pooled is None else prompt_embeds_pooled
+        negative_prompt_embeds_pooled = (
+            negative_prompt_embeds if negative_prompt_embeds_pooled is None else negative_prompt_embeds_pooled
+        )
+    cond = _given_embeddings("prompt_embeds", prompt_embeds, prompt_embeds_pooled)
+    uncond = _given_embeddings(
+        "negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_pooled
+    )
+    batch_size = len(prompts) if prompts is not None else _batch_of(cond)
+    _negative_list(negative_prompt, uncond, batch_size)
+    _check_negative_embeds(cond, uncond, batch_size)
 
 
 def _check_count(num_images_per_prompt: int) -> None:
@@ -224,6 +259,13 @@ def _given_embeddings(name: str, hidden: Tensor | None, pooled: Tensor | None) -
     for label, tensor in ((name, hidden), (f"{name}_pooled", pooled)):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"`{label}` must be a torch.Tensor, got {type(tensor).__name__}.")
+        if not tensor.is_floating_point():
+            raise TypeError(f"`{label}` must be a floating-point tensor, got {tensor.dtype}. Use `.float()`.")
+        if tensor.numel() == 0:
+            raise ValueError(
+                f"`{label}` is empty (shape {tuple(tensor.shape)}). Pass at least one prompt's embeddings: "
+                "(batch, tokens, channels) and pooled (batch, 1, channels)."
+            )
     return TextEmbeddings(hidden=hidden, pooled=pooled)
 
 

@@ -38,7 +38,7 @@ ATTENTION_DROPOUT = 0.1
 _BLOCK = re.compile(r"^(down|up)_blocks\.(\d+)\.(\d+)\.(.+)$")
 _REPEAT = re.compile(r"^(down|up)_repeat_mappers\.(\d+)\.(\d+)\.weight$")
 _T_COND = re.compile(r"\.mapper_(\w+)\.weight$")
-_T_CONDS: tuple[TimestepCondition, ...] = ("sca", "crp")  # canonical order (the original's)
+_T_CONDS: tuple[TimestepCondition, ...] = ("sca", "crp", "guidance")  # canonical order (the original's)
 
 
 def shapes_of(state_dict: Mapping[str, ShapeLike]) -> Shapes:
@@ -168,7 +168,9 @@ def _timestep_conditions(shapes: Shapes) -> tuple[TimestepCondition, ...]:
     }
     unknown = names - set(_T_CONDS)
     if unknown:
-        raise CheckpointError(f"unknown timestep conditions {sorted(unknown)}; only 'sca' and 'crp' exist")
+        raise CheckpointError(
+            f"unknown timestep conditions {sorted(unknown)}; only 'sca', 'crp' and 'guidance' exist"
+        )
     return tuple(c for c in _T_CONDS if c in names)
 
 

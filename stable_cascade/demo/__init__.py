@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from stable_cascade.demo.settings import DEMO_SIZE, Recipe
 
 if TYPE_CHECKING:
-    from stable_cascade.demo.recipe import evaluate_demo, load_demo, train_demo
+    from stable_cascade.demo.recipe import evaluate_demo, load_demo, train_demo, train_demo_lcm
 
-_LAZY = ("evaluate_demo", "load_demo", "train_demo")
+_LAZY = ("evaluate_demo", "load_demo", "train_demo", "train_demo_lcm")
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +25,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module("stable_cascade.demo.recipe"), name)
 
 
-__all__ = ["DEMO_SIZE", "Recipe", "evaluate_demo", "load_demo", "train_demo"]
+__all__ = ["DEMO_SIZE", "Recipe", "evaluate_demo", "load_demo", "train_demo", "train_demo_lcm"]

@@ -14,8 +14,11 @@
 5. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
 6. The previewer learns to draw the image, at 8× the size of the (final) EfficientNet latent, from
    that latent: 24×24 previews of Stage C's 3×3 latents (``--preview``).
-The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them, and the
-previewer as one file beside them, ``previewer.safetensors``, as the released model ships it.
+7. An LCM LoRA per stage is distilled from the final Stage C and Stage B (``stable-cascade train lcm``),
+   for ``--preset lcm``; :func:`train_demo_lcm` does this step alone on a finished model.
+The prior and decoder pipelines are saved as two folders, as ``--model demo`` loads them, the
+previewer as one file beside them, ``previewer.safetensors``, as the released model ships it, and the
+LCM LoRAs as ``lcm/prior.safetensors`` and ``lcm/decoder.safetensors`` (float16).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from stable_cascade.checkpoint import read_json_object
 from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.demo.lcm import distil_lcm, timer, train_demo_lcm
 from stable_cascade.demo.pipeline import DemoCascadePipeline
-from stable_cascade.demo.settings import DEMO_SIZE, PREVIEWER_FILE, Recipe
+from stable_cascade.demo.settings import DEMO_SIZE, LCM_FOLDER, PREVIEWER_FILE, Recipe
 from stable_cascade.engine.models import load_models
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.loading.sources import ModelSources
@@ -46,7 +50,7 @@ from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.shapes import Score, all_scenes, caption, held_out_prompts, score_by_kind, write_dataset
 from stable_cascade.specs import EFFNET_VARIANTS
-from stable_cascade.training import Components, TrainConfig, fresh_model, train
+from stable_cascade.training import Components, TrainConfig, fresh_model
 from stable_cascade.training.components import load_text_encoder
 from stable_cascade.training.data import find_examples
 from stable_cascade.training.trainees import encode_latents
@@ -193,13 +197,7 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     data = write_dataset(out / "data", recipe.images, size=DEMO_SIZE, seed=recipe.seed)
     times["data"] = time.perf_counter() - start
 
-    def timed(name: str, config: TrainConfig, parts: Components | None = None) -> Path:
-        begin = time.perf_counter()
-        logger.info("training %s", name)
-        result = train(config, parts)
-        times[name] = time.perf_counter() - begin
-        return result
-
+    timed = timer(times)
     stage_a = timed(
         "stage-a",
         _config(
@@ -232,6 +230,9 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
         previewer = timed("previewer", previewer_config(recipe, data, decoder, out / "previewer"))
         with atomic_path(model / PREVIEWER_FILE) as temporary:
             shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", temporary)
+    shutil.rmtree(model / LCM_FOLDER, ignore_errors=True)
+    if recipe.lcm_steps:
+        distil_lcm(recipe, data, model, out, timed, model / LCM_FOLDER)
     times["total"] = time.perf_counter() - start
     summary = {"recipe": dataclasses.asdict(recipe), "seconds": times}
     write_text(model / "training.json", json.dumps(summary, indent=2))
@@ -340,4 +341,5 @@ __all__ = [
     "load_demo",
     "sample_grid",
     "train_demo",
+    "train_demo_lcm",
 ]

@@ -6,6 +6,7 @@ import dataclasses
 
 DEMO_SIZE = 128  # pixels; Stage C works on 3x3 latents, Stage B on 32x32
 PREVIEWER_FILE = "previewer.safetensors"  # beside the prior and decoder folders
+LCM_FOLDER = "lcm"  # the LCM LoRAs beside them: lcm/prior.safetensors, lcm/decoder.safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,3 +28,6 @@ class Recipe:
     pyramid_noise_max_side: int = 2  # Stage B: the default 16 is most of the noise of a 32×32 latent
     effnet_scale: float = 0.75  # Stage B: the encoder's input size / image size (3×3 latents)
     stage_c_train_text_encoder: bool = False  # True: the text encoder learns with Stage C
+    lcm_steps: int = 120  # each stage's LCM LoRA, distilled from the final stages (0: none)
+    lcm_rank: int = 4
+    lcm_teacher_steps: int = 16

@@ -3,6 +3,9 @@
 ``"diffusers"`` reproduces diffusers' Stable Cascade pipelines (DDPM on the clamped cosine schedule,
 plain CFG, the final sample handed on). ``"reference"`` is the sampler of Stability's notebooks
 (Stability's ``DDIMSampler`` with ``eta=1``): logSNR shift, CFG rescale, and the last x0 prediction handed on.
+``"lcm"`` samples consistency-distilled stages (``stable-cascade train lcm``): 4 + 4 steps of the ``lcm``
+sampler on the reference schedule, no guidance; its ``adapters`` tell the engine to attach the model's
+LCM LoRAs (see :class:`Preset`).
 
 One name per setting: ``steps``, ``guidance`` (the classifier-free guidance scale), ``sampler``,
 ``shift`` and ``rescale`` (guidance rescale); a job's fields are these with ``prior_`` / ``decoder_``
@@ -18,8 +21,8 @@ from typing import Literal, get_args
 
 ScheduleKind = Literal["diffusers", "reference"]
 HandOn = Literal["sample", "x0"]
-PresetName = Literal["diffusers", "reference"]
-SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "euler_ancestral"]
+PresetName = Literal["diffusers", "reference", "lcm"]
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "euler_ancestral", "lcm"]
 #: The samplers of :mod:`stable_cascade.diffusion.samplers`, by name.
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 
@@ -70,8 +73,12 @@ class StageSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
+    """Both stages' settings; ``adapters``: the kind of LoRAs the stages need (``"lcm"``: a consistency-
+    distilled LoRA per stage), which a job takes from its model when the user names none."""
+
     prior: StageSettings
     decoder: StageSettings
+    adapters: str | None = None
 
 
 _DIFFUSERS = Preset(prior=StageSettings(20, 4.0), decoder=StageSettings(10, 0.0))
@@ -79,9 +86,15 @@ _REFERENCE = Preset(
     prior=StageSettings(20, 4.0, schedule="reference", shift=2.0, rescale=0.7, hand_on="x0"),
     decoder=StageSettings(10, 1.1, schedule="reference", shift=1.0, hand_on="x0"),
 )
+_LCM = Preset(
+    prior=StageSettings(4, 1.0, sampler="lcm", schedule="reference", hand_on="x0"),
+    decoder=StageSettings(4, 1.0, sampler="lcm", schedule="reference", hand_on="x0"),
+    adapters="lcm",
+)
 
-#: Presets of the prior and decoder pipelines (diffusers' defaults of each pipeline alone).
-PRESETS: dict[str, Preset] = {"diffusers": _DIFFUSERS, "reference": _REFERENCE}
+#: Presets of the prior and decoder pipelines (diffusers' defaults of each pipeline alone); with ``lcm``
+#: a pipeline samples the LCM LoRAs loaded into it (``load_lora_weights``).
+PRESETS: dict[str, Preset] = {"diffusers": _DIFFUSERS, "reference": _REFERENCE, "lcm": _LCM}
 
 #: Presets of the whole cascade — the combined pipeline, and every job of the command line, the
 #: server and batch runs: diffusers' combined defaults are Würstchen v2's 60 + 12 steps.
@@ -91,6 +104,7 @@ COMBINED_PRESETS: dict[str, Preset] = {
         decoder=dataclasses.replace(_DIFFUSERS.decoder, steps=12),
     ),
     "reference": _REFERENCE,
+    "lcm": _LCM,
 }
 DEFAULT_PRESET = "reference"
 

@@ -8,8 +8,9 @@ Step noise is drawn with :func:`~stable_cascade.diffusion.noise.randn`, so seeds
 Conventions at the clean end: the clamped cosine ᾱ never reaches 1 (0.9999 at t = 0, σ = b/a = 0.01),
 so a schedule ending at t = 0 is treated as ending at the data: ``ddpm`` adds no noise into t = 0
 (diffusers), ``euler_ancestral`` and ``dpmpp_2m`` step to σ = 0, i.e. return the x0 prediction
-(k-diffusion), and ``ddim`` takes the reference's step to the last ᾱ literally (the reference hands
-on the x0 prediction, which every sampler returns as ``SamplerResult.x0``).
+(k-diffusion), ``ddim`` takes the reference's step to the last ᾱ literally (the reference hands
+on the x0 prediction, which every sampler returns as ``SamplerResult.x0``), and ``lcm`` returns the
+x0 prediction of its last step, wherever the schedule ends.
 """
 
 from __future__ import annotations
@@ -235,11 +236,45 @@ def dpmpp_2m(
     return SamplerResult(sample=x, x0=x0)
 
 
+def lcm(
+    eps_model: NoiseModel,
+    x: Tensor,
+    schedule: Schedule,
+    generator: Generators | None = None,
+    callback: StepCallback | None = None,
+    progress: Progress | None = None,
+) -> SamplerResult:
+    """Multistep consistency sampling, as the original ``gdf`` ``LCMSampler``: every step predicts
+    x0 = (x − b·ε)/a and re-noises it with fresh noise to the next level, x_next = a_next·x0 + b_next·z;
+    the last step returns x0 itself (and draws nothing). For a consistency-distilled model (``stable-cascade
+    train lcm``): the x0 prediction is its consistency function, so a few steps suffice.
+    """
+    schedule = schedule.to(x.device)
+    alphas = schedule.alpha_cumprod.tolist()
+    work = _working_dtype(x)
+    ratios = _ratios(schedule, x)
+    x0 = x
+    for i in _indices(schedule, progress):
+        eps = eps_model(x, ratios[i])
+        a, b = _scales(alphas[i])
+        pred = (x.to(work) - b * eps.to(work)) / a
+        if i == schedule.steps - 1:
+            step = pred
+        else:
+            a_next, b_next = _scales(alphas[i + 1])
+            noise = randn(x.shape, generator, device=x.device, dtype=eps.dtype).to(work)
+            step = a_next * pred + b_next * noise
+        x0 = pred.to(x.dtype)
+        x = _after_step(callback, i, schedule, step.to(x.dtype), x0)
+    return SamplerResult(sample=x, x0=x0)
+
+
 SAMPLERS: dict[str, Callable[..., SamplerResult]] = {
     "ddpm": ddpm,
     "ddim": ddim,
     "euler_ancestral": euler_ancestral,
     "dpmpp_2m": dpmpp_2m,
+    "lcm": lcm,
 }
 assert set(SAMPLERS) == set(SAMPLER_NAMES), "presets.SAMPLER_NAMES lists the samplers"
 

@@ -6,9 +6,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from stable_cascade.engine.loras import LoraRef
+from stable_cascade.engine.loras import LoraRef, lora_stage
 from stable_cascade.engine.models import LoadedModels
 from stable_cascade.nn.controlnet import ControlNet
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 
 
@@ -29,25 +30,32 @@ def attached_controlnet(
 
 
 class attached_loras:  # a context manager used as a function
-    """Attach a job's LoRAs to the prior for the job and remove exactly those afterwards."""
+    """Attach a job's LoRAs for the job, each to the stage its file names (Stage C unless it says
+    Stage B), and remove exactly those afterwards."""
 
     def __init__(self, models: LoadedModels, loras: tuple[LoraRef, ...]) -> None:
-        self.pipe = models.prior_pipe
+        self.models = models
         self.loras = loras
-        self.names: list[str] = []
+        self.names: list[tuple[StableCascadePriorPipeline | StableCascadeDecoderPipeline, str]] = []
 
     def __enter__(self) -> None:
         if not self.loras:
             return
-        assert self.pipe is not None, "validation refuses LoRAs for reconstruct"
         try:
             for i, lora in enumerate(self.loras):
-                self.names.append(self.pipe.load_lora_weights(lora.path, f"job_lora_{i}", lora.scale))
+                pipe = self._pipe(lora_stage(lora.path))
+                self.names.append((pipe, pipe.load_lora_weights(lora.path, f"job_lora_{i}", lora.scale)))
         except BaseException:
             self.__exit__()
             raise
 
+    def _pipe(self, stage: str) -> StableCascadePriorPipeline | StableCascadeDecoderPipeline:
+        if stage == "decoder":
+            return self.models.decoder_pipe
+        assert self.models.prior_pipe is not None, "validation refuses LoRAs for reconstruct"
+        return self.models.prior_pipe
+
     def __exit__(self, *exc: object) -> None:
-        if self.names and self.pipe is not None:
-            self.pipe.delete_adapters(self.names)
-            self.names = []
+        for pipe, name in reversed(self.names):
+            pipe.delete_adapters([name])
+        self.names = []

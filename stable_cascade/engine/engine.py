@@ -28,10 +28,10 @@ import torch
 
 from stable_cascade.engine.attach import attached_controlnet, attached_loras
 from stable_cascade.engine.control import ControlImages, ControlRef
-from stable_cascade.engine.events import Event, Finished, ImageDone, Loading
+from stable_cascade.engine.events import BatchSkipped, Event, Finished, ImageDone, Loading
 from stable_cascade.engine.hashing import FileHasher
 from stable_cascade.engine.inputs import checked_inputs
-from stable_cascade.engine.job import Job, Row, native_size
+from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.loras import hashed
 from stable_cascade.engine.models import (
     LoadedModels,
@@ -48,6 +48,7 @@ from stable_cascade.fields import DTYPES
 from stable_cascade.fields.checks import DEFAULT_SIZE
 from stable_cascade.fields.infotext import model_label
 from stable_cascade.loading.controlnets import controlnet_spec, load_controlnet
+from stable_cascade.loading.native import native_size
 from stable_cascade.loading.sources import ModelSources
 from stable_cascade.nn.controlnet import ControlNet
 
@@ -137,8 +138,11 @@ class Engine:
         *,
         previews: bool = False,
         cancel: threading.Event | None = None,
+        skip: threading.Event | None = None,
     ) -> Iterator[Event]:
-        """The events of ``job`` (see :mod:`~stable_cascade.engine.events`); checked before any work."""
+        """The events of ``job`` (see :mod:`~stable_cascade.engine.events`); checked before any work.
+        ``cancel`` stops the job between steps; ``skip`` drops the batch being made (AUTOMATIC1111's
+        "skip": the job goes on with its next batch) and is cleared."""
         image, controls = checked_inputs(job, image)
         stop, taken = threading.Event(), threading.Semaphore(0)
         events: queue.Queue[object] = queue.Queue()
@@ -151,7 +155,7 @@ class Engine:
 
         def work() -> None:
             try:
-                self._job(job, image, controls, previews, stop, emit)
+                self._job(job, image, controls, previews, (stop, skip or threading.Event()), emit)
             except BaseException as error:  # handed to the consumer's thread, which raises it
                 events.put(error)
             events.put(_DONE)
@@ -177,26 +181,29 @@ class Engine:
         image: PIL.Image.Image | None,
         controls: list[tuple[ControlRef, ControlImages]],
         previews: bool,
-        stop: threading.Event,
+        events: tuple[threading.Event, threading.Event],
         emit: Callable[[Event], None],
     ) -> None:
         start = time.perf_counter()
         calls, controlnet, loaded = self._calls(job, controls, previews, emit)
         load_seconds = time.perf_counter() - start if loaded else 0.0
         _warn_size(job)
-        calls.image, calls.stop, calls.previews = image, stop, previews
+        calls.image, (calls.stop, calls.skip), calls.previews = image, events, previews
         calls.control = controls[0][1] if controls else None
         calls.total_steps = (prior_steps(job) + job.decoder_steps) * job.count
         with (
             attached_loras(calls.models, job.loras),
             attached_controlnet(calls.models.prior_pipe, controlnet),
         ):
-            calls.check_stop()
             for batch in range(job.count):
-                calls.check_stop()
                 first = batch * job.batch_size
                 rows = [Row(job, first + i) for i in range(job.batch_size)]
-                for done in calls.make(rows, batch, job.count):
+                try:
+                    calls.check_stop()
+                    made = calls.make(rows, batch, job.count)
+                except BatchSkipped:
+                    continue
+                for done in made:
                     emit(done)
         emit(Finished(calls.seconds["prior"], calls.seconds["decoder"], load_seconds))
 

@@ -14,6 +14,10 @@ class JobCancelled(Exception):
     """The job's ``cancel`` event was set; raised between denoising steps."""
 
 
+class BatchSkipped(Exception):
+    """The job's ``skip`` event was set: the batch being made is dropped, the job goes on with the next."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Loading:
     """Models are being loaded (only when the job's models are not loaded yet)."""

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
+from stable_cascade.conditioning.emphasis import parse_attention
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, StageSettings, get_preset
 from stable_cascade.engine.control import ControlRef
 from stable_cascade.engine.loras import LoraRef
@@ -22,7 +24,7 @@ from stable_cascade.engine.resolve import MODEL_FIELDS, resolved_values, spread
 from stable_cascade.engine.stored import stored_values
 from stable_cascade.fields import FIELDS, Task, defaults
 from stable_cascade.fields import checks as limits
-from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
+from stable_cascade.loading.bundles import BUNDLES
 from stable_cascade.loading.sources import ModelSources
 
 Stage = Literal["prior", "decoder"]
@@ -41,6 +43,7 @@ class Job:
     task: Task = _DEFAULTS["task"]
     prompt: str = _DEFAULTS["prompt"]
     negative_prompt: str = _DEFAULTS["negative_prompt"]
+    emphasis: str = _DEFAULTS["emphasis"]
     input_image: str | None = _DEFAULTS["input_image"]
     input_image_sha256: str | None = _DEFAULTS["input_image_sha256"]
     strength: float | None = _DEFAULTS["strength"]
@@ -110,6 +113,9 @@ class Job:
         limits.check_int(
             "seed", self.seed, 0, limits.MAX_SEED - self.images, " (every image's seed must fit)"
         )
+        if self.emphasis != "none":  # the weighting syntax is read (bounded) before any work
+            for text in (self.prompt, self.negative_prompt):
+                parse_attention(text)
         for lora in self.loras:
             lora.validate()
         bundle = BUNDLES[self.model]
@@ -135,6 +141,12 @@ class Job:
     @property
     def images(self) -> int:
         return self.batch_size * self.count
+
+    @property
+    def named_loras(self) -> tuple[LoraRef, ...]:
+        """The job's LoRAs but those its model ships for a preset (the demo's LCM LoRAs)."""
+        shipped = {str(Path(file).resolve()) for _, _, file in BUNDLES[self.model].adapters}
+        return tuple(lora for lora in self.loras if lora.path not in shipped)
 
     @property
     def models(self) -> ModelSources:
@@ -219,8 +231,3 @@ class Row:
     @property
     def seed(self) -> int:
         return self.job.seed + self.index
-
-
-def native_size(sources: ModelSources) -> int | None:
-    """The bundle's native side when the bundle supplies Stage C, else None (any size fits)."""
-    return None if sources.prior else BUNDLES[sources.model or DEFAULT_BUNDLE].default_size

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from stable_cascade.engine.job import Job
 from stable_cascade.fields import IMAGE_TASKS, infotext
+from stable_cascade.fields.prompts import extra_networks
+
+logger = logging.getLogger(__name__)
 
 UNKNOWN_IMAGE = "unknown"  # the input image's hash when a record has none
 _SCHEMA_1_JOB = ("task", "prompt", "negative_prompt", "width", "height", "seed", "preset", "prior",
@@ -36,8 +40,16 @@ def schema_1_record(data: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def parse_infotext(text: str, source: str = "the parameters text") -> dict[str, Any]:
     """Record fields from an infotext alone (:func:`stable_cascade.fields.infotext.parse`): what it
-    lacks comes from the preset; an image task's input image is unknown (its sha256 ``unknown``)."""
+    lacks comes from the preset; an image task's input image is unknown (its sha256 ``unknown``); the
+    prompt's ``<lora:…>`` tags are left out, with a warning (the text does not say where the files are)."""
     values = infotext.parse(text, source)
+    prompt, networks = extra_networks(values["prompt"])
+    values["prompt"] = prompt.strip()
+    if networks:
+        tags = ", ".join(f"<{kind}:{':'.join(arguments)}>" for kind, arguments in networks)
+        logger.warning(
+            "%s: its prompt names %s, which its text alone cannot load; they are left out", source, tags
+        )
     if values.get("task", "txt2img") in IMAGE_TASKS:
         values["input_image_sha256"] = UNKNOWN_IMAGE
     try:

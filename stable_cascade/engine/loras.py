@@ -1,14 +1,17 @@
-"""A job's LoRAs: each a file (absolute path), a scale and the file's sha256."""
+"""A job's LoRAs: each a file (absolute path), a scale and the file's sha256; and the LoRAs a preset
+needs (the ``lcm`` preset: an LCM LoRA per stage), taken from the model when the user names none."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from stable_cascade.engine.hashing import FileHasher, sha256_file
 from stable_cascade.fields import checks
+from stable_cascade.loading.bundles import BUNDLES
+from stable_cascade.lora import metadata_stage, read_lora_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,39 @@ def _resolved(lora: LoraGiven) -> LoraRef:
     if not path.is_file():
         raise ValueError(f"LoRA file {ref.path} does not exist; pass an existing .safetensors file")
     return dataclasses.replace(ref, path=str(path.resolve()), sha256=ref.sha256 or sha256_file(path))
+
+
+STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
+
+
+def lora_stage(path: str) -> str:
+    """The stage a LoRA file adapts (``prior`` or ``decoder``), from its metadata."""
+    return metadata_stage(read_lora_metadata(path), path)
+
+
+def preset_loras(
+    kind: str, loras: tuple[LoraRef, ...], model: str, stages: Sequence[str], own_models: Collection[str]
+) -> tuple[LoraRef, ...]:
+    """``loras`` and, for each stage in ``stages`` that none of them serves (a file marked ``adapter:
+    kind`` for the stage) and that runs the bundle's model (not in ``own_models``, e.g. a fully
+    distilled ``--prior``), the bundle ``model``'s ``kind`` LoRA. A stage left without one raises a
+    ``ValueError`` that says what to pass."""
+    served = set()
+    for lora in loras:
+        metadata = read_lora_metadata(lora.path)
+        if metadata.get("adapter") == kind:
+            served.add(metadata_stage(metadata, lora.path))
+    needed = [stage for stage in stages if stage not in served and stage not in own_models]
+    shipped = BUNDLES[model].adapter_files(kind)
+    lacking = [STAGE_NAMES[stage] for stage in needed if stage not in shipped]
+    if lacking:
+        flags = " ".join(f"--lora {stage}_{kind}.safetensors" for stage in needed)
+        raise ValueError(
+            f"the {kind} preset needs {kind.upper()} LoRAs for {' and '.join(lacking)}, and the {model} "
+            f"model ships none: distil them (stable-cascade train {kind} --stage c|b --teacher MODEL "
+            f"--data DIR; see the README) and pass {flags}, or choose another preset"
+        )
+    return loras + resolve_loras([(shipped[stage], 1.0) for stage in needed])
 
 
 def hashed(loras: tuple[LoraRef, ...], hasher: FileHasher) -> tuple[LoraRef, ...]:

@@ -18,10 +18,12 @@ from torch import nn
 
 from stable_cascade.checkpoint import parse_dtype
 from stable_cascade.convert import Kind, identify, split_bundle
-from stable_cascade.loading.bundles import DECODER_REPO, OFFLINE_HINT, PRIOR_REPO
+from stable_cascade.loading.bundles import OFFLINE_HINT
 from stable_cascade.loading.inspection import read_header
 from stable_cascade.loading.single_file import LoadOptions, SingleFile, auxiliary
 from stable_cascade.loading.sources import ModelSources, SourceKind, classify
+from stable_cascade.nn.effnet import EfficientNetEncoder
+from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.combined import StableCascadeCombinedPipeline
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
@@ -109,6 +111,10 @@ def combine(
     return StableCascadeCombinedPipeline(**parts)
 
 
+#: The parts a bundle may hold as model folders.
+_FOLDER_PARTS: dict[Kind, Any] = {Kind.EFFNET: EfficientNetEncoder, Kind.STAGE_A: PaellaVQModel}
+
+
 class _Loader:
     def __init__(self, sources: ModelSources, options: LoadOptions) -> None:
         self.sources = sources
@@ -116,9 +122,14 @@ class _Loader:
         self.local_files: dict[str, Path] = {}
 
     def part(self, spec: str, kind: Kind, role: str = "", from_bundle: bool = False) -> nn.Module:
-        """Stage A, the EfficientNet encoder or the previewer from a single file."""
+        """Stage A, the EfficientNet encoder or the previewer from a single file (or, from a bundle,
+        a model folder: the demo's Stage A and EfficientNet encoder are folders)."""
         argument = f"--{role.replace('_', '-')}" if role else kind.value
-        if classify(spec, argument) is not SourceKind.FILE:
+        source = classify(spec, argument)
+        if source is SourceKind.MODEL and from_bundle and kind in _FOLDER_PARTS:
+            self._note(role, spec)
+            return _FOLDER_PARTS[kind].from_pretrained(spec, torch_dtype=self.options.dtype)
+        if source is not SourceKind.FILE:
             raise ValueError(f"{argument} takes a single checkpoint file; {spec} is a folder or repo")
         self._note(role, spec)
         try:
@@ -146,12 +157,18 @@ class _Loader:
         self._note("prior", spec)
         if kind is SourceKind.FILE:
             return StableCascadePriorPipeline.from_single_file(
-                spec, components_repo=self._components(PRIOR_REPO), torch_dtype=self.options.dtype, **extras
+                spec,
+                components_repo=self._components(self.sources.bundle.prior_repo),
+                torch_dtype=self.options.dtype,
+                **extras,
             )
         if kind is SourceKind.MODEL:
             unet = self._unet(spec, stage_b=False)
             return self._pretrained(
-                StableCascadePriorPipeline, self._components(PRIOR_REPO), prior=unet, **extras
+                StableCascadePriorPipeline,
+                self._components(self.sources.bundle.prior_repo),
+                prior=unet,
+                **extras,
             )
         subfolders = {} if sources.prior else {"prior": bundle.prior_subfolder}
         if kind is SourceKind.PIPELINE:
@@ -179,7 +196,7 @@ class _Loader:
             return StableCascadeDecoderPipeline.from_single_file(
                 spec,
                 stage_a,
-                components_repo=self._components(DECODER_REPO),
+                components_repo=self._components(bundle.decoder_repo),
                 torch_dtype=self.options.dtype,
                 **extras,
             )
@@ -187,7 +204,7 @@ class _Loader:
             extras["vqgan"] = stage_a
         if kind is SourceKind.MODEL:
             unet = self._unet(spec, stage_b=True)
-            repo = self._components(DECODER_REPO)
+            repo = self._components(bundle.decoder_repo)
             return self._pretrained(StableCascadeDecoderPipeline, repo, decoder=unet, **extras)
         subfolders = {} if sources.decoder else {"decoder": bundle.decoder_subfolder}
         if kind is SourceKind.PIPELINE:

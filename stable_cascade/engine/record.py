@@ -134,8 +134,13 @@ def read_png(path: str | Path) -> ImageRecord:
             chunks = {str(k): v for k, v in image.info.items() if isinstance(v, str)}
     except (PIL.UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{path} is not a readable image: {error}") from error
+    return record_of(chunks, str(path))
+
+
+def record_of(chunks: Mapping[str, str], source: str) -> ImageRecord:
+    """The record of an image's text chunks: the JSON record, else the parsed ``parameters`` text."""
     if JSON_KEY in chunks:
-        return ImageRecord.from_json(chunks[JSON_KEY], f"the {JSON_KEY} record of {path}")
+        return ImageRecord.from_json(chunks[JSON_KEY], f"the {JSON_KEY} record of {source}")
     if INFOTEXT_KEY in chunks:
-        return ImageRecord(**parse_infotext(chunks[INFOTEXT_KEY], str(path)))
-    raise ValueError(f"{path} carries no generation parameters (no {JSON_KEY!r} or {INFOTEXT_KEY!r} text)")
+        return ImageRecord(**parse_infotext(chunks[INFOTEXT_KEY], source))
+    raise ValueError(f"{source} carries no generation parameters (no {JSON_KEY!r} or {INFOTEXT_KEY!r} text)")

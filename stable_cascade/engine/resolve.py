@@ -16,10 +16,11 @@ from typing import Any
 
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET
 from stable_cascade.engine.control import ControlRef, resolve_control, super_resolution_size
-from stable_cascade.engine.loras import resolve_loras
+from stable_cascade.engine.loras import preset_loras, resolve_loras
 from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, TASKS
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
+from stable_cascade.loading.native import native_size
 from stable_cascade.loading.sources import ModelSources
 
 DEFAULT_STRENGTH = 0.8  # the reference notebook's image-to-image strength
@@ -55,6 +56,8 @@ def resolved_values(given: Mapping[str, Any]) -> dict[str, Any]:
         values["loras"] = resolve_loras(values["loras"])
     control_size = _resolve_control(values)
     preset = COMBINED_PRESETS[values["preset"]]
+    if preset.adapters is not None:
+        values["loras"] = _preset_loras(preset.adapters, task, values)
     for stage in ("prior", "decoder"):
         settings = getattr(preset, stage)
         if BY_NAME[f"{stage}_steps"].applies(task, values):
@@ -95,6 +98,17 @@ def _given(given: Mapping[str, Any]) -> dict[str, Any]:
             if getattr(control, attribute) is not None:
                 values.setdefault(name, getattr(control, attribute))
     return values
+
+
+def _preset_loras(kind: str, task: str, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The job's LoRAs with those the preset needs (see :func:`preset_loras`)."""
+    if not BY_NAME["loras"].applies(task, values):
+        raise ValueError(
+            f"the {values['preset']} preset attaches {kind.upper()} LoRAs, which {task} does not take (LoRAs "
+            f"serve the tasks that run Stage C: {', '.join(BY_NAME['loras'].tasks)}); choose another preset"
+        )
+    own = [stage for stage in ("prior", "decoder") if values.get(stage)]
+    return preset_loras(kind, values.get("loras", ()), values["model"], ("prior", "decoder"), own)
 
 
 def spread(changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,7 +160,8 @@ def _size(task: str, values: Mapping[str, Any], image: tuple[int, int] | None) -
         if image is None:
             raise ValueError("reconstruct needs the input image's size (image_size) or a width and height")
         return _multiple_below(image[0]), _multiple_below(image[1])
-    native = limits.DEFAULT_SIZE if values.get("prior") else BUNDLES[values["model"]].default_size
+    sources = ModelSources(**{name: values.get(name) for name in MODEL_FIELDS})
+    native = native_size(sources) or limits.DEFAULT_SIZE  # the demo and models derived from it: 128
     return (native if width is None else width), (native if height is None else height)
 
 

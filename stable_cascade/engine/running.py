@@ -19,14 +19,16 @@ from typing import Any, Literal, cast
 import PIL.Image
 import torch
 
+from stable_cascade.conditioning.emphasis import Emphasis, encode_weighted, is_plain
 from stable_cascade.engine.control import ControlImages
-from stable_cascade.engine.events import Event, ImageDone, JobCancelled, Preview, Progress
+from stable_cascade.engine.events import BatchSkipped, Event, ImageDone, JobCancelled, Preview, Progress
 from stable_cascade.engine.job import Job, Row
 from stable_cascade.engine.models import LoadedModels
 from stable_cascade.engine.record import ImageRecord
 from stable_cascade.engine.texts import TextCache
 from stable_cascade.pipelines.cascade import run_cascade
 from stable_cascade.pipelines.control import ControlRequest
+from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.outputs import ImagePipelineOutput
 from stable_cascade.pipelines.previews import PreviewCallback
 
@@ -56,6 +58,7 @@ class Calls:
     control: ControlImages | None = None
     emit: Emit = lambda event: None
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    skip: threading.Event = dataclasses.field(default_factory=threading.Event)
     previews: bool = False
     total_steps: int = 0
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"prior": 0.0, "decoder": 0.0})
@@ -65,6 +68,9 @@ class Calls:
     def check_stop(self) -> None:
         if self.stop.is_set():
             raise JobCancelled("the job was cancelled")
+        if self.skip.is_set():
+            self.skip.clear()
+            raise BatchSkipped("the batch was skipped")
 
     def make(self, rows: Sequence[Row], batch: int = 0, batches: int = 1) -> list[ImageDone]:
         """The images of ``rows`` (jobs with the same settings), one model call per stage."""
@@ -149,8 +155,7 @@ class Calls:
         assert self.image is not None, "reconstruct takes an input image"
         out = self.models.decoder_pipe.reconstruct(
             self.image,
-            job.prompt,
-            negative_prompt=job.negative_prompt or None,
+            **_stage_b_texts(self.models.decoder_pipe, job),
             height=job.height,
             width=job.width,
             num_images_per_prompt=len(rows),
@@ -192,3 +197,23 @@ class Calls:
         device = self.models.decoder_pipe.execution_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+
+def _stage_b_texts(pipe: StableCascadeDecoderPipeline, job: Job) -> dict[str, Any]:
+    """Stage B's text arguments when it runs alone (reconstruct): the prompts, or with the weighting
+    syntax their embeddings as the cascade hands Stage C's on (the first chunk's)."""
+    if job.emphasis == "none" or (is_plain(job.prompt) and is_plain(job.negative_prompt)):
+        return {"prompt": job.prompt, "negative_prompt": job.negative_prompt or None}
+    encoder, length = pipe.activate("text_encoder"), int(pipe.tokenizer.model_max_length)
+    emphasis = cast(Emphasis, job.emphasis)
+    cond, uncond = (
+        encode_weighted(pipe.tokenizer, encoder, text, emphasis, pipe.execution_device)
+        for text in (job.prompt, job.negative_prompt)
+    )
+    return {
+        "prompt": None,
+        "prompt_embeds": cond.hidden[:, :length],
+        "prompt_embeds_pooled": cond.pooled,
+        "negative_prompt_embeds": uncond.hidden[:, :length],
+        "negative_prompt_embeds_pooled": uncond.pooled,
+    }

@@ -17,6 +17,8 @@ from stable_cascade.fields import BY_NAME, Field, defaults
 _STAGE_KEYS = ("steps", "guidance", "sampler", "shift", "rescale")
 _JSON_TYPES = {"int": "a whole number", "float": "a number", "loras": "a list of LoRAs"}
 _LORA = {"path": "str", "scale": "float", "sha256": "str?"}
+#: How jobs stored before the ``emphasis`` field encoded their prompts: as written.
+EARLIER_EMPHASIS = "none"
 
 
 def kind_of(value: object) -> str:
@@ -33,6 +35,7 @@ def stored_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(BY_NAME)}")
     values = defaults()
+    values["emphasis"] = EARLIER_EMPHASIS  # a job stored before the field existed
     values.update({name: typed(BY_NAME[name], value, source) for name, value in data.items()})
     values["loras"] = tuple(values["loras"]) if values["loras"] else ()
     return values

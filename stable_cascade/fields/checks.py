@@ -7,14 +7,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-SIZE_MULTIPLE = 8
+from stable_cascade.limits import MAX_PIXELS, MAX_SIDE, SIZE_MULTIPLE
+
 DEFAULT_SIZE = 1024  # pixels per side, when neither the model nor the request says
 #: The smallest side any cascade makes: Stage B needs one latent pixel at its deepest level (Stage A's
 #: 4× · patch 2 · 2^(levels - 1)): 32 for the demo's three levels, 64 for the released four.
 MIN_SIDE = 32
-MAX_SIDE = 8192  # pixels per side
-MAX_PIXELS = 4096 * 4096  # per image
-MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_COUNT = 100_000
 MAX_SEED = 2**63 - 1

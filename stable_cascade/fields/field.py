@@ -24,7 +24,7 @@ Kind = Literal["text", "int", "float", "choice", "name", "image", "sha256", "lor
 #: batch files, the web page's form, the PNG's JSON record and its infotext.
 FrontEnd = Literal["cli", "a1111", "api", "batch", "form", "record", "infotext"]
 FRONT_ENDS: tuple[FrontEnd, ...] = ("cli", "a1111", "api", "batch", "form", "record", "infotext")
-Widget = Literal["text", "textarea", "number", "select", "image"]
+Widget = Literal["text", "textarea", "number", "select", "image", "loras"]
 
 
 @dataclasses.dataclass(frozen=True)

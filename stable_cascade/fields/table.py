@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET, SAMPLER_NAMES
 from stable_cascade.fields import checks
 from stable_cascade.fields.field import Field, FrontEnd
+from stable_cascade.limits import MAX_SIDE, MAX_STEPS
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.specs.controlnet import ControlType
 
@@ -27,10 +28,14 @@ A1111_SAMPLERS = {
     "DDIM": "ddim",
     "DPM++ 2M": "dpmpp_2m",
     "DDPM": "ddpm",
+    "LCM": "lcm",
     "k_euler_a": "euler_ancestral",
     "k_euler_ancestral": "euler_ancestral",
     "k_dpmpp_2m": "dpmpp_2m",
 }
+#: How prompt weighting acts (AUTOMATIC1111's "Emphasis" setting, its names → ours).
+A1111_EMPHASES = {"Original": "original", "No norm": "no_norm", "Ignore": "ignore", "None": "none"}
+EMPHASES: tuple[str, ...] = tuple(A1111_EMPHASES.values())
 _REFERENCE = COMBINED_PRESETS[DEFAULT_PRESET]
 
 NAMED_MODELS_ONLY: dict[FrontEnd, str] = {
@@ -57,27 +62,32 @@ def _stage_fields(stage: Literal["prior", "decoder"]) -> tuple[Field, ...]:
     name = "Stage C" if stage == "prior" else "Stage B"
     tasks = PRIOR_TASKS if stage == "prior" else ()
     derived = f"the preset's {name} value"
-    first = stage == "prior"  # Stage C's settings take AUTOMATIC1111's own names
+    first = stage == "prior"  # Stage C's settings take AUTOMATIC1111's own names and infotext keys
+
+    def label(key: str) -> str:  # "Steps" (Stage C, A1111's key), "Stage B steps", "Stage B CFG scale"
+        return key if first else f"Stage B {key if key.startswith('CFG') else key.lower()}"
+
     return (
         Field(f"{stage}_steps", "int", f"{name} steps", f"{name} sampling steps", name,
-              preset.steps, derived, low=1, high=checks.MAX_STEPS, tasks=tasks,
-              cli=(f"--{stage}-steps",), a1111="steps" if first else None, infotext="Steps",
+              preset.steps, derived, low=1, high=MAX_STEPS, tasks=tasks,
+              cli=(f"--{stage}-steps",), a1111="steps" if first else None, infotext=label("Steps"),
               widget="number"),
         Field(f"{stage}_guidance", "float", f"{name} guidance", f"{name} classifier-free guidance scale",
               name, preset.guidance, derived, low=0.0, high=100.0, tasks=tasks,
-              cli=(f"--{stage}-guidance",), a1111="cfg_scale" if first else None, infotext="CFG scale",
+              cli=(f"--{stage}-guidance",), a1111="cfg_scale" if first else None, infotext=label("CFG scale"),
               widget="number"),
         Field(f"{stage}_sampler", "choice", f"{name} sampler", f"{name} sampler", name, preset.sampler,
               derived, choices=SAMPLER_NAMES, choice_names=A1111_SAMPLERS, tasks=tasks,
-              cli=(f"--{stage}-sampler",), a1111="sampler_name" if first else None, infotext="Sampler",
+              cli=(f"--{stage}-sampler",), a1111="sampler_name" if first else None, infotext=label("Sampler"),
               widget="select"),
         Field(f"{stage}_shift", "float", f"{name} shift", f"{name} logSNR shift (1: none)", name,
               preset.shift, derived, low=0.0, high=100.0, open_low=True, tasks=tasks,
-              cli=(f"--{stage}-shift", "--shift") if first else (f"--{stage}-shift",), infotext="Shift",
-              widget="number"),
+              cli=(f"--{stage}-shift", "--shift") if first else (f"--{stage}-shift",),
+              infotext=label("Shift"), widget="number"),
         Field(f"{stage}_rescale", "float", f"{name} guidance rescale",
               f"{name} guidance rescale (0: none, 1: full)", name, preset.rescale, derived, low=0.0,
-              high=1.0, tasks=tasks, cli=(f"--{stage}-rescale",), infotext="CFG rescale", widget="number"),
+              high=1.0, tasks=tasks, cli=(f"--{stage}-rescale",), infotext=label("CFG rescale"),
+              widget="number"),
     )  # fmt: skip
 
 
@@ -97,6 +107,11 @@ FIELDS: tuple[Field, ...] = (
     Field("negative_prompt", "text", "negative prompt", "what to avoid", "Prompt", "",
           cli=("--negative-prompt",), a1111="negative_prompt", widget="textarea",
           why_not={"infotext": "the text's 'Negative prompt:' line"}),
+    Field("emphasis", "choice", "emphasis", "what (word:1.2), (word), [word] and BREAK in a prompt do, as "
+          "AUTOMATIC1111's Emphasis setting: original (weights, the mean kept), no_norm (weights alone), "
+          "ignore (the syntax is read, weights are not applied), none (the text is encoded as written)",
+          "Prompt", "original", choices=EMPHASES, choice_names=A1111_EMPHASES, cli=("--emphasis",),
+          a1111="emphasis", infotext="Emphasis", widget="select"),
     Field("input_image", "image", "input image", "the image img2img, variation and reconstruct start from",
           "Input image", optional=True, tasks=IMAGE_TASKS, cli=("IMAGE",), a1111="init_images",
           widget="image", aliases=("image",), why_not=_NOT_IN_TEXT),
@@ -109,9 +124,9 @@ FIELDS: tuple[Field, ...] = (
           widget="number"),
     Field("width", "int", "width", "image width, a multiple of 8", "Size and seed", checks.DEFAULT_SIZE,
           "the model's native size (1024; the demo: 128); reconstruct: the input image's", low=1,
-          high=checks.MAX_SIDE, cli=("--width",), a1111="width", infotext="Size", widget="number"),
+          high=MAX_SIDE, cli=("--width",), a1111="width", infotext="Size", widget="number"),
     Field("height", "int", "height", "image height, a multiple of 8", "Size and seed",
-          checks.DEFAULT_SIZE, "as width", low=1, high=checks.MAX_SIDE, cli=("--height",), a1111="height",
+          checks.DEFAULT_SIZE, "as width", low=1, high=MAX_SIDE, cli=("--height",), a1111="height",
           infotext="Size", widget="number"),
     Field("seed", "int", "seed", "seed of the first image; image i gets seed + i", "Size and seed", 0,
           "random", low=0, high=checks.MAX_SEED, cli=("--seed",), a1111="seed", infotext="Seed",
@@ -139,10 +154,14 @@ FIELDS: tuple[Field, ...] = (
     _model_field("previewer", "previewer", "Stage C previewer single file (previews)", PRIOR_TASKS),
     _model_field("components", "components", "repo id or folder with the tokenizer and CLIP encoders "
                  "for single files"),
-    Field("loras", "loras", "LoRAs", "Stage C LoRAs (ours, kohya/OneTrainer or Stability's format), "
-          "each FILE[:SCALE] (scale 1.0)", "Models", (), tasks=PRIOR_TASKS, cli=("--lora",),
-          why_not={**NAMED_MODELS_ONLY, "infotext": "the text names LoRAs by file (Lora: …); the JSON "
-                   "record has the files and their sha256"}),
+    Field("loras", "loras", "LoRAs", "Stage C LoRAs (ours, kohya/OneTrainer or Stability's format) and "
+          "Stage B ones (ours, marked stage=decoder), each FILE[:SCALE] (scale 1.0); the server takes "
+          "them by name from its models folder", "Models", (),
+          "none; the lcm preset: the model's LCM LoRAs", tasks=PRIOR_TASKS, cli=("--lora",), widget="loras",
+          why_not={"a1111": "named in the prompt as <lora:name:weight>, as AUTOMATIC1111 reads them",
+                   "batch": NAMED_MODELS_ONLY["batch"],
+                   "infotext": "written into the prompt as <lora:name:weight>, as AUTOMATIC1111 writes "
+                   "them; the JSON record has the files and their sha256"}),
     Field("dtype", "choice", "dtype", "auto: bf16 on CUDA with bf16 support, else fp32", "Models", "auto",
           choices=DTYPES, cli=("--dtype",), widget="select",
           why_not={"batch": "one dtype serves a whole batch run: pass --dtype to stable-cascade batch",

@@ -31,10 +31,17 @@ class ModelBundle:
     image_encoder: bool = True  # whether the prior has a CLIP image encoder (variation)
     #: The released ControlNets that fit the bundle's Stage C: name → Hub file or local model folder.
     controlnets: tuple[tuple[str, str], ...] = ()
+    #: LoRAs shipped for presets that need them (``Preset.adapters``): (kind, stage, file) with stage
+    #: ``prior`` or ``decoder``.
+    adapters: tuple[tuple[str, str, str], ...] = ()
 
     def controlnet(self, name: str) -> str | None:
         """Where the bundle's ControlNet ``name`` (canny, inpainting, super_resolution) is, if any."""
         return dict(self.controlnets).get(name)
+
+    def adapter_files(self, kind: str) -> dict[str, str]:
+        """The bundle's LoRA files of ``kind`` (e.g. ``lcm``) by stage (``prior``, ``decoder``)."""
+        return {stage: file for k, stage, file in self.adapters if k == kind}
 
 
 #: The ControlNets Stability released for the 3.6B Stage C (``controlnet/<name>.safetensors``).
@@ -61,6 +68,9 @@ _DEMO = ModelBundle(
     min_side=32,
     image_encoder=False,
     controlnets=(("canny", str(DEMO_DIR / "controlnet")),),
+    adapters=tuple(
+        ("lcm", stage, str(DEMO_DIR / "lcm" / f"{stage}.safetensors")) for stage in ("prior", "decoder")
+    ),
 )
 BUNDLES: dict[str, ModelBundle] = {
     bundle.name: bundle

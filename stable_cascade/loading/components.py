@@ -21,6 +21,7 @@ import transformers
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from stable_cascade.checkpoint import (
+    CheckpointError,
     HubOptions,
     PretrainedConfigMixin,
     PretrainedModel,
@@ -33,6 +34,7 @@ from stable_cascade.checkpoint.pretrained import DIFFUSERS_VERSION
 from stable_cascade.checkpoint.safetensors_io import align_module
 from stable_cascade.checkpoint.safety import check_transformers_folder
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
+from stable_cascade.limits import check_transformers_config
 from stable_cascade.nn.controlnet import ControlNet
 from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.previewer import Previewer
@@ -195,11 +197,38 @@ def transformers_from_pretrained(
     and, for model classes, ``use_safetensors=True``.
     """
     folder = Path(path_or_repo_id) / subfolder if subfolder else Path(path_or_repo_id)
-    check_transformers_folder(folder, component)
+    check_transformers_folder(folder, component)  # a local folder: its configs and index, no pickle
     kwargs["trust_remote_code"] = False
     if is_transformers_model(cls):
         kwargs["use_safetensors"] = True
-    return cls.from_pretrained(str(path_or_repo_id), subfolder=subfolder, **kwargs)  # type: ignore[attr-defined]
+        if not folder.is_dir():  # a Hub repo: its config.json is checked before transformers builds
+            _check_hub_config(path_or_repo_id, subfolder, kwargs)
+    loaded = cls.from_pretrained(str(path_or_repo_id), subfolder=subfolder, **kwargs)  # type: ignore[attr-defined]
+    if isinstance(loaded, transformers.PreTrainedTokenizerBase):
+        _check_tokenizer(loaded, folder, component)
+    return loaded
+
+
+def _check_hub_config(path_or_repo_id: str | Path, subfolder: str, kwargs: Mapping[str, Any]) -> None:
+    hub = HubOptions(
+        kwargs.get("revision"), kwargs.get("cache_dir"), kwargs.get("local_files_only"), kwargs.get("token")
+    )
+    try:
+        path = resolve_file(path_or_repo_id, "config.json", subfolder or None, hub)
+    except FileNotFoundError:
+        return  # transformers says what is missing in its own words
+    check_transformers_config(read_json_object(path), str(path))
+
+
+def _check_tokenizer(tokenizer: Any, folder: Path, component: str) -> None:
+    """A tokenizer with no vocabulary beyond its special tokens (its ``tokenizer.json`` or ``vocab.json``
+    missing: transformers then builds an empty one) would turn every prompt into the same tokens."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise CheckpointError(
+            f"{folder} (component {component!r}) holds no vocabulary: the tokenizer has only its "
+            f"{len(tokenizer)} special tokens, so every prompt would encode alike; it needs tokenizer.json "
+            "(or vocab.json and merges.txt)"
+        )
 
 
 def _transformers_dtype_argument() -> str:

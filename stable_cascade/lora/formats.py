@@ -12,6 +12,9 @@ the diffusers ``StableCascadeUNet`` / transformers ``CLIPTextModelWithProjection
 - ``<part>.<layer>.lora_up.weight``: (out_features, rank)
 - ``<part>.<layer>.alpha``: a float32 scalar; the update is ``W += scale · alpha / rank · up @ down``.
 
+Two optional metadata keys say what a LoRA is for: ``stage`` (``prior``: Stage C, the default, or
+``decoder``: Stage B) and ``adapter`` (a kind such as ``lcm``, for presets that need one).
+
 kohya / OneTrainer (as ComfyUI reads them): ``lora_prior_unet_<layer>`` and ``lora_prior_te_<layer>``
 with the dots of the layer's name as underscores, the same three suffixes, ``alpha`` defaulting to the
 rank. Stability's ``train/train_c_lora.py`` saves ``weights.<i>.lora_down`` / ``lora_up`` (alpha 1)
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 LoRAFormat = Literal["stable-cascade", "kohya", "stability"]
 Part = Literal["unet", "text_encoder"]
+Stage = Literal["prior", "decoder"]
+STAGES: tuple[Stage, ...] = ("prior", "decoder")
 PARTS: tuple[Part, ...] = ("unet", "text_encoder")
 FORMAT_TAG = "stable-cascade-lora"
 FORMAT_VERSION = "1"
@@ -84,18 +89,35 @@ class LoRAWeights:
         return self.unet if name == "unet" else self.text_encoder
 
     @property
+    def stage(self) -> Stage:
+        """The stage the LoRA adapts: its metadata's ``stage`` (Stage C, ``prior``, when unsaid)."""
+        return metadata_stage(self.metadata, self.source)
+
+    @property
     def stem(self) -> str:
         """A name for the adapter: the file name without its suffix."""
         return Path(self.source).stem if self.source != "<memory>" else "lora"
+
+
+def metadata_stage(metadata: Mapping[str, str], source: str) -> Stage:
+    """``prior`` or ``decoder`` from a LoRA file's metadata (``prior`` when it has no ``stage``)."""
+    stage = metadata.get("stage", "prior")
+    if stage not in STAGES:
+        raise LoRAFormatError(f"{source}: metadata stage must be 'prior' or 'decoder', got {stage!r}")
+    return stage  # type: ignore[return-value]
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a LoRA safetensors file, its tensors left unread."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def load_lora_file(path: str | Path) -> LoRAWeights:
     """Read a LoRA safetensors file in any supported format (detected from its keys and metadata)."""
     path = Path(path)
     tensors = read_state_dict([path])
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    return parse_lora(tensors, metadata, str(path))
+    return parse_lora(tensors, read_lora_metadata(path), str(path))
 
 
 def parse_lora(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], source: str) -> LoRAWeights:
@@ -160,7 +182,11 @@ def _layers(found: Mapping[str, Mapping[str, Tensor]], source: str) -> dict[str,
 
 
 def _layer(name: str, down: Tensor, up: Tensor, alpha: Tensor | float | None, source: str) -> LoRALayer:
-    """Check the shapes (1x1 convolution LoRAs are taken as linear ones) and default alpha to the rank."""
+    """Check the shapes (1x1 convolution LoRAs are taken as linear ones) and default alpha to the rank;
+    float8 tensors are upcast to float32 (they are copied to each layer's dtype when applied)."""
+    down, up = _floating(down, f"{name} lora_down", source), _floating(up, f"{name} lora_up", source)
+    if isinstance(alpha, Tensor):
+        alpha = _floating(alpha, f"{name} alpha", source)
     if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1):
         down, up = down.flatten(1), up.flatten(1)
     if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
@@ -182,6 +208,16 @@ def _layer(name: str, down: Tensor, up: Tensor, alpha: Tensor | float | None, so
             "(e.g. a training run that diverged): use another checkpoint of it"
         )
     return LoRALayer(down, up, float(down.shape[0]) if alpha is None else alpha)
+
+
+def _floating(tensor: Tensor, what: str, source: str) -> Tensor:
+    """A LoRA tensor as a float one: float8 (e4m3fn, e5m2 …) upcast to float32, integers refused."""
+    if not tensor.is_floating_point():
+        raise LoRAFormatError(
+            f"{source}: {what} is {tensor.dtype}; LoRA weights must be floating point (float32, float16, "
+            "bfloat16 or float8): the file is not a LoRA or was quantised by a tool this package cannot read"
+        )
+    return tensor.float() if tensor.element_size() == 1 else tensor
 
 
 def _parse_stability(tensors: Mapping[str, Tensor], source: str) -> dict[str, LoRALayer]:

@@ -151,23 +151,28 @@ class TimestepBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with biased q/k/v/out projections (diffusers key names)."""
+    """Multi-head attention with biased q/k/v/out projections (diffusers key names).
+
+    Heads are ``c // nhead`` wide, as in diffusers: when ``nhead`` does not divide ``c`` the
+    projections are ``c → nhead · (c // nhead)`` (the inner width) and back.
+    """
 
     def __init__(self, c: int, nhead: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.nhead = nhead
-        self.to_q = nn.Linear(c, c)
-        self.to_k = nn.Linear(c, c)
-        self.to_v = nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(dropout)])
+        inner = c // nhead * nhead
+        self.to_q = nn.Linear(c, inner)
+        self.to_k = nn.Linear(c, inner)
+        self.to_v = nn.Linear(c, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, c), nn.Dropout(dropout)])
 
     def forward(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Tokens x (B, N, C) attend to already projected keys and values (B, M, C)."""
-        b, n, c = x.shape
+        """Tokens x (B, N, C) attend to already projected keys and values (B, M, inner)."""
+        b, n, _ = x.shape
         q = self.to_q(x).view(b, n, self.nhead, -1).transpose(1, 2)  # (B, heads, N, d)
         k = key.view(b, key.shape[1], self.nhead, -1).transpose(1, 2)  # (B, heads, M, d)
         v = value.view(b, value.shape[1], self.nhead, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)  # (B, N, inner)
         for layer in self.to_out:
             out = layer(out)
         return out
@@ -193,7 +198,7 @@ class AttnBlock(nn.Module):
         tokens = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).reshape(b, h * w, c)
         key, value = clip
         if self.self_attn:  # keys/values = cat([pixel tokens, clip tokens]) projected
-            key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, C)
+            key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, inner)
             value = torch.cat([self.attention.to_v(tokens), value], dim=1)
         out = self.attention(tokens, key, value)  # (B, H*W, C)
         return _add_residual(x, out.view(b, h, w, c))
@@ -264,23 +269,49 @@ def condition_embeddings(
     cfg: UNetConfig, values: dict[str, TensorLike | None], batch: int, device: torch.device
 ) -> torch.Tensor:
     """(B, c_r · len(conds)): the embeddings of ``sca``/``crp`` in config order; a missing one is
-    embedded as 0, as in the original."""
+    embedded as 0, as in the original. ``guidance`` (a CFG scale w, for a UNet with a guidance
+    embedding; others refuse it) is embedded as w − 1: a missing one means no guidance."""
+    if values.get("guidance") is not None and "guidance" not in cfg.timestep_conditioning_type:
+        raise ValueError(
+            "guidance is the input of a guidance embedding, which this UNet lacks; leave it out (its "
+            "classifier-free guidance is guidance_scale)"
+        )
     embeddings = []
     for name in cfg.timestep_conditioning_type:
         value = values[name]
+        if name == "guidance" and value is not None:
+            value = per_sample(value, batch, device) - 1
         t = torch.zeros(batch, device=device) if value is None else per_sample(value, batch, device)
         embeddings.append(timestep_embedding(t, cfg.timestep_ratio_embedding_dim))
     return torch.cat(embeddings, dim=1) if embeddings else torch.zeros(batch, 0, device=device)
 
 
+def check_dtypes(cfg: UNetConfig, model_dtype: torch.dtype, tensors: dict[str, torch.Tensor | None]) -> None:
+    """Inputs are floating point and, outside autocast, in the model's dtype (a float64 tensor into a
+    float32 model would otherwise fail deep inside with a matmul error)."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {what}")
+        if tensor.dtype != model_dtype and not torch.is_autocast_enabled(tensor.device.type):
+            raise TypeError(
+                f"{name} is {tensor.dtype} but {stage_name(cfg)} runs in {model_dtype}; cast the inputs "
+                f"with .to({model_dtype}) or the model with .to({tensor.dtype})"
+            )
+
+
 def check_sample(cfg: UNetConfig, sample: torch.Tensor) -> None:
     """The UNet's sample: (B, in_channels, H, W) with H, W fitting the patch size and the levels."""
-    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels or sample.shape[0] < 1:
         shape = tuple(sample.shape)
         raise ValueError(
-            f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W); got {shape}"
+            f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W) with B >= 1; got {shape}"
         )
-    min_size = cfg.patch_size * 2 ** (len(cfg.block_out_channels) - 1) if cfg.switch_level is None else 1
+    # Every strided (or enabled switch_level) transition halves the size, which must stay >= 1.
+    halvings = len(cfg.block_out_channels) - 1 if cfg.switch_level is None else sum(cfg.switch_level)
+    min_size = cfg.patch_size * 2**halvings
     h, w = sample.shape[-2:]
     if h % cfg.patch_size or w % cfg.patch_size or h < min_size or w < min_size:
         raise ValueError(
@@ -298,10 +329,27 @@ def check_conditioning(
 ) -> None:
     """The UNet's conditioning, one row per sample; each error says what was expected."""
     stage = stage_name(cfg)
-    if pooled.ndim not in (2, 3) or pooled.shape[-1] != cfg.clip_text_pooled_in_channels:
+    if (
+        pooled.ndim not in (2, 3)
+        or pooled.shape[-1] != cfg.clip_text_pooled_in_channels
+        or pooled.numel() == 0
+    ):
         raise ValueError(
-            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}); got {tuple(pooled.shape)}"
+            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}) with B >= 1; got "
+            f"{tuple(pooled.shape)}"
         )
+    for name, tensor, width, shape in (
+        ("clip_text", text, cfg.clip_text_in_channels, "(B, L, {})"),
+        ("clip_img", image, cfg.clip_image_in_channels, "(B, N, {}) or (B, {})"),
+    ):
+        if tensor is None or width is None:
+            continue
+        if tensor.ndim not in ((3,) if name == "clip_text" else (2, 3)) or tensor.shape[-1] != width:
+            raise ValueError(f"{name} must be {shape.format(width, width)}; got {tuple(tensor.shape)}")
+        if name == "clip_img" and tensor.numel() == 0:
+            raise ValueError(
+                f"clip_img has no image embeddings (shape {tuple(tensor.shape)}); pass None instead"
+            )
     if cfg.clip_text_in_channels is None:
         if text is not None or image is not None:
             raise ValueError(f"{stage} is conditioned on pooled text only; do not pass clip_text or clip_img")

@@ -34,6 +34,7 @@ from stable_cascade.nn.layers import (
     TimestepBlock,
     UpDownBlock2d,
     check_conditioning,
+    check_dtypes,
     check_sample,
     condition_embeddings,
     conditioning_mapper,
@@ -157,29 +158,30 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         return_dict: bool = True,
         cache: UNetCache | None = None,
         controlnet_residuals: Sequence[torch.Tensor | None] | None = None,
+        guidance: TensorLike | None = None,
     ) -> StableCascadeUNetOutput | tuple[torch.Tensor]:
         """Predict the noise in ``sample`` (B, in_channels, H, W) at ``timestep_ratio`` (scalar or (B,)).
 
         Pass the conditioning (as diffusers' ``StableCascadeUNet``) or a ``cache`` from :meth:`prepare`,
         not both. ``sca``/``crp`` may be scalars or one value per sample; missing ones are embedded as
         0, as in the original. Stage C without ``clip_img`` uses one zero image embedding, as the
-        pipelines do. ``controlnet_residuals``: a ControlNet's output (see ``nn/unet_state.py``).
+        pipelines do. ``controlnet_residuals``: a ControlNet's output (see ``nn/unet_state.py``);
+        ``guidance``: the CFG scale a UNet with a guidance embedding takes (see :meth:`prepare`).
         """
         check_sample(self.config, sample)
+        check_dtypes(self.config, self.dtype, {"sample": sample})
         if cache is None:
             if clip_text_pooled is None:
                 raise ValueError("pass clip_text_pooled (and the stage's other conditioning) or a cache")
-            size = sample.shape[-2:]
-            cache = self.prepare(size, clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)
+            conditioning = (clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)
+            cache = self.prepare(sample.shape[-2:], *conditioning, guidance=guidance)
             what = f"clip_text_pooled has batch size {cache.batch} but sample has {sample.shape[0]}"
         elif any(v is not None for v in (clip_text_pooled, clip_text, clip_img, effnet, pixels, sca, crp)):
             raise ValueError("pass either the conditioning or a cache prepared from it, not both")
         else:
-            what = (
-                f"the cache was prepared for {cache.batch} sample(s) of size {cache.size[0]}x"
-                f"{cache.size[1]}, got sample of shape {tuple(sample.shape)}; prepare it for the batch "
-                "the UNet is called on (with classifier-free guidance: the doubled batch)"
-            )
+            what = (f"the cache was prepared for {cache.batch} sample(s) of size {cache.size[0]}x"
+                    f"{cache.size[1]}, got sample of shape {tuple(sample.shape)}; prepare it for the batch "
+                    "the UNet is called on (with classifier-free guidance: the doubled batch)")  # fmt: skip
         if cache.batch != sample.shape[0] or cache.size != tuple(sample.shape[-2:]):
             raise ValueError(what)
         if controlnet_residuals is not None:
@@ -203,20 +205,25 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         sca: TensorLike | None = None,
         crp: TensorLike | None = None,
         controlnet_residuals: Sequence[torch.Tensor | None] | None = None,
+        guidance: TensorLike | None = None,
     ) -> UNetCache:
         """The step-invariant work for samples of spatial ``size`` (H, W) with this conditioning.
 
         Computes the normalised CLIP tokens, every attention block's CLIP keys and values, every timestep
         block's ``sca``/``crp`` modulation, and Stage B's ``effnet_mapper(resize(effnet))`` + ``resize(
         pixels_mapper(pixels))`` (each ignored without its mapper, as diffusers); batch: clip_text_pooled's.
+        ``guidance``: the CFG scale of a UNet with a ``guidance`` condition (``condition_embeddings``).
         """
         cfg, batch = self.config, clip_text_pooled.shape[0]
         self.check_graphs()  # once per generation: weights replaced since the capture?
         effnet = effnet if cfg.effnet_in_channels is not None else None  # no mapper: ignored, as pixels
+        inputs = {"clip_text_pooled": clip_text_pooled, "clip_text": clip_text, "clip_img": clip_img}
+        mapped_pixels = pixels if cfg.pixel_mapper_in_channels is not None else None  # else ignored
+        check_dtypes(cfg, self.dtype, {**inputs, "effnet": effnet, "pixels": mapped_pixels})
         check_conditioning(cfg, clip_text_pooled, clip_text, clip_img, effnet)
         height, width = int(size[0]), int(size[1])
         clip = self.clip_tokens(clip_text_pooled, clip_text, clip_img)  # (B, L, c_cond)
-        conds = condition_embeddings(cfg, {"sca": sca, "crp": crp}, batch, clip.device)  # (B, 64 * n)
+        conds = condition_embeddings(cfg, {"sca": sca, "crp": crp, "guidance": guidance}, batch, clip.device)
         embedded_size = (height // cfg.patch_size, width // cfg.patch_size)
         added = self._added_conditioning(effnet, pixels, batch, embedded_size, clip)
         down = tuple(self._prepare_level(blocks, clip, conds) for blocks in self.down_blocks)
@@ -255,7 +262,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         return tuple(added)
 
     def _prepare_level(self, blocks: nn.Module, clip: Tensor, cond_embeddings: Tensor) -> LevelStates:
-        dtype = _dtype_of(blocks)  # the level's own dtype (see enable_fp16_safety)
+        dtype = _dtype_of(blocks, clip.dtype)  # the level's own dtype (see enable_fp16_safety)
         states: list[BlockState] = []
         for block in cast(nn.ModuleList, blocks):
             if isinstance(block, AttnBlock):
@@ -276,7 +283,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
             x = x + term
         skips = self._down(x, r_embed, cache)
         x = self._up(skips, r_embed, cache)
-        return cast(torch.Tensor, self.clf(x.to(_dtype_of(self.clf)))).to(sample.dtype)
+        return cast(torch.Tensor, self.clf(x.to(_dtype_of(self.clf, x.dtype)))).to(sample.dtype)
 
     def _run_level(
         self, level: int, direction: str, x: Tensor, r_embed: Tensor, cache: UNetCache, skip: Tensor | None
@@ -286,7 +293,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         control = cache.control_down if down else cache.control_up
         blocks = cast(nn.ModuleList, (self.down_blocks if down else self.up_blocks)[level])
         mappers = cast(nn.ModuleList, (self.down_repeat_mappers if down else self.up_repeat_mappers)[level])
-        dtype = _dtype_of(blocks)  # the model's, or another one kept by enable_fp16_safety
+        dtype = _dtype_of((blocks, mappers), x.dtype)  # the model's, or one kept by enable_fp16_safety
         x, r_embed = x.to(dtype), r_embed.to(dtype)  # no-ops unless the dtypes differ
         skip = None if skip is None else skip.to(dtype)
         calls = iter(control[level] if control else ())  # ControlNet residuals, one per ResBlock call
@@ -386,5 +393,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         self.gradient_checkpointing = False
 
 
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+def _dtype_of(modules: nn.Module | tuple[nn.Module, ...], default: torch.dtype) -> torch.dtype:
+    """The dtype of the first parameter of ``modules``; ``default`` when they have none (an empty level)."""
+    parameters = (p for m in (modules if isinstance(modules, tuple) else (modules,)) for p in m.parameters())
+    return next((p.dtype for p in parameters), default)

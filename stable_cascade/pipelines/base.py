@@ -47,10 +47,14 @@ class Pipeline(PipelineLoading, DiffusersPipelineMixin):
     offload_order: ClassVar[tuple[str, ...]] = ()
     phase_stage: ClassVar[str] = "pipeline"  # names its timed phases (sampling.phases): "Stage C", …
     model_cpu_offload_seq: ClassVar[str] = ""  # diffusers' form of offload_order: "a->b->c"
+    _optional_components: ClassVar[list[str]] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.model_cpu_offload_seq = "->".join(cls.offload_order)
+        cls._optional_components = sorted(
+            cls.optional_components
+        )  # diffusers' name: components that may be None
 
     def __init__(self) -> None:
         self._component_names: list[str] = []

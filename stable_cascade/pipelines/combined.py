@@ -28,6 +28,7 @@ from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
 from stable_cascade.pipelines.callbacks import PipelineCallback
 from stable_cascade.pipelines.cascade import run_cascade
+from stable_cascade.pipelines.checks import check_combined_call
 from stable_cascade.pipelines.control import ControlRequest
 from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
 from stable_cascade.pipelines.lora import LoraLoaderMixin
@@ -282,6 +283,7 @@ class StableCascadeCombinedPipeline(LoraLoaderMixin, Pipeline):
         ``mask_image``, ``controlnet_conditioning_scale`` and ``control_type`` drive ``prior_controlnet``
         (:mod:`stable_cascade.pipelines.control`); inpainting keeps the input image outside the mask.
         """
+        check_combined_call(height, width, prior_num_inference_steps, num_inference_steps)
         stages = get_preset(preset, COMBINED_PRESETS)
         prior = {
             "prompt": prompt if prompt_embeds is None else None,

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
-from stable_cascade.conditioning.text import PromptConditioning
+from stable_cascade.conditioning.text import check_text_arguments
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import StageSettings, stage_settings
@@ -26,11 +26,18 @@ from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
-from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.callbacks import (
+    PipelineCallback,
+    check_callback_inputs,
+    decoder_callback_tensors,
+    step_callback,
+)
+from stable_cascade.pipelines.checks import check_steps, check_text_widths, check_timesteps
+from stable_cascade.pipelines.checks import image_embeddings as checked_image_embeddings
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_output_type, postprocess
 from stable_cascade.pipelines.prior import ImageInput
-from stable_cascade.pipelines.sizes import check_image_size, decoder_latent_size
+from stable_cascade.pipelines.sizes import check_image_size, check_pixel_count, decoder_latent_size
 from stable_cascade.sampling.loop import initial_latents, run_stage
 from stable_cascade.sampling.phases import phase
 
@@ -142,6 +149,8 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         Arguments and defaults are diffusers' (10 steps, no guidance, PIL output); ``preset``,
         ``sampler``, ``shift`` and ``guidance_rescale`` select the sampler as in the prior pipeline.
         """
+        check_steps("num_inference_steps", num_inference_steps)
+        check_timesteps(timesteps)
         settings = stage_settings(preset, "decoder").override(
             steps=num_inference_steps,
             guidance=guidance_scale,
@@ -154,12 +163,12 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
         check_output_type(output_type, ("pt", "np", "pil", "latent"))
         check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         image_size = self._image_size(height, width)
-        effnet = torch.cat(image_embeddings) if isinstance(image_embeddings, list) else image_embeddings
+        effnet = checked_image_embeddings(image_embeddings, self.decoder.config.effnet_in_channels)
         batch = _prompt_batch(prompt, prompt_embeds, prompt_embeds_pooled)
-        if effnet.ndim != 4 or effnet.shape[0] % batch:
+        if effnet.shape[0] % batch:
             raise ValueError(
-                f"image_embeddings must be Stage C latents (B, 16, h, w) with a batch that is a multiple of "
-                f"the {batch} prompt(s); got {tuple(effnet.shape)}"
+                f"image_embeddings must have a batch that is a multiple of the {batch} prompt(s); got "
+                f"{tuple(effnet.shape)}"
             )
         # diffusers' rule: each prompt gets image_embeddings.shape[0] // batch rows per requested image.
         per_prompt = num_images_per_prompt * (effnet.shape[0] // batch)
@@ -173,6 +182,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             num_images_per_prompt=per_prompt,
             guidance=settings.guidance > 1,
         )
+        check_text_widths(text, self.decoder.config, "decoder")
         decoder = self.activate("decoder")
         device, dtype = self.execution_device, decoder.dtype
         effnet = effnet.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
@@ -182,8 +192,17 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             uncond = {"clip_text_pooled": text.uncond.pooled, "effnet": torch.zeros_like(effnet)}
         prior_size = (effnet.shape[-2], effnet.shape[-1])
         size = decoder_latent_size(prior_size, self.config.latent_dim_scale, image_size, self.vqgan.downscale)
-        x = initial_latents(
-            (effnet.shape[0], decoder.config.in_channels, *size), latents, generator, device, dtype
+        check_pixel_count(size[0] * self.vqgan.downscale, size[1] * self.vqgan.downscale, "the decoded image")
+        x = self.prepare_latents(
+            batch,
+            effnet,
+            per_prompt,
+            dtype,
+            device,
+            generator,
+            latents,
+            self.scheduler,
+            image_size=image_size,
         )
         x = run_stage(
             decoder,
@@ -197,7 +216,7 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
                 self,
                 callback_on_step_end,
                 callback_on_step_end_tensor_inputs,
-                lambda: _callback_tensors(text, effnet),
+                lambda: decoder_callback_tensors(text, effnet),
             ),
             self.progress_bar,
             control=self._loop,
@@ -211,6 +230,42 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
                 images = postprocess(decoded, output_type)
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
+    ) -> None:
+        """diffusers' ``check_inputs`` (the text and callback arguments), with our messages."""
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        check_text_arguments(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, pooled=False)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        image_embeddings: Tensor,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        generator: Generators | None,
+        latents: Tensor | None,
+        scheduler: DDPMWuerstchenScheduler,
+        *,
+        image_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """diffusers' initial Stage B latents (B·n, C, h·10.67, w·10.67) for ``image_embeddings`` (…, h, w),
+        rounded up to even sides (diffusers crashes on odd ones), or ``image_size / 4`` when the output
+        size is known; drawn from ``generator`` as diffusers draws them, or ``latents`` checked."""
+        prior_size = (image_embeddings.shape[-2], image_embeddings.shape[-1])
+        size = decoder_latent_size(prior_size, self.config.latent_dim_scale, image_size, self.vqgan.downscale)
+        shape = (batch_size * num_images_per_prompt, self.decoder.config.in_channels, *size)
+        return (
+            initial_latents(shape, latents, generator, torch.device(device), dtype)
+            * scheduler.init_noise_sigma
+        )
 
     @torch.no_grad()
     def reconstruct(
@@ -314,15 +369,3 @@ def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled:
         if tensor is not None:
             return tensor.shape[0]
     raise ValueError("pass a prompt, or prompt_embeds_pooled (with prompt_embeds) from the prior pipeline")
-
-
-def _callback_tensors(text: PromptConditioning, effnet: Tensor) -> dict[str, Any]:
-    """What a step callback may ask for besides the latents, as diffusers' decoder pipeline names it
-    (its ``prompt_embeds_pooled``: the pooled embeddings of the guided batch [cond; uncond])."""
-    uncond = text.uncond
-    pooled = torch.cat([text.cond.pooled, uncond.pooled]) if uncond is not None else text.cond.pooled
-    return {
-        "prompt_embeds_pooled": pooled,
-        "negative_prompt_embeds": uncond.hidden if uncond is not None else None,
-        "image_embeddings": effnet,
-    }

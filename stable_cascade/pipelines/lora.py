@@ -28,6 +28,7 @@ from stable_cascade.lora import (
 )
 from stable_cascade.lora.formats import LoRAFormatError, Part
 from stable_cascade.lora.layers import check_scale
+from stable_cascade.nn.unet import StableCascadeUNet
 
 
 class LoraLoaderMixin:
@@ -67,6 +68,7 @@ class LoraLoaderMixin:
             raise ValueError(f"an adapter named {name!r} is already loaded; pass another adapter_name")
         if weights.text_encoder and "text_encoder" not in models:
             raise ValueError(f"{weights.source} adapts the text encoder, which this pipeline lacks")
+        _check_stage(weights, models.get("unet"))
         resolved = {part: resolve(weights, part, model) for part, model in models.items()}
         for part, layers in resolved.items():
             if layers:
@@ -122,6 +124,21 @@ class LoraLoaderMixin:
         if unknown:
             raise ValueError(f"no adapter named {unknown}; loaded: {loaded or 'none'}")
         return list(names)
+
+
+def _check_stage(weights: LoRAWeights, unet: nn.Module | None) -> None:
+    """A LoRA whose metadata names a stage goes into that stage's pipeline only."""
+    if not isinstance(unet, StableCascadeUNet) or "stage" not in weights.metadata:
+        return
+    stage = weights.stage
+    if (stage == "decoder") != unet.config.is_stage_b:
+        names = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}
+        other = "decoder" if stage == "decoder" else "prior"
+        raise ValueError(
+            f"{weights.source} is a {names[stage]} LoRA, this pipeline's UNet is "
+            f"{names['decoder' if unet.config.is_stage_b else 'prior']}; load it into the {other} pipeline "
+            f"(a combined pipeline's {other}_pipe)"
+        )
 
 
 def _free_name(stem: str, taken: Sequence[str]) -> str:

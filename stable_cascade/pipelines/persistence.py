@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from stable_cascade.checkpoint import CheckpointError, HubOptions
+from stable_cascade.checkpoint import CheckpointError, HubOptions, parse_dtype
 from stable_cascade.checkpoint.hub import check_safe_serialization, save_and_upload, upload_folder
 from stable_cascade.checkpoint.pretrained import pick_dtype
 from stable_cascade.loading.components import (
@@ -145,12 +145,42 @@ class PipelineLoading:
         return pipeline
 
     @classmethod
-    def _check_arguments(cls, components: Mapping[str, Any], subfolders: Mapping[str, str]) -> None:
+    def from_pipe(cls: type[L], pipeline: PipelineLoading, **kwargs: Any) -> L:
+        """A pipeline of this class built from ``pipeline``'s components and config values, sharing its
+        models (nothing is copied), as diffusers' ``from_pipe``.
+
+        Components and config values given by name replace ``pipeline``'s; ``torch_dtype`` (or ``dtype``)
+        casts the models, which ``pipeline`` shares. Unlike diffusers, models keep their dtype when none
+        is given (diffusers casts them to float32, the source pipeline's included).
+        """
+        dtype = parse_dtype(pick_dtype(kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)))
+        cls._check_arguments(kwargs, {}, "from_pipe")
+        names, configs = cls.component_names(), cls.config_names()
+        values = {k: v for k, v in pipeline.components.items() if k in names}
+        values.update({k: v for k, v in pipeline.config.items() if k in configs})
+        values.update(kwargs)
+        required = [n for n, p in cls._parameters().items() if p.default is inspect.Parameter.empty]
+        missing = [n for n in required if values.get(n) is None]
+        if missing:
+            raise ValueError(
+                f"{cls.__name__}.from_pipe needs {', '.join(missing)}, which {type(pipeline).__name__} does "
+                f"not have; pass them by name ({missing[0]}=...)"
+            )
+        new = cls(**values)
+        new._name_or_path = pipeline._name_or_path
+        if dtype is not None:
+            new.to(dtype)  # type: ignore[attr-defined]
+        return new
+
+    @classmethod
+    def _check_arguments(
+        cls, components: Mapping[str, Any], subfolders: Mapping[str, str], method: str = "from_pretrained"
+    ) -> None:
         valid = ", ".join(cls.component_names())
         unknown = sorted(set(components) - set(cls._parameters()))
         if unknown:
             raise TypeError(
-                f"{cls.__name__}.from_pretrained got unexpected argument(s) {', '.join(unknown)}; "
+                f"{cls.__name__}.{method} got unexpected argument(s) {', '.join(unknown)}; "
                 f"components: {valid}; config values: {', '.join(cls.config_names()) or 'none'}"
             )
         unknown = sorted(set(subfolders) - set(cls.component_names()))

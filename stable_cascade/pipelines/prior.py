@@ -17,7 +17,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionM
 
 from stable_cascade.conditioning.image import check_images, encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
-from stable_cascade.conditioning.text import PromptConditioning
+from stable_cascade.conditioning.text import check_text_arguments
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import StageSettings, stage_settings
@@ -29,7 +29,19 @@ from stable_cascade.nn.layers import resize_like
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
-from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.callbacks import (
+    PipelineCallback,
+    check_callback_inputs,
+    prior_callback_tensors,
+    step_callback,
+)
+from stable_cascade.pipelines.checks import (
+    check_steps,
+    check_tensor,
+    check_text_widths,
+    check_timesteps,
+    per_image,
+)
 from stable_cascade.pipelines.control import ControlRequest, control_residuals, resolve_control_type
 from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
@@ -177,6 +189,8 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         tensor), ``mask_image`` for inpainting (white = generate), ``controlnet_conditioning_scale``
         and ``control_type`` (default: the ControlNet's own); see :mod:`stable_cascade.pipelines.control`.
         """
+        check_steps("num_inference_steps", num_inference_steps)
+        check_timesteps(timesteps)
         settings = stage_settings(preset, "prior").override(
             steps=num_inference_steps,
             guidance=guidance_scale,
@@ -199,6 +213,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             num_images_per_prompt=num_images_per_prompt,
             guidance=settings.guidance > 1,
         )
+        check_text_widths(text, self.prior.config, "prior")
         clip_img = self._image_conditioning(images, image_embeds, text.batch_size, num_images_per_prompt)
         prior = self.activate("prior")
         device, dtype = self.execution_device, prior.dtype
@@ -210,9 +225,18 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
             cond["clip_img"] = clip_img
             if uncond is not None:
                 uncond["clip_img"] = torch.zeros_like(clip_img)
-        size = prior_latent_size(height, width, self.config.resolution_multiple)
-        shape = (text.cond.batch_size, prior.config.in_channels, *size)
-        x = initial_latents(shape, latents, generator, device, dtype)
+        x = self.prepare_latents(
+            text.batch_size,
+            height,
+            width,
+            num_images_per_prompt,
+            dtype,
+            device,
+            generator,
+            latents,
+            self.scheduler,
+        )
+        shape = tuple(x.shape)
         init = None
         if image is not None:
             init = self._init_latents(
@@ -232,7 +256,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
                 self,
                 callback_on_step_end,
                 callback_on_step_end_tensor_inputs,
-                lambda: _callback_tensors(text),
+                lambda: prior_callback_tensors(text),
             ),
             self.progress_bar,
             init=init,
@@ -247,10 +271,52 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
                 as_numpy_if(x, numpy),
                 as_numpy_if(text.cond.hidden, numpy),
                 text.cond.pooled,
-                as_numpy_if(_hidden(text.uncond), numpy),
+                as_numpy_if(text.uncond.hidden if text.uncond is not None else None, numpy),
                 text.uncond.pooled if text.uncond is not None else None,
             )
         return StableCascadePriorPipelineOutput(*outputs) if return_dict else outputs  # type: ignore[arg-type]
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        images: ImageInput | None = None,
+        image_embeds: Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
+    ) -> None:
+        """diffusers' ``check_inputs`` (the text, image and callback arguments), with our messages."""
+        check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        text = (prompt_embeds, negative_prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds_pooled)
+        check_text_arguments(prompt, negative_prompt, *text)
+        if images is not None and image_embeds is not None:
+            raise ValueError("pass either images or image_embeds, not both")
+        if images is not None:
+            check_images(images)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        generator: Generators | None,
+        latents: Tensor | None,
+        scheduler: DDPMWuerstchenScheduler,
+    ) -> Tensor:
+        """diffusers' initial Stage C latents (B·n, C, ⌈H/42.67⌉, ⌈W/42.67⌉): drawn from ``generator``
+        as diffusers draws them, or ``latents`` after a shape check; times ``init_noise_sigma``."""
+        size = prior_latent_size(height, width, self.config.resolution_multiple)
+        shape = (batch_size * num_images_per_prompt, self.prior.config.in_channels, *size)
+        return (
+            initial_latents(shape, latents, generator, torch.device(device), dtype)
+            * scheduler.init_noise_sigma
+        )
 
     def _image_conditioning(
         self, images: ImageInput | None, image_embeds: Tensor | None, batch_size: int, per_prompt: int
@@ -266,6 +332,7 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         if images is not None and image_embeds is not None:
             raise ValueError("pass either images or image_embeds, not both")
         if images is not None:
+            images = check_images(images)
             if self.image_encoder is None or self.feature_extractor is None:
                 raise ValueError(
                     "images need the CLIP image encoder and feature extractor; load the pipeline with "
@@ -273,10 +340,11 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
                 )
             encoder = self.activate("image_encoder")
             image_embeds = encode_images(
-                self.feature_extractor, encoder, check_images(images), self.execution_device, encoder.dtype
+                self.feature_extractor, encoder, images, self.execution_device, encoder.dtype
             )
         if image_embeds is None:
             return torch.zeros(rows, 1, width, device=self.execution_device, dtype=self.prior.dtype)
+        check_tensor("image_embeds", image_embeds, f"(B, N, {width})")
         while image_embeds.ndim < 3:
             image_embeds = image_embeds.unsqueeze(0)  # (C,) / (N, C) → (1, N, C)
         if image_embeds.shape[-1] != width:
@@ -330,29 +398,3 @@ class StableCascadePriorPipeline(LoraLoaderMixin, Pipeline):
         latent = effnet.encode(pixels.to(self.execution_device, effnet.dtype))  # (N, 16, h', w')
         latent = resize_like(latent, (shape[-2], shape[-1])).to(self.prior.dtype)
         return per_image(latent, batch_size, per_prompt, "image")
-
-
-def per_image(embeds: Tensor, batch_size: int, per_prompt: int, name: str) -> Tensor:
-    """A (1 | B | B·n, ...) tensor with one row per generated image (B prompts, n images each)."""
-    rows = batch_size * per_prompt
-    if embeds.shape[0] == 1:
-        return embeds.repeat(rows, *(1,) * (embeds.ndim - 1))
-    if embeds.shape[0] == batch_size:
-        return embeds.repeat_interleave(per_prompt, dim=0)
-    if embeds.shape[0] == rows:
-        return embeds
-    raise ValueError(
-        f"{name} has batch {embeds.shape[0]}; expected 1, the number of prompts ({batch_size}) "
-        f"or prompts × num_images_per_prompt ({rows})"
-    )
-
-
-def _callback_tensors(text: PromptConditioning) -> dict[str, Any]:
-    """What a step callback may ask for besides the latents, as diffusers' prior pipeline names it."""
-    uncond = text.uncond
-    hidden = torch.cat([text.cond.hidden, uncond.hidden]) if uncond is not None else text.cond.hidden
-    return {"text_encoder_hidden_states": hidden, "negative_prompt_embeds": _hidden(uncond)}
-
-
-def _hidden(embeddings: Any) -> Tensor | None:
-    return embeddings.hidden if embeddings is not None else None

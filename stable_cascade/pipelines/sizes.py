@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import math
 
-SIZE_MULTIPLE = 8
+from stable_cascade.limits import MAX_PIXELS, MAX_SIDE, SIZE_MULTIPLE
 
 
 def check_image_size(height: int, width: int, minimum: int = SIZE_MULTIPLE) -> None:
+    """A requested image size: multiples of 8 from ``minimum`` to 8192 pixels a side, 4096² in all."""
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int number of pixels, got {value!r}")
-        if value % SIZE_MULTIPLE or value < minimum:
-            nearest = max(minimum, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+        if value % SIZE_MULTIPLE or not minimum <= value <= MAX_SIDE:
+            nearest = min(MAX_SIDE, max(minimum, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE))
             raise ValueError(
-                f"{name} must be a multiple of {SIZE_MULTIPLE} and at least {minimum} pixels, got {value}; "
-                f"try {nearest}"
+                f"{name} must be a multiple of {SIZE_MULTIPLE} from {minimum} to {MAX_SIDE} pixels, got "
+                f"{value}; try {nearest}"
             )
+    check_pixel_count(height, width)
+
+
+def check_pixel_count(height: int, width: int, what: str = "the image") -> None:
+    """At most :data:`~stable_cascade.limits.MAX_PIXELS` (4096²) pixels and 8192 a side."""
+    if height * width > MAX_PIXELS or max(height, width) > MAX_SIDE:
+        raise ValueError(
+            f"{what} would be {width}x{height} pixels, more than the limit of {MAX_PIXELS:,} pixels "
+            f"(4096x4096) or {MAX_SIDE} a side; ask for a smaller size"
+        )
 
 
 def prior_latent_size(height: int, width: int, resolution_multiple: float) -> tuple[int, int]:

@@ -6,6 +6,7 @@ C, ``effnet`` for B) and in their latent shape; everything else runs through :fu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,9 @@ def initial_latents(
     """Fresh noise (drawn as diffusers draws it) or the caller's latents after a shape check."""
     if latents is None:
         return randn(shape, generator, device=device, dtype=dtype)
+    if not isinstance(latents, Tensor) or not latents.is_floating_point():
+        what = latents.dtype if isinstance(latents, Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a floating-point tensor of shape {shape}, got {what}")
     if tuple(latents.shape) != shape:
         raise ValueError(
             f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}; "
@@ -76,11 +80,19 @@ def run_stage(
     clean ``init`` latent and ``strength`` < 1 (image-to-image), ``init`` is noised with ``latents``
     to the time ``round(steps · strength)`` steps before the end and only those steps run; no step
     left returns ``init``. ``strength == 1`` ignores ``init``: text-to-image, draw for draw.
-    ``residuals``: ControlNet residuals for Stage C, used by both guidance branches.
+    ``residuals``: ControlNet residuals for Stage C, used by both guidance branches. A UNet with a
+    guidance embedding (an LCM-distilled stage) takes ``settings.guidance`` as that input instead.
     A prediction with NaN/Inf (e.g. float16 overflow) raises ``FloatingPointError`` after sampling,
     naming the stage, the first bad step and the dtype. ``control`` (a pipeline's) receives the
     guidance scale and the number of steps run, and may change the scale between steps.
     """
+    if "guidance" in unet.config.timestep_conditioning_type:  # the scale is an input: one branch
+        scale = torch.full((latents.shape[0],), float(settings.guidance), device=latents.device)
+        cond, uncond, settings = (
+            {**cond, "guidance": scale},
+            None,
+            dataclasses.replace(settings, guidance=1.0),
+        )
     if settings.guidance > 1 and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional conditioning")
     stage = "Stage B" if unet.config.is_stage_b else "Stage C"

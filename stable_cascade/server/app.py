@@ -1,4 +1,6 @@
-"""The FastAPI application: shared state, access control, request limits, errors, and start/stop."""
+"""The FastAPI application: shared state, access control, request limits, errors, one log line per
+request, the API's documentation (``/docs``, Swagger UI served from the installed ``swagger-ui-bundle``
+package: it works offline), and start/stop."""
 
 from __future__ import annotations
 
@@ -8,30 +10,37 @@ import binascii
 import hmac
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
+import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from stable_cascade.server import routes_a1111, routes_jobs
+from stable_cascade.engine import available
+from stable_cascade.server import routes_a1111, routes_jobs, routes_lists, routes_page
 from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.inputs import one_line
 from stable_cascade.server.shared import RequestError, Server, error_response
 from stable_cascade.server.store import QueueFull
+from stable_cascade.server.words import SERVER_OFFLINE_HINT, for_users
 
 logger = logging.getLogger(__name__)
+access = logging.getLogger("stable_cascade.server.access")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-#: What anyone may fetch without the key: the page and its files (they hold no data).
-PUBLIC_PATHS = ("/", "/favicon.ico")
-PUBLIC_PREFIX = "/static/"
+#: What anyone may fetch without the key: the page, the API's documentation and their files (they hold
+#: no data).
+PUBLIC_PATHS = ("/", "/favicon.ico", "/docs", "/openapi.json")
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -40,6 +49,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     server = Server(config)
     if config.model != server.model:
         logger.info("default model %s (chosen with sd_model_checkpoint)", server.model)
+    if not available(server.library.sources(server.model)):
+        logger.warning(
+            "the default model %s is not on this machine: its jobs download it first, or fail offline (%s)",
+            server.model,
+            SERVER_OFFLINE_HINT,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,12 +65,27 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             server.close()
 
-    app = FastAPI(title="stable-cascade", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="stable-cascade", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    app.include_router(routes_a1111.router)
+    for router in (routes_a1111.router, routes_lists.router, routes_lists.controlnet):
+        app.include_router(router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_page.router)
     static = resources.files("stable_cascade.server") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="stable-cascade API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from elsewhere
+        )
+
     _add_error_handlers(app)
     app.add_middleware(_Guard, api_key=config.api_key, max_body=config.max_body)  # type: ignore[arg-type]
     return app
@@ -66,7 +96,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = error.status if isinstance(error, RequestError) else 422
         if isinstance(error, QueueFull):
             status = 429
-        return error_response(status, one_line(error), type(error).__name__)
+        message = one_line(error) if isinstance(error, RequestError) else for_users(str(error))
+        return error_response(status, message, type(error).__name__)
 
     async def malformed(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
@@ -95,7 +126,8 @@ def _first_problem(error: RequestValidationError) -> str:
 
 
 class _Guard:
-    """Pure ASGI middleware: the API key on every path but the page's, and the body size limit."""
+    """Pure ASGI middleware: the API key on every path but the page's, the body size limit, and one
+    log line per request (method, path, status, milliseconds; when its response has ended)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
         self.app = app
@@ -106,6 +138,20 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start, status = time.perf_counter(), [0]
+
+        async def sent(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, sent)
+        finally:
+            milliseconds = (time.perf_counter() - start) * 1000
+            access.info("%s %s %d %.0f ms", scope["method"], scope["path"], status[0], milliseconds)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
         if self.api_key is not None and not _public(path) and not self._authorised(headers):
@@ -161,4 +207,4 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def _public(path: str) -> bool:
-    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX)
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)

@@ -38,10 +38,12 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body: int = DEFAULT_MAX_BODY
     max_images: int = DEFAULT_MAX_IMAGES
+    models: Path | None = None  # the models folder: checkpoints, LoRAs, ControlNets by name
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for settings the server cannot run with."""
-        BY_NAME["model"].choice(self.model, what="model")
+        if self.models is None:  # else the folder's checkpoints are names too: the server checks it
+            BY_NAME["model"].choice(self.model, what="model")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         for name, value, low in (

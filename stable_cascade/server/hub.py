@@ -1,5 +1,6 @@
 """Live news of running jobs: the latest progress and preview of each, and the messages that the
-event streams and waiting requests (on the server's event loop) receive from the worker threads."""
+event streams and waiting requests (on the server's event loop) receive from the worker threads: each
+job's own, and every job's (but previews) with its ``id`` for the stream of all jobs (``ALL``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from typing import Any
 
 Message = dict[str, Any]
+#: The subscription to every job's messages.
+ALL = "*"
 
 
 @dataclasses.dataclass
@@ -22,6 +25,7 @@ class Live:
     step: int = 0
     steps: int = 0
     preview: bytes | None = None
+    skip: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: skipping a batch
 
     def eta(self) -> float:
         """Seconds until the job is done, from its pace so far (0 before the first step)."""
@@ -58,13 +62,16 @@ class Hub:
                 self._subscribers.pop(job_id, None)
 
     def publish(self, job_id: str, message: Message) -> None:
+        """``message`` to ``job_id``'s subscribers, and (with the id; previews left out) to ``ALL``'s."""
         with self._lock:
-            queues = list(self._subscribers.get(job_id, ()))
+            queues = [(queue, message) for queue in self._subscribers.get(job_id, ())]
+            if message["type"] != "preview":
+                queues += [(queue, {**message, "id": job_id}) for queue in self._subscribers.get(ALL, ())]
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        for queue in queues:
-            loop.call_soon_threadsafe(queue.put_nowait, message)
+        for queue, item in queues:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def current(self) -> tuple[str, Live] | None:
         """The running job that started last, and where it is."""

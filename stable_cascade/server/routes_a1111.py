@@ -1,4 +1,6 @@
-"""AUTOMATIC1111's ``/sdapi/v1`` endpoints (see :mod:`stable_cascade.server.a1111` for the mapping)."""
+"""AUTOMATIC1111's ``/sdapi/v1`` endpoints that make images and follow them: txt2img, img2img,
+progress, interrupt, skip and options (see :mod:`stable_cascade.server.a1111` for the mapping; the
+listings are :mod:`stable_cascade.server.routes_lists`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from stable_cascade.engine import Job
-from stable_cascade.server import a1111
+from stable_cascade.server import a1111, models
 from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
 from stable_cascade.server.inputs import PLACEHOLDER, checked_job
 from stable_cascade.server.shared import RequestError, Server, error_response, read_json
@@ -52,27 +54,29 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
     encoded = [base64.b64encode(image.file.read_bytes()).decode() for image in images]
     parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask", "alwayson_scripts")}
     infotexts = [image.infotext for image in images]
+    name = server.library.name_of(job.models) or job.model
     return JSONResponse(
-        {"images": encoded, "parameters": parameters, "info": a1111.info(job, infotexts, stored.id)}
+        {"images": encoded, "parameters": parameters, "info": a1111.info(job, infotexts, stored.id, name)}
     )
 
 
 def _job(server: Server, body: Mapping[str, Any], img2img: bool) -> tuple[Job, Upload | None]:
     """The request's job; its fields are checked before any upload is decoded."""
+    served = server.served
     size = peek_image(a1111.check_img2img(body), "init_images[0]") if img2img else None
-    Job.create(**a1111.job_arguments(body, server.model, PLACEHOLDER if img2img else None), image_size=size)
+    Job.create(**a1111.job_arguments(body, served, PLACEHOLDER if img2img else None), image_size=size)
     upload = decode_image(a1111.check_img2img(body), server.store, "init_images[0]") if img2img else None
-    arguments = a1111.job_arguments(body, server.model, None if upload is None else upload.sha256)
-    model = arguments["model"]
+    arguments = a1111.job_arguments(body, served, None if upload is None else upload.sha256)
+    bundle = arguments["models"].bundle.name
     controls = [
         control
         for control in (
-            a1111_inpainting(body, upload, server.store, model) if upload is not None else None,
-            a1111_controlnet(body, server.store),
+            a1111_inpainting(body, upload, server.store, bundle) if upload is not None else None,
+            a1111_controlnet(body, server.store, server.library),
         )
         if control is not None
     ]
-    return checked_job({**arguments, "controls": controls}, upload, server.store), upload
+    return checked_job({**arguments, "controls": controls}, upload, served), upload
 
 
 async def wait(server: Server, stored: StoredJob) -> StoredJob:
@@ -102,7 +106,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
     preview = None
     if live.preview is not None and not skip_current_image:
         preview = base64.b64encode(live.preview).decode()
-    return a1111.progress(live.fraction, live.eta(), live.step, live.steps, jobs, preview)
+    return a1111.progress(live.fraction, live.eta(), live.step, live.steps, jobs, preview, live.skip.is_set())
 
 
 @router.post("/interrupt")
@@ -113,17 +117,8 @@ async def interrupt(request: Request) -> dict[str, Any]:
 
 @router.post("/skip")
 async def skip(request: Request) -> dict[str, Any]:
-    return await interrupt(request)
-
-
-@router.get("/sd-models")
-async def sd_models() -> list[dict[str, Any]]:
-    return a1111.model_list()
-
-
-@router.get("/samplers")
-async def samplers() -> list[dict[str, Any]]:
-    return a1111.sampler_list()
+    """Skip the image (batch) being made; the job goes on with its next one."""
+    return {"skipped": _server(request).workers.skip_running()}
 
 
 @router.get("/options")
@@ -132,6 +127,7 @@ async def get_options(request: Request) -> dict[str, Any]:
         "sd_model_checkpoint": _server(request).model,
         "samples_format": "png",
         "CLIP_stop_at_last_layers": 1,
+        "emphasis": "Original",
     }
 
 
@@ -142,31 +138,7 @@ async def set_options(request: Request) -> None:
     if not isinstance(body, Mapping):
         raise RequestError(422, "the options must be a JSON object")
     if "sd_model_checkpoint" in body:
-        _server(request).model = a1111.model_name(body["sd_model_checkpoint"])
-
-
-@router.get("/scripts")
-async def scripts() -> dict[str, list[str]]:
-    return {"txt2img": [], "img2img": []}
-
-
-@router.get("/schedulers")
-async def schedulers() -> list[dict[str, Any]]:
-    return [
-        {
-            "name": "automatic",
-            "label": "Automatic",
-            "aliases": None,
-            "default_rho": -1,
-            "need_inner_model": False,
-        }
-    ]
-
-
-@router.get("/loras")
-@router.get("/upscalers")
-@router.get("/sd-vae")
-@router.get("/prompt-styles")
-async def empty_list() -> list[Any]:
-    """Lists of what this server does not have, for clients that ask at start-up."""
-    return []
+        server = _server(request)
+        name = body["sd_model_checkpoint"]
+        models.model_arguments(server.library, name)  # a model's name, or 422
+        server.model = name.split(" [", 1)[0].strip()

@@ -1,22 +1,20 @@
-"""The native jobs API (``/v1``) and the web page."""
+"""The native jobs API (``/v1/jobs``): submit, list, follow, cancel and fetch images (the page's own
+endpoints: :mod:`stable_cascade.server.routes_page`)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
-from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from stable_cascade.engine import BUNDLES, COMBINED_PRESETS, ModelSources, native_size, package_version
-from stable_cascade.fields.schema import form_fields, request_schema
-from stable_cascade.server import a1111
+from stable_cascade.fields.schema import request_schema
+from stable_cascade.server import models
 from stable_cascade.server.inputs import native_job
 from stable_cascade.server.shared import RequestError, Server, read_json
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
@@ -58,6 +56,7 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
         "age_seconds": round(now - stored.created, 3),  # since it was queued
         "running_seconds": None if stored.started is None else round(until - stored.started, 3),
         "job": stored.job,
+        **models.job_names(server.library, stored.job),
         "images": [
             {
                 "n": image.n,
@@ -81,7 +80,7 @@ async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)
     body = await read_json(request)
     with staged() as uploads:  # a refused request keeps none of its uploads
-        job, upload = await run_in_threadpool(uploads.run, native_job, body, server.store, server.model)
+        job, upload = await run_in_threadpool(uploads.run, native_job, body, server.served)
         stored = server.submit(job, upload)
     return describe(server, stored)
 
@@ -142,11 +141,11 @@ async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
         while True:
             stored = _stored(server, job_id)
             if stored.state in FINAL_STATES:
-                yield _sse({"type": stored.state, "error": stored.error})
+                yield sse({"type": stored.state, "error": stored.error})
                 return
             if stored.state == QUEUED and server.store.position(stored) != position:
                 position = server.store.position(stored)
-                yield _sse({"type": "queued", "position": position})
+                yield sse({"type": "queued", "position": position})
             elif stored.state == RUNNING:
                 position = None
             try:
@@ -157,46 +156,10 @@ async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
                 yield ": keep-alive\n\n"
                 continue
             if message["type"] not in FINAL_STATES:  # final states are read from the store above
-                yield _sse(message)
+                yield sse(message)
     finally:
         server.hub.unsubscribe(job_id, queue)
 
 
-def _sse(message: dict[str, Any]) -> str:
+def sse(message: dict[str, Any]) -> str:
     return f"event: {message['type']}\ndata: {json.dumps(message)}\n\n"
-
-
-@router.get("/v1/info")
-async def info(request: Request) -> dict[str, Any]:
-    """What the page offers: models (their native sizes and ControlNets), presets, samplers and the
-    defaults."""
-    presets = {
-        name: {stage: dataclasses.asdict(getattr(preset, stage)) for stage in ("prior", "decoder")}
-        for name, preset in COMBINED_PRESETS.items()
-    }
-    return {
-        "model": _server(request).model,
-        "models": {
-            name: {
-                "description": b.description,
-                "size": native_size(ModelSources(model=name)),
-                "controlnets": [controlnet for controlnet, _ in b.controlnets],
-            }
-            for name, b in BUNDLES.items()
-        },
-        "presets": presets,
-        "samplers": a1111.sampler_list(),
-        "version": package_version(),
-    }
-
-
-@router.get("/v1/fields")
-async def fields() -> dict[str, Any]:
-    """The job fields the page's form carries (the field table): how to build and check each control."""
-    return {"fields": form_fields()}
-
-
-@router.get("/", include_in_schema=False)
-async def page() -> HTMLResponse:
-    html = (resources.files("stable_cascade.server") / "static" / "index.html").read_text()
-    return HTMLResponse(html)

@@ -9,9 +9,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from stable_cascade.engine import Engine, Job
+from stable_cascade.engine import Engine, Job, ModelLibrary
 from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.hub import Hub
+from stable_cascade.server.inputs import Served
 from stable_cascade.server.lock import DataLock
 from stable_cascade.server.store import Store, StoredJob
 from stable_cascade.server.uploads import Upload
@@ -29,6 +30,8 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.library = ModelLibrary(config.models)
+        self.library.sources(config.model)  # a named model or one of the folder's checkpoints
         engines = [Engine(device=device, dtype=config.dtype) for device in config.devices()]
         self.lock = DataLock(config.data, config.host, config.port)
         try:
@@ -57,9 +60,15 @@ class Server:
         self.lock.release()
 
     @property
+    def served(self) -> Served:
+        """What requests' jobs are checked against now."""
+        return Served(self.store, self.library, self.model)
+
+    @property
     def model(self) -> str:
         """The model requests get when they name none (``sd_model_checkpoint``; kept across restarts)."""
-        return self.store.setting(MODEL_SETTING) or self.config.model
+        chosen = self.store.setting(MODEL_SETTING)
+        return chosen if chosen in self.library.model_names() else self.config.model
 
     @model.setter
     def model(self, name: str) -> None:

@@ -174,6 +174,24 @@ class Store:
             )
             return cursor.rowcount == 1
 
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job and remove its images; whether there was one (queued and running jobs
+        are not deleted: cancel them first)."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"DELETE FROM jobs WHERE id = ? AND state IN ({', '.join('?' for _ in FINAL_STATES)})",
+                (job_id, *FINAL_STATES),
+            )
+            if cursor.rowcount != 1:
+                return False
+            db.execute("DELETE FROM images WHERE job = ?", (job_id,))
+        folder = self.images_dir / job_id
+        if folder.is_dir():
+            for image in folder.iterdir():
+                image.unlink(missing_ok=True)
+            folder.rmdir()
+        return True
+
     def write_image(
         self, job_id: str, n: int, seed: int, infotext: str, write: Callable[[Path], None]
     ) -> Path:

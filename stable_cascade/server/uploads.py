@@ -75,6 +75,13 @@ def peek_image(data: object, field: str = "image") -> tuple[int, int]:
         return image.size
 
 
+def text_chunks(data: object, field: str = "image") -> dict[str, str]:
+    """The text an upload carries before its pixels (a PNG's ``parameters``, its record), read from its
+    header as :func:`peek_image` reads it: no pixel is decoded, nothing is kept."""
+    with _header(data, field) as image:
+        return {str(key): value for key, value in image.info.items() if isinstance(value, str)}
+
+
 def keep_image(image: PIL.Image.Image, store: Store) -> Upload:
     """``image`` stored under the store's inputs/ as ``<sha256>.png`` (once; within :func:`staged`,
     until the request is refused)."""

@@ -1,8 +1,9 @@
 """The workers: one thread per device, each with its own engine, taking the oldest queued job.
 
-A worker outlives anything a job does: whatever a job raises fails that job alone, with the reason,
-and the worker takes the next. When the store itself fails (a full disk, an I/O error, a database
-locked by another program), the worker waits and tries again until it is back.
+A worker outlives anything a job does: whatever a job raises fails that job alone, with the reason in
+the user's words, and the worker takes the next. When the store itself fails (a full disk, an I/O
+error, a database locked by another program), the worker waits and tries again until it is back.
+Every change of a job's state is one line of the log.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,7 +33,8 @@ from stable_cascade.engine import (
     save_png,
 )
 from stable_cascade.server.hub import Hub, Live
-from stable_cascade.server.store import CANCELLED, DONE, FAILED, Store, StoredJob
+from stable_cascade.server.store import CANCELLED, DONE, FAILED, QUEUED, Store, StoredJob
+from stable_cascade.server.words import job_error
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +70,7 @@ class Workers:
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._cancels: dict[str, threading.Event] = {}
+        self._skips: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -95,6 +99,9 @@ class Workers:
     def submit(self, job: Job, input_name: str | None = None) -> StoredJob:
         """Store ``job`` at the end of the queue and wake a worker (``QueueFull`` when full)."""
         stored = self.store.add(job.to_dict(), input_name)
+        position = self.store.position(stored)
+        logger.info("job %s queued (%d ahead): %s, %d image(s)", stored.id, position, job.task, job.images)
+        self.hub.publish(stored.id, {"type": QUEUED, "position": position})
         with self._wake:
             self._wake.notify()
         return stored
@@ -102,7 +109,8 @@ class Workers:
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; whether there was one to cancel."""
         if self.store.cancel_queued(job_id):
-            self.hub.publish(job_id, {"type": CANCELLED})
+            logger.info("job %s cancelled while queued", job_id)
+            self.hub.publish(job_id, {"type": CANCELLED, "error": None})
             return True
         with self._lock:
             cancel = self._cancels.get(job_id)
@@ -110,6 +118,14 @@ class Workers:
             return False
         cancel.set()
         return True
+
+    def skip_running(self) -> int:
+        """Skip the batch each running job is making (A1111's skip); how many jobs."""
+        with self._lock:
+            skips = list(self._skips.values())
+        for skip in skips:
+            skip.set()
+        return len(skips)
 
     def cancel_running(self) -> int:
         """Cancel every running job (A1111's interrupt); how many."""
@@ -150,28 +166,32 @@ class Workers:
             delay = min(2 * delay, RETRY_SECONDS[1])
 
     def _process(self, engine: Engine, stored: StoredJob) -> None:
-        cancel = threading.Event()
+        cancel, skip = threading.Event(), threading.Event()
         with self._lock:
-            self._cancels[stored.id] = cancel
-        self.hub.live[stored.id] = Live()
+            self._cancels[stored.id], self._skips[stored.id] = cancel, skip
+        self.hub.live[stored.id] = Live(skip=skip)
+        logger.info("job %s started", stored.id)
         self.hub.publish(stored.id, {"type": "started"})
-        state, error = DONE, None
+        state, error, start = DONE, None, time.monotonic()
         try:
             job = Job.from_dict(stored.job, "the stored job")
             image = open_image(self.store.inputs_dir / stored.input) if stored.input else None
-            for event in engine.run(job, image, previews=job.task != "reconstruct", cancel=cancel):
+            previews = job.task != "reconstruct"
+            for event in engine.run(job, image, previews=previews, cancel=cancel, skip=skip):
                 self._handle(stored.id, event)
         except JobCancelled:
             state = CANCELLED
         except Exception as failure:  # deliberately broad: whatever one job raises fails it alone
-            if isinstance(failure, JOB_ERRORS + STORAGE_ERRORS):
+            expected = isinstance(failure, JOB_ERRORS + STORAGE_ERRORS)
+            if expected:
                 logger.warning("job %s failed: %s", stored.id, _line(failure))
             else:
                 logger.exception("job %s failed with an unexpected error", stored.id)
-            state, error = FAILED, f"{type(failure).__name__}: {_line(failure)}"
+            state, error = FAILED, job_error(failure, expected)
         finally:
             with self._lock:
                 self._cancels.pop(stored.id, None)
+                self._skips.pop(stored.id, None)
             self.hub.live.pop(stored.id, None)
         if state == CANCELLED and self._stopping.is_set():
             return  # left running in the store: the next start runs it again
@@ -179,6 +199,8 @@ class Workers:
             f"record job {stored.id} as {state}", lambda: self.store.finish(stored.id, state, error)
         )
         if not isinstance(finished, _Stopped):
+            if state != FAILED:  # a failure was logged with its reason above
+                logger.info("job %s %s after %.1f s", stored.id, state, time.monotonic() - start)
             self.hub.publish(stored.id, {"type": state, "error": error})
 
     def _handle(self, job_id: str, event: Event) -> None:

@@ -187,9 +187,28 @@ def render(scene: Scene, size: int = 128, rng: np.random.Generator | None = None
     return image.resize((size, size), PIL.Image.Resampling.BOX)
 
 
+MIN_SIZE, MAX_SIZE = 16, 2048  # pixels per side (drawn at SUPERSAMPLE times that, then reduced)
+MAX_IMAGES = 1_000_000
+MAX_SEED = 2**63 - 1
+
+
 def _check_size(size: int) -> None:
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels; got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}; got {size!r}")
+
+
+def _check_make(n_images: int, size: int, seed: int, two_object_fraction: float, split: str) -> None:
+    """The arguments of :func:`write_dataset`, each error one line saying what is accepted."""
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or not 1 <= n_images <= MAX_IMAGES:
+        raise ValueError(f"the image count must be a whole number from 1 to {MAX_IMAGES:,}; got {n_images!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1; got {seed!r}")
+    fraction = two_object_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"two_object_fraction must be a number in [0, 1]; got {fraction!r}")
+    if split not in get_args(Split):
+        raise ValueError(f"split must be 'train' or 'held-out'; got {split!r}")
+    _check_size(size)
 
 
 def _scene(triples: tuple[Triple, ...], background: Colour) -> Scene:
@@ -294,13 +313,7 @@ def write_dataset(
     Scenes come from the standard :func:`split` (seed 0); ``seed`` picks the scenes and jitter only.
     Image ``i`` depends on ``seed`` and ``i`` alone, so a larger data set extends a smaller one.
     """
-    if n_images < 1:
-        raise ValueError(f"n_images must be at least 1; got {n_images}")
-    if not 0 <= two_object_fraction <= 1:
-        raise ValueError(f"two_object_fraction must be in [0, 1]; got {two_object_fraction}")
-    if split not in get_args(Split):
-        raise ValueError(f"split must be 'train' or 'held-out'; got {split!r}")
-    _check_size(size)
+    _check_make(n_images, size, seed, two_object_fraction, split)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; choose a new one")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from enum import Enum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from stable_cascade.specs.base import ConfigBase
 from stable_cascade.specs.encoders import EFFNET_VARIANTS as EFFNET_VARIANTS
@@ -21,7 +21,9 @@ from stable_cascade.specs.encoders import PreviewerConfig as PreviewerConfig
 
 logger = logging.getLogger(__name__)
 
-TimestepCondition = Literal["sca", "crp"]
+#: ``sca`` and ``crp`` (the released models'); ``guidance``: the CFG scale of an LCM-distilled stage
+#: trained with a guidance embedding (``stable-cascade train lcm --full --guidance-embedding``).
+TimestepCondition = Literal["sca", "crp", "guidance"]
 
 
 class BlockType(str, Enum):
@@ -106,16 +108,14 @@ class UNetConfig(ConfigBase):
         if self.switch_level is not None and len(self.switch_level) != levels - 1:
             raise ValueError(f"switch_level needs {levels - 1} entries (one per level transition)")
         for cond in self.timestep_conditioning_type:
-            if cond not in ("sca", "crp"):
-                raise ValueError(f"timestep_conditioning_type entries must be 'sca' or 'crp', got {cond!r}")
+            if cond not in get_args(TimestepCondition):
+                raise ValueError(
+                    f"timestep_conditioning_type entries must be 'sca', 'crp' or 'guidance', got {cond!r}"
+                )
         for level, (width, heads, level_types) in enumerate(
             zip(self.block_out_channels, self.num_attention_heads, types, strict=True)
         ):
-            if BlockType.ATTENTION in level_types and (heads <= 0 or width % heads):
-                raise ValueError(
-                    f"level {level}: {width} channels cannot be split into {heads} attention heads; "
-                    "num_attention_heads must be positive and divide block_out_channels"
-                )
+            _check_heads(level, width, heads, BlockType.ATTENTION in level_types)
 
     def to_dict(self) -> dict[str, Any]:
         """diffusers' ``config.json``: ``dropout`` and ``self_attn`` saved as given (one value or a list)."""
@@ -138,8 +138,25 @@ class UNetConfig(ConfigBase):
         mappers = self.down_blocks_repeat_mappers if direction == "down" else self.up_blocks_repeat_mappers
         if mappers is None:
             return (1,) * levels
+        runs = tuple(max(1, m) for m in mappers)  # 0 mappers run the level once, as 1 does
         # diffusers stores the up-path repeats deepest level first.
-        return tuple(mappers) if direction == "down" else tuple(reversed(mappers))
+        return runs if direction == "down" else runs[::-1]
+
+
+def _check_heads(level: int, width: int, heads: Any, attention: bool) -> None:
+    """Heads of a level with attention: 1 to ``width`` (diffusers' head width is ``width // heads``, so
+    heads need not divide the width); any whole number elsewhere (diffusers' configs use ``-1``)."""
+    if heads is None and not attention:
+        return
+    if isinstance(heads, bool) or not isinstance(heads, int):
+        raise TypeError(
+            f"UNetConfig.num_attention_heads must be whole numbers, got {heads!r} for level {level}"
+        )
+    if attention and not 1 <= heads <= width:
+        raise ValueError(
+            f"level {level} has attention blocks, so its num_attention_heads must be between 1 and its "
+            f"{width} channels, got {heads}; use -1 only on levels without attention"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

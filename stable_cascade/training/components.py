@@ -66,14 +66,17 @@ _PRIOR_PARTS = (
     "feature_extractor",
     "previewer",
 )
+_DECODER_PARTS = ("decoder", "vqgan", "effnet", "text_encoder", "tokenizer")
 _NEEDED = {
     "stage-c": _PRIOR_PARTS,
     "lora": _PRIOR_PARTS,
     "controlnet": _PRIOR_PARTS,
-    "stage-b": ("decoder", "vqgan", "effnet", "text_encoder", "tokenizer"),
+    "stage-b": _DECODER_PARTS,
     "stage-a": ("vqgan",),
     "previewer": ("effnet", "previewer"),
 }
+#: What ``lcm`` reads from the teacher pipeline, per stage.
+_TEACHER_PARTS = {"c": _PRIOR_PARTS, "b": _DECODER_PARTS}
 #: The model each task trains: its Components field, config class and named variants.
 _TRAINED: dict[str, tuple[str, type[ConfigBase], dict[str, Any]]] = {
     "stage-c": ("prior", UNetConfig, UNET_VARIANTS),
@@ -97,13 +100,23 @@ class Components:
     image_encoder: Any = None  # CLIPVisionModelWithProjection
     feature_extractor: Any = None  # CLIPImageProcessor
     previewer: Previewer | None = None
+    #: LCM distillation: the student's starting point when it is not the teacher (``prior``/``decoder``).
+    student: StableCascadeUNet | None = None
 
 
 def load_components(config: TrainConfig) -> Components:
-    """The components ``config`` names, then a fresh trained model if ``init_config`` is given."""
+    """The components ``config`` names, then a fresh trained model if ``init_config`` is given.
+
+    ``lcm``: the teacher pipeline gives the stage's UNet (as ``prior`` or ``decoder``) and its encoders;
+    ``--prior`` (``--stage c``) or ``--decoder`` (``--stage b``) is the student's start (``student``).
+    """
     found = Components()
-    if config.pretrained is not None:
-        _from_pipeline(found, config.pretrained, _NEEDED[config.task])
+    lcm_unet = {"c": "prior", "b": "decoder"}[config.lcm_stage] if config.task == "lcm" else None
+    if config.pretrained is not None:  # (lcm: the encoders; its stage's UNet is the teacher's)
+        needed = _NEEDED.get(config.task, _TEACHER_PARTS[config.lcm_stage])
+        _from_pipeline(found, config.pretrained, tuple(name for name in needed if name != lcm_unet))
+    if config.teacher is not None:
+        _from_teacher(found, config.teacher, _TEACHER_PARTS[config.lcm_stage], lcm_unet or "prior")
     pieces: dict[str, tuple[Path | None, type[PretrainedModel], str]] = {
         "prior": (config.prior, StableCascadeUNet, "prior"),
         "decoder": (config.decoder, StableCascadeUNet, "decoder"),
@@ -112,8 +125,12 @@ def load_components(config: TrainConfig) -> Components:
         "previewer": (config.previewer, Previewer, "previewer"),
     }
     for field, (path, cls, name) in pieces.items():
-        # Stage C and LoRA runs take --decoder as a decoder pipeline for sample images (samples.py).
-        if path is not None and not (field == "decoder" and config.task in ("stage-c", "lora", "controlnet")):
+        if path is None:
+            continue
+        if field == lcm_unet:
+            found.student = load_model(StableCascadeUNet, path, name, seed=config.seed)
+        elif not (field == "decoder" and config.task in ("stage-c", "lora", "controlnet", "lcm")):
+            # (those runs take --decoder as a decoder pipeline for sample images: samples.py)
             setattr(found, field, load_model(cls, path, name, seed=config.seed))
     if config.text_encoder is not None:
         found.tokenizer, found.text_encoder = load_text_encoder(config.text_encoder)
@@ -129,6 +146,15 @@ def _from_pipeline(found: Components, folder: Path, names: tuple[str, ...]) -> N
         if not isinstance(entry, list) or len(entry) != 2 or None in entry:
             continue
         setattr(found, _FIELDS[name], load_component(folder, name, entry[0], entry[1]))
+
+
+def _from_teacher(found: Components, teacher: Path, names: tuple[str, ...], unet: str) -> None:
+    """The teacher's stage UNet and encoders: a pipeline folder, or the UNet alone (a model folder or
+    single file; the encoders then come from --pretrained or the pieces)."""
+    if (Path(teacher) / MODEL_INDEX).is_file():
+        _from_pipeline(found, teacher, names)
+    else:
+        setattr(found, unet, load_model(StableCascadeUNet, teacher, unet))
 
 
 def load_model(cls: type[M], path: Path, component: str, seed: int = 0) -> M:

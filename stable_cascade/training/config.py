@@ -12,11 +12,19 @@ import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet"]
+from stable_cascade.loading.native import Component, config_native_size, model_native_size
+from stable_cascade.specs import UNET_VARIANTS, VQ_VARIANTS, UNetConfig, VQConfig
+
+Task = Literal["stage-c", "stage-b", "stage-a", "lora", "previewer", "controlnet", "lcm"]
 ControlNetKind = Literal["canny", "inpainting", "super_resolution", "simple"]
 LossWeighting = Literal["p2", "adaptive", "none"]
 MixedPrecision = Literal["no", "bf16"]
 ReconstructionLoss = Literal["mse", "l1"]
+LCMStage = Literal["c", "b"]
+LCMLoss = Literal["huber", "l2"]
+#: The teacher's guidance range per stage when ``lcm_guidance`` is not given: Stage C around the
+#: reference preset's 4, Stage B its own 1.1.
+LCM_GUIDANCE: dict[str, tuple[float, float]] = {"c": (3.0, 5.0), "b": (1.1, 1.1)}
 
 #: The original fine-tuning configs' aspect ratios (width / height); their reciprocals are added.
 DEFAULT_BUCKET_RATIOS: tuple[float, ...] = (1.0, 4 / 5, 3 / 4, 2 / 3, 3 / 5, 9 / 16, 1 / 2)
@@ -39,7 +47,7 @@ class TrainConfig:
     previewer: Path | None = None
     init_config: str | None = None  # a variant name (UNET/VQ/PREVIEWER_VARIANTS) or a config.json
     # Data
-    resolution: int = 1024
+    resolution: int = None  # type: ignore[assignment]  # None: the trained model's native side (1024, demo 128)
     buckets: tuple[float, ...] | None = None  # aspect ratios (w / h); None: square center crops
     batch_size: int = 4  # per process
     num_workers: int = 0
@@ -69,6 +77,15 @@ class TrainConfig:
     lora_text_encoder: bool = False
     controlnet_type: ControlNetKind = "canny"
     controlnet_blocks: tuple[int, ...] | None = None  # ResBlock calls fed (default: see controlnet_task)
+    # LCM distillation (task lcm): the teacher pipeline, the stage, LoRA (default) or the full stage
+    teacher: Path | None = None
+    lcm_stage: LCMStage = "c"
+    lcm_full: bool = False  # the whole UNet, its target an EMA copy (ema_decay); else a LoRA
+    lcm_teacher_steps: int = 50  # N: the teacher's DDIM grid; one step of it is the skip
+    lcm_guidance: tuple[float, float] | None = None  # the teacher's CFG scale, uniform per example
+    lcm_loss: LCMLoss = "huber"
+    lcm_huber_c: float = 0.001
+    lcm_guidance_embedding: bool = False  # full only: the student takes the guidance as an embedding
     # Checkpoints, samples, logs
     checkpoint_every: int = 500
     resume: str | None = None  # a checkpoint folder or "latest"
@@ -79,7 +96,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("data", "output_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "previewer"):
+        for name in (
+            "pretrained",
+            "prior",
+            "decoder",
+            "stage_a",
+            "effnet",
+            "text_encoder",
+            "previewer",
+            "teacher",
+        ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -89,7 +115,32 @@ class TrainConfig:
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         if self.controlnet_blocks is not None:
             object.__setattr__(self, "controlnet_blocks", tuple(int(b) for b in self.controlnet_blocks))
+        if self.resolution is None:
+            object.__setattr__(self, "resolution", self.native_resolution())
+        if self.lcm_guidance is not None:
+            object.__setattr__(self, "lcm_guidance", tuple(float(w) for w in self.lcm_guidance))
         self._check()
+        if self.task == "lcm":
+            self._check_lcm()
+
+    def native_resolution(self) -> int:
+        """The side the trained model makes images at, for ``resolution`` left out: 128 for a model of the
+        demo's architecture (``--pretrained`` the demo, a demo-derived ``--prior``, ``--init-config
+        demo_prior``; see :mod:`stable_cascade.loading.native`), else the released models' 1024."""
+        component = _NATIVE_COMPONENT.get(self.task)
+        if component is None:
+            return DEFAULT_RESOLUTION
+        piece = {"prior": self.prior, "decoder": self.decoder, "vqgan": self.stage_a}[component]
+        found = None
+        if piece is not None:
+            found = model_native_size(piece, component)
+        elif self.pretrained is not None:
+            found = model_native_size(self.pretrained, component)
+        elif (variant := _VARIANTS.get(self.init_config or "")) is not None:
+            found = config_native_size(variant, component)
+        elif self.init_config is not None:
+            found = model_native_size(self.init_config, component)
+        return found or DEFAULT_RESOLUTION
 
     def _check(self) -> None:
         _choice("task", self.task, Task)
@@ -97,6 +148,8 @@ class TrainConfig:
         _choice("loss_weighting", self.loss_weighting, LossWeighting)
         _choice("mixed_precision", self.mixed_precision, MixedPrecision)
         _choice("reconstruction_loss", self.reconstruction_loss, ReconstructionLoss)
+        _choice("lcm_stage", self.lcm_stage, LCMStage)
+        _choice("lcm_loss", self.lcm_loss, LCMLoss)
         for name, high in _COUNT_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
@@ -129,13 +182,44 @@ class TrainConfig:
         _only_for(self, "train_text_encoder", ("stage-c", "stage-b"), "the text encoder, jointly")
         _only_for(self, "train_effnet", ("stage-b",), "the EfficientNet encoder, jointly with Stage B")
         _only_for(self, "lora_text_encoder", ("lora",), "LoRA adapters on the text encoder")
-        if self.task in ("lora", "controlnet") and self.init_config is not None:
+        if self.task in ("lora", "controlnet", "lcm") and self.init_config is not None:
+            given = "--teacher" if self.task == "lcm" else "--pretrained or --prior"
+            trained = "a pretrained stage" if self.task == "lcm" else "a pretrained Stage C"
             raise ValueError(
-                f"{self.task} trains on a pretrained Stage C; --init-config (a fresh model) makes no "
-                "sense with it: pass --pretrained or --prior"
+                f"{self.task} trains on {trained}; --init-config (a fresh model) makes no sense with it: "
+                f"pass {given}"
             )
+        if self.teacher is not None and self.task != "lcm":
+            raise ValueError(f"--teacher is the model LCM distillation learns from; {self.task} takes none")
         if self.task in ("stage-a", "previewer") and self.loss_weighting == "adaptive":
             raise ValueError(f"{self.task} has no noise levels to weight; drop --loss-weighting adaptive")
+
+    def _check_lcm(self) -> None:
+        if self.teacher is None:
+            raise ValueError(
+                "lcm distils a teacher: pass --teacher MODEL (a prior pipeline folder for --stage c, a "
+                "decoder pipeline folder for --stage b)"
+            )
+        low, high = self.teacher_guidance
+        if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low <= high):
+            raise ValueError(
+                "--teacher-guidance is a range LOW HIGH of CFG scales with 0 <= LOW <= HIGH, got "
+                f"{low} {high}"
+            )
+        if not (math.isfinite(self.lcm_huber_c) and self.lcm_huber_c > 0):
+            raise ValueError(f"--huber-c must be a positive number, got {self.lcm_huber_c}")
+        if self.lcm_full and self.ema_decay == 0:
+            raise ValueError(
+                "full LCM distillation takes its target from the EMA of the student: set --ema-decay "
+                "(e.g. 0.95), not 0"
+            )
+        if self.lcm_guidance_embedding and not self.lcm_full:
+            raise ValueError("--guidance-embedding adds weights to the student UNet: use it with --full")
+
+    @property
+    def teacher_guidance(self) -> tuple[float, float]:
+        """The teacher's CFG range (LCM): ``lcm_guidance`` or the stage's default."""
+        return self.lcm_guidance or LCM_GUIDANCE[self.lcm_stage]  # type: ignore[return-value]
 
     @property
     def bucket_ratios(self) -> tuple[float, ...]:
@@ -164,6 +248,16 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+DEFAULT_RESOLUTION = 1024
+_VARIANTS: dict[str, UNetConfig | VQConfig] = {**UNET_VARIANTS, **VQ_VARIANTS}
+#: The model whose native side is the default resolution of each task (the previewer's: 1024).
+_NATIVE_COMPONENT: dict[str, Component] = {
+    "stage-c": "prior",
+    "lora": "prior",
+    "controlnet": "prior",
+    "stage-b": "decoder",
+    "stage-a": "vqgan",
+}
 #: Upper bounds of the counts (they catch typos such as a resolution of 10240000).
 _COUNT_LIMITS = {
     "resolution": 16_384,
@@ -172,6 +266,7 @@ _COUNT_LIMITS = {
     "checkpoint_every": 10**9,
     "log_every": 10**9,
     "lora_rank": 4_096,
+    "lcm_teacher_steps": 10_000,
 }
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from stable_cascade.training.state import full_tensor, like_local, trained_tensors
+from stable_cascade.training.state import check_fits, full_tensor, like_local, trained_tensors
 
 
 def averaged(module: nn.Module) -> dict[str, Tensor]:
@@ -45,15 +45,7 @@ class EMA:
         return {name: full_tensor(value).cpu() for name, value in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing, unexpected = (
-            sorted(self.shadow.keys() - state.keys()),
-            sorted(state.keys() - self.shadow.keys()),
-        )
-        if missing or unexpected:
-            raise ValueError(
-                f"the EMA state does not fit the trained model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}; was the checkpoint written for another task or model?"
-            )
+        check_fits(self.shadow, state, "the EMA state")
         for name, shadow in self.shadow.items():
             shadow.copy_(like_local(state[name], shadow))
 

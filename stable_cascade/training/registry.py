@@ -5,6 +5,7 @@ from __future__ import annotations
 from stable_cascade.training.components import Components
 from stable_cascade.training.config import TrainConfig
 from stable_cascade.training.controlnet_task import ControlNetStageC
+from stable_cascade.training.lcm_task import LCMDistillation
 from stable_cascade.training.lora_task import LoRAStageC
 from stable_cascade.training.tasks import PreviewerTask, StageA, StageB, StageC, Task
 
@@ -15,6 +16,7 @@ TASKS: dict[str, type[Task]] = {
     "previewer": PreviewerTask,
     "controlnet": ControlNetStageC,
     "lora": LoRAStageC,
+    "lcm": LCMDistillation,
 }
 
 

@@ -6,7 +6,8 @@
   components);
 * ``stage-b``: reconstructions of the first images (EfficientNet latent → Stage B → Stage A);
 * ``stage-a``: the first images and their Stage A round trips, interleaved;
-* ``previewer``: the first images and their previews (nearest-neighbour enlarged), interleaved.
+* ``previewer``: the first images and their previews (nearest-neighbour enlarged), interleaved;
+* ``lcm``: as its stage (``stage-c`` or ``stage-b``), with the student and the ``lcm`` preset.
 
 Sampling runs with its own seeded generator inside ``torch.random.fork_rng``: it changes no random
 state of training, so runs with and without samples train identically.
@@ -47,7 +48,9 @@ class Sampler:
         self.folder = task.config.output_dir / "samples"
         self._decoder: StableCascadeDecoderPipeline | None = None
         decoder = task.config.decoder
-        if task.config.task in ("stage-c", "lora", "controlnet") and decoder is not None:
+        self.kind = f"stage-{task.config.lcm_stage}" if task.config.task == "lcm" else task.config.task
+        self.preset = "lcm" if task.config.task == "lcm" else "diffusers"
+        if self.kind in ("stage-c", "lora", "controlnet") and decoder is not None:
             if not (decoder / MODEL_INDEX).is_file():
                 raise ValueError(
                     f"--decoder {decoder}: samples of {task.name} need a decoder pipeline folder"
@@ -79,16 +82,16 @@ class Sampler:
         images = self.reference.images.to(task.device)
         height, width = images.shape[-2:]
         trainee: Any = task.trainee
-        if task.config.task == "stage-a":
+        if self.kind == "stage-a":
             vqgan = trainee.vqgan
             decoded = vqgan.decode(vqgan.encode(images).latents).sample
             return torch.stack([images, decoded.to(images.dtype)], dim=1).flatten(0, 1)
-        if task.config.task == "previewer":
+        if self.kind == "previewer":
             latents = task.prepare(self.reference, generator)["latents"]
             previews = F.interpolate(trainee.previewer.preview(latents), size=(height, width), mode="nearest")
             return torch.stack([images, previews.to(images.dtype)], dim=1).flatten(0, 1)
         text_encoder: Any = parts.text_encoder
-        if task.config.task == "stage-b":
+        if self.kind == "stage-b":
             pipeline = StableCascadeDecoderPipeline(
                 decoder=trainee.unet,
                 tokenizer=parts.tokenizer,
@@ -99,7 +102,9 @@ class Sampler:
             )
             pipeline.set_progress_bar_config(disable=True)
             captions = self.reference.captions
-            out = pipeline.reconstruct(images, captions, height, width, generator=generator, output_type="pt")
+            out = pipeline.reconstruct(
+                images, captions, height, width, generator=generator, output_type="pt", preset=self.preset
+            )
             return cast(Tensor, out[0])
         prompts = list(task.config.sample_prompts) or self.reference.captions
         controlnet = getattr(trainee, "controlnet", None)
@@ -117,12 +122,18 @@ class Sampler:
             control = {"control_image": task.control(images[:1], generator)}  # type: ignore[attr-defined]
         if self._decoder is None:
             generated = prior(
-                prompts, height=height, width=width, generator=generator, output_type="pt", **control
+                prompts,
+                height=height,
+                width=width,
+                generator=generator,
+                output_type="pt",
+                preset=self.preset,
+                **control,
             )
             return latent_to_rgb(cast(Tensor, generated[0]), parts.previewer)  # image_embeddings
         self._decoder.to(task.device)
         self._decoder.set_progress_bar_config(disable=True)
-        arguments = {"prompt": prompts, "generator": generator, **control}
+        arguments = {"prompt": prompts, "generator": generator, "preset": self.preset, **control}
         decoded = run_cascade(
             prior,
             self._decoder,

@@ -36,6 +36,7 @@ from stable_cascade.checkpoint.atomic import move_in, temporary_name, write_text
 
 PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+MAX_STEP = 10**12  # a step count or data position in trainer_state.json
 _TENSOR, _TUPLE = "__tensor__", "__tuple__"
 
 
@@ -53,14 +54,62 @@ def trained_tensors(module: nn.Module) -> dict[str, Tensor]:
 def assign_tensors(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
     """Copy ``state`` into ``module``'s :func:`trained_tensors`, which it must match name for name."""
     live = trained_tensors(module)
-    missing, unexpected = sorted(live.keys() - state.keys()), sorted(state.keys() - live.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not fit the trained model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
-            "use the task, models and options that wrote it"
-        )
+    check_fits(live, state, source)
     for name, value in live.items():
         value.data.copy_(like_local(state[name], value))
+
+
+def check_fits(live: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
+    """``state`` has exactly the names of ``live``, each with its shape (and floating where it is)."""
+    missing, unexpected = sorted(live.keys() - state.keys()), sorted(state.keys() - live.keys())
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in live.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    wrong += [
+        f"{k} is {state[k].dtype}"
+        for k, v in live.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{source} does not fit the trained model (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong {wrong[:3]}); use the task, models and options that wrote it"
+        )
+
+
+#: Module names that wrappers (DDP, torch.compile, activation checkpointing) insert into parameter
+#: names; the optimizer state dict names parameters without them.
+_WRAPPERS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def parameters_by_name(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters under the names ``get_optimizer_state_dict`` gives them."""
+    return {".".join(p for p in n.split(".") if p not in _WRAPPERS): v for n, v in model.named_parameters()}
+
+
+def check_optimizer_state(state: Any, parameters: Mapping[str, Tensor], source: str) -> None:
+    """An optimizer state read back (``get_optimizer_state_dict`` layout, keyed by parameter name) whose
+    names and per-parameter tensor shapes fit ``parameters``; one line naming ``source`` otherwise."""
+    entries, groups = (state.get("state"), state.get("param_groups")) if isinstance(state, dict) else (0, 0)
+    if not isinstance(entries, dict) or not isinstance(groups, list):
+        raise CheckpointError(f"{source} is not an optimizer state (no 'state' and 'param_groups')")
+    named = [n for g in groups for n in (g.get("params", ()) if isinstance(g, dict) else (None,))]
+    unknown = sorted(str(n) for n in {*entries, *named} if n not in parameters)
+    if unknown:
+        raise CheckpointError(
+            f"{source} holds optimizer state for parameters the model does not train ({unknown[:3]}); use "
+            "the task, models and options that wrote it"
+        )
+    for name, entry in entries.items():
+        tensors = entry.values() if isinstance(entry, dict) else ()
+        for value in tensors:
+            if isinstance(value, Tensor) and value.ndim and value.shape != parameters[name].shape:
+                raise CheckpointError(
+                    f"{source}: the optimizer state of {name} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(parameters[name].shape)}; use the task, models and options that wrote it"
+                )
 
 
 def full_tensor(value: Tensor) -> Tensor:
@@ -134,11 +183,18 @@ def save_state(directory: Path, optimizer: Mapping[str, Any], loss_weights: Mapp
 
 def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The optimizer state dict and the loss-weight state of a checkpoint."""
-    tensors, structure = load_tensors(directory / "state.safetensors")
+    path = directory / "state.safetensors"
+    tensors, structure = load_tensors(path)
     weights = {
         k.removeprefix("loss_weights/"): v for k, v in tensors.items() if k.startswith("loss_weights/")
     }
-    return unflatten(structure, tensors), weights
+    try:
+        optimizer = unflatten(structure, tensors)
+    except (KeyError, TypeError, ValueError) as error:  # a structure that names no stored tensor
+        raise CheckpointError(
+            f"{path}: its optimizer structure does not match its tensors ({error!r})"
+        ) from None
+    return optimizer, weights
 
 
 def save_rng(directory: Path, rank: int, generator: torch.Generator) -> None:
@@ -166,15 +222,18 @@ def load_rng(directory: Path, rank: int, generator: torch.Generator) -> None:
             "that wrote the checkpoint"
         )
     tensors, scalars = load_tensors(path)
-    generator.set_state(tensors["generator"])
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    kind, position, has_gauss, cached = scalars["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
-    version, gauss_next = scalars["python"]
-    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+    try:
+        generator.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch"])
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        kind, position, has_gauss, cached = scalars["numpy"]
+        np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+        version, gauss_next = scalars["python"]
+        random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # missing or malformed states
+        raise CheckpointError(f"{path} is not a random state this package wrote ({error!r})") from None
 
 
 def non_finite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
@@ -197,10 +256,23 @@ def write_trainer_state(directory: Path, values: Mapping[str, Any]) -> None:
 
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """``trainer_state.json``, after checking its values' types and ranges."""
     path = directory / TRAINER_STATE
     if not path.is_file():
         raise ValueError(f"{directory} is not a training checkpoint (it has no {TRAINER_STATE})")
-    return read_json_object(path)
+    values = read_json_object(path)
+    for name, low, required in (("step", 0, True), ("data_position", 0, False), ("world_size", 1, False)):
+        value = values.get(name)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_STEP:
+            raise CheckpointError(
+                f"{path}: {name} must be a whole number from {low} to {MAX_STEP}, got {value!r}"
+            )
+    for name in ("scheduler", "config"):
+        if not isinstance(values.get(name, {}), dict):
+            raise CheckpointError(f"{path}: {name} must be a JSON object, got {values[name]!r}")
+    return values
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -43,6 +43,7 @@ from stable_cascade.pipelines.prior import StableCascadePriorPipeline
 from stable_cascade.training.components import Components
 from stable_cascade.training.config import TrainConfig
 from stable_cascade.training.data import Batch
+from stable_cascade.training.ema import EMA
 from stable_cascade.training.objective import diffuse, drop_captions, keep, pyramid_noise, uniform
 from stable_cascade.training.trainees import Autoencoder, Denoiser, PreviewFit, encode_latents, rebuild
 
@@ -71,6 +72,9 @@ class Task:
             module = getattr(self.parts, name)
             if isinstance(module, nn.Module) and not any(m is module for m in self.trainee.modules()):
                 module.to(device)
+
+    def begin(self, ema: EMA | None) -> None:
+        """Called once before the first step with the run's EMA of the trainee (None without one)."""
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
         raise NotImplementedError
@@ -107,6 +111,24 @@ class TextConditioned(Task):
         text = embed_tokens(self.text_encoder, ids, mask)
         return {"clip_text": text.hidden, "clip_text_pooled": text.pooled}
 
+    def latents(self, images: Tensor) -> Tensor:
+        """x0 of (B, 3, H, W) images: the latents the stage generates, in float32."""
+        raise NotImplementedError
+
+    def conditioning(self, batch: Batch, images: Tensor, generator: torch.Generator) -> Inputs:
+        """The UNet's conditioning of a batch (after condition dropout)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def unconditional(self, cond: Inputs) -> Inputs:
+        """The unconditional branch of ``cond`` (classifier-free guidance): the empty caption's text, zeros
+        for every other input (the CLIP image embedding, Stage B's EfficientNet latent and pixels)."""
+        count = next(iter(cond.values())).shape[0]
+        ids, mask = (t.to(self.device) for t in tokenize(self.tokenizer, [""] * count))
+        text = embed_tokens(self.text_encoder, ids, mask)
+        empty = {"clip_text": text.hidden, "clip_text_pooled": text.pooled}
+        return {key: empty[key] if key in empty else torch.zeros_like(value) for key, value in cond.items()}
+
 
 class StageC(TextConditioned):
     name = "stage-c"
@@ -130,10 +152,17 @@ class StageC(TextConditioned):
     @torch.no_grad()
     def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
         images = batch.images.to(self.device)
-        pixels = prepare_images(images, *effnet_input_size(*images.shape[-2:]))
-        noised = diffuse(self.effnet.encode(pixels).float(), generator)  # x0: (B, 16, ⌈H/42.67⌉, …)
+        noised = diffuse(self.latents(images), generator)
         inputs = {"sample": noised.sample, "noise": noised.noise, "logsnr": noised.logsnr, "r": noised.r}
-        inputs.update(self._text(batch.captions, generator, self.trained_text))
+        inputs.update(self.conditioning(batch, images, generator))
+        return inputs
+
+    def latents(self, images: Tensor) -> Tensor:
+        pixels = prepare_images(images, *effnet_input_size(*images.shape[-2:]))
+        return self.effnet.encode(pixels).float()  # (B, 16, ⌈H/42.67⌉, ⌈W/42.67⌉)
+
+    def conditioning(self, batch: Batch, images: Tensor, generator: torch.Generator) -> Inputs:
+        inputs = self._text(batch.captions, generator, self.trained_text)
         if self.image_width is not None and self.image_conditioning:
             inputs["clip_img"] = self._image_embeddings(images, self.image_width, generator)
         return inputs
@@ -150,20 +179,24 @@ class StageC(TextConditioned):
         return embeddings
 
     def export(self, directory: Path, state: dict[str, Tensor]) -> None:
+        text_encoder = rebuild(self.text_encoder, state, "text_encoder.") if self.trained_text else None
+        self.pipeline(rebuild(self.unet, state, "unet."), text_encoder).save_pretrained(directory)
+
+    def pipeline(
+        self, unet: StableCascadeUNet, text_encoder: CLIPTextModelWithProjection | None = None
+    ) -> StableCascadePriorPipeline:
+        """The prior pipeline of ``unet`` with this task's encoders (``text_encoder``: a trained one)."""
         parts = self.parts
-        pipeline = StableCascadePriorPipeline(
+        return StableCascadePriorPipeline(
             tokenizer=self.tokenizer,
-            text_encoder=rebuild(self.text_encoder, state, "text_encoder.")
-            if self.trained_text
-            else self.text_encoder,
-            prior=rebuild(self.unet, state, "unet."),
+            text_encoder=text_encoder or self.text_encoder,
+            prior=unet,
             scheduler=DDPMWuerstchenScheduler(),
             feature_extractor=parts.feature_extractor,
             image_encoder=parts.image_encoder,
             effnet=self.effnet,
             previewer=parts.previewer,
         )
-        pipeline.save_pretrained(directory)
 
 
 class StageB(TextConditioned):
@@ -201,12 +234,19 @@ class StageB(TextConditioned):
     @torch.no_grad()
     def prepare(self, batch: Batch, generator: torch.Generator) -> Inputs:
         images = batch.images.to(self.device)
-        x0 = encode_latents(self.vqgan, images).float() / self.vqgan.config.scale_factor  # (B, 4, H/4, W/4)
+        x0 = self.latents(images)
         side = self.config.pyramid_noise_max_side
         noised = diffuse(x0, generator, pyramid_noise(tuple(x0.shape), generator, side) if side else None)
         inputs = {"sample": noised.sample, "noise": noised.noise, "logsnr": noised.logsnr, "r": noised.r}
+        inputs.update(self.conditioning(batch, images, generator))
+        return inputs
+
+    def latents(self, images: Tensor) -> Tensor:
+        return encode_latents(self.vqgan, images).float() / self.vqgan.config.scale_factor  # (B, 4, H/4, W/4)
+
+    def conditioning(self, batch: Batch, images: Tensor, generator: torch.Generator) -> Inputs:
         text = self._text(batch.captions, generator, trained=self.config.train_text_encoder)
-        inputs.update({k: v for k, v in text.items() if k != "clip_text"})  # Stage B: pooled text only
+        inputs = {k: v for k, v in text.items() if k != "clip_text"}  # Stage B: pooled text only
         low, high = self.config.effnet_scale
         factor = low + (high - low) * float(uniform((1,), generator))
         small = prepare_images(images, *(max(32, int(s * factor // 32 * 32)) for s in images.shape[-2:]))
@@ -221,17 +261,28 @@ class StageB(TextConditioned):
         return inputs
 
     def export(self, directory: Path, state: dict[str, Tensor]) -> None:
-        pipeline = StableCascadeDecoderPipeline(
-            decoder=rebuild(self.unet, state, "unet."),
+        config = self.config
+        text_encoder = (
+            rebuild(self.text_encoder, state, "text_encoder.") if config.train_text_encoder else None
+        )
+        effnet = rebuild(self.effnet, state, "effnet.") if config.train_effnet else None
+        self.pipeline(rebuild(self.unet, state, "unet."), text_encoder, effnet).save_pretrained(directory)
+
+    def pipeline(
+        self,
+        unet: StableCascadeUNet,
+        text_encoder: CLIPTextModelWithProjection | None = None,
+        effnet: EfficientNetEncoder | None = None,
+    ) -> StableCascadeDecoderPipeline:
+        """The decoder pipeline of ``unet`` with this task's encoders and Stage A (or trained ones)."""
+        return StableCascadeDecoderPipeline(
+            decoder=unet,
             tokenizer=self.tokenizer,
-            text_encoder=rebuild(self.text_encoder, state, "text_encoder.")
-            if self.config.train_text_encoder
-            else self.text_encoder,
+            text_encoder=text_encoder or self.text_encoder,
             scheduler=DDPMWuerstchenScheduler(),
             vqgan=self.vqgan,
-            effnet=rebuild(self.effnet, state, "effnet.") if self.config.train_effnet else self.effnet,
+            effnet=effnet or self.effnet,
         )
-        pipeline.save_pretrained(directory)
 
 
 class StageA(Task):

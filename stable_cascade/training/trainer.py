@@ -114,8 +114,10 @@ class _Run:
         if not isinstance(given, Task):
             given = make_task(config, given or load_components(config))
         self.task: Task = given
-        if config.task == "lora" and self.sharded:
-            raise ValueError("LoRA training with FSDP is not supported; LoRA trains few weights: use DDP")
+        unsharded = {"lora": "LoRA trains few weights", "lcm": "its teacher and target run unsharded"}
+        if config.task in unsharded and self.sharded:
+            raise ValueError(f"{config.task} training with FSDP is not supported ({unsharded[config.task]}); "
+                             "use DDP")  # fmt: skip
         if self.sharded and not accelerator.is_fsdp2:
             raise ValueError(
                 "FSDP version 1 is not supported (the UNet's blocks compute their conditioning outside "
@@ -159,6 +161,7 @@ class _Run:
             _gather_in_prepare(trainee)
         self.task.to(accelerator.device)
         ema = EMA(trainee, config.ema_decay) if config.ema_decay > 0 else None
+        self.task.begin(ema)
         if self.resume is not None:
             self._load_state(self.resume, model, optimizer, scheduler, weights, ema)
         sampler = (
@@ -318,6 +321,8 @@ class _Run:
                 f"{self.accelerator.num_processes}; resume with the same number for an exact continuation"
             )
         optimizer_state, weight_state = ckpt.load_state(folder)
+        parameters = ckpt.parameters_by_name(model)
+        ckpt.check_optimizer_state(optimizer_state, parameters, str(folder / "state.safetensors"))
         set_optimizer_state_dict(
             model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
         )

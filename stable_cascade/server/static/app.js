@@ -1,7 +1,8 @@
-// The page: the form (form.js) posts jobs to /v1/jobs, live progress from their event stream, and a gallery.
+// The page: the form (form.js) posts jobs to /v1/jobs; the stream of every job (/v1/events) keeps the
+// queue count, the gallery (gallery.js) and the current job live, whoever submitted them; a reload
+// follows the job that is running; PNG Info and dropped PNGs restore their settings.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 let currentJob = null;
 
 function apiKey() { return localStorage.getItem("stable-cascade-key") || ""; }
@@ -9,25 +10,29 @@ function apiKey() { return localStorage.getItem("stable-cascade-key") || ""; }
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (apiKey()) headers.Authorization = "Bearer " + apiKey();
-  const response = await fetch(path, Object.assign({}, options, { headers }));
+  let response;
+  try {
+    response = await fetch(path, Object.assign({}, options, { headers }));
+  } catch (error) {
+    throw new Error("the server cannot be reached; is it still running?");
+  }
   if (response.status === 401) {
-    $("key-box").hidden = false;
+    byId("key-box").hidden = false;
     throw new Error("this server needs its API key: enter it above");
   }
   if (!response.ok) {
     let detail = response.statusText;
-    try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON */ }
+    try { detail = (await response.json()).detail || detail; } catch (error) { /* not JSON */ }
     throw new Error(detail);
   }
   return response;
 }
 
-async function imageUrl(path) {
-  const blob = await (await api(path)).blob();
-  return URL.createObjectURL(blob);
+function postJson(path, body) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 }
 
-function showError(error) { $("error").textContent = error ? String(error.message || error) : ""; }
+function showError(error) { byId("error").textContent = error ? String(error.message || error) : ""; }
 
 async function loadForm() {
   const info = await (await api("/v1/info")).json();
@@ -39,30 +44,30 @@ async function generate(event) {
   event.preventDefault();
   showError(null);
   try {
-    const job = await formJob();
-    const stored = await (await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(job) })).json();
+    const stored = await (await postJson("/v1/jobs", await formJob())).json();
     follow(stored.id);
-    refreshGallery();
+    Gallery.soon();
   } catch (error) { showError(error); }
 }
 
+// Progress, previews and images of job ``id`` (one followed at a time), from its event stream.
 async function follow(id) {
+  if (currentJob === id) return;
   currentJob = id;
-  $("cancel").disabled = false;
-  $("result").replaceChildren();
-  $("progress").value = 0;
-  $("progress-text").textContent = "queued";
+  byId("cancel").disabled = false;
+  byId("result").replaceChildren();
+  byId("progress").value = 0;
+  byId("progress-text").textContent = "queued";
   try {
-    await readEvents(id, (type, data) => onEvent(id, type, data));
-  } catch (error) { showError(error); }
-  if (currentJob === id) { $("cancel").disabled = true; currentJob = null; }
-  refreshGallery();
+    await readEvents(`/v1/jobs/${id}/events`, (message) => onEvent(id, message));
+  } catch (error) { if (currentJob === id) showError(error); }
+  if (currentJob === id) { byId("cancel").disabled = true; currentJob = null; }
+  Gallery.soon();
 }
 
 // Server-sent events read with fetch (EventSource cannot send the API key).
-async function readEvents(id, handle) {
-  const response = await api(`/v1/jobs/${id}/events`);
+async function readEvents(path, handle) {
+  const response = await api(path);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -75,36 +80,31 @@ async function readEvents(id, handle) {
       const block = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-      if (data) {
-        const message = JSON.parse(data);
-        await handle(message.type, message);
-      }
+      if (data) await handle(JSON.parse(data));
     }
   }
 }
 
-async function onEvent(id, type, data) {
+async function onEvent(id, data) {
   if (currentJob !== id) return;
-  const text = $("progress-text");
+  const text = byId("progress-text");
+  const type = data.type;
   if (type === "queued") text.textContent = data.position === 0 ? "next in the queue" : `queued: ${data.position} job(s) ahead`;
   else if (type === "started") text.textContent = "starting";
   else if (type === "loading") text.textContent = "loading " + data.models;
   else if (type === "progress") {
-    $("progress").value = data.fraction;
+    byId("progress").value = data.fraction;
     const stage = data.stage === "prior" ? "Stage C" : "Stage B";
     text.textContent = `${stage} step ${data.step}/${data.steps}, batch ${data.batch + 1}/${data.batches}`;
   } else if (type === "preview") {
-    $("preview").src = "data:image/png;base64," + data.image;
-    $("preview").hidden = false;
+    byId("preview").src = "data:image/png;base64," + data.image;
+    byId("preview").hidden = false;
   } else if (type === "image") {
-    const img = document.createElement("img");
-    img.alt = `image ${data.n}, seed ${data.seed}`;
-    img.className = "output";
-    img.src = await imageUrl(`/v1/jobs/${id}/images/${data.n}`);
-    $("result").append(img);
+    const blob = await (await api(`/v1/jobs/${id}/images/${data.n}`)).blob();
+    byId("result").append(element("img", { alt: `image ${data.n}, seed ${data.seed}`, className: "output", src: URL.createObjectURL(blob) }));
   } else if (type === "done" || type === "failed" || type === "cancelled") {
-    $("preview").hidden = true;
-    if (type === "done") $("progress").value = 1;
+    byId("preview").hidden = true;
+    if (type === "done") byId("progress").value = 1;
     text.textContent = type === "failed" ? "failed: " + data.error : type;
   }
 }
@@ -113,72 +113,104 @@ async function cancel(id) {
   try { await api(`/v1/jobs/${id}`, { method: "DELETE" }); } catch (error) { showError(error); }
 }
 
-function button(label, action) {
-  const b = document.createElement("button");
-  b.type = "button";
-  b.textContent = label;
-  b.addEventListener("click", action);
-  return b;
-}
+function showQueue(count) { byId("status").textContent = `${count} job(s) in the queue`; }
 
-async function card(job) {
-  const box = document.createElement("div");
-  box.className = "card";
-  box.dataset.id = job.id;
-  const prompt = document.createElement("div");
-  prompt.className = "prompt";
-  prompt.textContent = job.job.prompt || `(${job.job.task}, no prompt)`;
-  const state = document.createElement("div");
-  state.className = "meta state-" + job.state;
-  state.textContent = job.state + (job.error ? ": " + job.error : "");
-  const images = document.createElement("div");
-  images.className = "images";
-  const actions = document.createElement("div");
-  actions.className = "actions";
-  actions.append(button("Reuse parameters", () => reuse(job.job)));
-  if (job.state === "queued" || job.state === "running") actions.append(button("Cancel", () => cancel(job.id)));
-  for (const image of job.images) {
-    const img = document.createElement("img");
-    img.alt = `seed ${image.seed}`;
-    img.title = image.infotext;
-    img.src = await imageUrl(image.url);
-    const link = document.createElement("a");
-    link.href = img.src;
-    link.download = `${job.id.slice(0, 8)}-${image.seed}.png`;
-    link.textContent = `Download ${image.seed}`;
-    images.append(img);
-    actions.append(link);
+// Every job's news: the queue count, the gallery, and a job that starts while none is followed (from
+// any client) is followed. Reconnects when the stream ends (the server restarted).
+async function watchAll() {
+  for (let wait = 1000; ; wait = Math.min(2 * wait, 10_000)) {
+    try {
+      await readEvents("/v1/events", (message) => {
+        wait = 1000;
+        if ("queue" in message) showQueue(message.queue);
+        if (message.type === "started" && currentJob === null) follow(message.id);
+        if (["queued", "started", "image", "done", "failed", "cancelled", "deleted"].includes(message.type)) Gallery.soon();
+      });
+    } catch (error) { /* the server is away: try again */ }
+    await new Promise((resolve) => setTimeout(resolve, wait));
+    Gallery.soon();
   }
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  meta.textContent = job.images.length ? job.images[0].infotext.split("\n").slice(1).join("\n") : "";
-  box.append(prompt, state, images, meta, actions);
-  return box;
 }
 
-let refreshing = false;
-async function refreshGallery() {
-  if (refreshing) return;
-  refreshing = true;
+// A reload (or a job submitted elsewhere before the page opened): follow the job that runs.
+async function followRunning() {
+  const { jobs } = await (await api("/v1/jobs?limit=50")).json();
+  const running = jobs.find((job) => job.state === "running");
+  showQueue(jobs.filter((job) => job.state === "queued" || job.state === "running").length);
+  if (running) follow(running.id);
+}
+
+// The prompt's token count, as its model encodes it (AUTOMATIC1111's "12/75").
+let tokenTimer = null;
+function countTokens() {
+  clearTimeout(tokenTimer);
+  tokenTimer = setTimeout(async () => {
+    const body = { prompt: byId("prompt").value, model: byId("model").value, emphasis: byId("emphasis").value };
+    try {
+      const { tokens, capacity } = await (await postJson("/v1/tokens", body)).json();
+      byId("prompt-tokens").textContent = `${tokens}/${capacity}`;
+    } catch (error) { byId("prompt-tokens").textContent = ""; }
+  }, 300);
+}
+
+// PNG Info: a PNG's parameters shown, and its settings back into the form (a dropped PNG at once).
+let pngSettings = null;
+async function readPng(file, restore) {
+  showError(null);
   try {
-    const { jobs } = await (await api("/v1/jobs?limit=24")).json();
-    const cards = [];
-    for (const job of jobs) cards.push(await card(job));
-    $("gallery").replaceChildren(...cards);
-    $("status").textContent = `${jobs.filter((j) => j.state === "queued" || j.state === "running").length} job(s) in the queue`;
-  } catch (error) { showError(error); } finally { refreshing = false; }
+    const info = await (await postJson("/v1/png-info", { image: await readFile(file) })).json();
+    byId("png-info").open = true;
+    byId("png-text").textContent = info.infotext || info.error || "this PNG carries no parameters";
+    pngSettings = info.job ? info : null;
+    byId("png-restore").hidden = !pngSettings;
+    if (!info.job && restore) throw new Error(`${file.name} has no settings to restore: ${info.error}`);
+    if (pngSettings && restore) reuse(info.job, info);
+  } catch (error) { showError(error); }
+}
+
+function acceptDrops() {
+  let depth = 0;
+  const carriesFiles = (event) => [...event.dataTransfer.types].includes("Files");
+  document.addEventListener("dragenter", (event) => { if (carriesFiles(event)) { depth += 1; byId("drop-hint").hidden = false; } });
+  document.addEventListener("dragleave", () => { depth = Math.max(0, depth - 1); if (!depth) byId("drop-hint").hidden = true; });
+  document.addEventListener("dragover", (event) => { if (carriesFiles(event)) event.preventDefault(); });
+  document.addEventListener("drop", (event) => {
+    depth = 0;
+    byId("drop-hint").hidden = true;
+    const file = event.dataTransfer.files[0];
+    if (!file || event.target.type === "file") return; // a drop on a file input fills that input
+    event.preventDefault();
+    readPng(file, true);
+  });
 }
 
 function start() {
-  $("form").addEventListener("submit", generate);
-  $("cancel").addEventListener("click", () => currentJob && cancel(currentJob));
-  $("save-key").addEventListener("click", () => {
-    localStorage.setItem("stable-cascade-key", $("api-key").value);
-    $("key-box").hidden = true;
+  byId("form").addEventListener("submit", generate);
+  byId("cancel").addEventListener("click", () => currentJob && cancel(currentJob));
+  byId("png-file").addEventListener("change", () => byId("png-file").files[0] && readPng(byId("png-file").files[0], false));
+  byId("png-restore").addEventListener("click", () => pngSettings && reuse(pngSettings.job, pngSettings));
+  byId("save-key").addEventListener("click", () => {
+    localStorage.setItem("stable-cascade-key", byId("api-key").value);
+    byId("key-box").hidden = true;
     showError(null);
-    loadForm().then(refreshGallery).catch(showError);
+    begin();
   });
-  loadForm().then(refreshGallery).catch(showError);
+  Gallery.start();
+  acceptDrops();
+  begin();
+}
+
+let watching = false;
+async function begin() {
+  try {
+    await loadForm();
+    byId("prompt").addEventListener("input", countTokens);
+    byId("emphasis").addEventListener("change", countTokens);
+    countTokens();
+    await Gallery.refresh();
+    await followRunning();
+    if (!watching) { watching = true; watchAll(); }
+  } catch (error) { showError(error); }
 }
 
 start();
