@@ -26,7 +26,7 @@ from stable_cascade.diffusion import cosine, timesteps
 from stable_cascade.sampling import phases
 from stable_cascade.sampling.loop import run_stage
 
-SAMPLERS = ("ddpm", "ddim", "euler_ancestral", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "euler_ancestral", "dpmpp_2m", "lcm")
 #: (op, creates a tensor from nothing, touches only tensors smaller than the latents)
 Op = tuple[str, bool, bool]
 
