@@ -64,7 +64,8 @@ def fill_gallery(data: Path, count: int) -> list[str]:
     worker records them; their ids, oldest first."""
     store = Store(data, max_queue=1000)
     job = Job.create(prompt="a job", model="demo", seed=1).to_dict()
-    picture = PIL.Image.new("RGB", (128, 128), "white")
+    picture = io.BytesIO()
+    PIL.Image.new("RGB", (128, 128), "white").save(picture, format="PNG")
     ids = []
     try:
         for i in range(count):
@@ -75,9 +76,7 @@ def fill_gallery(data: Path, count: int) -> list[str]:
                     "VALUES (?, 'done', ?, ?, ?, ?, 1)",
                     (job_id, json.dumps({**job, "prompt": f"job {i}"}), now, now, now),
                 )
-            store.write_image(
-                job_id, 0, 1, f"job {i}\nSteps: 20, Seed: {i}", lambda p: picture.save(p, format="PNG")
-            )
+            store.write_image(job_id, 0, 1, f"job {i}\nSteps: 20, Seed: {i}", picture.getvalue())
             ids.append(job_id)
     finally:
         store.close()

@@ -1,4 +1,5 @@
-"""Start ``stable-cascade serve --model demo`` as a real process on 127.0.0.1 and a free port."""
+"""Start ``stable-cascade serve --model demo`` as a real process on 127.0.0.1 and a free port (and
+``stable-cascade worker`` processes)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def launch(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``command`` (a ``python -m stable_cascade`` one) as a process of this checkout, offline, on one
+    thread, its output appended to ``log``."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    with log.open("ab") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def sigkill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, and wait for it to end."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+
+
 class ServerProcess:
     """``with ServerProcess(data) as server: httpx.get(server.url + "/v1/info")``."""
 
@@ -43,14 +63,7 @@ class ServerProcess:
         command += ["--data", str(self.data), "--port", str(self.port), *self.options]
         if self.api_key is not None:
             command += ["--api-key", self.api_key]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = launch(command, self.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -72,8 +85,7 @@ class ServerProcess:
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, like a crash or the OOM killer."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
+        sigkill(self.process)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -99,6 +111,54 @@ def wait_for_job(server: ServerProcess, job_id: str, timeout: float = 120.0) -> 
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+
+class WorkerProcess:
+    """``stable-cascade worker --model demo --device cpu --store STORE`` as a real process."""
+
+    def __init__(self, store: str, data: Path, *options: str) -> None:
+        self.store = store
+        self.data = Path(data)
+        self.options = list(options)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = self.data.parent / f"{self.data.name}-worker-{free_port()}.log"
+
+    def start(self, timeout: float = 180.0) -> WorkerProcess:
+        """Start it and wait until it takes jobs (its models warmed)."""
+        command = [sys.executable, "-m", "stable_cascade", "worker", "--model", "demo", "--device", "cpu"]
+        command += ["--store", self.store, "--data", str(self.data), *self.options]
+        self.process = launch(command, self.log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the worker exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
+            if "taking jobs" in self.log.read_text():
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"the worker did not start within {timeout:.0f} s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a crash or the OOM killer."""
+        assert self.process is not None
+        sigkill(self.process)
+
+    def kill_if_running(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, and its exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.process.returncode)
 
 
 def models_folder(root: Path) -> Path:

@@ -206,3 +206,34 @@ def test_a_requests_fields_are_checked_before_its_images_are_decoded(
         routes_a1111._job(Stub(), a1111_body, img2img=True)  # type: ignore[arg-type]
     assert decoded == [] and list(store.inputs_dir.iterdir()) == []
     store.close()
+
+
+def test_the_hub_hands_each_news_item_on_once_to_each_kind_of_subscriber() -> None:
+    import asyncio
+
+    from stable_cascade.server.hub import ALL, Hub
+
+    async def scenario() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        hub = Hub(lambda job_id: 10)  # news up to 10 was posted before anyone subscribed
+        hub.bind(asyncio.get_running_loop())
+        own, everyone = hub.subscribe("a"), hub.subscribe(ALL)
+        assert hub.cursors() == {"a": 10} and hub.everyone() == (10, 10)
+        hub.publish("a", 12, {"type": "progress"})
+        hub.publish("b", 11, {"type": "started"}, to_job=False)  # committed late, found on a second look
+        hub.publish("a", 12, {"type": "progress"}, to_job=False)  # found again: dropped
+        hub.publish("a", 13, {"type": "preview"})  # the job's own subscribers only
+        hub.publish("a", 9, {"type": "started"})  # before anyone subscribed: dropped
+        hub.publish("b", 14, {"type": "done"})
+        assert hub.cursors() == {"a": 13} and hub.everyone() == (10, 14)
+        await asyncio.sleep(0)
+        return [own.get_nowait() for _ in range(own.qsize())], [
+            everyone.get_nowait() for _ in range(everyone.qsize())
+        ]
+
+    own, everyone = asyncio.run(scenario())
+    assert own == [{"type": "progress"}, {"type": "preview"}]
+    assert everyone == [
+        {"type": "progress", "id": "a"},
+        {"type": "started", "id": "b"},
+        {"type": "done", "id": "b"},
+    ]

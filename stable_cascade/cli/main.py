@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from stable_cascade import __version__
-from stable_cascade.cli import batch, demo, generate, models, output, serve, shapes, train
+from stable_cascade.cli import batch, demo, generate, models, output, serve, shapes, train, worker
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
@@ -45,6 +45,7 @@ def build_parser() -> Parser:
     train.add_commands(commands, common)
     demo.add_commands(commands, common)
     serve.add_commands(commands, common)
+    worker.add_commands(commands, common)
     return parser
 
 

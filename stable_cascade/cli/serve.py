@@ -40,6 +40,12 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="worker threads, one per device (1)")
     parser.add_argument(
+        "--store", help="the job store: postgresql://user@host/db (shared by replicas), or a data folder"
+    )
+    parser.add_argument(
+        "--no-workers", action="store_true", help="run no jobs here: an API replica ('stable-cascade worker')"
+    )
+    parser.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback --host without --api-key"
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
@@ -62,14 +68,17 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from stable_cascade.server import ServerConfig, create_app, default_data_dir
+    from stable_cascade.server import ServerConfig, create_app, locate_store
 
+    data, url = locate_store(args.store, args.data)
     config = ServerConfig(
         model=args.model,
         host=args.host,
         port=args.port,
         api_key=args.api_key,
-        data=args.data or default_data_dir(),
+        data=data,
+        store=url,
+        no_workers=args.no_workers,
         workers=args.workers,
         insecure=args.insecure,
         device=args.device,
@@ -82,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger("stable_cascade").getEffectiveLevel() > logging.INFO:
         logging.getLogger("stable_cascade").setLevel(logging.INFO)
     app = create_app(config)
-    print(
-        f"serving {config.model} on http://{config.host}:{config.port}/ (data in {config.data})", flush=True
-    )
+    where = app.state.server.store.where
+    print(f"serving {config.model} on http://{config.host}:{config.port}/ (jobs in {where})", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 

@@ -32,6 +32,7 @@ from stable_cascade.engine.memory import memory_report
 from stable_cascade.engine.record import (
     INFOTEXT_KEY,
     ImageRecord,
+    encode_png,
     package_version,
     read_png,
     record_of,
@@ -83,6 +84,7 @@ __all__ = [
     "check_inputs",
     "configure_cpu_threads",
     "default_threads",
+    "encode_png",
     "get_bundle",
     "image_sha256",
     "memory_report",

@@ -10,6 +10,7 @@ Records of schemas 1 and 2 (this package's earlier layouts) and other tools' inf
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
@@ -116,6 +117,13 @@ def png_info(record: ImageRecord) -> PngInfo:
     info.add_text(INFOTEXT_KEY, record.infotext())
     info.add_text(JSON_KEY, record.to_json())
     return info
+
+
+def encode_png(image: PIL.Image.Image, record: ImageRecord) -> bytes:
+    """``image`` as the bytes of a PNG carrying both text chunks (what :func:`save_png` writes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(record))
+    return buffer.getvalue()
 
 
 def save_png(image: PIL.Image.Image, path: str | Path, record: ImageRecord) -> None:

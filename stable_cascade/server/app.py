@@ -24,11 +24,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from stable_cascade.engine import available
-from stable_cascade.server import routes_a1111, routes_jobs, routes_lists, routes_page
+from stable_cascade.server import routes_a1111, routes_jobs, routes_lists, routes_page, routes_workers
 from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.inputs import one_line
 from stable_cascade.server.shared import RequestError, Server, error_response
-from stable_cascade.server.store import QueueFull
+from stable_cascade.server.store import QueueFull, StoreError
 from stable_cascade.server.words import SERVER_OFFLINE_HINT, for_users
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.hub.bind(asyncio.get_running_loop())
-        server.workers.start()
+        server.start()
         try:
             yield
         finally:
@@ -70,6 +70,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     for router in (routes_a1111.router, routes_lists.router, routes_lists.controlnet):
         app.include_router(router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_workers.router)
     app.include_router(routes_page.router)
     static = resources.files("stable_cascade.server") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
@@ -110,7 +111,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     for kind in (RequestError, ValueError, QueueFull):
         app.add_exception_handler(kind, refused)
     app.add_exception_handler(RequestValidationError, malformed)
-    app.add_exception_handler(sqlite3.Error, unavailable)
+    for failure in (sqlite3.Error, StoreError):
+        app.add_exception_handler(failure, unavailable)
 
 
 def _first_problem(error: RequestValidationError) -> str:

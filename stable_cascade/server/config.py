@@ -22,6 +22,20 @@ def default_data_dir() -> Path:
     return Path(base) / "stable-cascade"
 
 
+def locate_store(store: str | None, data: Path | None) -> tuple[Path, str | None]:
+    """``--store`` and ``--data`` → (the data folder, the PostgreSQL URL or None): a ``--store`` that
+    is a folder is the data folder (and the store in it)."""
+    if store is not None and "://" in store:
+        if not store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"--store must be a postgresql:// URL or a data folder, got {store.split('://')[0]}://…"
+            )
+        return data or default_data_dir(), store
+    if store is not None and data is not None and Path(store) != data:
+        raise ValueError("with a data folder as --store, --data is that folder; give one of them")
+    return (Path(store) if store is not None else data or default_data_dir()), None
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """What ``stable-cascade serve`` was asked for."""
@@ -38,6 +52,8 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body: int = DEFAULT_MAX_BODY
     max_images: int = DEFAULT_MAX_IMAGES
+    store: str | None = None  # a PostgreSQL URL; None: the job store is the data folder
+    no_workers: bool = False  # an API replica only: workers run elsewhere (``stable-cascade worker``)
     models: Path | None = None  # the models folder: checkpoints, LoRAs, ControlNets by name
 
     def validate(self) -> None:
@@ -54,6 +70,8 @@ class ServerConfig:
         ):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.store is not None:
+            locate_store(self.store, self.data)
         if not 1 <= self.port <= MAX_PORT:
             raise ValueError(f"--port must be between 1 and {MAX_PORT}, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
@@ -65,7 +83,10 @@ class ServerConfig:
             )
 
     def devices(self) -> list[str]:
-        """One device per worker: ``cuda:0`` … ``cuda:N-1`` for several CUDA workers, else the device."""
+        """One device per worker: ``cuda:0`` … ``cuda:N-1`` for several CUDA workers, else the device
+        (none with ``no_workers``)."""
+        if self.no_workers:
+            return []
         if self.workers > 1 and self.device in ("cuda", "auto") and _cuda_devices() >= self.workers:
             return [f"cuda:{i}" for i in range(self.workers)]
         return [self.device] * self.workers

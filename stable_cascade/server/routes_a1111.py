@@ -15,12 +15,14 @@ from starlette.concurrency import run_in_threadpool
 from stable_cascade.engine import Job
 from stable_cascade.server import a1111, models
 from stable_cascade.server.controls import a1111_controlnet, a1111_inpainting
+from stable_cascade.server.hub import next_message
 from stable_cascade.server.inputs import PLACEHOLDER, checked_job
 from stable_cascade.server.shared import RequestError, Server, error_response, read_json
 from stable_cascade.server.store import FAILED, FINAL_STATES, QUEUED, RUNNING, StoredJob
 from stable_cascade.server.uploads import Upload, decode_image, peek_image, staged
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+WAIT_SECONDS = 5.0
 
 
 def _server(request: Request) -> Server:
@@ -51,7 +53,7 @@ async def _generate(request: Request, img2img: bool) -> JSONResponse:
     if stored.state == FAILED:
         return error_response(500, stored.error or "the job failed", "JobFailed")
     images = server.store.images(stored.id)
-    encoded = [base64.b64encode(image.file.read_bytes()).decode() for image in images]
+    encoded = [base64.b64encode(server.store.png(stored.id, image.n) or b"").decode() for image in images]
     parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask", "alwayson_scripts")}
     infotexts = [image.infotext for image in images]
     name = server.library.name_of(job.models) or job.model
@@ -88,7 +90,9 @@ async def wait(server: Server, stored: StoredJob) -> StoredJob:
             assert current is not None
             if current.state in FINAL_STATES:
                 return current
-            message = await queue.get()
+            message = await next_message(queue, WAIT_SECONDS)  # the store is read again meanwhile
+            if message is None:
+                continue
             while message["type"] not in FINAL_STATES and not queue.empty():
                 message = queue.get_nowait()
     finally:
@@ -99,26 +103,26 @@ async def wait(server: Server, stored: StoredJob) -> StoredJob:
 async def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
     server = _server(request)
     jobs = server.store.count(QUEUED, RUNNING)
-    current = server.hub.current()
+    current = server.store.current()
     if current is None:
         return a1111.progress(0.0, 0.0, 0, 0, jobs, None)
     live = current[1]
     preview = None
     if live.preview is not None and not skip_current_image:
         preview = base64.b64encode(live.preview).decode()
-    return a1111.progress(live.fraction, live.eta(), live.step, live.steps, jobs, preview, live.skip.is_set())
+    return a1111.progress(live.fraction, live.eta(), live.step, live.steps, jobs, preview, live.skipping)
 
 
 @router.post("/interrupt")
 async def interrupt(request: Request) -> dict[str, Any]:
     """Stop the running job(s) after the current step; their finished images are kept."""
-    return {"interrupted": _server(request).workers.cancel_running()}
+    return {"interrupted": _server(request).store.cancel_running()}
 
 
 @router.post("/skip")
 async def skip(request: Request) -> dict[str, Any]:
     """Skip the image (batch) being made; the job goes on with its next one."""
-    return {"skipped": _server(request).workers.skip_running()}
+    return {"skipped": _server(request).store.skip_running()}
 
 
 @router.get("/options")

@@ -3,18 +3,18 @@ endpoints: :mod:`stable_cascade.server.routes_page`)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from stable_cascade.fields.schema import request_schema
 from stable_cascade.server import models
+from stable_cascade.server.hub import next_message
 from stable_cascade.server.inputs import native_job
 from stable_cascade.server.shared import RequestError, Server, read_json
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, StoredJob
@@ -24,6 +24,8 @@ router = APIRouter(tags=["jobs"])
 MAX_LIST = 200
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 KEEPALIVE_SECONDS = 10.0
+FINAL_NEWS_SECONDS = 2.0  # how long a stream waits for a finished job's last news
+MAX_PRIORITY = 1000
 
 
 def _server(request: Request) -> Server:
@@ -40,7 +42,7 @@ def _stored(server: Server, job_id: str) -> StoredJob:
 
 def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
     """A job as the API shows it: state, place in the queue, progress, images and the job itself."""
-    live = server.hub.live.get(stored.id)
+    live = server.store.live(stored.id) if stored.state == RUNNING else None
     done = stored.state in FINAL_STATES
     now = time.time()
     until = (stored.finished or now) if done else now
@@ -55,6 +57,8 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
         "finished": stored.finished if done else None,
         "age_seconds": round(now - stored.created, 3),  # since it was queued
         "running_seconds": None if stored.started is None else round(until - stored.started, 3),
+        "priority": stored.priority,
+        "attempts": stored.attempts,
         "job": stored.job,
         **models.job_names(server.library, stored.job),
         "images": [
@@ -79,10 +83,23 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
 async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)
     body = await read_json(request)
+    priority = _priority(body)
     with staged() as uploads:  # a refused request keeps none of its uploads
         job, upload = await run_in_threadpool(uploads.run, native_job, body, server.served)
-        stored = server.submit(job, upload)
+        stored = server.submit(job, upload, priority)
     return describe(server, stored)
+
+
+def _priority(body: object) -> int:
+    """Pop the body's ``priority`` (higher runs first; 0 when not given)."""
+    if not isinstance(body, dict) or "priority" not in body:
+        return 0
+    priority = body.pop("priority")
+    if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
+        raise RequestError(
+            422, f"priority must be a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}, got {priority!r}"
+        )
+    return priority
 
 
 @router.get("/v1/jobs")
@@ -108,20 +125,21 @@ async def cancel(request: Request, job_id: str) -> JSONResponse:
     """Cancel a queued or running job (a running one stops after its current step)."""
     server = _server(request)
     stored = _stored(server, job_id)
-    if stored.state in FINAL_STATES or not server.workers.cancel(job_id):
+    if stored.state in FINAL_STATES or not server.cancel(job_id):
         raise RequestError(409, f"job {job_id} has already finished ({stored.state}); nothing to cancel")
     return JSONResponse({"id": job_id, "state": "cancelling"}, status_code=202)
 
 
 @router.get("/v1/jobs/{job_id}/images/{n}")
-async def image(request: Request, job_id: str, n: int) -> FileResponse:
+async def image(request: Request, job_id: str, n: int) -> Response:
     server = _server(request)
     _stored(server, job_id)
-    for stored_image in server.store.images(job_id):
-        if stored_image.n == n:
-            name = f"{job_id[:8]}-{stored_image.seed}.png"
-            return FileResponse(stored_image.file, media_type="image/png", filename=name)
-    raise RequestError(404, f"job {job_id} has no image {n} (yet)")
+    seeds = {stored_image.n: stored_image.seed for stored_image in server.store.images(job_id)}
+    png = server.store.png(job_id, n) if n in seeds else None
+    if png is None:
+        raise RequestError(404, f"job {job_id} has no image {n} (yet)")
+    headers = {"Content-Disposition": f'attachment; filename="{job_id[:8]}-{seeds[n]}.png"'}
+    return Response(png, media_type="image/png", headers=headers)
 
 
 @router.get("/v1/jobs/{job_id}/events")
@@ -135,27 +153,36 @@ async def events(request: Request, job_id: str) -> StreamingResponse:
 
 
 async def _stream(server: Server, job_id: str) -> AsyncIterator[str]:
+    """The job's news, ending with its final state. The final state's news comes after all the job's
+    other news (whichever replica relays it), so the stream ends when it comes; when the store says the
+    job ended but no such news comes (it ended as the stream began), the store's word ends it."""
+    stored = _stored(server, job_id)
+    if stored.state in FINAL_STATES:
+        yield sse({"type": stored.state, "error": stored.error})
+        return
     queue = server.hub.subscribe(job_id)
     try:
-        position = None
+        position, ended = None, None
         while True:
             stored = _stored(server, job_id)
             if stored.state in FINAL_STATES:
-                yield sse({"type": stored.state, "error": stored.error})
-                return
-            if stored.state == QUEUED and server.store.position(stored) != position:
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended > FINAL_NEWS_SECONDS:
+                    yield sse({"type": stored.state, "error": stored.error})
+                    return
+            elif stored.state == QUEUED and server.store.position(stored) != position:
                 position = server.store.position(stored)
                 yield sse({"type": "queued", "position": position})
             elif stored.state == RUNNING:
                 position = None
-            try:
-                message = await asyncio.wait_for(
-                    queue.get(), timeout=1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS
-                )
-            except asyncio.TimeoutError:
+            waiting = 0.25 if ended else 1.0 if stored.state == QUEUED else KEEPALIVE_SECONDS
+            message = await next_message(queue, waiting)
+            if message is None:
                 yield ": keep-alive\n\n"
-                continue
-            if message["type"] not in FINAL_STATES:  # final states are read from the store above
+            elif message["type"] in FINAL_STATES:
+                yield sse({"type": message["type"], "error": message.get("error")})
+                return
+            elif message["type"] != QUEUED:  # the queue's positions are read from the store above
                 yield sse(message)
     finally:
         server.hub.unsubscribe(job_id, queue)

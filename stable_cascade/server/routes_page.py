@@ -4,13 +4,11 @@ and the gallery's deletions and zip downloads."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import tempfile
 import zipfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from importlib import resources
-from pathlib import Path
 from typing import IO, Any
 
 from fastapi import APIRouter, Request
@@ -21,10 +19,10 @@ from stable_cascade.engine import COMBINED_PRESETS, INFOTEXT_KEY, package_versio
 from stable_cascade.fields import BY_NAME
 from stable_cascade.fields.schema import form_fields
 from stable_cascade.server import a1111, models
-from stable_cascade.server.hub import ALL
+from stable_cascade.server.hub import ALL, next_message
 from stable_cascade.server.routes_jobs import KEEPALIVE_SECONDS, MAX_LIST, sse
 from stable_cascade.server.shared import RequestError, Server, read_json
-from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING
+from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, Store
 from stable_cascade.server.uploads import text_chunks
 
 router = APIRouter(tags=["page"])
@@ -81,9 +79,8 @@ async def _all(server: Server) -> AsyncIterator[str]:
     try:
         yield sse({"type": "hello", "queue": server.store.count(QUEUED, RUNNING)})
         while True:
-            try:
-                message = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:
+            message = await next_message(queue, KEEPALIVE_SECONDS)
+            if message is None:
                 yield ": keep-alive\n\n"
                 continue
             if message["type"] in STATE_CHANGES:
@@ -136,7 +133,6 @@ async def delete(request: Request, job_id: str) -> Response:
         raise RequestError(404, f"no job {job_id!r}; list the jobs with GET /v1/jobs")
     if not await run_in_threadpool(server.store.delete, job_id):
         raise RequestError(409, f"job {job_id} is {stored.state}; cancel it before deleting it")
-    server.hub.publish(job_id, {"type": "deleted"})
     return Response(status_code=204)
 
 
@@ -154,17 +150,21 @@ async def images_zip(request: Request, ids: str) -> StreamingResponse:
         raise RequestError(
             422, f"those jobs have {len(images):,} images; a zip holds at most {MAX_ZIP_IMAGES:,}"
         )
-    archive = await run_in_threadpool(_zip, [(f"{j[:8]}-{i.n}-{i.seed}.png", i.file) for j, i in images])
+    archive = await run_in_threadpool(
+        _zip, server.store, [(f"{j[:8]}-{i.n}-{i.seed}.png", j, i.n) for j, i in images]
+    )
     headers = {"Content-Disposition": 'attachment; filename="stable-cascade-images.zip"'}
     return StreamingResponse(_pieces(archive), media_type="application/zip", headers=headers)
 
 
-def _zip(files: list[tuple[str, Path]]) -> IO[bytes]:
-    """The files stored (PNGs are compressed already) in a zip, rewound."""
+def _zip(store: Store, images: list[tuple[str, str, int]]) -> IO[bytes]:
+    """The images (name, job, index) stored (PNGs are compressed already) in a zip, rewound."""
     archive = tempfile.SpooledTemporaryFile(max_size=ZIP_IN_MEMORY)  # noqa: SIM115  # _pieces closes it
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
-        for name, path in files:
-            zipped.write(path, name)
+        for name, job_id, n in images:
+            png = store.png(job_id, n)
+            if png is not None:  # deleted meanwhile
+                zipped.writestr(name, png)
     archive.seek(0)
     return archive  # type: ignore[return-value]  # a binary file
 

@@ -4,6 +4,8 @@ request (:class:`RequestError`, answered in A1111's error shape) and reading a J
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -14,10 +16,12 @@ from stable_cascade.server.config import ServerConfig
 from stable_cascade.server.hub import Hub
 from stable_cascade.server.inputs import Served
 from stable_cascade.server.lock import DataLock
+from stable_cascade.server.relay import Relay
 from stable_cascade.server.store import Store, StoredJob
 from stable_cascade.server.uploads import Upload
 from stable_cascade.server.worker import Workers
 
+logger = logging.getLogger(__name__)
 MODEL_SETTING = "sd_model_checkpoint"
 
 
@@ -25,7 +29,8 @@ class Server:
     """What the routes share: the settings, the store, the live news and the workers.
 
     Made in the order that refuses a server before it touches anything: the devices (an engine per
-    worker), then the data folder's lock (one server per folder), then the store (checked readable).
+    worker), then the data folder's lock (one server per folder; a PostgreSQL store takes any number
+    of replicas, and leases keep their workers apart), then the store (checked readable).
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -33,16 +38,21 @@ class Server:
         self.library = ModelLibrary(config.models)
         self.library.sources(config.model)  # a named model or one of the folder's checkpoints
         engines = [Engine(device=device, dtype=config.dtype) for device in config.devices()]
-        self.lock = DataLock(config.data, config.host, config.port)
+        self.lock = DataLock(config.data, config.host, config.port) if config.store is None else None
         try:
-            self.store = Store(config.data, config.max_queue)
+            self.store = Store(config.data, config.max_queue, url=config.store)
         except BaseException:
-            self.lock.release()
+            self.close_lock()
             raise
-        self.hub = Hub()
-        self.workers = Workers(self.store, self.hub, engines)
+        self.hub = Hub(self.store.last_event)
+        self.relay = Relay(self.store, self.hub)
+        self.workers = Workers(self.store, engines)
 
-    def submit(self, job: Job, upload: Upload | None) -> StoredJob:
+    def start(self) -> None:
+        self.workers.start()
+        self.relay.start()
+
+    def submit(self, job: Job, upload: Upload | None, priority: int = 0) -> StoredJob:
         """Queue ``job`` (``RequestError`` 422 when it asks for more images than the server allows)."""
         if job.images > self.config.max_images:
             raise RequestError(
@@ -51,13 +61,32 @@ class Server:
                 f"A1111: batch_size × n_iter), more than this server's limit of {self.config.max_images} "
                 "per request; split it into several requests (the limit is serve's --max-images-per-job)",
             )
-        return self.workers.submit(job, None if upload is None else upload.name)
+        uploads = [Path(path).name for path in (job.control_image, job.mask) if path is not None]
+        name = None if upload is None else upload.name
+        stored = self.store.add(job.to_dict(), name, priority, uploads)
+        position = self.store.position(stored)
+        logger.info("job %s queued (%d ahead): %s, %d image(s)", stored.id, position, job.task, job.images)
+        return stored
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job, or ask a running one's worker (wherever it runs) to stop after its
+        current step; whether there was one to cancel."""
+        if self.store.cancel_queued(job_id):
+            logger.info("job %s cancelled while queued", job_id)
+            return True
+        return self.store.cancel_running(job_id) > 0
 
     def close(self) -> None:
-        """Stop the workers, close the store, free the data folder."""
+        """Stop the workers (their running jobs go back to the queue) and the relay, close the store,
+        free the data folder."""
         self.workers.stop()
+        self.relay.stop()
         self.store.close()
-        self.lock.release()
+        self.close_lock()
+
+    def close_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def served(self) -> Served:

@@ -1,312 +1,391 @@
-"""The durable queue: jobs and their state in SQLite (write-ahead log), images as files beside it.
+"""The durable queue: jobs, their leases, images and settings, in SQLite (a data folder, one host) or in
+PostgreSQL (``url``: many hosts), with the same semantics on both.
 
-Everything a client was told is on disk before it is told: a job is committed before its id is
-returned, an image is written (to a temporary name, synced, then renamed) and recorded before the job
-reports it. A server killed at any moment and restarted on the same folder therefore finds every job
-that was queued or running (:meth:`Store.recover` queues the running ones again, in their original
-place) and every finished image.
+Everything a client was told is in the database before it is told: a job is committed before its id
+is returned, an image (its PNG bytes and record) before the job reports it. A worker claims the queued
+job of highest priority, oldest first, and holds it under a lease it renews with its heartbeats
+(:class:`~stable_cascade.server.board.Board`). A job whose lease ran out — its worker was killed, its
+host lost — goes back to the queue in its original place (:meth:`Store.reap`); after
+:data:`MAX_ATTEMPTS` runs it fails with the reason. Images are keyed by job and index, so a job that
+ran twice never has an image twice. Uploads (the input and control images) are files under the data
+folder's ``inputs/``; on PostgreSQL they also go into the database with their job, and a worker on
+another host fetches them from there (:meth:`Store.input_file`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
+import shutil
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINAL_STATES = (DONE, FAILED, CANCELLED)
-MAX_ATTEMPTS = 3  # a job whose runs killed the server this often is given up
+from stable_cascade.server import schema
+from stable_cascade.server.board import JOBS, Board, add_event
+from stable_cascade.server.database import Database, StoreError, Tx, open_sqlite
+from stable_cascade.server.states import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    QueueFull,
+    StoredImage,
+    StoredJob,
+    stored_job,
+    unreadable,
+)
+
+__all__ = [
+    "CANCELLED",
+    "DONE",
+    "FAILED",
+    "FINAL_STATES",
+    "QUEUED",
+    "RUNNING",
+    "QueueFull",
+    "Store",
+    "StoreError",
+    "StoredImage",
+    "StoredJob",
+]
+logger = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # a job whose runs stopped its worker this often is given up
+GIVEN_UP = (
+    f"its worker stopped (killed, or its lease lost) during each of this job's {MAX_ATTEMPTS} runs; given up"
+)
+LEASE_SECONDS = 15.0  # how long a claim holds without a heartbeat
 DATABASE = "jobs.sqlite3"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    state TEXT NOT NULL,
-    job TEXT NOT NULL,
-    input TEXT,
-    error TEXT,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS images (
-    job TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    seed INTEGER NOT NULL,
-    file TEXT NOT NULL,
-    infotext TEXT NOT NULL,
-    PRIMARY KEY (job, n)
-);
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+STALE_UPLOAD_SECONDS = 3600.0  # a temporary upload file this old was left by a killed process
+#: What the store raises when its disk or database fails.
+STORAGE_ERRORS = (sqlite3.Error, OSError, StoreError)
+_EXPIRED = "state = ? AND (lease_until IS NULL OR lease_until < {now})"
 
 
-class QueueFull(Exception):
-    """The queue holds its maximum of waiting jobs (the server answers 429)."""
+def is_url(store: str) -> bool:
+    """Whether ``--store`` names a PostgreSQL database (else it is a data folder)."""
+    return store.startswith(("postgresql://", "postgres://"))
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredImage:
-    n: int
-    seed: int
-    file: Path
-    infotext: str
+class Store(Board):
+    """Jobs, images and settings (:class:`Board`: live news and workers); safe to share between
+    threads. ``folder``: the data folder (SQLite: the store itself; PostgreSQL: this host's uploads)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class StoredJob:
-    id: str
-    seq: int
-    state: str
-    job: dict[str, Any]  # the Job's to_dict()
-    input: str | None  # the input image's file name under inputs/
-    error: str | None
-    created: float
-    started: float | None
-    finished: float | None
-    attempts: int
-
-
-class Store:
-    """Jobs, images and settings under ``folder`` (created when missing); safe to share between threads."""
-
-    def __init__(self, folder: Path, max_queue: int) -> None:
+    def __init__(self, folder: Path, max_queue: int, url: str | None = None) -> None:
         self.folder = Path(folder)
-        self.images_dir = self.folder / "images"
         self.inputs_dir = self.folder / "inputs"
-        for path in (self.folder, self.images_dir, self.inputs_dir):
+        for path in (self.folder, self.inputs_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.max_queue = max_queue
-        self._lock = threading.Lock()
-        self._db = _open(self.folder / DATABASE)
+        self.local = url is None
+        super().__init__(open_sqlite(self.folder / DATABASE) if url is None else _postgres(url))
+        self.where = self.db.where
+        self.holder = uuid.uuid4().hex  # the claims of a caller that names no worker
+        try:
+            with self._transaction() as tx:
+                schema.migrate(tx, self.db.dialect, self.where)
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def add(self, job: dict[str, Any], input_name: str | None = None) -> StoredJob:
-        """Queue ``job`` at the end; ``QueueFull`` when ``max_queue`` jobs are already waiting."""
+    def add(
+        self,
+        job: dict[str, Any],
+        input_name: str | None = None,
+        priority: int = 0,
+        inputs: Iterable[str] = (),
+    ) -> StoredJob:
+        """Queue ``job`` in its ``priority``'s turn; ``QueueFull`` when ``max_queue`` jobs are waiting.
+        ``inputs``: the uploads it uses besides ``input_name`` (names under inputs/)."""
         job_id = uuid.uuid4().hex
-        with self._transaction() as db:
-            (waiting,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()
+        names = sorted({*inputs, *([input_name] if input_name else [])})
+        uploads = [] if self.local else [(name, (self.inputs_dir / name).read_bytes()) for name in names]
+        with self._transaction() as tx:
+            row = tx.one("SELECT COUNT(*) AS waiting FROM jobs WHERE state = ?", (QUEUED,))
+            waiting = int(row["waiting"]) if row else 0
             if waiting >= self.max_queue:
                 raise QueueFull(f"the queue is full ({waiting} jobs waiting); try again later")
-            db.execute(
-                "INSERT INTO jobs (id, state, job, input, created) VALUES (?, ?, ?, ?, ?)",
-                (job_id, QUEUED, json.dumps(job, sort_keys=True), input_name, time.time()),
+            for name, data in uploads:
+                tx.run(
+                    "INSERT INTO inputs (name, png, created) VALUES (?, ?, {now}) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    (name, data),
+                )
+            tx.run(
+                "INSERT INTO jobs (id, state, job, input, created, priority) VALUES (?, ?, ?, ?, {now}, ?)",
+                (job_id, QUEUED, json.dumps(job, sort_keys=True), input_name, priority),
             )
+            add_event(tx, job_id, {"type": QUEUED, "position": None})
+            tx.notify(JOBS)
         stored = self.get(job_id)
         assert stored is not None
         return stored
 
-    def recover(self) -> int:
-        """Queue again (in their original place) the jobs a stopped server was running; how many."""
-        for leftover in [*self.images_dir.glob("*/.*.partial.png"), *self.inputs_dir.glob(".*")]:
-            leftover.unlink()  # files a killed server was writing
-        with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET state = ?, started = NULL WHERE state = ?", (QUEUED, RUNNING)
-            )
-            return cursor.rowcount
-
-    def claim(self) -> StoredJob | None:
-        """The oldest queued job, now marked running; None when none waits. Jobs that cannot run are
-        failed on the way: those given up (see :data:`MAX_ATTEMPTS`) and those whose stored row is
-        corrupt."""
+    def claim(self, worker: str | None = None, lease: float = LEASE_SECONDS) -> StoredJob | None:
+        """The queued job of highest priority (oldest first), now running under ``worker``'s lease of
+        ``lease`` seconds; None when none waits. Jobs that cannot run are failed on the way: those given
+        up (see :data:`MAX_ATTEMPTS`) and those whose stored row is corrupt."""
+        holder = worker or self.holder
         while True:
-            with self._transaction() as db:
-                row = db.execute(
-                    "SELECT id, attempts, job FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)
-                ).fetchone()
+            with self._transaction() as tx:
+                row = tx.one(
+                    "SELECT id, attempts, job FROM jobs WHERE state = ? "
+                    "ORDER BY priority DESC, seq LIMIT 1{skip_locked}",
+                    (QUEUED,),
+                )
                 if row is None:
                     return None
-                problem = _unreadable(row["job"])
+                problem = unreadable(row["job"])
                 if problem is None and row["attempts"] >= MAX_ATTEMPTS:
-                    problem = f"the server stopped during each of this job's {MAX_ATTEMPTS} runs; given up"
+                    problem = GIVEN_UP
                 if problem is not None:
-                    db.execute(
-                        "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
-                        (FAILED, problem, time.time(), row["id"]),
-                    )
+                    self._end(tx, row["id"], FAILED, problem)
                     continue
-                db.execute(
-                    "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE id = ?",
-                    (RUNNING, time.time(), row["id"]),
+                tx.run(
+                    "UPDATE jobs SET state = ?, started = {now}, attempts = attempts + 1, worker = ?, "
+                    "lease_until = {now} + ?, cancel = 0, skip = 0 WHERE id = ?",
+                    (RUNNING, holder, lease, row["id"]),
                 )
+                tx.run("UPDATE workers SET job = ? WHERE id = ?", (row["id"], holder))
+                add_event(tx, row["id"], {"type": "started"})
             return self.get(row["id"])
 
-    def finish(self, job_id: str, state: str, error: str | None = None) -> None:
+    def finish(self, job_id: str, state: str, error: str | None = None, worker: str | None = None) -> bool:
+        """Record the end of a running job (only if ``worker``, when given, still holds it); whether it
+        was recorded."""
         assert state in FINAL_STATES, state
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
-                (state, error, time.time(), job_id),
+        with self._transaction() as tx:
+            if worker is not None:
+                held = tx.one(
+                    "SELECT id FROM jobs WHERE id = ? AND state = ? AND worker = ?", (job_id, RUNNING, worker)
+                )
+                if held is None:
+                    return False
+                tx.run("UPDATE workers SET job = NULL WHERE id = ?", (worker,))
+            self._end(tx, job_id, state, error)
+        return True
+
+    def release(self, job_id: str, worker: str) -> None:
+        """Queue a running job again in its place, this run not counted (its worker stops cleanly); a job
+        whose cancelling was asked ends cancelled instead."""
+        with self._transaction() as tx:
+            held = tx.one(
+                "SELECT cancel FROM jobs WHERE id = ? AND state = ? AND worker = ?", (job_id, RUNNING, worker)
             )
+            tx.run("UPDATE workers SET job = NULL WHERE id = ?", (worker,))
+            if held is None:
+                return
+            if held["cancel"]:
+                self._end(tx, job_id, CANCELLED, None)
+                return
+            tx.run(
+                "UPDATE jobs SET state = ?, worker = NULL, lease_until = NULL, started = NULL, "
+                "attempts = attempts - 1 WHERE id = ?",
+                (QUEUED, job_id),
+            )
+            add_event(tx, job_id, {"type": QUEUED, "position": None})
+            tx.notify(JOBS)
 
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel ``job_id`` if it is still waiting; whether it was."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET state = ?, finished = ? WHERE id = ? AND state = ?",
-                (CANCELLED, time.time(), job_id, QUEUED),
-            )
-            return cursor.rowcount == 1
-
-    def delete(self, job_id: str) -> bool:
-        """Forget a finished job and remove its images; whether there was one (queued and running jobs
-        are not deleted: cancel them first)."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                f"DELETE FROM jobs WHERE id = ? AND state IN ({', '.join('?' for _ in FINAL_STATES)})",
-                (job_id, *FINAL_STATES),
-            )
-            if cursor.rowcount != 1:
+        with self._transaction() as tx:
+            if tx.one("SELECT id FROM jobs WHERE id = ? AND state = ?", (job_id, QUEUED)) is None:
                 return False
-            db.execute("DELETE FROM images WHERE job = ?", (job_id,))
-        folder = self.images_dir / job_id
-        if folder.is_dir():
-            for image in folder.iterdir():
-                image.unlink(missing_ok=True)
-            folder.rmdir()
+            self._end(tx, job_id, CANCELLED, None)
         return True
 
-    def write_image(
-        self, job_id: str, n: int, seed: int, infotext: str, write: Callable[[Path], None]
-    ) -> Path:
-        """Write image ``n`` of a job with ``write(temporary path)``, atomically, and record it."""
-        folder = self.images_dir / job_id
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{n}.png"
-        temporary = folder / f".{n}.partial.png"
-        write(temporary)
-        with temporary.open("rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        _sync_folder(folder)
-        with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO images (job, n, seed, file, infotext) VALUES (?, ?, ?, ?, ?)",
-                (job_id, n, seed, str(path.relative_to(self.folder)), infotext),
+    def cancel_running(self, job_id: str | None = None) -> int:
+        """Ask the worker of ``job_id`` (of every running job: None) to stop after its current step;
+        how many jobs were asked."""
+        with self._transaction() as tx:
+            if job_id is None:
+                return tx.run("UPDATE jobs SET cancel = 1 WHERE state = ?", (RUNNING,))
+            return tx.run("UPDATE jobs SET cancel = 1 WHERE state = ? AND id = ?", (RUNNING, job_id))
+
+    def skip_running(self) -> int:
+        """Ask the worker of every running job to skip the image (batch) it makes; how many jobs."""
+        with self._transaction() as tx:
+            return tx.run("UPDATE jobs SET skip = 1 WHERE state = ?", (RUNNING,))
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job and its images; whether there was one (queued and running jobs are not
+        deleted: cancel them first)."""
+        finals = ", ".join("?" for _ in FINAL_STATES)
+        with self._transaction() as tx:
+            if not tx.run(f"DELETE FROM jobs WHERE id = ? AND state IN ({finals})", (job_id, *FINAL_STATES)):
+                return False
+            tx.run("DELETE FROM images WHERE job = ?", (job_id,))
+            add_event(tx, job_id, {"type": "deleted"})
+        shutil.rmtree(self.folder / "images" / job_id, ignore_errors=True)  # written before version 2
+        return True
+
+    def reap(self) -> int:
+        """Queue again (in their place) the running jobs whose lease ran out or whose worker, on this
+        host, is gone; those cancelled meanwhile end cancelled, those run :data:`MAX_ATTEMPTS` times
+        fail. How many were queued again."""
+        with self._transaction() as tx:
+            holders = tx.rows(
+                "SELECT jobs.id AS job, workers.id AS worker, workers.pid AS pid FROM jobs JOIN workers "
+                "ON workers.id = jobs.worker WHERE jobs.state = ? AND workers.space = ?",
+                (RUNNING, self.space),
             )
-        return path
+            for gone in (row for row in holders if not _alive(int(row["pid"]))):
+                tx.run("UPDATE jobs SET lease_until = NULL WHERE id = ?", (gone["job"],))
+                tx.run("UPDATE workers SET stopped = {now}, job = NULL WHERE id = ?", (gone["worker"],))
+            for row in tx.rows(f"SELECT id FROM jobs WHERE {_EXPIRED} AND cancel = 1", (RUNNING,)):
+                self._end(tx, row["id"], CANCELLED, None)
+            for row in tx.rows(
+                f"SELECT id FROM jobs WHERE {_EXPIRED} AND attempts >= ?", (RUNNING, MAX_ATTEMPTS)
+            ):
+                self._end(tx, row["id"], FAILED, GIVEN_UP)
+            queued = tx.rows(
+                f"UPDATE jobs SET state = ?, worker = NULL, lease_until = NULL, started = NULL "
+                f"WHERE {_EXPIRED} RETURNING id",
+                (QUEUED, RUNNING),
+            )
+            for row in queued:
+                add_event(tx, row["id"], {"type": QUEUED, "position": None})
+            if queued:
+                tx.notify(JOBS)
+        if queued:
+            logger.info("queued again %d job(s) whose worker stopped", len(queued))
+        return len(queued)
+
+    def recover(self, exclusive: bool | None = None) -> int:
+        """At a server's start: :meth:`reap`, and when the server is the store's only one (``exclusive``;
+        default: a data folder, which a lock keeps to one server) queue again the jobs its predecessor's
+        own workers were running. How many jobs were queued again."""
+        cutoff = time.time() - STALE_UPLOAD_SECONDS
+        for leftover in self.inputs_dir.glob(".*"):  # files a killed process was writing
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink(missing_ok=True)
+        if exclusive if exclusive is not None else self.local:
+            with self._transaction() as tx:
+                tx.run(
+                    "UPDATE jobs SET lease_until = NULL WHERE state = ? AND (worker IS NULL OR worker NOT "
+                    "IN (SELECT id FROM workers WHERE kind = 'worker' AND stopped IS NULL))",
+                    (RUNNING,),
+                )
+        return self.reap()
+
+    def write_image(self, job_id: str, n: int, seed: int, infotext: str, png: bytes) -> None:
+        """Record image ``n`` of a job (its PNG bytes): once; a second run's image ``n`` is dropped."""
+        with self._transaction() as tx:
+            added = tx.run(
+                "INSERT INTO images (job, n, seed, file, infotext, png) VALUES (?, ?, ?, '', ?, ?) "
+                "ON CONFLICT (job, n) DO NOTHING",
+                (job_id, n, seed, infotext, png),
+            )
+            if added:
+                add_event(tx, job_id, {"type": "image", "n": n, "seed": seed, "file": f"{n}.png"})
 
     def get(self, job_id: str) -> StoredJob | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _job(row)
+        with self.db.read() as tx:
+            row = tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else stored_job(row)
 
     def images(self, job_id: str) -> list[StoredImage]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM images WHERE job = ? ORDER BY n", (job_id,)).fetchall()
-        return [
-            StoredImage(row["n"], row["seed"], self.folder / row["file"], row["infotext"]) for row in rows
-        ]
+        with self.db.read() as tx:
+            rows = tx.rows("SELECT n, seed, infotext FROM images WHERE job = ? ORDER BY n", (job_id,))
+        return [StoredImage(int(row["n"]), int(row["seed"]), row["infotext"]) for row in rows]
+
+    def png(self, job_id: str, n: int) -> bytes | None:
+        """Image ``n`` of a job as PNG bytes (None when it has none such)."""
+        with self.db.read() as tx:
+            row = tx.one("SELECT png, file FROM images WHERE job = ? AND n = ?", (job_id, n))
+        if row is None:
+            return None
+        if row["png"] is not None:
+            return bytes(row["png"])
+        return (self.folder / row["file"]).read_bytes()  # written before version 2: a file
+
+    def input_file(self, name: str) -> Path:
+        """The upload ``name`` as a file on this host (fetched from the database when it is not)."""
+        path = self.inputs_dir / name
+        if path.exists():
+            return path
+        row = None
+        if not self.local:
+            with self.db.read() as tx:
+                row = tx.one("SELECT png FROM inputs WHERE name = ?", (name,))
+        if row is None:
+            raise FileNotFoundError(f"the upload {name} is in no store; submit the job again")
+        temporary = path.with_name(f".{name}.{uuid.uuid4().hex}.partial")
+        temporary.write_bytes(bytes(row["png"]))
+        os.replace(temporary, path)
+        return path
 
     def recent(self, limit: int, before: int | None = None) -> list[StoredJob]:
         """Up to ``limit`` jobs, newest first (those older than sequence number ``before``)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self.db.read() as tx:
+            rows = tx.rows(
                 "SELECT * FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
                 (2**62 if before is None else before, limit),
-            ).fetchall()
-        return [_job(row) for row in rows]
+            )
+        return [stored_job(row) for row in rows]
 
     def position(self, job: StoredJob) -> int:
         """How many queued jobs run before ``job``."""
-        with self._lock:
-            (ahead,) = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq < ?", (QUEUED, job.seq)
-            ).fetchone()
-        return int(ahead)
+        with self.db.read() as tx:
+            row = tx.one(
+                "SELECT COUNT(*) AS ahead FROM jobs WHERE state = ? AND (priority > ? OR (priority = ? "
+                "AND seq < ?))",
+                (QUEUED, job.priority, job.priority, job.seq),
+            )
+        return int(row["ahead"]) if row else 0
 
     def count(self, *states: str) -> int:
         marks = ", ".join("?" for _ in states)
-        with self._lock:
-            (total,) = self._db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", states
-            ).fetchone()
-        return int(total)
+        with self.db.read() as tx:
+            row = tx.one(f"SELECT COUNT(*) AS total FROM jobs WHERE state IN ({marks})", states)
+        return int(row["total"]) if row else 0
 
     def setting(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        with self.db.read() as tx:
+            row = tx.one("SELECT value FROM settings WHERE key = ?", (key,))
         return None if row is None else str(row["value"])
 
     def set_setting(self, key: str, value: str) -> None:
-        with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+        with self._transaction() as tx:
+            tx.run(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def _end(self, tx: Tx, job_id: str, state: str, error: str | None) -> None:
+        tx.run(
+            "UPDATE jobs SET state = ?, error = ?, finished = {now}, lease_until = NULL WHERE id = ?",
+            (state, error, job_id),
+        )
+        add_event(tx, job_id, {"type": state, "error": error})
 
 
-def _open(path: Path) -> sqlite3.Connection:
-    """The job database at ``path`` (created when missing), checked readable: a one-line
-    ``ValueError`` for a file that is not one, or is truncated or corrupt."""
-    db = None
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this host's process space) still runs."""
     try:
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
-        db.executescript(_SCHEMA)
-    except sqlite3.DatabaseError as error:
-        if db is not None:
-            db.close()
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it runs
+        return True
+    return True
+
+
+def _postgres(url: str) -> Database:
+    try:
+        from stable_cascade.server.postgres import PostgresDatabase
+    except ImportError:
         raise ValueError(
-            f"{path} is not a readable job database ({' '.join(str(error).split())}); move it (and "
-            f"{path.name}-wal, {path.name}-shm) elsewhere to start with an empty queue, or restore a backup"
+            "a PostgreSQL store needs psycopg 3 and its pool: pip install 'stable-cascade[postgres]'"
         ) from None
-    return db
-
-
-def _unreadable(stored: object) -> str | None:
-    """Why a stored job's JSON cannot be read (None when it can)."""
-    try:
-        job = json.loads(stored)  # type: ignore[arg-type]  # a corrupt row may hold anything
-    except (TypeError, ValueError, RecursionError) as error:
-        return f"the stored job is corrupt ({' '.join(str(error).split())}); submit it again"
-    if not isinstance(job, dict):
-        return f"the stored job is corrupt (a {type(job).__name__}, not an object); submit it again"
-    return None
-
-
-def _job(row: sqlite3.Row) -> StoredJob:
-    """A stored job; a corrupt one shows as ``{}`` (its error says why once a worker reaches it)."""
-    values = {field.name: row[field.name] for field in dataclasses.fields(StoredJob)}
-    job = {} if _unreadable(row["job"]) else json.loads(row["job"])
-    return StoredJob(**(values | {"job": job}))
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the system allows opening folders)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    return PostgresDatabase(url)
