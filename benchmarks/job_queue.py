@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Not this folder (this file would shadow the standard library's queue); this checkout, and the tests'
-# process helpers.
+# This checkout and the tests' process helpers; not this folder (a script here named like a standard
+# module, as this one was, would shadow it).
 sys.path[:] = [
     str(ROOT),
     str(ROOT / "tests"),
