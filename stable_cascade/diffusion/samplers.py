@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,6 +47,48 @@ def ddpm_posterior(
     return (mean + std * noise).to(eps.dtype)
 
 
+class DDPMStep(NamedTuple):
+    """What one DDPM step needs that does not depend on x: the network's ratio (B,) in x's dtype,
+    and coefficients of shape (1, 1, …) (never 0-dim: type promotion), from :func:`ddpm_steps`."""
+
+    ratio: Tensor
+    sqrt_alpha: Tensor  # √ᾱ_t
+    sqrt_one_minus_alpha: Tensor  # √(1 − ᾱ_t)
+    mean_scale: Tensor  # √(1/α), α = ᾱ_t/ᾱ_prev
+    eps_scale: Tensor  # 1 − α
+    std: Tensor  # the posterior's standard deviation, 0 into t = 0
+
+    def x0(self, x: Tensor, eps: Tensor) -> Tensor:
+        """The step's prediction of the clean sample, in x's dtype."""
+        return ((x - self.sqrt_one_minus_alpha * eps) / self.sqrt_alpha).to(x.dtype)
+
+    def posterior(self, x: Tensor, eps: Tensor, generator: Generators | None) -> Tensor:
+        """:func:`ddpm_posterior`, bit for bit: the same operations on x, in the same order."""
+        mean = self.mean_scale * (x - self.eps_scale * eps / self.sqrt_one_minus_alpha)
+        noise = randn(mean.shape, generator, device=eps.device, dtype=eps.dtype)
+        return (mean + self.std * noise).to(eps.dtype)
+
+
+def ddpm_steps(schedule: Schedule, x: Tensor) -> list[DDPMStep]:
+    """Every step's :class:`DDPMStep`, computed at once with :func:`ddpm_posterior`'s operations."""
+    view = (-1,) + (1,) * (x.ndim - 1)
+    cast = schedule.ratio[:-1].to(x.dtype)  # diffusers' pipelines pass ``t.expand(B).to(dtype)``
+    if schedule.alpha_cumprod_fn is not None:  # diffusers: ᾱ_t at the cast ratio, ᾱ_prev at t[i+1]
+        alpha_t = schedule.alpha_cumprod_fn(cast)
+        # float32 t as diffusers; float64 x gets float64 t, whose ᾱ clamps exactly like ᾱ_t's.
+        alpha_prev = schedule.alpha_cumprod_fn(schedule.t[1:].to(_working_dtype(x)))
+    else:
+        alpha_t, alpha_prev = schedule.alpha_cumprod[:-1], schedule.alpha_cumprod[1:]
+    alpha_t, alpha_prev = alpha_t.reshape(view), alpha_prev.reshape(view)
+    alpha = alpha_t / alpha_prev
+    std = ((1 - alpha) * (1.0 - alpha_prev) / (1.0 - alpha_t)).sqrt()
+    std = std * (schedule.t[1:] != 0).to(std.dtype).reshape(view)  # no noise into t = 0
+    columns = (alpha_t.sqrt(), (1 - alpha_t).sqrt(), (1.0 / alpha).sqrt(), 1 - alpha, std)
+    return [
+        DDPMStep(r.expand(x.shape[0]), *(c[i : i + 1] for c in columns)) for i, r in enumerate(cast.unbind())
+    ]
+
+
 def ddpm(
     eps_model: NoiseModel,
     x: Tensor,
@@ -54,23 +97,25 @@ def ddpm(
     callback: StepCallback | None = None,
     progress: Progress | None = None,
 ) -> SamplerResult:
-    """Ancestral DDPM, bit-identical to diffusers' pipelines looping ``DDPMWuerstchenScheduler.step``."""
-    schedule = schedule.to(x.device)
-    x0 = x
+    """Ancestral DDPM, bit-identical to diffusers' pipelines looping ``DDPMWuerstchenScheduler.step``.
+
+    A step is the network call and the posterior's arithmetic on x: the schedule's part is computed
+    once per run (:func:`ddpm_steps`), and the x0 prediction only where it is used (every step with
+    a ``callback``, else the last step's, after the loop).
+    """
+    steps = ddpm_steps(schedule.to(x.device), x)
+    x0: Tensor | None = None
+    last: tuple[DDPMStep, Tensor, Tensor] | None = None  # the latest step, its x and ε
     for i in _indices(schedule, progress):
-        ratio = _ratio(schedule, i, x)
-        eps = eps_model(x, ratio)
-        if schedule.alpha_cumprod_fn is not None:  # diffusers: ᾱ_t at the cast ratio, ᾱ_prev at t[i+1]
-            alpha_t = schedule.alpha_cumprod_fn(ratio)
-            # float32 t as diffusers; float64 x gets float64 t, whose ᾱ clamps exactly like ᾱ_t's.
-            alpha_prev = schedule.alpha_cumprod_fn(schedule.t[i + 1 : i + 2].to(_working_dtype(x)))
-        else:
-            alpha_t, alpha_prev = schedule.alpha_cumprod[i : i + 1], schedule.alpha_cumprod[i + 1 : i + 2]
-        a_t = alpha_t.reshape((-1,) + (1,) * (x.ndim - 1))
-        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).to(x.dtype)
-        x = ddpm_posterior(x, eps, alpha_t, alpha_prev, schedule.t[i + 1], generator)
-        x = _after_step(callback, i, schedule, x, x0)
-    return SamplerResult(sample=x, x0=x0)
+        eps = eps_model(x, steps[i].ratio)
+        last = (steps[i], x, eps)
+        x0 = steps[i].x0(x, eps) if callback is not None else None
+        x = steps[i].posterior(x, eps, generator)
+        if x0 is not None:
+            x = _after_step(callback, i, schedule, x, x0)
+    if last is None:
+        return SamplerResult(sample=x, x0=x)
+    return SamplerResult(sample=x, x0=x0 if x0 is not None else last[0].x0(last[1], last[2]))
 
 
 def ddim(
@@ -92,9 +137,10 @@ def ddim(
     schedule = schedule.to(x.device)
     alphas = schedule.alpha_cumprod.tolist()
     work = _working_dtype(x)
+    ratios = _ratios(schedule, x)
     x0 = x
     for i in _indices(schedule, progress):
-        eps = eps_model(x, _ratio(schedule, i, x))
+        eps = eps_model(x, ratios[i])
         (a, b), (a_prev, b_prev) = _scales(alphas[i]), _scales(alphas[i + 1])
         xw, ew = x.to(work), eps.to(work)
         pred = (xw - b * ew) / a
@@ -126,9 +172,10 @@ def euler_ancestral(
     schedule = schedule.to(x.device)
     alphas, times = schedule.alpha_cumprod.tolist(), schedule.t.tolist()
     work = _working_dtype(x)
+    ratios = _ratios(schedule, x)
     x0 = x
     for i in _indices(schedule, progress):
-        eps = eps_model(x, _ratio(schedule, i, x))
+        eps = eps_model(x, ratios[i])
         a, b = _scales(alphas[i])
         ew = eps.to(work)
         pred = (x.to(work) - b * ew) / a
@@ -165,10 +212,11 @@ def dpmpp_2m(
     schedule = schedule.to(x.device)
     alphas, times = schedule.alpha_cumprod.tolist(), schedule.t.tolist()
     work = _working_dtype(x)
+    ratios = _ratios(schedule, x)
     x0 = x
     previous: tuple[Tensor, float] | None = None  # (x0 prediction, h) of the previous step
     for i in _indices(schedule, progress):
-        eps = eps_model(x, _ratio(schedule, i, x))
+        eps = eps_model(x, ratios[i])
         a, b = _scales(alphas[i])
         xw = x.to(work)
         pred = (xw - b * eps.to(work)) / a
@@ -204,9 +252,10 @@ def lcm(
     schedule = schedule.to(x.device)
     alphas = schedule.alpha_cumprod.tolist()
     work = _working_dtype(x)
+    ratios = _ratios(schedule, x)
     x0 = x
     for i in _indices(schedule, progress):
-        eps = eps_model(x, _ratio(schedule, i, x))
+        eps = eps_model(x, ratios[i])
         a, b = _scales(alphas[i])
         pred = (x.to(work) - b * eps.to(work)) / a
         if i == schedule.steps - 1:
@@ -242,9 +291,9 @@ def _indices(schedule: Schedule, progress: Progress | None) -> Iterable[int]:
     return steps if progress is None else progress(steps)
 
 
-def _ratio(schedule: Schedule, i: int, x: Tensor) -> Tensor:
-    # (B,) in x's dtype, as diffusers' pipelines pass ``t.expand(B).to(dtype)``.
-    return schedule.ratio[i].expand(x.shape[0]).to(x.dtype)
+def _ratios(schedule: Schedule, x: Tensor) -> list[Tensor]:
+    # Per step (B,) in x's dtype, as diffusers' pipelines pass ``t.expand(B).to(dtype)``: cast once.
+    return [r.expand(x.shape[0]) for r in schedule.ratio[:-1].to(x.dtype).unbind()]
 
 
 def _after_step(callback: StepCallback | None, i: int, schedule: Schedule, x: Tensor, x0: Tensor) -> Tensor:

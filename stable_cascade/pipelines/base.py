@@ -24,6 +24,7 @@ from stable_cascade.pipelines import offload
 from stable_cascade.pipelines.compat import DiffusersPipelineMixin
 from stable_cascade.pipelines.persistence import PipelineLoading
 from stable_cascade.sampling.noise_model import LoopControl
+from stable_cascade.sampling.phases import phase
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Pipeline(PipelineLoading, DiffusersPipelineMixin):
     """
 
     offload_order: ClassVar[tuple[str, ...]] = ()
+    phase_stage: ClassVar[str] = "pipeline"  # names its timed phases (sampling.phases): "Stage C", …
     model_cpu_offload_seq: ClassVar[str] = ""  # diffusers' form of offload_order: "a->b->c"
     _optional_components: ClassVar[list[str]] = []
 
@@ -283,7 +285,9 @@ class Pipeline(PipelineLoading, DiffusersPipelineMixin):
         ``tokenizer`` and ``text_encoder``."""
         text_encoder = self.activate("text_encoder")
         tokenizer = getattr(self, "tokenizer", None)
-        return encode_prompts(tokenizer, text_encoder, device=device or self.execution_device, **arguments)
+        device = device or self.execution_device
+        with phase(f"{self.phase_stage} text encoding"):
+            return encode_prompts(tokenizer, text_encoder, device=device, **arguments)
 
     # -- progress bars -----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
-from stable_cascade.conditioning.text import TextEmbeddings, check_text_arguments
+from stable_cascade.conditioning.text import check_text_arguments
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
 from stable_cascade.diffusion.noise import Generators
 from stable_cascade.diffusion.presets import StageSettings, stage_settings
@@ -26,7 +26,12 @@ from stable_cascade.nn.effnet import EfficientNetEncoder
 from stable_cascade.nn.stage_a import PaellaVQModel
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
-from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.callbacks import (
+    PipelineCallback,
+    check_callback_inputs,
+    decoder_callback_tensors,
+    step_callback,
+)
 from stable_cascade.pipelines.checks import check_steps, check_text_widths, check_timesteps
 from stable_cascade.pipelines.checks import image_embeddings as checked_image_embeddings
 from stable_cascade.pipelines.lora import LoraLoaderMixin
@@ -34,12 +39,14 @@ from stable_cascade.pipelines.outputs import ImagePipelineOutput, Images, check_
 from stable_cascade.pipelines.prior import ImageInput
 from stable_cascade.pipelines.sizes import check_image_size, check_pixel_count, decoder_latent_size
 from stable_cascade.sampling.loop import initial_latents, run_stage
+from stable_cascade.sampling.phases import phase
 
 
 class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
     """Stage B latent diffusion followed by the Stage A decoder; LoRAs adapt ``decoder``, ``text_encoder``."""
 
     diffusers_class_name = "StableCascadeDecoderPipeline"
+    phase_stage = "Stage B"
     lora_components = ("decoder", "text_encoder")
     optional_components = frozenset({"effnet"})
     extra_components = frozenset({"effnet"})
@@ -197,11 +204,6 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             self.scheduler,
             image_size=image_size,
         )
-        tensors = {  # as diffusers: the pooled embeddings of the guided batch [cond; uncond]
-            "prompt_embeds_pooled": _guided_batch(text.cond.pooled, text.uncond),
-            "negative_prompt_embeds": text.uncond.hidden if text.uncond is not None else None,
-            "image_embeddings": effnet,
-        }
         x = run_stage(
             decoder,
             cond,
@@ -210,11 +212,22 @@ class StableCascadeDecoderPipeline(LoraLoaderMixin, Pipeline):
             settings,
             self.scheduler.config,
             generator,
-            step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
+            step_callback(
+                self,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                lambda: decoder_callback_tensors(text, effnet),
+            ),
             self.progress_bar,
             control=self._loop,
         )
-        images: Images = x if output_type == "latent" else postprocess(self.decode_latents(x), output_type)
+        if output_type == "latent":
+            images: Images = x
+        else:
+            with phase("Stage A decode"):
+                decoded = self.decode_latents(x)
+            with phase(f"output conversion ({output_type})"):
+                images = postprocess(decoded, output_type)
         self.offload_all()
         return ImagePipelineOutput(images) if return_dict else (images,)
 
@@ -356,7 +369,3 @@ def _prompt_batch(prompt: str | list[str] | None, embeds: Tensor | None, pooled:
         if tensor is not None:
             return tensor.shape[0]
     raise ValueError("pass a prompt, or prompt_embeds_pooled (with prompt_embeds) from the prior pipeline")
-
-
-def _guided_batch(cond: Tensor, uncond: TextEmbeddings | None) -> Tensor:
-    return torch.cat([cond, uncond.pooled]) if uncond is not None else cond

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
+import torch
 from torch import Tensor
 
 OutputType = Literal["pt", "np", "pil", "latent"]
@@ -55,13 +56,17 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
 
 
 def postprocess(images: Tensor, output_type: str) -> Images:
-    """Images (B, 3, H, W) in [0, 1] as a tensor ("pt"), NHWC float array ("np") or PIL images."""
+    """Images (B, 3, H, W) in [0, 1] as a tensor ("pt"), NHWC float array ("np") or PIL images.
+
+    PIL: diffusers' ``(x · 255).round()`` to bytes in float32 (round half to even, as numpy), done
+    where the images are, so a GPU hands over bytes, not floats.
+    """
     if output_type == "pt":
         return images
-    array = to_numpy(images.permute(0, 2, 3, 1))  # (B, H, W, 3)
     if output_type == "np":
-        return array
-    return [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in array]
+        return to_numpy(images.permute(0, 2, 3, 1))  # (B, H, W, 3)
+    pixels = (images.detach().float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return [PIL.Image.fromarray(image) for image in pixels.contiguous().cpu().numpy()]
 
 
 def as_numpy_if(value: Tensor | None, convert: bool) -> Tensor | np.ndarray | None:

@@ -29,7 +29,12 @@ from stable_cascade.nn.layers import resize_like
 from stable_cascade.nn.previewer import Previewer
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.pipelines.base import Pipeline
-from stable_cascade.pipelines.callbacks import PipelineCallback, check_callback_inputs, step_callback
+from stable_cascade.pipelines.callbacks import (
+    PipelineCallback,
+    check_callback_inputs,
+    prior_callback_tensors,
+    step_callback,
+)
 from stable_cascade.pipelines.checks import (
     check_steps,
     check_text_widths,
@@ -43,6 +48,7 @@ from stable_cascade.pipelines.lora import LoraLoaderMixin
 from stable_cascade.pipelines.outputs import StableCascadePriorPipelineOutput, as_numpy_if, check_output_type
 from stable_cascade.pipelines.sizes import check_image_size, prior_latent_size
 from stable_cascade.sampling.loop import initial_latents, run_stage
+from stable_cascade.sampling.phases import phase
 from stable_cascade.specs.controlnet import ControlType
 
 if TYPE_CHECKING:  # annotation only: importing it without torchvision logs a warning
@@ -58,6 +64,7 @@ class StableCascadePriorPipeline(IPAdapterMixin, LoraLoaderMixin, Pipeline):
     IP-Adapters attach to ``prior``."""
 
     diffusers_class_name = "StableCascadePriorPipeline"
+    phase_stage = "Stage C"
     optional_components = frozenset(
         {"feature_extractor", "image_encoder", "effnet", "previewer", "controlnet"}
     )
@@ -248,10 +255,6 @@ class StableCascadePriorPipeline(IPAdapterMixin, LoraLoaderMixin, Pipeline):
             init = self._init_latents(
                 image, strength, (height, width), shape, text.batch_size, num_images_per_prompt
             )
-        hidden = (
-            torch.cat([text.cond.hidden, text.uncond.hidden]) if text.uncond is not None else text.cond.hidden
-        )
-        tensors = {"text_encoder_hidden_states": hidden, "negative_prompt_embeds": _hidden(text.uncond)}
         request = ControlRequest(control_image, mask_image, controlnet_conditioning_scale, control_type)
         residuals = self._control(request, height, width, text.batch_size, num_images_per_prompt)
         x = run_stage(
@@ -262,7 +265,12 @@ class StableCascadePriorPipeline(IPAdapterMixin, LoraLoaderMixin, Pipeline):
             settings,
             self.scheduler.config,
             generator,
-            step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors),
+            step_callback(
+                self,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                lambda: prior_callback_tensors(text),
+            ),
             self.progress_bar,
             init=init,
             strength=strength,
@@ -271,13 +279,14 @@ class StableCascadePriorPipeline(IPAdapterMixin, LoraLoaderMixin, Pipeline):
         )
         self.offload_all()
         numpy = output_type == "np"
-        outputs = (
-            as_numpy_if(x, numpy),
-            as_numpy_if(text.cond.hidden, numpy),
-            text.cond.pooled,
-            as_numpy_if(_hidden(text.uncond), numpy),
-            text.uncond.pooled if text.uncond is not None else None,
-        )
+        with phase(f"Stage C output conversion ({output_type})"):
+            outputs = (
+                as_numpy_if(x, numpy),
+                as_numpy_if(text.cond.hidden, numpy),
+                text.cond.pooled,
+                as_numpy_if(text.uncond.hidden if text.uncond is not None else None, numpy),
+                text.uncond.pooled if text.uncond is not None else None,
+            )
         return StableCascadePriorPipelineOutput(*outputs) if return_dict else outputs  # type: ignore[arg-type]
 
     def check_inputs(
@@ -364,7 +373,3 @@ class StableCascadePriorPipeline(IPAdapterMixin, LoraLoaderMixin, Pipeline):
         latent = effnet.encode(pixels.to(self.execution_device, effnet.dtype))  # (N, 16, h', w')
         latent = resize_like(latent, (shape[-2], shape[-1])).to(self.prior.dtype)
         return per_image(latent, batch_size, per_prompt, "image")
-
-
-def _hidden(embeddings: Any) -> Tensor | None:
-    return embeddings.hidden if embeddings is not None else None

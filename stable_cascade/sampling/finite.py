@@ -14,25 +14,27 @@ Conditioning = Mapping[str, Tensor]
 
 
 class FiniteWatch:
-    """A noise model that records the first step whose prediction holds NaN or Inf.
+    """A noise model that records, per step, whether its prediction was free of NaN and Inf.
 
-    The record stays on the device, so watching costs no host synchronisation per step;
-    :func:`check_finite_run` reads it once, after sampling.
+    The records stay on the device (one () bool tensor per step, the only work added to a step), so
+    watching costs no host synchronisation; :func:`check_finite_run` reads them once, after sampling.
     """
 
     def __init__(self, eps_model: NoiseModel) -> None:
         self.eps_model = eps_model
-        self.calls = 0
-        self.first_bad: Tensor | None = None  # () int64 step index, -1 while every step is finite
+        self.finite: list[Tensor] = []  # per call: () bool
 
     def __call__(self, x: Tensor, ratio: Tensor) -> Tensor:
         eps = self.eps_model(x, ratio)
-        if self.first_bad is None:
-            self.first_bad = torch.full((), -1, dtype=torch.int64, device=eps.device)
-        bad = ~torch.isfinite(eps).all() & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, self.calls, self.first_bad)
-        self.calls += 1
+        self.finite.append(torch.isfinite(eps).all())
         return eps
+
+    def first_bad(self, device: torch.device) -> Tensor:
+        """() int64 on ``device``: the first call whose prediction held NaN/Inf, -1 if none did."""
+        if not self.finite:
+            return torch.full((), -1, dtype=torch.int64, device=device)
+        bad = ~torch.stack(self.finite).to(device)
+        return torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
 
 
 def stage_name(unet: StableCascadeUNet) -> str:
@@ -77,8 +79,8 @@ def check_finite_run(
 
     The three checks are read from the device in one go, after sampling.
     """
-    first_bad = watch.first_bad if watch.first_bad is not None else torch.full((), -1, device=out.device)
-    flags = torch.stack([~inputs_finite, first_bad.to(inputs_finite.device), ~torch.isfinite(out).all()])
+    first_bad = watch.first_bad(inputs_finite.device)
+    flags = torch.stack([~inputs_finite, first_bad, ~torch.isfinite(out).all()])
     inputs_bad, bad_step, out_bad = (int(v) for v in flags.to(torch.int64).tolist())
     if inputs_bad:
         bad = sorted(name for name, value in cond.items() if not bool(torch.isfinite(value).all()))

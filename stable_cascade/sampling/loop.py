@@ -25,6 +25,7 @@ from stable_cascade.diffusion.timesteps import (
 from stable_cascade.nn.unet import StableCascadeUNet
 from stable_cascade.sampling.finite import FiniteWatch, all_finite, check_finite_run
 from stable_cascade.sampling.noise_model import Conditioning, LoopControl, guided_noise_model
+from stable_cascade.sampling.phases import phase, timed_steps
 from stable_cascade.specs import SchedulerConfig
 
 
@@ -94,26 +95,31 @@ def run_stage(
         )
     if settings.guidance > 1 and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional conditioning")
-    control = control or LoopControl()
-    control.guidance_scale = settings.guidance
-    eps = guided_noise_model(unet, cond, uncond, settings.rescale, control, residuals)
-    guided = settings.guidance > 1
-    negative = {f"negative {name}": value for name, value in (uncond or {}).items()} if guided else {}
-    conditions = {**cond, **negative}
-    inputs_finite = all_finite(*conditions.values(), latents, *(() if init is None else (init,)))
-    schedule = build_schedule(settings, scheduler, latents.device)
-    control.num_timesteps = schedule.steps
-    if init is not None and strength < 1:
-        start = schedule.steps - round(schedule.steps * strength)
-        control.num_timesteps = schedule.steps - start
-        if start == schedule.steps:
-            return init.to(latents.dtype)
-        alpha = schedule.alpha_cumprod[start].to(latents.dtype)
-        latents = alpha.sqrt() * init.to(latents.dtype) + (1 - alpha).sqrt() * latents
-        schedule = schedule.tail(start)
-    sampler = get_sampler(settings.sampler)
-    watch = FiniteWatch(eps)
-    result = sampler(watch, latents, schedule, generator=generator, callback=callback, progress=progress)
+    stage = "Stage B" if unet.config.is_stage_b else "Stage C"
+    with phase(f"{stage} set-up"):
+        control = control or LoopControl()
+        control.guidance_scale = settings.guidance
+        eps = guided_noise_model(unet, cond, uncond, settings.rescale, control, residuals)
+        guided = settings.guidance > 1
+        negative = {f"negative {name}": value for name, value in (uncond or {}).items()} if guided else {}
+        conditions = {**cond, **negative}
+        inputs_finite = all_finite(*conditions.values(), latents, *(() if init is None else (init,)))
+        schedule = build_schedule(settings, scheduler, latents.device)
+        control.num_timesteps = schedule.steps
+        if init is not None and strength < 1:
+            start = schedule.steps - round(schedule.steps * strength)
+            control.num_timesteps = schedule.steps - start
+            if start == schedule.steps:
+                return init.to(latents.dtype)
+            alpha = schedule.alpha_cumprod[start].to(latents.dtype)
+            latents = alpha.sqrt() * init.to(latents.dtype) + (1 - alpha).sqrt() * latents
+            schedule = schedule.tail(start)
+        sampler = get_sampler(settings.sampler)
+        eps.prepare(latents)  # the UNet's step-invariant work, here rather than in the first step
+        watch = FiniteWatch(eps)
+    steps = timed_steps(stage, progress)
+    result = sampler(watch, latents, schedule, generator=generator, callback=callback, progress=steps)
     handed_on = result.x0 if settings.hand_on == "x0" else result.sample
-    check_finite_run(unet, conditions, inputs_finite, watch, handed_on, schedule.steps)
+    with phase(f"{stage} NaN check"):
+        check_finite_run(unet, conditions, inputs_finite, watch, handed_on, schedule.steps)
     return handed_on

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from stable_cascade.diffusion.guidance import classifier_free_guidance
-from stable_cascade.diffusion.timesteps import NoiseModel
 from stable_cascade.nn.unet import StableCascadeUNet, UNetCache
 
 Conditioning = Mapping[str, Tensor]
@@ -83,6 +82,36 @@ def unet_noise_model(
     return PreparedUNet(unet, conditioning, residuals)
 
 
+class GuidedNoiseModel:
+    """``eps(x, ratio)`` of a UNet guided with ``control.guidance_scale``, read before every step: a
+    pipeline callback may change it (diffusers' ``pipe._guidance_scale = 0.0``); at most 1, the
+    conditional branch runs alone. :meth:`prepare` does the step-invariant work ahead of the loop."""
+
+    def __init__(
+        self, alone: PreparedUNet, both: PreparedUNet | None, rescale: float, control: LoopControl
+    ) -> None:
+        self.alone, self.both, self.rescale, self.control = alone, both, rescale, control
+
+    def prepare(self, x: Tensor) -> None:
+        """Prepare the UNet's cache for x (B, ...) and the branches the current guidance scale runs."""
+        size = (x.shape[-2], x.shape[-1])
+        if self.control.guidance_scale > 1 and self.both is not None:
+            self.both.cache_for(2 * x.shape[0], size)
+        else:
+            self.alone.cache_for(x.shape[0], size)
+
+    def __call__(self, x: Tensor, ratio: Tensor) -> Tensor:
+        scale = self.control.guidance_scale
+        if scale <= 1:
+            return self.alone(x, ratio)
+        if self.both is None:
+            raise ValueError(
+                f"guidance_scale was raised to {scale} during sampling, but the call ran without "
+                "classifier-free guidance (no negative embeddings); pass guidance_scale > 1 to the call"
+            )
+        return self.both.guided(x, ratio, scale, self.rescale)
+
+
 def guided_noise_model(
     unet: StableCascadeUNet,
     cond: Conditioning,
@@ -90,28 +119,16 @@ def guided_noise_model(
     rescale: float,
     control: LoopControl,
     residuals: Sequence[Tensor | None] | None = None,
-) -> NoiseModel:
-    """``unet`` guided with ``control.guidance_scale``, read before every step: a pipeline callback may
-    change it (diffusers' ``pipe._guidance_scale = 0.0``); at most 1, the conditional branch runs alone."""
+) -> GuidedNoiseModel:
+    """``unet`` guided with ``control.guidance_scale`` (see :class:`GuidedNoiseModel`); ``uncond``:
+    the unconditional branch (None: guidance cannot be turned on)."""
     both = (
         unet_noise_model(unet, guided_conditioning(cond, uncond, unet.dtype), residuals)
         if uncond is not None
         else None
     )
     alone = unet_noise_model(unet, guided_conditioning(cond, None, unet.dtype), residuals)
-
-    def eps(x: Tensor, ratio: Tensor) -> Tensor:
-        scale = control.guidance_scale
-        if scale <= 1:
-            return alone(x, ratio)
-        if both is None:
-            raise ValueError(
-                f"guidance_scale was raised to {scale} during sampling, but the call ran without "
-                "classifier-free guidance (no negative embeddings); pass guidance_scale > 1 to the call"
-            )
-        return both.guided(x, ratio, scale, rescale)
-
-    return eps
+    return GuidedNoiseModel(alone, both, rescale, control)
 
 
 def guided_conditioning(cond: Conditioning, uncond: Conditioning | None, dtype: torch.dtype) -> Conditioning:

@@ -1,7 +1,7 @@
 """The job store's cost and the demo's throughput across worker processes (issue 28).
 
-    python benchmarks/queue.py overhead --jobs 200 --events 20
-    python benchmarks/queue.py throughput --jobs 30 --workers 1 2 3
+    python benchmarks/job_queue.py overhead --jobs 200 --events 20
+    python benchmarks/job_queue.py throughput --jobs 30 --workers 1 2 3
 
 ``overhead``: per job, what the queue adds around the work — claim, ``--events`` progress posts and
 the result (one PNG of ``--png-kib`` recorded, then the end) — on SQLite (a data folder, synchronous
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Not this folder (this file would shadow the standard library's queue); this checkout, and the tests'
-# process helpers.
+# This checkout and the tests' process helpers; not this folder (a script here named like a standard
+# module, as this one was, would shadow it).
 sys.path[:] = [
     str(ROOT),
     str(ROOT / "tests"),
