@@ -5,7 +5,6 @@ must move the student's 1- and 2-step samples towards the teacher's 50-step ones
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import Launcher, components, launcher, write_images  # noqa: F401  (a fixture)
+from test_training import Launcher, components, launcher, one_thread, write_images  # noqa: F401  (fixtures)
 
 import tiny
 from stable_cascade.diffusion.ddpm_scheduler import DDPMWuerstchenScheduler
@@ -31,15 +30,6 @@ from stable_cascade.training.data import bucketed_dataset, collate, find_example
 from stable_cascade.training.lcm_task import LCMDistillation
 
 STAGES = {"c": "prior", "b": "decoder"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

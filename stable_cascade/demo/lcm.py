@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from stable_cascade.checkpoint import save_tensors_file
 from stable_cascade.checkpoint.atomic import atomic_folder, write_text
+from stable_cascade.demo.configs import train_config
 from stable_cascade.demo.settings import DEMO_SIZE, LCM_FOLDER, Recipe
 from stable_cascade.loading.bundles import DEMO_DIR
 from stable_cascade.shapes import write_dataset
@@ -45,15 +46,11 @@ def timer(times: dict[str, float]) -> Timed:
 def lcm_config(recipe: Recipe, stage: LCMStage, data: Path, model: Path, out: Path) -> TrainConfig:
     """The LCM LoRA of one stage (``c`` or ``b``) of the demo cascade in ``model``: its raw weights (no
     EMA, no warm-up: the run is short), the stage's batch size, its teacher's guidance range."""
-    return TrainConfig(
-        task="lcm",
-        data=data,
-        output_dir=out,
-        resolution=DEMO_SIZE,
-        lr=recipe.lr,
-        seed=recipe.seed,
-        checkpoint_every=1_000,
-        log_every=100,
+    return train_config(
+        recipe,
+        "lcm",
+        data,
+        out,
         teacher=model / ("prior" if stage == "c" else "decoder"),
         lcm_stage=stage,
         steps=recipe.lcm_steps,

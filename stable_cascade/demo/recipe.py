@@ -44,6 +44,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from stable_cascade.checkpoint import read_json_object
 from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
+from stable_cascade.demo.configs import train_config
 from stable_cascade.demo.images import image_encoder_step, ip_adapter_config, stage_c_image_run
 from stable_cascade.demo.lcm import distil_lcm, timer, train_demo_lcm
 from stable_cascade.demo.pipeline import DemoCascadePipeline
@@ -98,23 +99,6 @@ def fresh_text_encoder(folder: Path, seed: int) -> Path:
     return folder
 
 
-def _config(recipe: Recipe, task: str, data: Path, out: Path, **changes: Any) -> TrainConfig:
-    base = TrainConfig(
-        task=task,  # type: ignore[arg-type]
-        data=data,
-        output_dir=out,
-        resolution=DEMO_SIZE,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        warmup_steps=100,
-        ema_decay=recipe.ema_decay,
-        checkpoint_every=1_000,
-        log_every=100,
-        seed=recipe.seed,
-    )
-    return base.replace(**changes)
-
-
 @torch.no_grad()
 def calibrate_stage_a(folder: Path, data: Path, count: int = 256) -> float:
     """Set Stage A's ``scale_factor`` to the standard deviation of its latents on the training images,
@@ -138,7 +122,7 @@ def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[T
         tokenizer=tokenizer,
         text_encoder=text_encoder,
     )
-    config = _config(
+    config = train_config(
         recipe,
         "stage-c",
         data,
@@ -152,7 +136,7 @@ def stage_c_run(recipe: Recipe, data: Path, decoder: Path, out: Path) -> tuple[T
 
 def stage_c_config(recipe: Recipe, data: Path, out: Path, **changes: Any) -> TrainConfig:
     """Stage C's settings in the recipe (its own batch size) with ``changes``."""
-    return _config(recipe, "stage-c", data, out, batch_size=recipe.stage_c_batch_size, **changes)
+    return train_config(recipe, "stage-c", data, out, batch_size=recipe.stage_c_batch_size, **changes)
 
 
 def refine_config(recipe: Recipe, data: Path, decoder: Path, prior: Path, out: Path) -> TrainConfig:
@@ -172,7 +156,7 @@ def refine_config(recipe: Recipe, data: Path, decoder: Path, prior: Path, out: P
 
 def stage_b_config(recipe: Recipe, data: Path, out: Path, **changes: Any) -> TrainConfig:
     scale = (recipe.effnet_scale, recipe.effnet_scale)
-    return _config(
+    return train_config(
         recipe,
         "stage-b",
         data,
@@ -185,7 +169,7 @@ def stage_b_config(recipe: Recipe, data: Path, out: Path, **changes: Any) -> Tra
 
 def previewer_config(recipe: Recipe, data: Path, decoder: Path, out: Path) -> TrainConfig:
     """The previewer, fresh, on the EfficientNet encoder of the decoder pipeline ``decoder``."""
-    return _config(
+    return train_config(
         recipe,
         "previewer",
         data,
@@ -211,7 +195,7 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
     timed = timer(times)
     stage_a = timed(
         "stage-a",
-        _config(
+        train_config(
             recipe, "stage-a", data, out / "stage_a", init_config="demo_vqgan", steps=recipe.stage_a_steps
         ),
     )
