@@ -35,24 +35,12 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 @pytest.fixture(scope="module")
 def prior_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, StableCascadePriorPipeline]:
-    folder = tmp_path_factory.mktemp("prior")
-    reference = tiny.diffusers_prior_pipeline(folder / "build")
-    reference.save_pretrained(folder / "saved")
-    ours = StableCascadePriorPipeline.from_pretrained(folder / "saved")
-    for pipe in (reference, ours):
-        pipe.set_progress_bar_config(disable=True)
-    return reference, ours
+    return tiny.diffusers_and_ours(tmp_path_factory.mktemp("prior"), "prior")
 
 
 @pytest.fixture(scope="module")
 def decoder_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, StableCascadeDecoderPipeline]:
-    folder = tmp_path_factory.mktemp("decoder")
-    reference = tiny.diffusers_decoder_pipeline(folder / "build")
-    reference.save_pretrained(folder / "saved")
-    ours = StableCascadeDecoderPipeline.from_pretrained(folder / "saved")
-    for pipe in (reference, ours):
-        pipe.set_progress_bar_config(disable=True)
-    return reference, ours
+    return tiny.diffusers_and_ours(tmp_path_factory.mktemp("decoder"), "decoder")
 
 
 # -- signatures and class attributes ----------------------------------------------------------------

@@ -130,6 +130,22 @@ def diffusers_decoder_pipeline(folder: Path, seed: int = 0) -> Any:
     )
 
 
+def diffusers_and_ours(folder: Path, stage: str) -> tuple[Any, Any]:
+    """diffusers' tiny ``prior`` or ``decoder`` pipeline and ours loaded from the folder it saved (under
+    ``folder``), both with their progress bars off."""
+    from stable_cascade.pipelines.decoder import StableCascadeDecoderPipeline
+    from stable_cascade.pipelines.prior import StableCascadePriorPipeline
+
+    build = diffusers_prior_pipeline if stage == "prior" else diffusers_decoder_pipeline
+    ours_class = StableCascadePriorPipeline if stage == "prior" else StableCascadeDecoderPipeline
+    reference = build(folder / "build")
+    reference.save_pretrained(folder / "saved")  # diffusers 0.42 cannot load a decoder back; ours must
+    ours = ours_class.from_pretrained(folder / "saved")
+    for pipe in (reference, ours):
+        pipe.set_progress_bar_config(disable=True)
+    return reference, ours
+
+
 def save_pipelines(root: Path, effnet: bool = False) -> tuple[Path, Path]:
     """Our tiny prior (with a CLIP image encoder, and optionally an EfficientNet encoder) and decoder
     pipelines saved as ``root/prior`` and ``root/decoder``, the folders ``--prior``/``--decoder`` take."""
