@@ -30,8 +30,10 @@ from typing import Any
 
 import harness  # noqa: F401  (puts this checkout first on sys.path)
 import numpy as np
+import PIL.Image
 import torch
 
+from stable_cascade.checkpoint.atomic import atomic_path
 from stable_cascade.conditioning import encode_images
 from stable_cascade.demo.recipe import DEMO_DIR, DEMO_SIZE, evaluate_demo, load_demo, sample_grid
 from stable_cascade.demo.settings import IP_ADAPTER_FILE
@@ -173,7 +175,11 @@ def main() -> None:
         results["text_only"] = {kind: s.summary()["attributes"] for kind, s in scores.items()}
     results["seconds"] = round(time.perf_counter() - start)
     if args.picture is not None and examples:
-        sample_grid(examples, caption_height=20).save(args.picture)
+        with atomic_path(args.picture) as temporary:
+            picture = sample_grid(examples, caption_height=20)
+            picture.save(
+                temporary, format=PIL.Image.registered_extensions().get(args.picture.suffix.lower(), "PNG")
+            )
     print(json.dumps(results, indent=2))
 
 

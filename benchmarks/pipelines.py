@@ -45,6 +45,7 @@ from stable_cascade import (
     StableCascadeDecoderPipeline,
     StableCascadePriorPipeline,
 )
+from stable_cascade.checkpoint.atomic import write_text
 from stable_cascade.sampling.phases import record_phases
 from stable_cascade.specs import UNET_VARIANTS
 
@@ -301,8 +302,7 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at the end: {load:.2f}")
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "results": results}, file, indent=2)
+        write_text(args.json, json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
 
 
 if __name__ == "__main__":
