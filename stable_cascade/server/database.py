@@ -16,6 +16,7 @@ import abc
 import functools
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -181,12 +182,27 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=BUSY_SECONDS, check_same_thread=False, isolation_level=None)
     db.row_factory = sqlite3.Row
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        _write_ahead_log(db)
         db.execute(f"PRAGMA synchronous={synchronous}")
     except sqlite3.Error:
         db.close()
         raise
     return db
+
+
+def _write_ahead_log(db: sqlite3.Connection) -> None:
+    """Switch ``db`` to WAL mode. The switch needs the file to itself and SQLite answers "database is
+    locked" at once, without its busy wait, while another connection opens it: retried up to
+    ``BUSY_SECONDS``."""
+    deadline = time.monotonic() + BUSY_SECONDS
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class _BellListener(Listener):
