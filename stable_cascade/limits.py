@@ -26,6 +26,8 @@ MAX_SIDE = 8192
 MAX_PIXELS = 4096 * 4096
 MAX_STEPS = 1000
 MAX_IMAGES = 4096
+#: The largest seed: torch generators take 64-bit seeds, and every image's seed must be one.
+MAX_SEED = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -365,7 +365,7 @@ MISTAKES = {
     "missing image": (["variation", "{r}/nothing.png"], "does not exist"),
     "no prompt": (["generate"], "needs a PROMPT"),
     "one file, two images": (["generate", "x", "--batch-size", "2", "-o", "one.png"], "names one file"),
-    "unknown sampler": (["generate", "x", "--sampler", "heun"], "invalid choice: 'heun'"),
+    "unknown sampler": (["generate", "x", "--sampler", "heun"], "unknown Stage C sampler 'heun'"),
     "no parameters in the PNG": (["generate", "--from-png", "{r}/input.png"], "no generation parameters"),
     "overwrite": (["convert", "{r}/stage_c.safetensors", "{r}/prior"], "already exists"),
     "inspect a pickle": (["inspect", "{r}/model.ckpt"], "pickle file"),

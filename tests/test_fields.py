@@ -280,3 +280,18 @@ def test_the_diffusers_preset_is_diffusers_combined_pipelines_everywhere() -> No
     assert (preset.prior.steps, preset.decoder.steps) == steps
     args = build_parser().parse_args(["generate", "x", "--preset", "diffusers"])
     assert (job_of(args)[0].prior_steps, job_of(args)[0].decoder_steps) == steps
+
+
+@pytest.mark.parametrize(
+    "name", [f.name for f in FIELDS if f.kind == "choice" and f.name != "model" and f.carried_by("cli")]
+)
+def test_a_wrong_choice_gets_the_engines_message_on_the_command_line(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Validation is the engine's: the command line answers a wrong choice with the field's own check
+    (which a job runs; the server and batch files answer with it too)."""
+    with pytest.raises(ValueError) as engine:
+        BY_NAME[name].check("nope")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "x", BY_NAME[name].cli[0], "nope"])
+    assert f"{BY_NAME[name].cli[0]}: {engine.value}" in capsys.readouterr().err

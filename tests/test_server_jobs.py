@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 
 import httpx
+import jsonschema
 import PIL.Image
 import pytest
 from serving import PROMPT, ServerProcess, wait_for_job
@@ -168,6 +169,37 @@ def test_bad_requests_get_a_clear_4xx(server: ServerProcess) -> None:
     for answer, status, text in cases:
         assert answer.status_code == status, answer.text
         assert text in answer.json()["detail"], answer.json()
+
+
+def test_the_documented_request_schema_takes_what_the_server_takes(server: ServerProcess) -> None:
+    """``/docs`` shows the schema of ``POST /v1/jobs``: bodies the server takes fit it, and bodies it
+    refuses do not (lists where lists go, the queue's ``priority``, no unknown names)."""
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    schema = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    taken = [
+        {"prompt": PROMPT, "seed": 3, "prior_steps": 2, "decoder_steps": 2, "priority": 5},
+        {"prompt": PROMPT, "loras": [], "ip_adapters": [], "prior_steps": 2, "decoder_steps": 2},
+        {"prompt": PROMPT, "negative_prompt": "blurry", "prior_guidance": 2.0, "decoder_sampler": "ddpm",
+         "prior_steps": 2, "decoder_steps": 2, "width": 128, "height": 128},
+    ]  # fmt: skip
+    refused = [
+        {"prompt": PROMPT, "ip_adapters": "look:0.8"},
+        {"prompt": PROMPT, "loras": "look:0.8"},
+        {"prompt": PROMPT, "priority": 1001},
+        {"prompt": PROMPT, "prior_steps": 0},
+        {"prompt": PROMPT, "no_such_field": 1},
+    ]
+    with _client(server) as client:
+        for body in taken:
+            jsonschema.validate(body, schema)
+            answer = client.post("/v1/jobs", json=body)
+            assert answer.status_code == 201, answer.text
+            wait_for_job(server, answer.json()["id"])  # the queue holds 3
+        for body in refused:
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(body, schema)
+            answer = client.post("/v1/jobs", json=body)
+            assert answer.status_code == 422, (body, answer.text)
 
 
 def test_the_key_guards_everything_but_the_page(server: ServerProcess) -> None:

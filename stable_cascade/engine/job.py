@@ -23,8 +23,9 @@ from stable_cascade.engine.image_prompts import ImagePromptRef
 from stable_cascade.engine.loras import IPAdapterRef, LoraRef
 from stable_cascade.engine.resolve import MODEL_FIELDS, resolved_values, spread
 from stable_cascade.engine.stored import stored_values
-from stable_cascade.fields import FIELDS, LIST_KINDS, Task, defaults
+from stable_cascade.fields import FIELDS, LIST_KINDS, STAGE_KEYS, Task, defaults
 from stable_cascade.fields import checks as limits
+from stable_cascade.limits import MAX_SEED
 from stable_cascade.loading.bundles import BUNDLES
 from stable_cascade.loading.sources import ModelSources
 
@@ -116,9 +117,7 @@ class Job:
                 field.check(value, self.task)
             elif value not in (None, ()):
                 raise ValueError(field.not_applying(self.task))
-        limits.check_int(
-            "seed", self.seed, 0, limits.MAX_SEED - self.images, " (every image's seed must fit)"
-        )
+        limits.check_int("seed", self.seed, 0, MAX_SEED - self.images, " (every image's seed must fit)")
         if self.emphasis != "none":  # the weighting syntax is read (bounded) before any work
             for text in (self.prompt, self.negative_prompt):
                 parse_attention(text)
@@ -189,8 +188,7 @@ class Job:
         preset: StageSettings = getattr(get_preset(self.preset, COMBINED_PRESETS), stage)
         return dataclasses.replace(
             preset,
-            **{key: getattr(self, f"{stage}_{key}") for key in ("steps", "guidance", "sampler", "shift")},
-            rescale=getattr(self, f"{stage}_rescale"),
+            **{key: getattr(self, f"{stage}_{key}") for key in STAGE_KEYS},
         )
 
     @property

@@ -19,13 +19,12 @@ from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET
 from stable_cascade.engine.control import ControlRef, resolve_control, super_resolution_size
 from stable_cascade.engine.image_prompts import resolve_image_prompts
 from stable_cascade.engine.loras import IPAdapterRef, preset_loras, resolve_loras
-from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, TASKS
+from stable_cascade.fields import ALIASES, BY_NAME, FIELDS, STAGE_KEYS, TASKS
 from stable_cascade.fields import checks as limits
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.loading.native import native_size
 from stable_cascade.loading.sources import ModelSources
 
-DEFAULT_STRENGTH = 0.8  # the reference notebook's image-to-image strength
 MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(ModelSources))
 #: ControlRef attribute → the job's control field.
 CONTROL_FIELDS = {
@@ -68,7 +67,7 @@ def resolved_values(given: Mapping[str, Any]) -> dict[str, Any]:
     for stage in ("prior", "decoder"):
         settings = getattr(preset, stage)
         if BY_NAME[f"{stage}_steps"].applies(task, values):
-            for key in ("steps", "guidance", "sampler", "shift", "rescale"):
+            for key in STAGE_KEYS:
                 values.setdefault(f"{stage}_{key}", getattr(settings, key))
     super_resolution = control_size is not None and values["control_type"] == "super_resolution"
     if super_resolution and "width" not in values and "height" not in values:
@@ -76,7 +75,7 @@ def resolved_values(given: Mapping[str, Any]) -> dict[str, Any]:
     values["width"], values["height"] = _size(task, values, given.get("image_size"))
     values.setdefault("seed", random_seed())
     if task == "img2img":
-        values.setdefault("strength", DEFAULT_STRENGTH)
+        values.setdefault("strength", BY_NAME["strength"].default)
     return {
         field.name: values.get(field.name, field.default if field.applies(task, values) else field.empty)
         for field in FIELDS

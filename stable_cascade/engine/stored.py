@@ -13,9 +13,8 @@ from typing import Any
 from stable_cascade.engine.image_prompts import ImagePromptRef
 from stable_cascade.engine.loras import IPAdapterRef, LoraRef
 from stable_cascade.engine.resolve import CONTROL_FIELDS
-from stable_cascade.fields import BY_NAME, LIST_KINDS, Field, defaults
+from stable_cascade.fields import BY_NAME, LIST_KINDS, STAGE_KEYS, Field, defaults
 
-_STAGE_KEYS = ("steps", "guidance", "sampler", "shift", "rescale")
 _JSON_TYPES = {"int": "a whole number", "float": "a number", "loras": "a list of LoRAs"}
 _LORA = {"path": "str", "scale": "float", "sha256": "str?"}
 #: How jobs stored before the ``emphasis`` field encoded their prompts: as written.
@@ -110,10 +109,10 @@ def flatten(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             continue
         if not isinstance(settings, Mapping):
             raise ValueError(f"{source}: {stage} must be an object, got {kind_of(settings)}")
-        unknown = sorted(set(settings) - set(_STAGE_KEYS))
+        unknown = sorted(set(settings) - set(STAGE_KEYS))
         if unknown:
             raise ValueError(
-                f"{source}: unknown key {unknown[0]!r} in {stage}; known keys: {', '.join(_STAGE_KEYS)}"
+                f"{source}: unknown key {unknown[0]!r} in {stage}; known keys: {', '.join(STAGE_KEYS)}"
             )
         flat.update({f"{stage}_{key}": value for key, value in settings.items()})
     models = data.get("models", {})

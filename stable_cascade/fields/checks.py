@@ -15,7 +15,6 @@ DEFAULT_SIZE = 1024  # pixels per side, when neither the model nor the request s
 MIN_SIDE = 32
 MAX_BATCH_SIZE = 64
 MAX_COUNT = 100_000
-MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARACTERS = 100_000
 MAX_CONTROL_SCALE = 10.0  # ComfyUI's strength limit for ControlNets
 MAX_IMAGE_STRENGTH = 10.0  # an image prompt's strength: a multiple of its CLIP embedding

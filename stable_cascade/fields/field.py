@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from stable_cascade.fields import checks
+from stable_cascade.limits import MAX_SEED
 
 #: ``text`` (a prompt), ``int``, ``float``, ``choice`` (one of ``choices``), ``name`` (a model name or a
 #: file; the server takes names only), ``image`` (a picture: a path on the command line and in batch
@@ -100,7 +101,7 @@ class Field:
             needs = f"{task} needs the {self.label}" if task else f"{self.label} is missing"
             raise ValueError(f"{needs} ({self.help})")
         if self.kind == "int":
-            return checks.check_int(self.label, value, int(self.low or 0), int(self.high or checks.MAX_SEED))
+            return checks.check_int(self.label, value, int(self.low or 0), int(self.high or MAX_SEED))
         if self.kind == "float":
             low = -math.inf if self.low is None else self.low
             high = math.inf if self.high is None else self.high

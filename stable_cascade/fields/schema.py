@@ -8,9 +8,9 @@ from typing import Any
 from stable_cascade.diffusion.presets import COMBINED_PRESETS
 from stable_cascade.fields import checks
 from stable_cascade.fields.field import Field
-from stable_cascade.fields.table import FIELDS
+from stable_cascade.fields.table import FIELDS, STAGE_KEYS
 
-_JSON_TYPES = {"int": "integer", "float": "number", "loras": "array"}
+_JSON_TYPES = {"int": "integer", "float": "number", "loras": "array", "ip_adapters": "array"}
 #: What the API takes for an image field: an upload.
 UPLOAD = "a base64 image (or a data: URL); image files are never named"
 
@@ -18,7 +18,7 @@ UPLOAD = "a base64 image (or a data: URL); image files are never named"
 def preset_values(field: Field) -> dict[str, Any]:
     """A stage setting's value in each preset (``{}`` for other fields)."""
     stage, _, key = field.name.partition("_")
-    if stage not in ("prior", "decoder") or key not in ("steps", "guidance", "sampler", "shift", "rescale"):
+    if stage not in ("prior", "decoder") or key not in STAGE_KEYS:
         return {}
     return {name: getattr(getattr(preset, stage), key) for name, preset in COMBINED_PRESETS.items()}
 

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 from stable_cascade.diffusion.presets import COMBINED_PRESETS, DEFAULT_PRESET, SAMPLER_NAMES
 from stable_cascade.fields import checks
 from stable_cascade.fields.field import Field, FrontEnd
-from stable_cascade.limits import MAX_SIDE, MAX_STEPS
+from stable_cascade.limits import MAX_SEED, MAX_SIDE, MAX_STEPS
 from stable_cascade.loading.bundles import BUNDLES, DEFAULT_BUNDLE
 from stable_cascade.specs.controlnet import ControlType
 
@@ -21,6 +21,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 CONTROL_TYPES: tuple[str, ...] = get_args(ControlType)
 #: The tasks that run Stage C (reconstruct runs Stage B and Stage A only).
 PRIOR_TASKS = ("txt2img", "img2img", "variation")
+#: The settings of each stage: the fields ``prior_<key>`` and ``decoder_<key>``, a preset's stage settings.
+STAGE_KEYS = ("steps", "guidance", "sampler", "shift", "rescale")
 IMAGE_TASKS = ("img2img", "variation", "reconstruct")
 #: AUTOMATIC1111's sampler names → ours (A1111 lists them as ``name``; ours are aliases too).
 A1111_SAMPLERS = {
@@ -140,7 +142,7 @@ FIELDS: tuple[Field, ...] = (
           checks.DEFAULT_SIZE, "as width", low=1, high=MAX_SIDE, cli=("--height",), a1111="height",
           infotext="Size", widget="number"),
     Field("seed", "int", "seed", "seed of the first image; image i gets seed + i", "Size and seed", 0,
-          "random", low=0, high=checks.MAX_SEED, cli=("--seed",), a1111="seed", infotext="Seed",
+          "random", low=0, high=MAX_SEED, cli=("--seed",), a1111="seed", infotext="Seed",
           widget="number"),
     Field("batch_size", "int", "batch size", "images per batch (one model call)", "Size and seed", 1,
           low=1, high=checks.MAX_BATCH_SIZE, cli=("--batch-size",), a1111="batch_size", widget="number",

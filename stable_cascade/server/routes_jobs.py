@@ -73,12 +73,23 @@ def describe(server: Server, stored: StoredJob) -> dict[str, Any]:
     }
 
 
+def _body() -> dict[str, Any]:
+    """The schema of a job request: the field table's, and the queue's ``priority``."""
+    schema = request_schema()
+    schema["properties"]["priority"] = {
+        "type": "integer",
+        "minimum": -MAX_PRIORITY,
+        "maximum": MAX_PRIORITY,
+        "default": 0,
+        "description": "higher runs first; equal priorities in the order they came",
+    }
+    return schema
+
+
 @router.post(
     "/v1/jobs",
     status_code=201,
-    openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}
-    },
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _body()}}}},
 )
 async def submit(request: Request) -> dict[str, Any]:
     server = _server(request)

@@ -32,6 +32,8 @@ import PIL.Image
 import PIL.ImageDraw
 from tqdm.auto import tqdm
 
+from stable_cascade.limits import MAX_SEED
+
 ShapeName = Literal["circle", "square", "triangle"]
 Colour = Literal["red", "green", "blue", "yellow", "orange", "purple", "white", "black"]
 Position = Literal["left", "right", "top", "bottom", "center"]
@@ -189,7 +191,6 @@ def render(scene: Scene, size: int = 128, rng: np.random.Generator | None = None
 
 MIN_SIZE, MAX_SIZE = 16, 2048  # pixels per side (drawn at SUPERSAMPLE times that, then reduced)
 MAX_IMAGES = 1_000_000
-MAX_SEED = 2**63 - 1
 
 
 def _check_size(size: int) -> None:
