@@ -71,6 +71,18 @@ def test_txt_skips_blank_lines_and_comments(prompts: Path) -> None:
     assert items[1].where == "prompts.txt:4"
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path: Path) -> None:
+    """Spreadsheets and Notepad start UTF-8 files with a BOM: it is dropped from TXT, JSONL and CSV."""
+    files = {
+        "p.txt": "a red circle\nb\n",
+        "p.jsonl": '{"prompt": "a red circle"}\n{"prompt": "b"}\n',
+        "p.csv": "prompt\na red circle\nb\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+        assert [i.prompt for i in read_items(tmp_path / name)] == ["a red circle", "b"], name
+
+
 def test_jsonl_and_csv_carry_typed_overrides(tmp_path: Path) -> None:
     (tmp_path / "in.png").write_bytes(b"")
     jsonl = tmp_path / "p.jsonl"

@@ -156,7 +156,12 @@ def edit_tensors(path: Path, change: Any) -> None:
         metadata = f.metadata()
     tensors = load_file(path)
     name = sorted(k for k, v in tensors.items() if v.ndim > 1)[0]
-    tensors[name] = change(tensors[name])
+    if change == "drop":  # a tensor missing
+        del tensors[name]
+    elif change == "add":  # a tensor the model does not have
+        tensors["extra.weight"] = torch.zeros(2)
+    else:
+        tensors[name] = change(tensors[name])
     save_file(tensors, path, metadata=metadata)
 
 
@@ -173,6 +178,12 @@ RESUME_MISTAKES: list[tuple[str, Any, str]] = [
         r"model.safetensors|checkpoint-1 does not fit .* wrong \[",
     ),
     ("model.safetensors", lambda t: t.to(torch.int32), r"does not fit .* is torch.int32"),
+    ("model.safetensors", "drop", r"does not fit the trained model \(missing \['[^']+'\], unexpected \[\]"),
+    (
+        "model.safetensors",
+        "add",
+        r"does not fit the trained model \(missing \[\], unexpected \['extra.weight'\]",
+    ),
     (
         "state.safetensors",
         lambda t: t[..., :1].contiguous(),
