@@ -66,8 +66,6 @@ WRONG_NUMBERS: tuple[Any, ...] = (
 WRONG_NAMES: tuple[Any, ...] = (5, True, [], [["demo"]], {"name": "demo"}, float("nan"))
 
 
-#: Cases the A1111 field reading (server/a1111.py, server/controls.py) does not refuse yet, with what
-#: happens instead; each is expected to fail until that reading checks its types.
 def _png() -> str:
     buffer = io.BytesIO()
     PIL.Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
