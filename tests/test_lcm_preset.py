@@ -107,6 +107,26 @@ def test_the_users_lcm_loras_serve_other_models(tmp_path: Path) -> None:
         )
 
 
+def test_the_servers_models_folder_serves_the_users_lcm_loras(tmp_path: Path) -> None:
+    """LCM LoRAs are LoRAs: put in the models folder's ``loras/``, a request names them with the lcm
+    preset (each file says its stage), and the server serves the job."""
+    from stable_cascade.engine import ModelLibrary
+    from stable_cascade.server.models import check_served, lora_refs
+
+    (tmp_path / "loras").mkdir()
+    lora(tmp_path / "loras" / "lite_lcm_prior.safetensors", "prior")
+    lora(tmp_path / "loras" / "lite_lcm_decoder.safetensors", "decoder")
+    library = ModelLibrary(tmp_path)
+    refs = lora_refs(library, ["lite_lcm_prior", "lite_lcm_decoder:0.5"])
+    job = Job.create(prompt="x", preset="lcm", model="lite", loras=refs)
+    assert [(Path(r.path).name, r.scale) for r in job.loras] == [
+        ("lite_lcm_prior.safetensors", 1.0),
+        ("lite_lcm_decoder.safetensors", 0.5),
+    ]
+    assert (job.prior_sampler, job.decoder_sampler) == ("lcm", "lcm")
+    check_served(job, library)
+
+
 def test_the_command_line_says_what_to_pass(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["generate", "a cat", "--preset", "lcm", "-o", str(tmp_path / "x.png")]) == 2
     assert "pass --lora prior_lcm.safetensors --lora decoder_lcm.safetensors" in capsys.readouterr().err
