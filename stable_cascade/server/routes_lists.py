@@ -4,7 +4,6 @@ schedulers, scripts, embeddings, memory, the server's flags, PNG Info, and the C
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,8 +15,7 @@ from stable_cascade.fields.a1111 import A1111_SCHEDULERS
 from stable_cascade.server import a1111, models
 from stable_cascade.server.config import is_loopback
 from stable_cascade.server.controls import A1111_MODULES
-from stable_cascade.server.shared import RequestError, Server, read_json
-from stable_cascade.server.uploads import text_chunks
+from stable_cascade.server.shared import Server, read_png_chunks
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
 controlnet = APIRouter(prefix="/controlnet", tags=["AUTOMATIC1111 ControlNet"])
@@ -109,10 +107,7 @@ async def cmd_flags(request: Request) -> dict[str, Any]:
 async def png_info(request: Request) -> dict[str, Any]:
     """A PNG's ``parameters`` text (``info``), its other text chunks (``items``) and the text as
     AUTOMATIC1111 reads it (``parameters``); the image's pixels are not decoded."""
-    body = await read_json(request)
-    if not isinstance(body, Mapping) or "image" not in body:
-        raise RequestError(422, 'png-info takes {"image": <a base64 PNG>}')
-    chunks = await run_in_threadpool(text_chunks, body["image"])
+    chunks = await read_png_chunks(request)
     text = chunks.pop(INFOTEXT_KEY, "")
     return {"info": text, "items": chunks, "parameters": infotext.parameters(text) if text else {}}
 

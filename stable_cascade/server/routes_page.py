@@ -21,9 +21,8 @@ from stable_cascade.fields.schema import form_fields
 from stable_cascade.server import a1111, models
 from stable_cascade.server.hub import ALL, next_message
 from stable_cascade.server.routes_jobs import KEEPALIVE_SECONDS, MAX_LIST, sse
-from stable_cascade.server.shared import RequestError, Server, read_json
+from stable_cascade.server.shared import RequestError, Server, read_json, read_png_chunks
 from stable_cascade.server.store import FINAL_STATES, QUEUED, RUNNING, Store
-from stable_cascade.server.uploads import text_chunks
 
 router = APIRouter(tags=["page"])
 #: What the stream of every job sends with the queue's count.
@@ -96,10 +95,7 @@ async def png_info(request: Request) -> dict[str, Any]:
     ``job`` it records (or its infotext gives), with the models by name; ``error`` says why there is
     none."""
     server = _server(request)
-    body = await read_json(request)
-    if not isinstance(body, Mapping) or "image" not in body:
-        raise RequestError(422, 'png-info takes {"image": <a base64 PNG>}')
-    chunks = await run_in_threadpool(text_chunks, body["image"])
+    chunks = await read_png_chunks(request)
     try:
         record = record_of(chunks, "the image")
     except ValueError as error:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from stable_cascade.engine import Engine, Job, ModelLibrary
 from stable_cascade.server.config import ServerConfig
@@ -18,7 +20,7 @@ from stable_cascade.server.inputs import Served
 from stable_cascade.server.lock import DataLock
 from stable_cascade.server.relay import Relay
 from stable_cascade.server.store import Store, StoredJob
-from stable_cascade.server.uploads import Upload
+from stable_cascade.server.uploads import Upload, text_chunks
 from stable_cascade.server.worker import Workers
 
 logger = logging.getLogger(__name__)
@@ -125,3 +127,11 @@ async def read_json(request: Request) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise RequestError(400, f"the request body is not valid JSON: {error}") from None
+
+
+async def read_png_chunks(request: Request) -> dict[str, str]:
+    """The text chunks of the PNG a png-info request sends as ``{"image": <base64>}`` (not decoded)."""
+    body = await read_json(request)
+    if not isinstance(body, Mapping) or "image" not in body:
+        raise RequestError(422, 'png-info takes {"image": <a base64 PNG>}')
+    return await run_in_threadpool(text_chunks, body["image"])
