@@ -49,6 +49,10 @@ def test_the_shipped_demo_is_small_and_complete() -> None:
         assert read_lora_metadata(lora) | {"stage": stage, "adapter": "lcm"} == read_lora_metadata(lora)
     distilled = json.loads((DEMO_DIR / LCM_FOLDER / "training.json").read_text())
     assert distilled["seconds"]["lcm-c"] > 0 and distilled["seconds"]["lcm-b"] > 0
+    for part in ("image_encoder", "feature_extractor"):  # image prompts and variations
+        assert (DEMO_DIR / "prior" / part).is_dir(), f"the demo prior has no {part}"
+    assert trained["seconds"]["image-encoder"] > 0 and trained["seconds"]["stage-c-image"] > 0
+    assert trained["seconds"]["ip-adapter"] > 0
 
 
 @pytest.mark.slow
@@ -156,11 +160,13 @@ def test_shipped_previewer_previews_follow_the_image() -> None:
     assert bool((error < 0.3 * others).all()), (error, others)
 
 
-def test_demo_pipeline_by_name_has_no_image_conditioning() -> None:
-    """The shipped demo is not retrained with its image encoder yet (``demo train --images-only``)."""
+def test_the_demo_takes_image_embeddings_of_its_own_encoder() -> None:
     pipe = load_demo()
-    with pytest.raises(ValueError, match="takes no CLIP image embeddings"):
-        pipe.prior_pipe("a red circle on the left, on a white background", image_embeds=torch.zeros(1, 1, 8))
+    width = pipe.prior_pipe.prior.config.clip_image_in_channels
+    assert pipe.prior_pipe.image_encoder is not None and pipe.prior_pipe.feature_extractor is not None
+    assert pipe.prior_pipe.image_encoder.config.projection_dim == width
+    with pytest.raises(ValueError, match=f"must have {width} channels"):
+        pipe.prior_pipe("a red circle on the left, on a white background", image_embeds=torch.zeros(1, 1, 3))
 
 
 def test_tokenizer_spells_each_grammar_word_as_one_token(tmp_path: Path) -> None:

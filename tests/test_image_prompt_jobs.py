@@ -6,6 +6,7 @@ finite, a model without an image encoder, files the server must not read) is one
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 import zlib
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from stable_cascade.cli.main import build_parser, main
 from stable_cascade.engine import Job, ModelLibrary, image_sha256
+from stable_cascade.loading.bundles import BUNDLES
 from stable_cascade.server.inputs import Served, native_job
 from stable_cascade.server.store import Store
 
@@ -80,10 +82,6 @@ def png_claiming(png: bytes, width: int, height: int) -> bytes:
         (lambda p: {"image_prompts": [(p / "picture0.png", 1.0)] * 17}, "at most 16 images"),
         (lambda p: {"image_prompts": [(p / "picture0.png", 1.0)], "task": "reconstruct"}, "Stage C"),
         (lambda p: {"ip_adapters": [(p / "missing.safetensors", 1.0)]}, "IP-Adapter file .* does not exist"),
-        (
-            lambda p: {"image_prompts": [(p / "picture0.png", 1.0)], "model": "demo"},
-            "the demo model has no CLIP image encoder, so it cannot take image prompts",
-        ),
     ],
 )
 def test_bad_image_prompts_get_one_line(pictures: list[Path], make: Any, match: str, tmp_path: Path) -> None:
@@ -93,6 +91,26 @@ def test_bad_image_prompts_get_one_line(pictures: list[Path], make: Any, match: 
     with pytest.raises(ValueError, match=match) as error:
         Job.create(**values)
     one_line(error)
+
+
+def test_a_model_without_an_image_encoder_refuses_image_prompts(
+    pictures: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every shipped model has one now; a model without (as the demo was before its image steps) is
+    refused when the job is made, before any model loads."""
+    monkeypatch.setitem(BUNDLES, "demo", dataclasses.replace(BUNDLES["demo"], image_encoder=False))
+    for values, what in (
+        ({"image_prompts": [(pictures[0], 1.0)]}, "take image prompts"),
+        ({"task": "variation", "input_image_sha256": "ab", "image_size": (64, 64)}, "make variations"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"the demo model has no CLIP image encoder, so it cannot {what}"
+        ) as error:
+            Job.create(**{"prompt": "a cat", "model": "demo", **values})
+        one_line(error)
+    Job.create(
+        prompt="a cat", model="demo", image_prompts=[(pictures[0], 1.0)], prior="some/prior"
+    )  # its own
 
 
 def test_the_command_line_takes_image_prompts_with_strengths(pictures: list[Path]) -> None:

@@ -493,3 +493,13 @@ def test_our_own_class_name_is_accepted(tmp_path: Path) -> None:
         tmp_path / "saved"
     )
     assert_same_prior_pipeline(PriorPipeline.from_pretrained(tmp_path / "saved"), pipe)
+
+
+def test_model_index_names_transformers_classes_as_every_version_knows_them() -> None:
+    """Without torchvision, transformers 5 makes a ``CLIPImageProcessorPil``; the folder must still load
+    with transformers 4 (and with diffusers), which know ``CLIPImageProcessor``."""
+    from transformers import CLIPImageProcessor
+
+    from stable_cascade.loading.components import component_entry
+
+    assert component_entry(CLIPImageProcessor()) == ("transformers", "CLIPImageProcessor")

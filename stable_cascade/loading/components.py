@@ -258,13 +258,26 @@ def component_entry(component: Any) -> tuple[str, str]:
             return "stable_cascade", cls.config_class.diffusers_class_name
     cls = type(component)
     if cls.__module__.split(".")[0] == "transformers" and hasattr(component, "save_pretrained"):
-        return "transformers", cls.__name__
+        return "transformers", _public_name(cls.__name__)
     raise TypeError(
         f"cannot save a component of type {cls.__module__}.{cls.__qualname__}: only "
         f"{', '.join(c.__name__ for c in (*OUR_CLASSES.values(), *EXTRA_CLASSES.values()))} and "
         "transformers models, tokenizers and "
         "processors can be saved in a pipeline directory"
     )
+
+
+def _public_name(name: str) -> str:
+    """A transformers class by the name every version knows: ``CLIPImageProcessorPil`` (what
+    ``CLIPImageProcessor()`` makes without torchvision in transformers 5) is recorded as
+    ``CLIPImageProcessor``, as its own ``preprocessor_config.json`` records it."""
+    import transformers
+
+    for suffix in ("Pil", "Fast"):
+        base = name.removesuffix(suffix)
+        if base != name and hasattr(transformers, base):
+            return base
+    return name
 
 
 def save_component(
