@@ -71,7 +71,7 @@ def test_demo_follows_held_out_single_object_prompts() -> None:
 def test_the_readme_prompt_draws_what_it_asks_for() -> None:
     """The README's main command with the CLI's defaults (reference preset, 128²), seeds 0-15: every
     image has one blue object on the right, on black, and the evaluator sees a square in at least 14
-    (the shipped model: all 16, and 62 of seeds 0-63; the model with 32,000 refinement steps: 10,
+    (the shipped model: all 16, and 61 of seeds 0-63; the model with 32,000 refinement steps: 10,
     the rest being squares with rounded corners the evaluator calls circles)."""
     prompt = "a blue square on the right, on a black background"
     pipe = load_demo()
