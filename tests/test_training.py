@@ -57,7 +57,7 @@ SETTINGS = {
     "stage-b": (64, 3e-3),
     "stage-a": (32, 3e-3),
     "lora": (128, 1e-2),
-    "previewer": (128, 3e-3),
+    "previewer": (128, 1e-2),
 }
 
 
