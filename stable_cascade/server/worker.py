@@ -109,9 +109,11 @@ class Workers:
         self.lease = lease
         self.models = list(models)
         self._stopping = threading.Event()
+        self._ended = threading.Event()  # the job threads have ended: the heartbeats end too
         self._lock = threading.Lock()
         self._runs: dict[str, _Run | None] = {}  # worker id → its job
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # one per engine
+        self._beat: threading.Thread | None = None
 
     def start(self) -> None:
         self._retrying("queue again the jobs stopped workers left", self._recover)
@@ -121,8 +123,8 @@ class Workers:
             threading.Thread(target=self._loop, args=(engine, ids[i]), name=f"worker-{i}", daemon=True)
             for i, engine in enumerate(self.engines)
         ]
-        self._threads.append(threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True))
-        for thread in self._threads:
+        self._beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        for thread in [*self._threads, self._beat]:
             thread.start()
 
     def stop(self, grace: float = 0.0, timeout: float = 30.0, hurry: threading.Event | None = None) -> None:
@@ -139,6 +141,9 @@ class Workers:
                     run.cancel.set()
         for thread in self._threads:
             thread.join(timeout)
+        self._ended.set()  # the leases were renewed until here, through the grace period
+        if self._beat is not None:
+            self._beat.join(timeout)
         for worker in self._runs:
             self._quietly(functools.partial(self.store.worker_stopped, worker))
 
@@ -166,7 +171,7 @@ class Workers:
         """Renew the leases of running jobs, pass on cancel requests, stop jobs taken from us, and
         return to the queue the jobs of workers that stopped."""
         pruned = 0.0
-        while not self._stopping.wait(min(1.0, self.lease / 3)):
+        while not self._ended.wait(min(1.0, self.lease / 3)):
             with self._lock:
                 holding = {worker: run.job_id if run else None for worker, run in self._runs.items()}
             try:
