@@ -58,7 +58,7 @@ def _argument(field: Field, help: str | None) -> dict[str, Any]:
     if field.kind in SPECS:
         arguments.update(action="append", type=SPECS[field.kind], metavar=SPECS[field.kind].__doc__)
     elif field.kind == "choice" and field.name != "model":  # the job names an unknown model (and lists them)
-        arguments.update(type=typed(field, field.check), metavar="{" + ",".join(field.choices) + "}")
+        arguments.update(choice(field))
     elif field.kind in ("int", "float"):
         arguments.update(type=typed(field, field.parse), metavar=field.name.split("_")[-1].upper())
     return arguments
@@ -77,13 +77,17 @@ def typed(field: Field, parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return typed
 
 
+def choice(field: Field) -> dict[str, Any]:
+    """argparse's ``type`` and ``metavar`` of a choice field: checked by the field itself (the job's
+    message), the choices listed in the help."""
+    return {"type": typed(field, field.check), "metavar": "{" + ",".join(field.choices) + "}"}
+
+
 def add_sampler_option(parser: argparse.ArgumentParser) -> None:
     """``--sampler``: the sampler of both stages, a shorthand the explicit stage options override."""
-    sampler = BY_NAME["prior_sampler"]
     parser.add_argument(
         "--sampler",
-        type=typed(sampler, sampler.check),
-        metavar="{" + ",".join(sampler.choices) + "}",
+        **choice(BY_NAME["prior_sampler"]),
         help="the sampler of both stages (--prior-sampler and --decoder-sampler override it)",
     )
 
