@@ -203,6 +203,30 @@ def _batches(task: object, data: Path) -> object:
     return [collate([dataset[i] for i in groups[0][:4]])]
 
 
+def test_the_adapter_learns_from_the_image_prompts_a_manifest_names(tmp_path: Path) -> None:
+    """The adapter's input is the image prompt of an example that names one, its own image otherwise."""
+    import json
+
+    from stable_cascade.training import make_task
+
+    data = ip_data(tmp_path / "data")
+    lines = [
+        {"file_name": "0.png", "text": "a square", "image_prompt": "1.png"},
+        {"file_name": "1.png", "text": ""},
+    ]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    config = TrainConfig(task="ip-adapter", data=data, output_dir=tmp_path / "run", resolution=64)
+    parts = ip_parts(tmp_path)
+    task = make_task(config.replace(ip_adapter_image_dropout=0.0), parts)
+    (batch,) = _batches(task, data)  # type: ignore[misc]
+    given = task.prepare(batch, seeded(0))["ip_image"]
+    pixels = parts.feature_extractor(list(batch.images[1:]), do_rescale=False, return_tensors="pt")
+    with torch.no_grad():
+        second = parts.image_encoder(pixels.pixel_values).image_embeds  # type: ignore[misc]
+    torch.testing.assert_close(given[0, 0], second[0])  # the first sample's prompt is the second image
+    torch.testing.assert_close(given[1, 0], second[0])
+
+
 def test_ip_adapter_training_needs_the_image_encoder(tmp_path: Path) -> None:
     parts = ip_parts(tmp_path)
     parts.image_encoder = None

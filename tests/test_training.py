@@ -332,6 +332,39 @@ def test_stage_c_inputs(data: Path, tmp_path: Path) -> None:
         assert bool(inputs["clip_img"].abs().sum(dim=(1, 2)).gt(0).all()) == (share == 1.0)
 
 
+def prompted_manifest(data: Path, folder: Path) -> Path:
+    """The two images of ``data`` in a manifest where the first names the second as its image prompt."""
+    first, second = sorted(data.glob("*.png"))
+    manifest = folder / "metadata.jsonl"
+    lines = [
+        {"file_name": str(first), "text": "a rectangle", "image_prompt": str(second)},
+        {"file_name": str(second), "text": ""},
+    ]
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return manifest
+
+
+def test_stage_c_reads_the_image_prompts_a_manifest_names(data: Path, tmp_path: Path) -> None:
+    """An example naming an image prompt always gets that image's embedding, the others as before (the
+    share): here none, so the second image's embedding is the first sample's and the second gets zeros."""
+    parts = components(tmp_path)
+    manifest = prompted_manifest(data, tmp_path)
+    examples = find_examples(manifest)
+    assert examples[0].prompt is not None and examples[0].prompt.path == examples[1].image.path
+    assert examples[1].prompt is None
+    dataset, groups = bucketed_dataset(examples, 96, (1.0,), 32)
+    batch = collate([dataset[i] for i in sorted(groups[0])])
+    assert batch.prompted.tolist() == [True, False]
+    assert torch.equal(batch.prompts[0], batch.images[1])
+    task = make_task(config("stage-c", manifest, tmp_path, image_conditioning=0.0), parts)
+    embeddings = task.prepare(batch, torch.Generator().manual_seed(0))["clip_img"]
+    pixels = parts.feature_extractor(list(batch.images[1:]), do_rescale=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = parts.image_encoder(pixels.pixel_values).image_embeds
+    torch.testing.assert_close(embeddings[0], expected)
+    assert not embeddings[1].any()
+
+
 def test_stage_b_noise_and_effnet_scale(data: Path, tmp_path: Path) -> None:
     """Pyramid noise has coarse (here: whole-image) structure, plain Gaussian noise has not; the effnet
     input is resized by a factor drawn from ``effnet_scale`` (to a multiple of 32)."""
@@ -424,6 +457,11 @@ def test_cli_help_and_usage_errors(data: Path, tmp_path: Path, capsys: pytest.Ca
     arguments = ["train", "stage-c", "--data", str(data), "--train-effnet", "-o", str(tmp_path)]
     assert main(arguments) == 2
     assert "only works with stage-b" in capsys.readouterr().err
+    from stable_cascade.cli.main import build_parser
+    from stable_cascade.cli.train import config_from_args
+
+    options = ["train", "stage-c", "--data", str(data), "--image-conditioning", "0.5"]
+    assert config_from_args(build_parser().parse_args(options)).image_conditioning == 0.5
 
 
 def test_cli_trains_stage_a_end_to_end(

@@ -98,6 +98,13 @@ def test_broken_state_and_config_files_are_named(data: Path, tmp_path: Path) -> 
     manifest.write_text(json.dumps({"file_name": str(data / "0.png"), "text": "x"}) + '\n{"file_name": \n')
     with pytest.raises(CheckpointError, match=r"metadata.jsonl:2 is not valid JSON"):
         find_examples(manifest)
+    image = data / "0.png"
+    manifest.write_text(json.dumps({"file_name": str(image), "text": "x", "image_prompt": "gone.png"}))
+    with pytest.raises(FileNotFoundError, match=r"metadata.jsonl:1 names .*gone.png, which does not exist"):
+        find_examples(manifest)
+    manifest.write_text(json.dumps({"file_name": str(image), "text": "x", "image_prompt": 3}))
+    with pytest.raises(ValueError, match=r'metadata.jsonl:1: "image_prompt" must be a string'):
+        find_examples(manifest)
     manifest.write_bytes(b'{"file_name": "0.png", "text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl is not UTF-8 text"):
         find_examples(manifest)

@@ -182,6 +182,12 @@ def _data_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--num-workers", type=int, help="data loading processes (0)")
     group.add_argument("--caption-dropout", type=float, help="share of empty captions (0.05)")
+    group.add_argument(
+        "--image-conditioning",
+        type=float,
+        help="stage-c with an image encoder: share of samples given their CLIP image embedding, else zeros "
+        "(0.1; examples whose manifest line names an image_prompt always get that image's)",
+    )
 
 
 def _optimisation_options(group: argparse._ArgumentGroup) -> None:
@@ -214,8 +220,8 @@ def _output_options(group: argparse._ArgumentGroup) -> None:
 _OPTIONS = (
     "pretrained", "prior", "decoder", "stage_a", "effnet", "text_encoder", "previewer", "init_config",
     "train_text_encoder", "train_effnet", "lora_rank", "lora_alpha", "lora_text_encoder", "resolution",
-    "batch_size", "effnet_scale", "num_workers", "caption_dropout", "steps", "lr", "weight_decay",
-    "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
+    "batch_size", "effnet_scale", "num_workers", "caption_dropout", "image_conditioning", "steps", "lr",
+    "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "loss_weighting", "pyramid_noise_max_side",
     "reconstruction_loss", "mixed_precision", "gradient_checkpointing", "seed", "checkpoint_every",
     "resume", "sample_every", "sample_prompts", "log_every", "controlnet_type", "controlnet_blocks",
     "teacher", "lcm_stage", "lcm_full", "lcm_teacher_steps", "lcm_guidance", "lcm_loss", "lcm_huber_c",

@@ -53,6 +53,7 @@ class TrainConfig:
     num_workers: int = 0
     caption_dropout: float = 0.05
     image_conditioning: float = 0.1  # Stage C: share of samples given their CLIP image embedding
+    # (an example whose manifest names an ``image_prompt`` always gets that image's)
     effnet_dropout: float = 0.1  # Stage B: share of samples whose effnet condition is zeroed
     pixels_conditioning: float = 0.0  # Stage B: share given the 8x8 image (original: 0, as inference)
     effnet_scale: tuple[float, float] = (0.5, 1.0)  # Stage B: effnet input size / image size, uniform

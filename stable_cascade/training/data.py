@@ -6,7 +6,10 @@ Sources (:func:`find_examples`):
 * a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, searched recursively), each with a
   caption file of the same name and suffix ``.txt``;
 * a ``.jsonl`` manifest (or a folder holding ``metadata.jsonl``) whose lines are objects with
-  ``file_name`` (relative to the manifest) and ``text``;
+  ``file_name`` (relative to the manifest) and ``text``, and optionally ``image_prompt``: another image
+  (relative path) that is the example's image prompt (Stage C's CLIP image embedding, an IP-Adapter's
+  input) instead of its own image, e.g. another view of the subject, or a picture whose colours the
+  caption overrides;
 * a ``.tar`` shard or a folder of them, webdataset layout: members ``key.png|jpg|…`` and ``key.txt``.
 
 Buckets follow the original ``Bucketeer``: one size per aspect ratio with an area of about
@@ -67,6 +70,7 @@ class ImageRef:
 class Example:
     image: ImageRef
     caption: str
+    prompt: ImageRef | None = None  # the image prompt, when it is not the image itself
 
 
 def find_examples(path: Path) -> list[Example]:
@@ -125,11 +129,20 @@ def _manifest_examples(manifest: Path) -> list[Example]:
             raise ValueError(f'{manifest}:{number} needs a "file_name" string (the image, relative path)')
         if not isinstance(entry.get("text"), str):
             raise ValueError(f'{manifest}:{number} needs a "text" string (the caption)')
-        image = manifest.parent / entry["file_name"]
-        if not image.is_file():
-            raise FileNotFoundError(f"{manifest}:{number} names {image}, which does not exist")
-        examples.append(Example(ImageRef(image), entry["text"].strip()))
+        image = _listed_file(manifest, number, entry["file_name"])
+        prompt = entry.get("image_prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f'{manifest}:{number}: "image_prompt" must be a string (a relative path)')
+        reference = ImageRef(_listed_file(manifest, number, prompt)) if prompt is not None else None
+        examples.append(Example(ImageRef(image), entry["text"].strip(), reference))
     return examples
+
+
+def _listed_file(manifest: Path, number: int, name: str) -> Path:
+    path = manifest.parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{manifest}:{number} names {path}, which does not exist")
+    return path
 
 
 def _tar_examples(shards: Sequence[Path]) -> list[Example]:
@@ -244,10 +257,16 @@ class BucketBatchSampler:
 class Batch:
     images: Tensor  # (B, 3, H, W) in [0, 1]
     captions: list[str]
+    prompts: Tensor  # (B, 3, H, W): each sample's image prompt, its own image where it names none
+    prompted: Tensor  # (B,) bool: the samples whose example names an image prompt
 
 
-class ImageCaptionDataset(Dataset[tuple[Tensor, str]]):
-    """Item i: example i's image resized to cover its bucket's size and center-cropped, and caption."""
+Item = tuple[Tensor, str, Tensor | None]
+
+
+class ImageCaptionDataset(Dataset[Item]):
+    """Item i: example i's image resized to cover its bucket's size and center-cropped, its caption, and
+    its image prompt (the same way) or ``None``."""
 
     def __init__(self, examples: Sequence[Example], sizes: Sequence[tuple[int, int]]) -> None:
         if len(examples) != len(sizes):
@@ -257,15 +276,26 @@ class ImageCaptionDataset(Dataset[tuple[Tensor, str]]):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+    def __getitem__(self, index: int) -> Item:
         example = self.examples[index]
-        with example.image.read() as image:
-            pixels = prepare_images(image, *self.sizes[index])[0]  # (3, H, W)
-        return pixels, example.caption
+        return (
+            self._pixels(example.image, index),
+            example.caption,
+            (None if example.prompt is None else self._pixels(example.prompt, index)),
+        )
+
+    def _pixels(self, reference: ImageRef, index: int) -> Tensor:
+        with reference.read() as image:
+            return prepare_images(image, *self.sizes[index])[0]  # (3, H, W)
 
 
-def collate(items: Sequence[tuple[Tensor, str]]) -> Batch:
-    return Batch(torch.stack([image for image, _ in items]), [caption for _, caption in items])
+def collate(items: Sequence[Item]) -> Batch:
+    images = torch.stack([image for image, _, _ in items])
+    prompted = torch.tensor([prompt is not None for _, _, prompt in items])
+    prompts = images
+    if prompted.any():
+        prompts = torch.stack([image if prompt is None else prompt for image, _, prompt in items])
+    return Batch(images, [caption for _, caption, _ in items], prompts, prompted)
 
 
 def bucketed_dataset(

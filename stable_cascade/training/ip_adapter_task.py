@@ -1,7 +1,8 @@
 """The ``ip-adapter`` task: an IP-Adapter for a frozen Stage C, trained on Stage C's objective (``stage-c``).
 
 As Ye et al. train IP-Adapters: x0 = the EfficientNet latent of the image; CLIP text of the caption with
-``caption_dropout`` (5 %) dropped to ``""``; the image's CLIP image embedding (with ``ip_adapter_patches``:
+``caption_dropout`` (5 %) dropped to ``""``; the CLIP image embedding of the image prompt (the image itself
+unless the data names another, see :mod:`~stable_cascade.training.data`; with ``ip_adapter_patches``:
 the image encoder's penultimate hidden states, for a resampler) is the adapter's input, zeroed for
 ``ip_adapter_image_dropout`` (5 %) of the samples, so that guidance has an unconditional image. The
 prior's own CLIP image tokens get the zero embedding, as when the pipelines run the adapter (see
@@ -83,12 +84,12 @@ class IPAdapterStageC(TextConditioned):
         noised = diffuse(self.effnet.encode(pixels).float(), generator)  # x0: (B, 16, ⌈H/42.67⌉, …)
         inputs = {"sample": noised.sample, "noise": noised.noise, "logsnr": noised.logsnr, "r": noised.r}
         inputs.update(self._text(batch.captions, generator, trained=False))
-        inputs["ip_image"] = self.image_input(images, generator)
+        inputs["ip_image"] = self.image_input(batch.prompts, generator)
         return inputs
 
     def image_input(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """The adapter's input for (B, 3, H, W) images in [0, 1]: (B, 1, C) embeddings or (B, 1, P, C)
-        patch tokens, zero for ``ip_adapter_image_dropout`` of them."""
+        """The adapter's input for (B, 3, H, W) image prompts in [0, 1]: (B, 1, C) embeddings or
+        (B, 1, P, C) patch tokens, zero for ``ip_adapter_image_dropout`` of them."""
         processor = self.parts.feature_extractor
         pixels = processor(list(images.cpu()), do_rescale=False, return_tensors="pt").pixel_values
         patches = self.config.ip_adapter_patches

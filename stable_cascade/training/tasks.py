@@ -164,18 +164,20 @@ class StageC(TextConditioned):
     def conditioning(self, batch: Batch, images: Tensor, generator: torch.Generator) -> Inputs:
         inputs = self._text(batch.captions, generator, self.trained_text)
         if self.image_width is not None and self.image_conditioning:
-            inputs["clip_img"] = self._image_embeddings(images, self.image_width, generator)
+            inputs["clip_img"] = self._image_embeddings(batch, self.image_width, generator)
         return inputs
 
-    def _image_embeddings(self, images: Tensor, width: int, generator: torch.Generator) -> Tensor:
-        """(B, 1, C): the CLIP image embedding for ``image_conditioning`` of the samples, else zeros."""
-        chosen = keep(images.shape[0], self.config.image_conditioning, generator).to(self.device)
-        embeddings = images.new_zeros(images.shape[0], 1, width)
+    def _image_embeddings(self, batch: Batch, width: int, generator: torch.Generator) -> Tensor:
+        """(B, 1, C): the CLIP image embedding of each sample's image prompt for the samples whose example
+        names one and for ``image_conditioning`` of the others (of their own image), else zeros."""
+        count = batch.images.shape[0]
+        chosen = keep(count, self.config.image_conditioning, generator) | batch.prompted
+        embeddings = torch.zeros(count, 1, width, device=self.device)
         if chosen.any():
             processor, encoder = self.parts.feature_extractor, self.parts.image_encoder
-            pixels = processor(list(images[chosen].cpu()), do_rescale=False, return_tensors="pt").pixel_values
-            out = encoder(pixels.to(self.device, encoder.dtype)).image_embeds  # (k, C)
-            embeddings[chosen] = out[:, None].to(embeddings.dtype)
+            pixels = processor(list(batch.prompts[chosen]), do_rescale=False, return_tensors="pt")
+            out = encoder(pixels.pixel_values.to(self.device, encoder.dtype)).image_embeds  # (k, C)
+            embeddings[chosen.to(self.device)] = out[:, None].float()
         return embeddings
 
     def export(self, directory: Path, state: dict[str, Tensor]) -> None:
