@@ -16,6 +16,14 @@
   the prior's own image tokens get zeros); at scale 0 the outputs must equal the prior's text-only
   ones bit for bit (checked on every text + image case).
 * text only: ``evaluate_demo`` (every held-out prompt), as ``stable-cascade demo evaluate``.
+* the decoder's share (``decoder_without_text``): Stage C prompted by each held-out caption, then Stage B
+  given that caption or an empty text. A variation (or a colour word) leaves Stage B without the shape's
+  name, so what Stage B draws from Stage C's 3×3 latent alone bounds every image-prompt result above.
+  ``reconstruction``: the same bound with a perfect Stage C: the EfficientNet latent of each held-out
+  render itself through Stage B and Stage A (``decoder_pipe.reconstruct``), with the caption or empty.
+  ``latent_shape_probe``: how much of the shape that latent holds at all: classifiers (linear, and a
+  256-unit MLP) trained to read the shape from the EfficientNet latents of the training one-object
+  scenes (4 jittered renders each), scored on the held-out ones (chance: 1/3).
 
 Sampling: the reference preset (Stage C 20 steps, cfg 4; Stage B 10 steps), seed ``i`` for case ``i``.
 """
@@ -35,9 +43,10 @@ import torch
 
 from stable_cascade.checkpoint.atomic import atomic_path
 from stable_cascade.conditioning import encode_images
+from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.demo.recipe import DEMO_DIR, DEMO_SIZE, evaluate_demo, load_demo, sample_grid
 from stable_cascade.demo.settings import IP_ADAPTER_FILE
-from stable_cascade.shapes.dataset import COLOURS, Scene, Shape, caption, render, split
+from stable_cascade.shapes.dataset import COLOURS, SHAPES, Scene, Shape, caption, render, split
 from stable_cascade.shapes.evaluate import detect, score_by_kind
 
 BATCH = 16
@@ -138,7 +147,100 @@ def measure(
                 (ip_mix[k], "IP-Adapter 1"),
             ])  # fmt: skip
     prior.unload_ip_adapter("demo")
+    results["decoder_without_text"] = decoder_without_text(pipe, singles)
+    results["reconstruction"] = reconstruction(pipe, renders[: len(singles)], singles)
+    results["latent_shape_probe"] = latent_shape_probe(pipe.prior_pipe.effnet)
     return results
+
+
+def reconstruction(pipe: Any, renders: list[Any], scenes: list[Scene]) -> dict[str, Any]:
+    """Objects kept when each render's own EfficientNet latent is decoded with its caption or nothing."""
+    captions = [caption(scene) for scene in scenes]
+    out: dict[str, Any] = {}
+    for name, texts in (("caption", captions), ("empty", [""] * len(scenes))):
+        images: list[Any] = []
+        for i in range(0, len(scenes), BATCH):
+            images += pipe.decoder_pipe.reconstruct(
+                renders[i : i + BATCH],
+                prompt=texts[i : i + BATCH],
+                preset="reference",
+                generator=[torch.Generator().manual_seed(j) for j in range(i, min(i + BATCH, len(scenes)))],
+            ).images
+        out[f"stage_b_{name}"] = score_by_kind(images, captions)["all"].summary()
+    return out
+
+
+def latent_shape_probe(effnet: Any, epochs: int = 500) -> dict[str, float]:
+    """Held-out accuracy of shape classifiers on EfficientNet latents (see the module's docstring)."""
+    scenes = split()
+    train = [s for s in scenes[0] if len(s.objects) == 1]
+    test = [s for s in scenes[1] if len(s.objects) == 1]
+
+    def latents(chosen: list[Scene], seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        pixels = prepare_images([render(scene, DEMO_SIZE, rng) for scene in chosen], DEMO_SIZE, DEMO_SIZE)
+        return effnet.encode(prepare_images(pixels, *effnet_input_size(DEMO_SIZE, DEMO_SIZE))).flatten(1)
+
+    def labels(chosen: list[Scene]) -> torch.Tensor:
+        return torch.tensor([SHAPES.index(scene.objects[0].shape) for scene in chosen])
+
+    x_train = torch.cat([latents(train, seed) for seed in range(4)])
+    y_train = labels(train).repeat(4)
+    x_test, y_test = latents(test, 9), labels(test)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    results = {}
+    for name, hidden in (("linear", 0), ("mlp", 256)):
+        torch.manual_seed(0)
+        width = x_train.shape[1]
+        model = (
+            torch.nn.Linear(width, 3)
+            if not hidden
+            else torch.nn.Sequential(
+                torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 3)
+            )
+        )
+        optimizer = torch.optim.Adam(model.parameters(), 1e-2, weight_decay=1e-4)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                loss = torch.nn.functional.cross_entropy(model(x_train), y_train)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            results[f"{name}_train"] = float((model(x_train).argmax(1) == y_train).float().mean())
+            results[f"{name}_held_out"] = float((model(x_test).argmax(1) == y_test).float().mean())
+    return results
+
+
+def decoder_without_text(pipe: Any, scenes: list[Scene]) -> dict[str, Any]:
+    """Objects kept when Stage C reads each scene's caption and Stage B reads it too, or nothing."""
+    captions = [caption(scene) for scene in scenes]
+    out: dict[str, Any] = {}
+    for i in range(0, len(scenes), BATCH):
+        seeds = range(i, min(i + BATCH, len(scenes)))
+        latents = pipe.prior_pipe(
+            captions[i : i + BATCH],
+            height=DEMO_SIZE,
+            width=DEMO_SIZE,
+            num_inference_steps=None,
+            guidance_scale=None,
+            preset="reference",
+            generator=[torch.Generator().manual_seed(j) for j in seeds],
+        ).image_embeddings
+        for name, texts in (("caption", captions[i : i + BATCH]), ("empty", [""] * len(seeds))):
+            images = pipe.decoder_pipe(
+                image_embeddings=latents,
+                prompt=texts,
+                num_inference_steps=None,
+                guidance_scale=None,
+                preset="reference",
+                generator=[torch.Generator().manual_seed(j) for j in seeds],
+            ).images
+            out.setdefault(name, []).extend(images)
+    return {
+        f"stage_b_{name}": score_by_kind(images, captions)["all"].summary() for name, images in out.items()
+    }
 
 
 def generate_text(pipe: Any, prompts: list[str]) -> list[Any]:

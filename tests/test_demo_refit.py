@@ -36,7 +36,11 @@ def test_images_only_retrain_makes_variations_and_an_ip_adapter(tmp_path: Path) 
     model = tmp_path / "run" / "model"
     recorded = json.loads((model / "training.json").read_text())
     assert recorded["recipe"]["stage_c_image_steps"] == 3 and recorded["recipe"]["stage_c_steps"] == 6000
-    assert {"image-encoder", "stage-c-image", "ip-adapter", "lcm-c"} <= set(recorded["seconds"])
+    assert {"image-data", "image-encoder", "stage-c-image", "ip-adapter", "lcm-c"} <= set(recorded["seconds"])
+    prompts = (tmp_path / "run" / "image_data" / "metadata.jsonl").read_text()
+    assert prompts.count('"image_prompt"') > 0 and prompts.count("\n") == 64  # the IP-Adapter's data:
+    state = json.loads((tmp_path / "run" / "ip_adapter" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["config"]["data"] == str(tmp_path / "run" / "image_data"), state["config"]
     assert read_lora_metadata(model / LCM_FOLDER / "prior.safetensors")["steps"] == "2"
     assert (model / LCM_FOLDER / "decoder.safetensors").read_bytes() == (
         DEMO_DIR / LCM_FOLDER / "decoder.safetensors"

@@ -30,7 +30,7 @@ from stable_cascade.shapes.dataset import (
     split,
     write_dataset,
 )
-from stable_cascade.shapes.evaluate import Score, detect, detect_background, score, score_by_kind
+from stable_cascade.shapes.evaluate import Detection, Score, detect, detect_background, score, score_by_kind
 
 Degradation = Callable[[PIL.Image.Image, int], PIL.Image.Image]
 
@@ -304,6 +304,52 @@ def test_write_dataset_held_out_split_and_fractions(tmp_path: Path) -> None:
         write_dataset(tmp_path / "x", 1, two_object_fraction=2)
     with pytest.raises(ValueError, match="split must be"):
         write_dataset(tmp_path / "x", 1, split="test")  # type: ignore[arg-type]
+
+
+def test_the_image_prompt_data_set_leaves_something_to_the_image(tmp_path: Path) -> None:
+    """Variations (empty text, the same scene drawn again), recolourings (the image's shape and place, the
+    text's colour: the colour word or the whole caption) and text-only examples; the manifest loads with
+    its image prompts, and example i depends on the seed and i alone."""
+    from stable_cascade.shapes.prompts import PromptMix, write_prompt_dataset
+    from stable_cascade.training.data import find_examples
+
+    out = write_prompt_dataset(tmp_path / "data", 60, seed=1)
+    examples = find_examples(out)
+    assert len(examples) == 60
+    kinds: dict[str, int] = {"variation": 0, "colour word": 0, "caption": 0, "text": 0}
+    train = {s.combination for s in split()[0]}
+    for example in examples:
+        with example.image.read() as image:
+            target = detect(image)
+        if example.prompt is None:
+            kinds["text"] += 1
+            scene = parse_caption(example.caption)
+            assert scene.combination in train and attributes(target) == {o.triple for o in scene.objects}
+            continue
+        with example.prompt.read() as image:
+            shown = detect(image)
+        if example.caption == "":
+            kinds["variation"] += 1
+            assert attributes(shown) == attributes(target)
+            continue
+        kinds["caption" if " " in example.caption else "colour word"] += 1
+        (obj,), (seen,) = target, shown
+        assert (seen.shape, seen.position) == (obj.shape, obj.position) and seen.colour != obj.colour
+        assert example.caption.split()[1 if " " in example.caption else 0] == obj.colour
+    assert all(count > 0 for count in kinds.values()), kinds
+    again = write_prompt_dataset(tmp_path / "again", 6, seed=1)
+    assert (again / "metadata.jsonl").read_text().splitlines() == (
+        (out / "metadata.jsonl").read_text().splitlines()[:6]
+    )
+    assert (again / "000005.png").read_bytes() == (out / "000005.png").read_bytes()
+    with pytest.raises(ValueError, match="variation \\+ recolour <= 1"):
+        PromptMix(variation=0.7, recolour=0.5)
+    with pytest.raises(ValueError, match="not an empty folder"):
+        write_prompt_dataset(out, 1)
+
+
+def attributes(found: list[Detection]) -> set[tuple[str, str, str]]:
+    return {(d.shape, d.colour, d.position) for d in found}
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -17,7 +17,8 @@
 6. Stage B is refined on the final encoders (the pipelines hand it Stage C's text embeddings).
 7. The previewer learns to draw the image, at 8× the size of the (final) EfficientNet latent, from
    that latent: 24×24 previews of Stage C's 3×3 latents (``--preview``).
-8. An IP-Adapter learns on the final, frozen prior.
+8. An IP-Adapter learns on the final, frozen prior, on a data set where the text leaves something to
+   the image (variations, recolourings; :mod:`stable_cascade.shapes.prompts`).
 9. An LCM LoRA per stage is distilled from the final Stage C and Stage B (``stable-cascade train lcm``),
    for ``--preset lcm``; :func:`train_demo_lcm` does this step alone on a finished model.
 The prior (with its image encoder) and decoder pipelines are saved as two folders, as ``--model demo``
@@ -45,7 +46,12 @@ from stable_cascade.checkpoint import read_json_object
 from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
 from stable_cascade.conditioning.pixels import prepare_images
 from stable_cascade.demo.configs import train_config
-from stable_cascade.demo.images import image_encoder_step, ip_adapter_config, stage_c_image_run
+from stable_cascade.demo.images import (
+    image_encoder_step,
+    image_prompt_data,
+    ip_adapter_config,
+    stage_c_image_run,
+)
 from stable_cascade.demo.lcm import distil_lcm, timer, train_demo_lcm
 from stable_cascade.demo.pipeline import DemoCascadePipeline
 from stable_cascade.demo.settings import DEMO_SIZE, IP_ADAPTER_FILE, LCM_FOLDER, PREVIEWER_FILE, Recipe
@@ -233,7 +239,10 @@ def train_demo(out: Path, recipe: Recipe | None = None) -> Path:
             shutil.copy2(previewer / "diffusion_pytorch_model.safetensors", temporary)
     (model / IP_ADAPTER_FILE).unlink(missing_ok=True)
     if recipe.ip_adapter_steps and recipe.stage_c_image_steps:
-        base = stage_c_config(recipe, data, out / "ip_adapter")
+        begin = time.perf_counter()
+        prompts = image_prompt_data(recipe, out / "image_data")
+        times["image-data"] = time.perf_counter() - begin
+        base = stage_c_config(recipe, prompts, out / "ip_adapter")
         adapter = timed("ip-adapter", ip_adapter_config(recipe, base, model / "prior"))
         with atomic_path(model / IP_ADAPTER_FILE) as temporary:
             shutil.copy2(adapter / IP_ADAPTER_FILE, temporary)

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from stable_cascade.checkpoint import read_json_object
 from stable_cascade.checkpoint.atomic import atomic_folder, atomic_path, write_text
-from stable_cascade.demo.images import image_encoder_step, ip_adapter_config, stage_c_image_run
+from stable_cascade.demo.images import (
+    image_encoder_step,
+    image_prompt_data,
+    ip_adapter_config,
+    stage_c_image_run,
+)
 from stable_cascade.demo.lcm import half_lora, lcm_config, timer
 from stable_cascade.demo.recipe import stage_c_config
 from stable_cascade.demo.settings import DEMO_SIZE, IP_ADAPTER_FILE, LCM_FOLDER, Recipe
@@ -46,7 +51,10 @@ def train_demo_images(out: Path, recipe: Recipe | None = None, model: Path = DEM
     target = out / "model"
     with atomic_folder(target / "prior", replace=True) as copy:
         shutil.copytree(prior, copy, dirs_exist_ok=True)
-    base = stage_c_config(recipe, data, out / "ip_adapter")
+    begin = time.perf_counter()
+    prompts = image_prompt_data(recipe, out / "image_data")
+    times["image-data"] = time.perf_counter() - begin
+    base = stage_c_config(recipe, prompts, out / "ip_adapter")
     adapter = timed("ip-adapter", ip_adapter_config(recipe, base, target / "prior"))
     with atomic_path(target / IP_ADAPTER_FILE) as temporary:
         shutil.copy2(adapter / IP_ADAPTER_FILE, temporary)

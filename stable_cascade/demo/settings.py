@@ -35,7 +35,7 @@ class Recipe:
     stage_c_image_steps: int = 2_000  # Stage C's image phase, after its text phase
     stage_c_image_share: float = 0.5  # of the examples given their image embedding (else zeros)
     stage_c_image_caption_dropout: float = 0.2  # captions dropped in that phase
-    ip_adapter_steps: int = 1_500  # the demo IP-Adapter on the final, frozen prior
+    ip_adapter_steps: int = 1_500  # the demo IP-Adapter on the final, frozen prior, on image prompt data
     lcm_steps: int = 120  # each stage's LCM LoRA, distilled from the final stages (0: none)
     lcm_rank: int = 4
     lcm_teacher_steps: int = 16
