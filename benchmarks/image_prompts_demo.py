@@ -46,8 +46,9 @@ from stable_cascade.conditioning import encode_images
 from stable_cascade.conditioning.pixels import effnet_input_size, prepare_images
 from stable_cascade.demo.recipe import DEMO_DIR, DEMO_SIZE, evaluate_demo, load_demo, sample_grid
 from stable_cascade.demo.settings import IP_ADAPTER_FILE
-from stable_cascade.shapes.dataset import COLOURS, SHAPES, Scene, Shape, caption, render, split
+from stable_cascade.shapes.dataset import SHAPES, Scene, caption, render, split
 from stable_cascade.shapes.evaluate import detect, score_by_kind
+from stable_cascade.shapes.prompts import recoloured
 
 BATCH = 16
 
@@ -57,13 +58,6 @@ def held_out(objects: int, limit: int | None = None) -> list[Scene]:
     if limit is not None and limit < len(scenes):
         scenes = scenes[:: len(scenes) // limit][:limit]  # evenly spaced: they come grouped
     return scenes
-
-
-def recoloured(scene: Scene, index: int) -> Scene:
-    """The scene with its object in another colour (neither its own nor the background's)."""
-    obj = scene.objects[0]
-    others = [c for c in COLOURS if c not in (obj.colour, scene.background)]
-    return Scene((Shape(obj.shape, others[index % len(others)], obj.position),), scene.background)
 
 
 def generate(pipe: Any, prompts: list[str], embeds: torch.Tensor) -> list[Any]:

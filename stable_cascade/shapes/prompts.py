@@ -47,11 +47,16 @@ class PromptMix:
             )
 
 
-def recoloured(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The one-object ``scene`` with its object in another colour, neither its own nor the background's."""
+#: How many colours :func:`recoloured` chooses from (all but the object's and the background's).
+OTHER_COLOURS = len(COLOURS) - 2
+
+
+def recoloured(scene: Scene, pick: int) -> Scene:
+    """The one-object ``scene`` with its object in another colour, neither its own nor the background's:
+    the ``pick``-th (modulo :data:`OTHER_COLOURS`) of the others in ``COLOURS`` order."""
     (obj,) = scene.objects
     others = [c for c in COLOURS if c not in (obj.colour, scene.background)]
-    return Scene((Shape(obj.shape, others[rng.integers(len(others))], obj.position),), scene.background)
+    return Scene((Shape(obj.shape, others[pick % len(others)], obj.position),), scene.background)
 
 
 def write_prompt_dataset(
@@ -78,7 +83,7 @@ def write_prompt_dataset(
         if kind < mix.variation:
             text = ""
         elif recolour:
-            shown = recoloured(scene, rng)
+            shown = recoloured(scene, int(rng.integers(OTHER_COLOURS)))
             text = caption(scene) if rng.random() < mix.whole_caption else scene.objects[0].colour
         else:
             text, shown = caption(scene), None  # type: ignore[assignment]
