@@ -79,10 +79,31 @@ def test_training_mode_keeps_the_module_ops(monkeypatch: pytest.MonkeyPatch) -> 
     assert not calls
 
 
-def test_wide_blocks_keep_the_module_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above MAX_CHANNELS the re-read weights cost more than the kernel saves."""
-    calls = spy(monkeypatch, layers, "grn_mlp_residual")
-    monkeypatch.setattr(fused, "MAX_CHANNELS", 15)
+@pytest.mark.parametrize("onednn", [True, False])
+def test_both_matmul_paths_equal_the_module_ops(monkeypatch: pytest.MonkeyPatch, onednn: bool) -> None:
+    """oneDNN's fused linear + GELU (float32), or F.linear and an in-place GELU (elsewhere)."""
+    monkeypatch.setattr(fused, "_ONEDNN", onednn and fused._ONEDNN)
+    monkeypatch.setattr(fused, "CHUNK_BYTES", 1)
+    block = randomized(ResBlock(16, 8), seed=7)
+    x, skip = inputs(16, True, seed=8), inputs(8, True, seed=9)
+    mixing = randomized(MixingBlock(12), seed=10)
+    y = inputs(12, True, seed=11)
+    expected = block(x, skip), mixing(y)
     with torch.no_grad():
-        ResBlock(16).eval()(inputs(16, True, seed=6))
-    assert not calls
+        got = block(x, skip), mixing(y)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chunks_are_few_and_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 512² image's Stage A latent level (128², 384 channels: a 96 MiB hidden activation) takes
+    two matmuls per 16 MiB chunk, not two per cache-sized one (thousands of short parallel regions,
+    slower than the module under the passive OpenMP waits the CLI sets), and wide blocks run the kernels."""
+    calls = spy(monkeypatch, fused, "linear")
+    block = randomized(MixingBlock(384), seed=12)
+    x = torch.randn(1, 384, 128, 128).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        block(x)
+        assert len(calls) == 2 * 6
+        calls.clear()
+        ResBlock(1536).eval()(inputs(1536, True, seed=14)[:1, :, :4, :4])
+    assert len(calls) == 2

@@ -2,47 +2,62 @@
 
 A channel MLP ``Linear(C, 4C) → GELU [→ GRN] → Linear(4C, C)`` plus its residual, written op by op,
 streams its (tokens, 4C) hidden activation through main memory five to fifteen times (the first
-linear writes it, GELU reads and writes it, each GRN step does, the second linear reads it). Here it
-is computed in row chunks that stay in the CPU's cache:
+linear writes it, GELU reads and writes it, each GRN step does, the second linear reads it) and makes
+a channels-first copy of the result before the residual. Here:
 
-* :func:`mlp_residual` (Stage A's mixing blocks): per chunk ``x + gate · W2 · GELU(W1 · h + b1) + b2``;
-* :func:`grn_mlp_residual` (the UNet's ResBlocks): a first pass writes ``GELU(W1 · h + b1)`` once, the
-  GRN's statistic (a spatial norm per channel) reads it once, and a second pass reads it back chunk by
-  chunk for the GRN's elementwise steps, the second linear and the residual.
+* each linear is one oneDNN call (:func:`linear`) with the GELU fused into the first one's output, so
+  the hidden activation is written once, already activated (float32; other dtypes, or a torch built
+  without oneDNN: the module's ``F.linear`` and an in-place GELU);
+* :func:`mlp_residual` (Stage A's mixing blocks) runs the MLP in row chunks of :data:`CHUNK_BYTES`,
+  writing ``x + gate · MLP(h)`` straight into the channels-last result;
+* :func:`grn_mlp_residual` (the UNet's ResBlocks): the first linear over all rows, the GRN's statistic
+  (a spatial norm per channel) in one read, then chunk by chunk the GRN's elementwise steps, the second
+  linear and the residual.
 
-Same operations on the same values in the same order as the modules: bit-identical results, except
-where the matmul library blocks a chunk's rows differently from the whole (float rounding, ~1e-7
-relative).
-They run only where they pay (:func:`use_fused`): on CPUs, without autograd, not while
-``torch.compile`` traces, and for blocks at most :data:`MAX_CHANNELS` wide: every chunk reads both
-weight matrices again, which stays in the cache only while they are small (measured on a 2-core Xeon:
-the op-by-op block's time × 0.55 at 64 and 320 channels, × 0.98 at 384, × 1.1 at 640, × 2 at 1280).
+Same operations on the same values in the same order as the modules; only the matmul library's
+blocking differs (float rounding, ~1e-7 relative). They run only where they pay (:func:`use_fused`):
+on CPUs, without autograd, not while ``torch.compile`` traces. Measured on a 2-core Xeon (Ice Lake,
+2 threads, quiet, ``OMP_WAIT_POLICY=PASSIVE``; ``benchmarks/channel_mlp.py``): the op-by-op block's
+time × 0.6 for Stage A's blocks, × 0.8 for Stage B's narrow ones, × 0.9 for Stage C's 1536 channels.
+The chunks are large on purpose: a chunk the size of a core's L2 cache (1 MiB, what this module used
+before) made thousands of short parallel regions per image, each a wake-up of sleeping OpenMP threads
+under the passive wait policy, and smaller matmuls: 1.3–1.6× the op-by-op time on a quiet machine.
 Results are written channels-last, as the blocks keep their activations.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: Target size of one chunk of the hidden activation: about a core's L2 cache.
-CHUNK_BYTES = 1 << 20
-#: The widest block (channels of x) that runs fused.
-MAX_CHANNELS = 384
+#: Target size of one chunk of the hidden activation: a slice of a server CPU's shared L3 cache, large
+#: enough for full-speed matmuls and few parallel regions, small enough to bound the extra memory.
+CHUNK_BYTES = 16 << 20
+
+_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether a block's input x (B, C, H, W) goes through these kernels (see the module docstring)."""
-    return (
-        x.device.type == "cpu"
-        and x.shape[1] <= MAX_CHANNELS
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _chunk_rows(hidden: int, element_size: int) -> int:
-    return max(32, CHUNK_BYTES // (hidden * element_size))
+def linear(rows: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """``layer(rows)`` (N, C_in) → (N, C_out), then the exact (erf) GELU if ``gelu``: one oneDNN call
+    with the GELU applied to each output tile while it is in the cache (float32)."""
+    if _ONEDNN and rows.dtype == torch.float32 and layer.weight.dtype == torch.float32:
+        activation, algorithm = ("gelu", "none") if gelu else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(rows, layer.weight, layer.bias, activation, [], algorithm)
+    out = F.linear(rows, layer.weight, layer.bias)
+    return torch.ops.aten.gelu_(out) if gelu else out
+
+
+def _chunk_rows(rows: int, hidden: int, element_size: int) -> int:
+    """Rows per chunk: ``rows`` split into equal chunks of at most about :data:`CHUNK_BYTES` of hidden
+    activation (no ragged sliver at the end), at least 32 rows each."""
+    chunks = -(-rows * hidden * element_size // CHUNK_BYTES)
+    return max(32, -(-rows // chunks))
 
 
 def _rows(t: torch.Tensor, nchw: bool = True) -> torch.Tensor:
@@ -56,21 +71,13 @@ def mlp_residual(
     x: torch.Tensor, h: torch.Tensor, first: nn.Linear, second: nn.Linear, gate: torch.Tensor
 ) -> torch.Tensor:
     """``x + gate · second(GELU(first(h)))``: x (B, C, H, W) channels-last, h (B, H, W, C) → like x."""
-    src, res = _rows(h, nchw=False), _rows(x)
+    src, res = _rows(h, nchw=False).flatten(0, 1), _rows(x).flatten(0, 1)  # (B·H·W, C)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    dst = _rows(out)
-    step = _chunk_rows(first.out_features, h.element_size())
-    hidden = h.new_empty(step, first.out_features)
-    tmp = h.new_empty(step, second.out_features)
-    w1, w2 = first.weight.t(), second.weight.t()
-    for b in range(x.shape[0]):
-        for s in range(0, src.shape[1], step):
-            e = min(s + step, src.shape[1])
-            hid, t = hidden[: e - s], tmp[: e - s]
-            torch.addmm(first.bias, src[b, s:e], w1, out=hid)
-            torch.ops.aten.gelu_(hid)
-            torch.addmm(second.bias, hid, w2, out=t)
-            torch.addcmul(res[b, s:e], t, gate, out=dst[b, s:e])
+    dst = _rows(out).flatten(0, 1)  # a view: rows written here land in out
+    step = _chunk_rows(src.shape[0], first.out_features, h.element_size())
+    for s in range(0, src.shape[0], step):
+        hidden = linear(src[s : s + step], first, gelu=True)
+        torch.addcmul(res[s : s + step], linear(hidden, second), gate, out=dst[s : s + step])
     return out
 
 
@@ -83,35 +90,27 @@ def grn_mlp_residual(
     second: nn.Linear,
     fast: bool = False,
 ) -> torch.Tensor:
-    """``x + second(GRN(GELU(first(cat(h, skip)))))``, concatenated chunk by chunk: x (B, C, H, W)
-    channels-last, h (B, H, W, C), skip (B, C_skip, H, W) or None → like x. ``grn``: the GRN's
-    ``(gamma, beta)``, (1, 1, 1, 4C) each; ``fast``: its fast-math form. Each step is the module's
-    operation, in its order, on the same values (see the module docstring)."""
+    """``x + second(GRN(GELU(first(cat(h, skip)))))``: x (B, C, H, W) channels-last, h (B, H, W, C),
+    skip (B, C_skip, H, W) or None → like x. ``grn``: the GRN's ``(gamma, beta)``, (1, 1, 1, 4C) each;
+    ``fast``: its fast-math form. Each step is the module's operation, in its order, on the same values
+    (see the module docstring)."""
     src, res = _rows(h, nchw=False), _rows(x)
-    extra = None if skip is None else _rows(skip)
     batch, tokens, width = src.shape[0], src.shape[1], first.out_features
-    hidden = h.new_empty(batch, tokens, width)
-    step = _chunk_rows(width, h.element_size())
-    joined = None if extra is None else h.new_empty(step, first.in_features)  # one chunk of cat(h, skip)
-    flat_src, flat_hidden = src.reshape(batch * tokens, -1), hidden.view(batch * tokens, width)
-    flat_extra = None if extra is None else extra.reshape(batch * tokens, -1)
-    for s in range(0, batch * tokens, step):  # rows of all samples, as the module's one linear
-        hid, rows = flat_hidden[s : s + step], flat_src[s : s + step]
-        if flat_extra is not None and joined is not None:
-            rows = torch.cat([rows, flat_extra[s : s + step]], dim=1, out=joined[: rows.shape[0]])
-        torch.addmm(first.bias, rows, first.weight.t(), out=hid)
-        torch.ops.aten.gelu_(hid)
+    rows = src.reshape(batch * tokens, -1)
+    if skip is not None:
+        rows = torch.cat([rows, _rows(skip).reshape(batch * tokens, -1)], dim=1)  # (B·H·W, C + C_skip)
+    hidden = linear(rows, first, gelu=True).view(batch, tokens, width)
     gamma, beta = (p.view(-1) for p in grn)
     n = grn_scale(hidden.view(*h.shape[:3], width), fast).view(batch, width)  # (B, 4C)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     dst = _rows(out)
-    grn_out, tmp = h.new_empty(step, width), h.new_empty(step, second.out_features)
+    step = _chunk_rows(tokens, width, h.element_size())
+    scratch = h.new_empty(min(step, tokens), width)
     for b in range(batch):
         for s in range(0, tokens, step):
             e = min(s + step, tokens)
-            y, t = grn_apply(hidden[b, s:e], n[b], gamma, beta, fast, grn_out[: e - s]), tmp[: e - s]
-            torch.addmm(second.bias, y, second.weight.t(), out=t)
-            torch.add(t, res[b, s:e], out=dst[b, s:e])
+            y = grn_apply(hidden[b, s:e], n[b], gamma, beta, fast, scratch[: e - s])
+            torch.add(linear(y, second), res[b, s:e], out=dst[b, s:e])
     return out
 
 

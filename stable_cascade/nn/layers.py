@@ -7,7 +7,8 @@ block's modulation); ``forward`` is the per-step part. Activations are kept chan
 tensors with NHWC strides), so that the channel layer norms and channel MLPs, which work on the
 last dimension, need no permute copies. Without autograd, elementwise steps write into buffers of
 their own making instead of allocating (same operations in the same order: bit-identical results),
-and on CPUs a ResBlock's channel MLP runs as a cache-sized kernel (:mod:`stable_cascade.nn.fused`).
+and on CPUs a ResBlock's channel MLP runs as a kernel with the GELU fused into its first matmul
+(:mod:`stable_cascade.nn.fused`).
 """
 
 from __future__ import annotations
