@@ -17,11 +17,12 @@ a channels-first copy of the result before the residual. Here:
 Same operations on the same values in the same order as the modules; only the matmul library's
 blocking differs (float rounding, ~1e-7 relative). They run only where they pay (:func:`use_fused`):
 on CPUs, without autograd, not while ``torch.compile`` traces. Measured on a 2-core Xeon (Ice Lake,
-2 threads, quiet, ``OMP_WAIT_POLICY=PASSIVE``; ``benchmarks/channel_mlp.py``): the op-by-op block's
-time × 0.6 for Stage A's blocks, × 0.8 for Stage B's narrow ones, × 0.9 for Stage C's 1536 channels.
-The chunks are large on purpose: a chunk the size of a core's L2 cache (1 MiB, what this module used
-before) made thousands of short parallel regions per image, each a wake-up of sleeping OpenMP threads
-under the passive wait policy, and smaller matmuls: 1.3–1.6× the op-by-op time on a quiet machine.
+2 threads, quiet, ``OMP_WAIT_POLICY=PASSIVE``; ``benchmarks/channel_mlp.py``): diffusers' block's
+time × 0.5–0.7 for Stage A's blocks, × 0.7–0.9 for Stage B's, × 0.9 for Stage C's 1536 channels; our
+op-by-op module's × 0.8–1.0. The chunks are large on purpose: a chunk the size of a core's L2 cache
+(1 MiB, what this module used before) made thousands of short parallel regions per image, each a
+wake-up of sleeping OpenMP threads under the passive wait policy, and smaller matmuls: up to 1.6× the
+op-by-op time on a quiet machine.
 Results are written channels-last, as the blocks keep their activations.
 """
 
