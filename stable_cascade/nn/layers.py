@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stable_cascade.nn.fused import grn_apply, grn_mlp_residual, grn_scale, use_fused
+from stable_cascade.nn.fused import (
+    grn_apply,
+    grn_mlp_residual,
+    grn_scale,
+    joint_attention_projections,
+    joint_linear,
+    pack_linears,
+    use_fused,
+)
 from stable_cascade.specs import UNetConfig
 
 #: Per attached IP-Adapter: its image tokens' keys and values (B, M, C) and its scale.
@@ -172,12 +180,18 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, c), nn.Dropout(dropout)])
 
     def forward(
-        self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ip: IPKeyValues = ()
+        self,
+        x: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        ip: IPKeyValues = (),
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Tokens x (B, N, C) attend to already projected keys and values (B, M, inner); and apart to
-        each IP-Adapter's, whose result, times its scale, is added before the output projection."""
+        """Tokens x (B, N, C) attend to already projected keys and values (B, M, inner), with their own
+        projected ``query`` (B, N, inner) if given; and apart to each IP-Adapter's keys and values,
+        whose result, times its scale, is added before the output projection."""
         b, n, _ = x.shape
-        q = self.to_q(x).view(b, n, self.nhead, -1).transpose(1, 2)  # (B, heads, N, d)
+        q = self._heads(self.to_q(x) if query is None else query)  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(q, self._heads(key), self._heads(value))  # (B, heads, N, d)
         for ip_key, ip_value, scale in ip:  # decoupled attention
             out = out + scale * F.scaled_dot_product_attention(q, self._heads(ip_key), self._heads(ip_value))
@@ -185,6 +199,12 @@ class Attention(nn.Module):
         for layer in self.to_out:
             out = layer(out)
         return out
+
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The query, key and value projections; CPU inference packs them into one tensor each
+        (:func:`pack_attention`) and a self-attention block then runs them as one matmul."""
+        return self.to_q, self.to_k, self.to_v
 
     def _heads(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, M, inner) → (B, heads, M, d)."""
@@ -212,10 +232,16 @@ class AttnBlock(nn.Module):
         # (B, H*W, C): the norm's output is contiguous NHWC whatever x's layout, so this is a view.
         tokens = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).reshape(b, h * w, c)
         key, value, ip = clip
-        if self.self_attn:  # keys/values = cat([pixel tokens, clip tokens]) projected
-            key = torch.cat([self.attention.to_k(tokens), key], dim=1)  # (B, H*W + L, inner)
-            value = torch.cat([self.attention.to_v(tokens), value], dim=1)
-        out = self.attention(tokens, key, value, ip)  # (B, H*W, C)
+        query = None
+        if self.self_attn:  # keys/values = [pixel tokens, clip tokens] projected, (B, H*W + L, inner)
+            attention = self.attention
+            joint = joint_linear(attention.projections) if use_fused(x) else None
+            if joint is not None:  # q, k, v of the pixels in one matmul, beside the CLIP keys/values
+                query, key, value = joint_attention_projections(tokens, *joint, key, value)
+            else:
+                key = torch.cat([attention.to_k(tokens), key], dim=1)
+                value = torch.cat([attention.to_v(tokens), value], dim=1)
+        out = self.attention(tokens, key, value, ip, query)  # (B, H*W, C)
         return _add_residual(x, out.view(b, h, w, c))
 
 
@@ -243,6 +269,15 @@ class UpDownBlock2d(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+def pack_attention(model: nn.Module) -> None:
+    """Pack the query, key and value projections of every self-attention block of ``model`` into one
+    tensor each (:func:`~stable_cascade.nn.fused.pack_linears`; a no-op where they already are), so
+    that CPU inference projects the pixels with one matmul."""
+    for module in model.modules():
+        if isinstance(module, AttnBlock) and module.self_attn:
+            pack_linears(module.attention.projections)
 
 
 def set_fast_math(model: nn.Module, enabled: bool = True) -> None:
@@ -276,10 +311,6 @@ def per_sample(value: TensorLike, batch: int, device: torch.device) -> torch.Ten
     return tensor
 
 
-def stage_name(cfg: UNetConfig) -> str:
-    return "Stage B (decoder)" if cfg.is_stage_b else "Stage C (prior)"
-
-
 def condition_embeddings(
     cfg: UNetConfig, values: dict[str, TensorLike | None], batch: int, device: torch.device
 ) -> torch.Tensor:
@@ -299,92 +330,3 @@ def condition_embeddings(
         t = torch.zeros(batch, device=device) if value is None else per_sample(value, batch, device)
         embeddings.append(timestep_embedding(t, cfg.timestep_ratio_embedding_dim))
     return torch.cat(embeddings, dim=1) if embeddings else torch.zeros(batch, 0, device=device)
-
-
-def check_dtypes(cfg: UNetConfig, model_dtype: torch.dtype, tensors: dict[str, torch.Tensor | None]) -> None:
-    """Inputs are floating point and, outside autocast, in the model's dtype (a float64 tensor into a
-    float32 model would otherwise fail deep inside with a matmul error)."""
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise TypeError(f"{name} must be a floating-point tensor, got {what}")
-        if tensor.dtype != model_dtype and not torch.is_autocast_enabled(tensor.device.type):
-            raise TypeError(
-                f"{name} is {tensor.dtype} but {stage_name(cfg)} runs in {model_dtype}; cast the inputs "
-                f"with .to({model_dtype}) or the model with .to({tensor.dtype})"
-            )
-
-
-def check_sample(cfg: UNetConfig, sample: torch.Tensor) -> None:
-    """The UNet's sample: (B, in_channels, H, W) with H, W fitting the patch size and the levels."""
-    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels or sample.shape[0] < 1:
-        shape = tuple(sample.shape)
-        raise ValueError(
-            f"{stage_name(cfg)} expects sample of shape (B, {cfg.in_channels}, H, W) with B >= 1; got {shape}"
-        )
-    # Every strided (or enabled switch_level) transition halves the size, which must stay >= 1.
-    halvings = len(cfg.block_out_channels) - 1 if cfg.switch_level is None else sum(cfg.switch_level)
-    min_size = cfg.patch_size * 2**halvings
-    h, w = sample.shape[-2:]
-    if h % cfg.patch_size or w % cfg.patch_size or h < min_size or w < min_size:
-        raise ValueError(
-            f"{stage_name(cfg)} needs latent height and width that are multiples of {cfg.patch_size} and at "
-            f"least {min_size}; got {h}x{w}"
-        )
-
-
-def check_conditioning(
-    cfg: UNetConfig,
-    pooled: torch.Tensor,
-    text: torch.Tensor | None,
-    image: torch.Tensor | None,
-    effnet: torch.Tensor | None,
-) -> None:
-    """The UNet's conditioning, one row per sample; each error says what was expected."""
-    stage = stage_name(cfg)
-    if (
-        pooled.ndim not in (2, 3)
-        or pooled.shape[-1] != cfg.clip_text_pooled_in_channels
-        or pooled.numel() == 0
-    ):
-        raise ValueError(
-            f"clip_text_pooled must be (B, 1, {cfg.clip_text_pooled_in_channels}) with B >= 1; got "
-            f"{tuple(pooled.shape)}"
-        )
-    for name, tensor, width, shape in (
-        ("clip_text", text, cfg.clip_text_in_channels, "(B, L, {})"),
-        ("clip_img", image, cfg.clip_image_in_channels, "(B, N, {}) or (B, {})"),
-    ):
-        if tensor is None or width is None:
-            continue
-        if tensor.ndim not in ((3,) if name == "clip_text" else (2, 3)) or tensor.shape[-1] != width:
-            raise ValueError(f"{name} must be {shape.format(width, width)}; got {tuple(tensor.shape)}")
-        if name == "clip_img" and tensor.numel() == 0:
-            raise ValueError(
-                f"clip_img has no image embeddings (shape {tuple(tensor.shape)}); pass None instead"
-            )
-    if cfg.clip_text_in_channels is None:
-        if text is not None or image is not None:
-            raise ValueError(f"{stage} is conditioned on pooled text only; do not pass clip_text or clip_img")
-    elif text is None:
-        raise ValueError(
-            f"{stage} requires clip_text, the CLIP text hidden states of shape "
-            f"(B, 77, {cfg.clip_text_in_channels})"
-        )
-    if cfg.effnet_in_channels is not None and effnet is None:
-        raise ValueError(
-            f"{stage} requires effnet, the Stage C latent (B, {cfg.effnet_in_channels}, h, w); "
-            "pass zeros for the unconditional branch"
-        )
-    if effnet is not None and (effnet.ndim != 4 or effnet.shape[1] != cfg.effnet_in_channels):
-        raise ValueError(f"effnet must be (B, {cfg.effnet_in_channels}, h, w); got {tuple(effnet.shape)}")
-    batch = pooled.shape[0]
-    for name, tensor in (
-        ("clip_text", text),
-        ("clip_img", image),
-        ("effnet", effnet),
-    ):
-        if tensor is not None and tensor.shape[0] != batch:
-            raise ValueError(f"{name} has batch size {tensor.shape[0]} but clip_text_pooled has {batch}")

@@ -1,4 +1,5 @@
-"""The UNet's GPU speed switches: CUDA-graph replay of its steps and FP8 linears (a mixin)."""
+"""The UNet's speed switches: CUDA-graph replay of its steps, FP8 linears, compilation and the packed
+attention projections of CPU inference (a mixin)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from stable_cascade.nn.cuda_graphs import (
     require_cuda,
 )
 from stable_cascade.nn.fp8 import disable_fp8, enable_fp8, fp8_supported
-from stable_cascade.nn.layers import AttnBlock, ResBlock
+from stable_cascade.nn.fused import use_fused
+from stable_cascade.nn.layers import AttnBlock, ResBlock, pack_attention
 from stable_cascade.nn.regional import compile_blocks
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,14 @@ class SpeedSwitches(nn.Module):
         if self.cuda_graphs is None or capturing() or torch.is_grad_enabled():
             return None
         return self.cuda_graphs.function(name, fn, invariant)
+
+    def start_generation(self, like: torch.Tensor) -> None:
+        """Once per generation, before its steps (``like``: one of its inputs): on CPUs without autograd,
+        pack each self-attention's query, key and value projections, so that each step projects with
+        one matmul (:func:`~stable_cascade.nn.layers.pack_attention`); then :meth:`check_graphs`."""
+        if use_fused(like):
+            pack_attention(self)
+        self.check_graphs()
 
     def check_graphs(self) -> None:
         """Drop the captured graphs when a weight tensor was replaced or a module setting changed."""

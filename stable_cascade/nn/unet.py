@@ -25,6 +25,7 @@ from stable_cascade.convert import (
     unet_config_from_single_file,
     unet_state_dict_from_single_file,
 )
+from stable_cascade.nn.checks import check_conditioning, check_dtypes, check_sample
 from stable_cascade.nn.ip_adapter import IPAdapter, ip_key_values
 from stable_cascade.nn.layers import (
     AttnBlock,
@@ -35,9 +36,6 @@ from stable_cascade.nn.layers import (
     TensorLike,
     TimestepBlock,
     UpDownBlock2d,
-    check_conditioning,
-    check_dtypes,
-    check_sample,
     condition_embeddings,
     conditioning_mapper,
     per_sample,
@@ -225,7 +223,7 @@ class StableCascadeUNet(SpeedSwitches, PretrainedModel):
         ``guidance``: the CFG scale of a UNet with a ``guidance`` condition (``condition_embeddings``).
         With IP-Adapters attached, also their image tokens' keys and values of ``ip_image``."""
         cfg, batch = self.config, clip_text_pooled.shape[0]
-        self.check_graphs()  # once per generation: weights replaced since the capture?
+        self.start_generation(clip_text_pooled)  # packs CPU attention weights, drops stale CUDA graphs
         effnet = effnet if cfg.effnet_in_channels is not None else None  # no mapper: ignored, as pixels
         inputs = {"clip_text_pooled": clip_text_pooled, "clip_text": clip_text, "clip_img": clip_img}
         mapped_pixels = pixels if cfg.pixel_mapper_in_channels is not None else None  # else ignored
