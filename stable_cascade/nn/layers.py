@@ -36,11 +36,13 @@ IPKeyValues = tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
 
 
 class KeyValue(NamedTuple):
-    """Projected attention keys and values of the CLIP tokens, each (B, L, C), and the IP-Adapters'."""
+    """Projected attention keys and values of the CLIP tokens, each (B, L, C), the IP-Adapters', and for
+    CPU inference the block's packed q/k/v projection (weight, bias; views of its parameters)."""
 
     key: torch.Tensor
     value: torch.Tensor
     ip: IPKeyValues = ()
+    joint: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 TensorLike = torch.Tensor | float
@@ -225,22 +227,21 @@ class AttnBlock(nn.Module):
         IP-Adapters' of the image tokens (in this block's dtype)."""
         context = self.kv_mapper(clip)  # (B, L, C)
         ip = tuple((key.to(clip.dtype), value.to(clip.dtype), scale) for key, value, scale in ip)
-        return KeyValue(self.attention.to_k(context), self.attention.to_v(context), ip)
+        joint = joint_linear(self.attention.projections) if self.self_attn and use_fused(clip) else None
+        return KeyValue(self.attention.to_k(context), self.attention.to_v(context), ip, joint)
 
     def forward(self, x: torch.Tensor, clip: KeyValue) -> torch.Tensor:
         b, c, h, w = x.shape
         # (B, H*W, C): the norm's output is contiguous NHWC whatever x's layout, so this is a view.
         tokens = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).reshape(b, h * w, c)
-        key, value, ip = clip
+        key, value, ip, joint = clip
         query = None
         if self.self_attn:  # keys/values = [pixel tokens, clip tokens] projected, (B, H*W + L, inner)
-            attention = self.attention
-            joint = joint_linear(attention.projections) if use_fused(x) else None
-            if joint is not None:  # q, k, v of the pixels in one matmul, beside the CLIP keys/values
+            if joint is not None and use_fused(x):  # q, k, v of the pixels in one matmul, beside the CLIP's
                 query, key, value = joint_attention_projections(tokens, *joint, key, value)
             else:
-                key = torch.cat([attention.to_k(tokens), key], dim=1)
-                value = torch.cat([attention.to_v(tokens), value], dim=1)
+                key = torch.cat([self.attention.to_k(tokens), key], dim=1)
+                value = torch.cat([self.attention.to_v(tokens), value], dim=1)
         out = self.attention(tokens, key, value, ip, query)  # (B, H*W, C)
         return _add_residual(x, out.view(b, h, w, c))
 
